@@ -1,0 +1,73 @@
+"""The one container that travels between roles (by ObjectRef): rollout -> teacher -> learner.
+
+Every per-token tensor is aligned to `input_ids_BL`: entry [b, i] describes the token at
+position i of sequence b (the token the model predicted from positions < i). Suffixes give
+the axes: B sequences, L positions, K top-k candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    input_ids_BL: torch.Tensor  # long, prompt then response, right-padded
+    attention_mask_BL: torch.Tensor  # 1 on real tokens
+    response_mask_BL: torch.Tensor  # 1 on sampled response tokens (the training targets)
+    rollout_logprobs_BL: torch.Tensor  # float, log p_old(y_t) at sampling time; 0 off-response
+    prompt_index_B: torch.Tensor  # long, row of the prompt in the dataset
+    finished_B: torch.Tensor  # bool, response ended with end-of-sequence (not truncated)
+    policy_version: int
+    teacher_logprobs_BL: torch.Tensor | None = None  # log q(y_t)
+    teacher_topk_ids_BLK: torch.Tensor | None = None  # teacher's top-k token ids per position
+    teacher_topk_logprobs_BLK: torch.Tensor | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.input_ids_BL.shape[0])
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask_BL.sum())
+
+    def select(self, rows: torch.Tensor | slice) -> RolloutBatch:
+        """Rows of every per-sequence tensor: how a learner rank takes its shard."""
+        updates = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                updates[f.name] = value[rows]
+        return replace(self, **updates)
+
+    @staticmethod
+    def concat(batches: list[RolloutBatch]) -> RolloutBatch:
+        """Joins shards from several rollout workers, padding to the longest sequence."""
+        if len(batches) == 1:
+            return batches[0]
+        versions = {b.policy_version for b in batches}
+        if len(versions) != 1:
+            raise ValueError(f"cannot join batches of different policy versions {sorted(versions)}")
+        length = max(b.input_ids_BL.shape[1] for b in batches)
+        joined = {}
+        for f in fields(RolloutBatch):
+            values = [getattr(b, f.name) for b in batches]
+            if f.name == "policy_version":
+                joined[f.name] = values[0]
+            elif any(v is None for v in values):
+                joined[f.name] = None
+            elif values[0].dim() == 1:
+                joined[f.name] = torch.cat(values)
+            else:
+                joined[f.name] = torch.cat([_pad_positions(v, length) for v in values])
+        return RolloutBatch(**joined)
+
+
+def _pad_positions(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    pad_shape = (tensor.shape[0], missing, *tensor.shape[2:])
+    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=1)

@@ -1,0 +1,61 @@
+"""`opd-ray validate|train SPEC [key=value ...]`.
+
+User errors (bad spec, missing files, mismatched vocabularies) print one line and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from opd_ray.errors import UserError
+from opd_ray.spec import load_spec, spec_to_yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd-ray", description="On-policy distillation of language models on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("validate", "check a spec and print the resolved config"),
+        ("train", "run on-policy distillation from a spec"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("spec", help="experiment spec (YAML)")
+        sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.steps=10")
+    return parser
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    from opd_ray.progress import console
+
+    table = Table(title=f"opd-ray: {summary['run']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "gap_recovery",
+                "steps", "wall_seconds", "student_path"):
+        value = summary.get(key)
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        spec = load_spec(args.spec, args.overrides)
+        if args.command == "validate":
+            print(spec_to_yaml(spec), end="")
+            return 0
+        from opd_ray.driver import distill
+
+        _print_summary(distill(spec))
+        return 0
+    except UserError as exc:
+        print(f"opd-ray: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

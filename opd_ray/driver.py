@@ -1,0 +1,211 @@
+"""The on-policy distillation loop. It wires the roles together and owns nothing heavy.
+
+    for each step:
+        prompts  <- next prompts of the shuffled training set
+        rollout  <- student samples responses (vLLM, current weights)       [rollout.py]
+        scored   <- teacher log-prob + top-k of every response token        [teacher.py]
+        update   <- learners minimise per-token reverse KL on `scored`      [learner.py]
+        sync     <- new student weights reach every rollout engine          [weight_sync.py]
+
+Batches move as ObjectRefs through a bounded buffer [buffer.py]; the driver sees refs and
+per-step metrics only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from opd_ray.buffer import BufferEntry, RolloutBuffer
+from opd_ray.learner import LearnerGroup
+from opd_ray.metrics import MetricsWriter, timed
+from opd_ray.preflight import Prepared, prepare
+from opd_ray.progress import console, step_progress
+from opd_ray.ray_cluster import actor_env, connect
+from opd_ray.rollout import RolloutWorker
+from opd_ray.spec import ExperimentSpec, spec_to_yaml
+from opd_ray.tasks.data import PromptSet
+from opd_ray.teacher import TeacherScorer
+from opd_ray.tiny_models import ensure_tiny_models
+from opd_ray.vllm_engine import ENGINE_ENV
+
+
+@dataclass
+class Roles:
+    rollout_workers: list[ray.actor.ActorHandle]
+    teachers: list[ray.actor.ActorHandle]
+    learners: LearnerGroup
+
+    def shutdown(self) -> None:
+        self.learners.shutdown()
+        for actor in self.rollout_workers + self.teachers:
+            ray.kill(actor)
+
+
+def start_roles(spec: ExperimentSpec) -> Roles:
+    env = actor_env()
+    engine_env = {"env_vars": {**env["env_vars"], **ENGINE_ENV}}
+    rollout_options = {**spec.rollout.resources.model_dump(), "runtime_env": engine_env}
+    teacher_options = {**spec.teacher.resources.model_dump(), "runtime_env": engine_env}
+    rollout_workers = [
+        RolloutWorker.options(**rollout_options).remote(
+            spec.models.student, spec.rollout.engine, spec.rollout, spec.run.seed + i
+        )
+        for i in range(spec.rollout.num_workers)
+    ]
+    teachers = [
+        TeacherScorer.options(**teacher_options).remote(
+            spec.models.teacher, spec.teacher.engine, spec.teacher.top_k, spec.run.seed + i
+        )
+        for i in range(spec.teacher.num_replicas)
+    ]
+    sequences = spec.trainer.prompts_per_step * spec.rollout.samples_per_prompt
+    learners = LearnerGroup(
+        spec.models.student, spec.learner, sequences // spec.learner.num_ranks, spec.trainer.steps, env
+    )
+    ray.get([w.version.remote() for w in rollout_workers])  # engines are up
+    return Roles(rollout_workers, teachers, learners)
+
+
+class PromptSampler:
+    """Reshuffles the training prompts every epoch with a seeded RNG: a reproducible data order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._shuffled()
+
+    def _shuffled(self) -> list[int]:
+        order = list(range(self.size))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return order
+
+    def next(self, count: int) -> list[int]:
+        chosen: list[int] = []
+        while len(chosen) < count:
+            if self.position == self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffled()
+            take = min(count - len(chosen), self.size - self.position)
+            chosen += self._order[self.position : self.position + take]
+            self.position += take
+        return chosen
+
+
+def split(items: list[int], parts: int) -> list[list[int]]:
+    return [items[i::parts] for i in range(parts) if items[i::parts]]
+
+
+def evaluate(workers: list[ray.actor.ActorHandle], prompts: PromptSet, verifier, max_new_tokens: int) -> float:
+    """Greedy accuracy; a response cut off by the length limit counts as wrong."""
+    indices = list(range(len(prompts)))
+    shards = split(indices, len(workers))
+    results = ray.get([w.greedy.remote(prompts.subset(s), max_new_tokens) for w, s in zip(workers, shards)])
+    completions = [c for shard in results for c in shard]
+    correct = sum(c.finished and verifier(c.text, prompts.answers[c.prompt_index]) for c in completions)
+    return correct / len(completions)
+
+
+def gap_recovery(before: float, after: float, teacher: float) -> float | None:
+    """Share of the teacher-student accuracy gap that distillation closed."""
+    gap = teacher - before
+    return (after - before) / gap if abs(gap) > 1e-9 else None
+
+
+def rollout_and_score(roles: Roles, prompts: PromptSet, indices: list[int], step: int, metrics: dict) -> list:
+    with timed("rollout", metrics):
+        shards = split(indices, len(roles.rollout_workers))
+        rollout_refs = [w.sample.remote(prompts.subset(s), step) for w, s in zip(roles.rollout_workers, shards)]
+        ray.wait(rollout_refs, num_returns=len(rollout_refs))
+    with timed("teacher", metrics):
+        scored_refs = [roles.teachers[i % len(roles.teachers)].score.remote(r) for i, r in enumerate(rollout_refs)]
+        ray.wait(scored_refs, num_returns=len(scored_refs))
+    return scored_refs
+
+
+def sync_weights(roles: Roles, version: int) -> None:
+    weights_ref = roles.learners.export_weights()
+    ray.get([w.load_weights.remote(weights_ref, version) for w in roles.rollout_workers])
+
+
+def distill(spec: ExperimentSpec) -> dict:
+    run_dir = Path(spec.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
+    started = time.perf_counter()
+    if spec.models.build_tiny is not None:
+        ensure_tiny_models(spec)
+    prepared: Prepared = prepare(spec)
+    eval_prompts = prepared.eval
+    if eval_prompts is not None and spec.trainer.eval_prompts:
+        keep = list(range(min(spec.trainer.eval_prompts, len(eval_prompts))))
+        eval_prompts = PromptSet([eval_prompts.prompt_ids[i] for i in keep], [eval_prompts.answers[i] for i in keep],
+                                 eval_prompts.source)
+
+    connect(spec.ray)
+    console.print(f"[bold]opd-ray[/] {spec.run.name}: starting roles ({spec.rollout.num_workers} rollout, "
+                  f"{spec.teacher.num_replicas} teacher, {spec.learner.num_ranks} learner ranks)")
+    roles = start_roles(spec)
+    summary: dict = {"run": spec.run.name}
+    writer = MetricsWriter(run_dir)
+    try:
+        def accuracy(workers: list) -> float | None:
+            if eval_prompts is None:
+                return None
+            return evaluate(workers, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens)
+
+        summary["teacher_accuracy"] = accuracy(roles.teachers)
+        summary["student_accuracy_before"] = accuracy(roles.rollout_workers)
+        console.print(f"teacher accuracy {summary['teacher_accuracy']}, "
+                      f"student before {summary['student_accuracy_before']}")
+
+        sampler = PromptSampler(len(prepared.train), spec.run.seed)
+        buffer = RolloutBuffer(spec.trainer.buffer_capacity, max_staleness=spec.trainer.weight_sync_interval - 1)
+        version = 0
+        with step_progress("distill", spec.trainer.steps) as progress:
+            for step in range(1, spec.trainer.steps + 1):
+                metrics: dict = {}
+                step_start = time.perf_counter()
+                indices = sampler.next(spec.trainer.prompts_per_step)
+                scored_refs = rollout_and_score(roles, prepared.train, indices, step, metrics)
+                buffer.put(BufferEntry(tuple(scored_refs), version, tuple(indices)))
+                entry = buffer.take(version)
+                with timed("learn", metrics):
+                    metrics.update(roles.learners.train_step(list(entry.refs), spec.algorithm.objective,
+                                                             spec.algorithm.clip_eps))
+                version += 1
+                if version % spec.trainer.weight_sync_interval == 0:
+                    with timed("weight_sync", metrics):
+                        sync_weights(roles, version)
+                metrics["rollout_policy_version"] = entry.policy_version
+                metrics["weight_version"] = version
+                if spec.trainer.eval_every and step % spec.trainer.eval_every == 0 and step < spec.trainer.steps:
+                    with timed("eval", metrics):
+                        metrics["eval/student_accuracy"] = accuracy(roles.rollout_workers)
+                metrics["time/step"] = time.perf_counter() - step_start
+                writer.write(step, metrics)
+                progress.advance(step, f"loss {metrics['loss']:.3f} kl {metrics['sampled_reverse_kl']:.3f}")
+
+        if version % spec.trainer.weight_sync_interval:
+            sync_weights(roles, version)
+        summary["student_accuracy_after"] = accuracy(roles.rollout_workers)
+        if summary["teacher_accuracy"] is not None:
+            summary["gap_recovery"] = gap_recovery(
+                summary["student_accuracy_before"], summary["student_accuracy_after"], summary["teacher_accuracy"]
+            )
+        if spec.trainer.save_final:
+            final_dir = run_dir / "student"
+            ray.get(roles.learners.call("save_pretrained", str(final_dir), spec.models.student.path))
+            summary["student_path"] = str(final_dir)
+        summary["steps"] = spec.trainer.steps
+        summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        writer.close()
+        roles.shutdown()

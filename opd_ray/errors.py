@@ -1,0 +1,11 @@
+"""User-facing errors: raised for bad input, printed as one line by the CLI, never a traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the spec, the data or the model files; the message names the cause."""
+
+
+class SpecError(UserError):
+    """The experiment spec is malformed: unknown key, wrong type, value out of range."""

@@ -1,0 +1,72 @@
+"""Distillation objectives: pure tensor functions, testable without Ray or DeepSpeed.
+
+All per-token inputs are target-aligned: [b, t] is the t-th predicted token of sequence b,
+T = L - 1 positions, `mask_BT` is 1 on response tokens. Each objective returns the *sum*
+of its per-token losses over the local tokens; the learner divides by the global token
+count so that a token-mean is exact across data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ObjectiveInputs:
+    student_logits_BTV: torch.Tensor  # with grad
+    target_ids_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    rollout_logprobs_BT: torch.Tensor  # log p_old(y_t), detached
+    teacher_logprobs_BT: torch.Tensor  # log q(y_t)
+    teacher_topk_ids_BTK: torch.Tensor
+    teacher_topk_logprobs_BTK: torch.Tensor
+
+
+def token_logprobs(logits_BTV: torch.Tensor, target_ids_BT: torch.Tensor) -> torch.Tensor:
+    """log softmax at the chosen token, without materialising a second B x T x V tensor."""
+    chosen_BT = logits_BTV.gather(-1, target_ids_BT.unsqueeze(-1)).squeeze(-1)
+    return chosen_BT - torch.logsumexp(logits_BTV, dim=-1)
+
+
+def sampled_token_reverse_kl(inputs: ObjectiveInputs, clip_eps: float) -> torch.Tensor:
+    """One-sample reverse KL as a dense reward inside a PPO-clip surrogate.
+
+    r_t = log q(y_t) - log p_old(y_t), used per token with no return (discount 0): every
+    reward is negative, so summing future rewards teaches the student to stop early.
+    Ratio p_theta / p_old with clipping keeps a stale or mismatched p_old from blowing up.
+    """
+    student_logprobs_BT = token_logprobs(inputs.student_logits_BTV, inputs.target_ids_BT)
+    advantage_BT = (inputs.teacher_logprobs_BT - inputs.rollout_logprobs_BT).detach()
+    ratio_BT = torch.exp(student_logprobs_BT - inputs.rollout_logprobs_BT)
+    clipped_BT = ratio_BT.clamp(1 - clip_eps, 1 + clip_eps)
+    surrogate_BT = torch.minimum(ratio_BT * advantage_BT, clipped_BT * advantage_BT)
+    return -(surrogate_BT * inputs.mask_BT).sum()
+
+
+def topk_reverse_kl(inputs: ObjectiveInputs) -> torch.Tensor:
+    """Analytic KL(p_bar || q_bar) on the teacher's top-k support S_t.
+
+    Both distributions are renormalised on S_t; when k covers the vocabulary this is the
+    exact reverse KL. Far less noisy than the one-sample estimate, and needs only the
+    student's logits at k ids, never a full-vocabulary teacher tensor.
+    """
+    student_on_support_BTK = inputs.student_logits_BTV.gather(-1, inputs.teacher_topk_ids_BTK)
+    log_p_BTK = torch.log_softmax(student_on_support_BTK, dim=-1)
+    log_q_BTK = torch.log_softmax(inputs.teacher_topk_logprobs_BTK, dim=-1)
+    kl_BT = (log_p_BTK.exp() * (log_p_BTK - log_q_BTK)).sum(-1)
+    return (kl_BT * inputs.mask_BT).sum()
+
+
+def objective_sum(name: str, inputs: ObjectiveInputs, clip_eps: float) -> torch.Tensor:
+    if name == "sampled_token":
+        return sampled_token_reverse_kl(inputs, clip_eps)
+    if name == "topk_reverse_kl":
+        return topk_reverse_kl(inputs)
+    raise ValueError(f"unknown objective {name!r}; allowed: sampled_token, topk_reverse_kl")
+
+
+def sft_cross_entropy(logits_BTV: torch.Tensor, target_ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of response tokens (prompt tokens carry no loss)."""
+    return -(token_logprobs(logits_BTV, target_ids_BT) * mask_BT).sum()

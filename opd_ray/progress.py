@@ -1,0 +1,37 @@
+"""Progress for long loops: a live bar on a terminal, periodic plain lines in job logs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+class StepProgress:
+    def __init__(self, progress: Progress | None, task_id: int | None, total: int, label: str) -> None:
+        self._progress, self._task_id, self.total, self.label = progress, task_id, total, label
+        self._every = max(1, total // 20)
+
+    def advance(self, done: int, note: str = "") -> None:
+        if self._progress is not None:
+            self._progress.update(self._task_id, completed=done, note=note)
+        elif done % self._every == 0 or done == self.total:
+            console.print(f"{self.label} {done}/{self.total} {note}", highlight=False)
+
+
+@contextmanager
+def step_progress(label: str, total: int) -> Iterator[StepProgress]:
+    if not console.is_terminal:
+        yield StepProgress(None, None, total, label)
+        return
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
+    )
+    with Progress(*columns, console=console) as progress:
+        task_id = progress.add_task(label, total=total, note="")
+        yield StepProgress(progress, task_id, total, label)

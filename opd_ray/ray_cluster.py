@@ -1,0 +1,31 @@
+"""Connecting to Ray and the environment every actor starts with."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import ray
+
+from opd_ray.spec import RaySpec
+
+
+def connect(spec: RaySpec) -> None:
+    """Joins the cluster named by `address` (or the one `ray job submit` runs us in), else starts a local one."""
+    if ray.is_initialized():
+        return
+    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+    kwargs: dict = {"log_to_driver": True, "logging_level": "WARNING"}
+    if spec.address is None and "RAY_ADDRESS" not in os.environ:
+        kwargs.update(
+            num_cpus=spec.num_cpus,
+            include_dashboard=spec.include_dashboard,
+            dashboard_host=spec.dashboard_host,
+        )
+    ray.init(address=spec.address, **kwargs)
+
+
+def actor_env() -> dict:
+    """Threads for torch inside actors: Ray would pin them to 1, which halves CPU throughput here."""
+    threads = str(os.cpu_count() or 1)
+    return {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}}

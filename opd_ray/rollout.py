@@ -1,0 +1,85 @@
+"""Rollout worker: a vLLM engine holding the student's current weights.
+
+Samples responses with their sampling-time log-probs and tags the batch with the weight
+version that produced it, so the learner knows how stale a sample is.
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from opd_ray.batch import RolloutBatch
+from opd_ray.spec import EngineSpec, ModelSpec, RolloutSpec
+from opd_ray.vllm_engine import Completion, create_engine, generate, greedy, prompt_logprobs
+from opd_ray.weight_sync import WORKER_EXTENSION
+
+
+def completions_to_batch(
+    prompts_P: dict[int, list[int]], completions: list[Completion], policy_version: int
+) -> RolloutBatch:
+    """Lays sequences out right-padded, with per-token tensors aligned to input positions."""
+    sequences = [prompts_P[c.prompt_index] + c.token_ids for c in completions]
+    length = max(len(s) for s in sequences)
+    batch_size = len(sequences)
+    input_ids_BL = torch.zeros(batch_size, length, dtype=torch.long)
+    attention_mask_BL = torch.zeros(batch_size, length, dtype=torch.long)
+    response_mask_BL = torch.zeros(batch_size, length, dtype=torch.float32)
+    rollout_logprobs_BL = torch.zeros(batch_size, length, dtype=torch.float32)
+    for b, (sequence, completion) in enumerate(zip(sequences, completions, strict=True)):
+        start = len(sequence) - len(completion.token_ids)
+        input_ids_BL[b, : len(sequence)] = torch.tensor(sequence)
+        attention_mask_BL[b, : len(sequence)] = 1
+        response_mask_BL[b, start : len(sequence)] = 1
+        if completion.logprobs:
+            rollout_logprobs_BL[b, start : len(sequence)] = torch.tensor(completion.logprobs)
+    return RolloutBatch(
+        input_ids_BL=input_ids_BL,
+        attention_mask_BL=attention_mask_BL,
+        response_mask_BL=response_mask_BL,
+        rollout_logprobs_BL=rollout_logprobs_BL,
+        prompt_index_B=torch.tensor([c.prompt_index for c in completions], dtype=torch.long),
+        finished_B=torch.tensor([c.finished for c in completions], dtype=torch.bool),
+        policy_version=policy_version,
+    )
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, model: ModelSpec, engine: EngineSpec, rollout: RolloutSpec, seed: int) -> None:
+        self.llm = create_engine(model, engine, seed, worker_extension=WORKER_EXTENSION)
+        self.rollout = rollout
+        self.policy_version = 0
+
+    def sample(self, prompts_P: dict[int, list[int]], step: int) -> RolloutBatch:
+        """`prompts_P` maps dataset row -> prompt token ids; the returned batch stays in the object store."""
+        indices = list(prompts_P)
+        completions = generate(
+            self.llm,
+            [prompts_P[i] for i in indices],
+            indices,
+            samples_per_prompt=self.rollout.samples_per_prompt,
+            temperature=self.rollout.temperature,
+            top_p=self.rollout.top_p,
+            max_new_tokens=self.rollout.max_new_tokens,
+            seed=step,
+        )
+        return completions_to_batch(prompts_P, completions, self.policy_version)
+
+    def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
+        return greedy(self.llm, prompts_P, max_new_tokens)
+
+    def load_weights(self, payload: bytes, policy_version: int) -> int:
+        """In place, without restarting the engine; cached prefixes of the old weights are dropped."""
+        loaded = self.llm.collective_rpc("load_packed_weights", args=(payload,))[0]
+        self.llm.reset_prefix_cache()
+        self.policy_version = policy_version
+        return loaded
+
+    def sequence_logprobs(self, sequence: list[int]) -> list[float]:
+        """log p(token_i | tokens_<i) for i >= 1 under the engine's current weights."""
+        entries = prompt_logprobs(self.llm, [sequence], top_k=1)[0]
+        return [entries[i][sequence[i]].logprob for i in range(1, len(sequence))]
+
+    def version(self) -> int:
+        return self.policy_version

@@ -1,0 +1,232 @@
+"""The experiment spec: YAML read by OmegaConf, checked by pydantic before anything starts.
+
+OmegaConf gives interpolation (`${run.output_dir}`), environment lookups and `key=value`
+overrides from the command line; pydantic gives types, ranges and a refusal of unknown
+keys, so a typo costs seconds instead of a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from opd_ray.errors import SpecError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSpec(Section):
+    name: str = "opd"
+    output_dir: str = "runs/opd"
+    seed: int = 0
+
+
+class ModelSpec(Section):
+    path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class TinyModelsSpec(Section):
+    """Builds the synthetic task, its tokenizer and a trained teacher/student if missing."""
+
+    directory: str
+    teacher_layers: int = Field(4, ge=1)
+    student_layers: int = Field(2, ge=1)
+    teacher_sft_steps: int = Field(3000, ge=0)
+    student_sft_steps: int = Field(600, ge=0)
+    sft_batch_size: int = Field(128, ge=1)
+    sft_lr: float = Field(1e-3, gt=0)
+    train_size: int = Field(20000, ge=1)
+    eval_size: int = Field(500, ge=1)
+
+
+class ModelsSpec(Section):
+    student: ModelSpec
+    teacher: ModelSpec
+    build_tiny: TinyModelsSpec | None = None
+
+
+class DatasetSpec(Section):
+    path: str
+    prompt_field: str = "prompt"
+    answer_field: str | None = "answer"
+    limit: int | None = Field(None, ge=1)
+
+
+class DataSpec(Section):
+    train: DatasetSpec
+    eval: DatasetSpec | None = None
+    prompt_template: str = "{prompt}"
+    use_chat_template: bool = False
+    verifier: str = Field("exact", description="exact | final_number | boxed | module:function")
+    max_prompt_tokens: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _template_has_prompt(self) -> DataSpec:
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("data.prompt_template must contain '{prompt}'")
+        return self
+
+
+class EngineSpec(Section):
+    """vLLM engine settings shared by rollout workers and teacher replicas."""
+
+    kv_cache_gib: float = Field(1.0, gt=0)
+    max_model_len: int = Field(512, ge=8)
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
+    max_logprobs: int = Field(32, ge=1)
+
+
+class ResourcesSpec(Section):
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class RolloutSpec(Section):
+    num_workers: int = Field(1, ge=1)
+    samples_per_prompt: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    logprobs_top_k: int = Field(0, ge=0, description="also keep the student's top-k at sampling time")
+    engine: EngineSpec = EngineSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+
+
+class TeacherSpec(Section):
+    num_replicas: int = Field(1, ge=1)
+    top_k: int = Field(16, ge=1)
+    engine: EngineSpec = EngineSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="after")
+    def _top_k_fits_engine(self) -> TeacherSpec:
+        if self.top_k > self.engine.max_logprobs:
+            raise ValueError(
+                f"teacher.top_k ({self.top_k}) exceeds teacher.engine.max_logprobs "
+                f"({self.engine.max_logprobs}); raise max_logprobs or lower top_k"
+            )
+        return self
+
+
+class LearnerSpec(Section):
+    num_ranks: int = Field(2, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    lr: float = Field(1e-6, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed config")
+    resources: ResourcesSpec = ResourcesSpec()
+
+
+class AlgorithmSpec(Section):
+    objective: Literal["sampled_token", "topk_reverse_kl"] = "topk_reverse_kl"
+    clip_eps: float = Field(0.2, gt=0, description="PPO clip range of the sampled-token estimator")
+
+
+class TrainerSpec(Section):
+    steps: int = Field(100, ge=1)
+    prompts_per_step: int = Field(64, ge=1)
+    weight_sync_interval: int = Field(1, ge=1)
+    eval_every: int = Field(0, ge=0, description="0 = only before and after training")
+    eval_prompts: int | None = Field(None, ge=1)
+    buffer_capacity: int = Field(2, ge=1)
+    save_final: bool = True
+
+
+class RaySpec(Section):
+    address: str | None = Field(None, description="None starts a local Ray; 'auto' joins a running cluster")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray")
+    dashboard_host: str = "127.0.0.1"
+    include_dashboard: bool = False
+
+
+class ExperimentSpec(Section):
+    run: RunSpec = RunSpec()
+    models: ModelsSpec
+    data: DataSpec
+    rollout: RolloutSpec = RolloutSpec()
+    teacher: TeacherSpec = TeacherSpec()
+    learner: LearnerSpec = LearnerSpec()
+    algorithm: AlgorithmSpec = AlgorithmSpec()
+    trainer: TrainerSpec = TrainerSpec()
+    ray: RaySpec = RaySpec()
+
+    @model_validator(mode="after")
+    def _batch_divides_across_ranks(self) -> ExperimentSpec:
+        sequences = self.trainer.prompts_per_step * self.rollout.samples_per_prompt
+        if sequences % self.learner.num_ranks:
+            raise ValueError(
+                f"trainer.prompts_per_step x rollout.samples_per_prompt = {sequences} sequences "
+                f"do not divide across learner.num_ranks = {self.learner.num_ranks}"
+            )
+        return self
+
+
+def _allowed_keys(model: type[BaseModel], location: tuple[Any, ...]) -> list[str]:
+    """Walks the pydantic schema to the section that holds a bad key."""
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        nested = [a for a in candidates if issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = tuple(error["loc"])
+    field = ".".join(str(p) for p in location) or "spec"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(ExperimentSpec, location)
+        hint = difflib.get_close_matches(str(location[-1]), allowed, n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"unknown key '{field}'{suggestion}; allowed here: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return f"missing required key '{field}'"
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+    return f"'{field}': {error['msg']} (got {error.get('input')!r})"
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
+    """Reads YAML, applies `a.b=value` overrides, resolves interpolations, validates."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise SpecError(f"override must look like key=value: {bad[0]!r}")
+    try:
+        config = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise SpecError(f"{path}: {exc}".splitlines()[0]) from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the spec must be a YAML mapping")
+    try:
+        return ExperimentSpec.model_validate(raw)
+    except ValidationError as exc:
+        messages = [_describe(e) for e in exc.errors()]
+        raise SpecError(f"{path}: " + "; ".join(messages)) from None
+
+
+def spec_to_yaml(spec: ExperimentSpec) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(spec.model_dump(mode="json")))

@@ -1,0 +1,131 @@
+"""Tiny Hugging Face models and a character tokenizer, built locally.
+
+Nothing can be downloaded at run time, so tests and the quickstart make their own models:
+real `transformers` model directories (config + safetensors + tokenizer) that every role
+loads by path through the same code a user's model goes through. vLLM's CPU attention
+needs head_dim >= 32, hence hidden 128 with 4 heads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import ray
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from opd_ray.learner import LearnerGroup
+from opd_ray.progress import console, step_progress
+from opd_ray.ray_cluster import actor_env, connect
+from opd_ray.spec import ExperimentSpec, LearnerSpec, ModelSpec
+from opd_ray.tasks.arithmetic import ALPHABET, write_task_files
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+
+def build_char_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerFast:
+    """One token per character; decoding joins characters back without spaces."""
+    vocab = {PAD: 0, EOS: 1, UNK: 2}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="right"
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def tiny_qwen2_config(vocab_size: int, num_layers: int, eos_id: int, pad_id: int) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        bos_token_id=None,
+        torch_dtype="float32",
+    )
+
+
+def save_random_model(
+    tokenizer: PreTrainedTokenizerFast, num_layers: int, directory: Path, seed: int
+) -> Path:
+    torch.manual_seed(seed)
+    config = tiny_qwen2_config(len(tokenizer), num_layers, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _train_by_sft(
+    spec: ExperimentSpec, init_dir: Path, output_dir: Path, examples: list[tuple[list[int], list[int]]],
+    steps: int, label: str,
+) -> float:
+    """SFT through the same DeepSpeed learner the distillation uses; returns the last loss."""
+    build = spec.models.build_tiny
+    learner = LearnerSpec(
+        num_ranks=spec.learner.num_ranks, zero_stage=spec.learner.zero_stage, lr=build.sft_lr,
+        lr_schedule="cosine", warmup_steps=min(50, steps // 10), min_lr_ratio=0.05,
+        resources=spec.learner.resources,
+    )
+    group = LearnerGroup(ModelSpec(path=str(init_dir)), learner, build.sft_batch_size // learner.num_ranks, steps,
+                         actor_env())
+    examples_ref = ray.put(examples)
+    loss = float("nan")
+    try:
+        with step_progress(f"sft {label}", steps) as progress:
+            done, chunk = 0, 50
+            while done < steps:
+                count = min(chunk, steps - done)
+                losses = ray.get(group.call("sft", examples_ref, count, build.sft_batch_size, spec.run.seed + done))
+                loss = sum(per_rank[-1] for per_rank in losses)
+                done += count
+                progress.advance(done, f"loss {loss:.3f}")
+        staging = output_dir.with_name(output_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        ray.get(group.call("save_pretrained", str(staging), str(init_dir)))
+        shutil.rmtree(output_dir, ignore_errors=True)
+        staging.rename(output_dir)
+    finally:
+        group.shutdown()
+    return loss
+
+
+def ensure_tiny_models(spec: ExperimentSpec) -> None:
+    """Builds the arithmetic task files and a trained teacher and student once; later runs reuse them."""
+    build = spec.models.build_tiny
+    root = Path(build.directory)
+    recipe = {**build.model_dump(), "learner_ranks": spec.learner.num_ranks, "seed": spec.run.seed}
+    marker = root / "build.json"
+    teacher_dir, student_dir = Path(spec.models.teacher.path), Path(spec.models.student.path)
+    if marker.is_file() and json.loads(marker.read_text()) == recipe and teacher_dir.is_dir() and student_dir.is_dir():
+        return
+    console.print(f"building tiny teacher and student in {root} (once; cached for later runs)")
+    tokenizer = build_char_tokenizer(ALPHABET, root / "tokenizer")
+    train_path, _ = write_task_files(root, spec.run.seed, build.train_size, build.eval_size)
+    rows = [json.loads(line) for line in train_path.read_text().splitlines()]
+    eos = [tokenizer.eos_token_id]
+    examples = [(tokenizer(r["prompt"]).input_ids, tokenizer(r["answer"]).input_ids + eos) for r in rows]
+    connect(spec.ray)
+    for label, layers, steps, output_dir in (
+        ("teacher", build.teacher_layers, build.teacher_sft_steps, teacher_dir),
+        ("student", build.student_layers, build.student_sft_steps, student_dir),
+    ):
+        init_dir = save_random_model(tokenizer, layers, root / f"init-{label}", seed=spec.run.seed)
+        _train_by_sft(spec, init_dir, output_dir, examples, steps, label)
+    marker.write_text(json.dumps(recipe, indent=2))

@@ -1,0 +1,114 @@
+"""A vLLM engine configured the same way for every role that holds one (rollout, teacher).
+
+vLLM is imported lazily: the environment it reads at import time (in-process engine, KV
+cache size on CPU) is set by `ENGINE_ENV` on the Ray actor that owns the engine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from opd_ray.spec import EngineSpec, ModelSpec
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+# In-process engine: ~10 s start instead of ~25 s with worker processes, and no fork.
+# TORCHDYNAMO_DISABLE skips a ~7 s torch.compile of the logprob kernel that buys nothing on
+# the tiny CPU models; GPU deployments override it in the spec's runtime env.
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1"),
+    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+}
+
+
+@dataclass
+class Completion:
+    """One sampled response: what a rollout or an evaluation needs from vLLM's output."""
+
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]  # of the sampled token, under the sampling distribution
+    finished: bool  # ended with end-of-sequence rather than the length limit
+    text: str
+
+
+def create_engine(model: ModelSpec, engine: EngineSpec, seed: int, worker_extension: str | None = None) -> LLM:
+    from vllm import LLM
+
+    kwargs: dict = {}
+    if torch.cuda.is_available():
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    else:
+        kwargs["kv_cache_memory_bytes"] = int(engine.kv_cache_gib * 2**30)
+    if worker_extension:
+        kwargs["worker_extension_cls"] = worker_extension
+    return LLM(
+        model=model.path,
+        dtype=model.dtype,
+        trust_remote_code=model.trust_remote_code,
+        max_model_len=engine.max_model_len,
+        max_logprobs=engine.max_logprobs,
+        enforce_eager=engine.enforce_eager,
+        seed=seed,
+        **kwargs,
+    )
+
+
+def generate(
+    llm: LLM,
+    prompts_P: list[list[int]],
+    prompt_index_P: list[int],
+    *,
+    samples_per_prompt: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int | None,
+) -> list[Completion]:
+    """Samples (temperature > 0) or decodes greedily (temperature 0); one Completion per sample."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(
+        n=samples_per_prompt,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_new_tokens,
+        logprobs=0 if temperature > 0 else None,
+        seed=seed,
+    )
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts_P], params, use_tqdm=False)
+    completions = []
+    for index, output in zip(prompt_index_P, outputs, strict=True):
+        for sample in output.outputs:
+            ids = list(sample.token_ids)
+            logprobs = [step[t].logprob for step, t in zip(sample.logprobs, ids, strict=True)] if sample.logprobs else []
+            completions.append(
+                Completion(index, ids, logprobs, finished=sample.finish_reason == "stop", text=sample.text)
+            )
+    return completions
+
+
+def greedy(llm: LLM, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
+    """Deterministic decoding for evaluation; `prompts_P` maps dataset row -> prompt ids."""
+    indices = list(prompts_P)
+    return generate(
+        llm, [prompts_P[i] for i in indices], indices,
+        samples_per_prompt=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=None,
+    )
+
+
+def prompt_logprobs(llm: LLM, sequences_B: list[list[int]], top_k: int) -> list[list[dict]]:
+    """vLLM's per-position scoring of given sequences: entry i holds the actual token i and the top-k."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=1.0)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences_B], params, use_tqdm=False)
+    return [output.prompt_logprobs for output in outputs]
