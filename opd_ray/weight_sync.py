@@ -30,7 +30,22 @@ class VllmWeightReceiver:
     def load_packed_weights(self, payload: bytes) -> int:
         state_dict = unpack_state_dict(payload)
         self.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))  # type: ignore[attr-defined]
+        refresh_tied_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]
         return len(state_dict)
+
+
+def refresh_tied_lm_head(model: torch.nn.Module) -> None:
+    """Re-derive the output head's kernel from the (tied, just reloaded) embedding.
+
+    vLLM skips `lm_head.*` when embeddings are tied, so its reload leaves the head's kernel
+    untouched; on CPU that kernel is a pre-packed copy of the *old* weights. Processing the
+    head again packs the new embedding; where nothing is packed this is a cheap no-op.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    for module in model.modules():
+        if isinstance(module, ParallelLMHead) and module.weight.numel() > 0:
+            module.quant_method.process_weights_after_loading(module)
 
 
 WORKER_EXTENSION = f"{VllmWeightReceiver.__module__}.{VllmWeightReceiver.__qualname__}"

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random-init models and task files built locally, and one local Ray.
+
+Random-init models are enough where a test is about plumbing (shapes, sync, the KL
+falling); nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "opd-ray" / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from opd_ray.tasks.arithmetic import ALPHABET, write_task_files
+    from opd_ray.tiny_models import build_char_tokenizer, save_random_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_char_tokenizer(ALPHABET, root / "tokenizer")
+    save_random_model(tokenizer, 2, root / "teacher", seed=1)
+    save_random_model(tokenizer, 1, root / "student", seed=2)
+    write_task_files(root, seed=0, train_size=512, eval_size=32)
+    return root
+
+
+def tiny_spec_dict(tiny_dir: Path, run_dir: Path) -> dict:
+    """A spec over the tiny models that runs in seconds; tests override what they are about."""
+    return {
+        "run": {"name": "test", "output_dir": str(run_dir), "seed": 0},
+        "models": {"student": {"path": str(tiny_dir / "student")}, "teacher": {"path": str(tiny_dir / "teacher")}},
+        "data": {"train": {"path": str(tiny_dir / "train.jsonl")}, "eval": {"path": str(tiny_dir / "eval.jsonl")}},
+        "rollout": {"max_new_tokens": 6, "engine": {"max_model_len": 32, "kv_cache_gib": 0.1}},
+        "teacher": {"top_k": 15, "engine": {"max_model_len": 32, "kv_cache_gib": 0.1}},
+        "learner": {"num_ranks": 2, "zero_stage": 2, "lr": 3e-3, "warmup_steps": 0},
+        "algorithm": {"objective": "topk_reverse_kl"},
+        "trainer": {"steps": 3, "prompts_per_step": 16},
+        "ray": {"num_cpus": 8},
+    }
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
