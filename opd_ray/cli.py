@@ -34,8 +34,15 @@ def _print_summary(summary: dict) -> None:
     table = Table(title=f"opd-ray: {summary['run']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "gap_recovery",
-                "steps", "wall_seconds", "student_path"):
+    for key in (
+        "teacher_accuracy",
+        "student_accuracy_before",
+        "student_accuracy_after",
+        "gap_recovery",
+        "steps",
+        "wall_seconds",
+        "student_path",
+    ):
         value = summary.get(key)
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(table)

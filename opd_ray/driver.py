@@ -105,7 +105,9 @@ def evaluate(workers: list[ray.actor.ActorHandle], prompts: PromptSet, verifier,
     """Greedy accuracy; a response cut off by the length limit counts as wrong."""
     indices = list(range(len(prompts)))
     shards = split(indices, len(workers))
-    results = ray.get([w.greedy.remote(prompts.subset(s), max_new_tokens) for w, s in zip(workers, shards)])
+    results = ray.get(
+        [w.greedy.remote(prompts.subset(s), max_new_tokens) for w, s in zip(workers, shards, strict=False)]
+    )
     completions = [c for shard in results for c in shard]
     correct = sum(c.finished and verifier(c.text, prompts.answers[c.prompt_index]) for c in completions)
     return correct / len(completions)
@@ -120,7 +122,9 @@ def gap_recovery(before: float, after: float, teacher: float) -> float | None:
 def rollout_and_score(roles: Roles, prompts: PromptSet, indices: list[int], step: int, metrics: dict) -> list:
     with timed("rollout", metrics):
         shards = split(indices, len(roles.rollout_workers))
-        rollout_refs = [w.sample.remote(prompts.subset(s), step) for w, s in zip(roles.rollout_workers, shards)]
+        rollout_refs = [
+            w.sample.remote(prompts.subset(s), step) for w, s in zip(roles.rollout_workers, shards, strict=False)
+        ]
         ray.wait(rollout_refs, num_returns=len(rollout_refs))
     with timed("teacher", metrics):
         scored_refs = [roles.teachers[i % len(roles.teachers)].score.remote(r) for i, r in enumerate(rollout_refs)]
@@ -144,16 +148,20 @@ def distill(spec: ExperimentSpec) -> dict:
     eval_prompts = prepared.eval
     if eval_prompts is not None and spec.trainer.eval_prompts:
         keep = list(range(min(spec.trainer.eval_prompts, len(eval_prompts))))
-        eval_prompts = PromptSet([eval_prompts.prompt_ids[i] for i in keep], [eval_prompts.answers[i] for i in keep],
-                                 eval_prompts.source)
+        eval_prompts = PromptSet(
+            [eval_prompts.prompt_ids[i] for i in keep], [eval_prompts.answers[i] for i in keep], eval_prompts.source
+        )
 
     connect(spec.ray)
-    console.print(f"[bold]opd-ray[/] {spec.run.name}: starting roles ({spec.rollout.num_workers} rollout, "
-                  f"{spec.teacher.num_replicas} teacher, {spec.learner.num_ranks} learner ranks)")
+    console.print(
+        f"[bold]opd-ray[/] {spec.run.name}: starting roles ({spec.rollout.num_workers} rollout, "
+        f"{spec.teacher.num_replicas} teacher, {spec.learner.num_ranks} learner ranks)"
+    )
     roles = start_roles(spec)
     summary: dict = {"run": spec.run.name}
     writer = MetricsWriter(run_dir)
     try:
+
         def accuracy(workers: list) -> float | None:
             if eval_prompts is None:
                 return None
@@ -161,8 +169,9 @@ def distill(spec: ExperimentSpec) -> dict:
 
         summary["teacher_accuracy"] = accuracy(roles.teachers)
         summary["student_accuracy_before"] = accuracy(roles.rollout_workers)
-        console.print(f"teacher accuracy {summary['teacher_accuracy']}, "
-                      f"student before {summary['student_accuracy_before']}")
+        console.print(
+            f"teacher accuracy {summary['teacher_accuracy']}, student before {summary['student_accuracy_before']}"
+        )
 
         sampler = PromptSampler(len(prepared.train), spec.run.seed)
         buffer = RolloutBuffer(spec.trainer.buffer_capacity, max_staleness=spec.trainer.weight_sync_interval - 1)
@@ -176,8 +185,9 @@ def distill(spec: ExperimentSpec) -> dict:
                 buffer.put(BufferEntry(tuple(scored_refs), version, tuple(indices)))
                 entry = buffer.take(version)
                 with timed("learn", metrics):
-                    metrics.update(roles.learners.train_step(list(entry.refs), spec.algorithm.objective,
-                                                             spec.algorithm.clip_eps))
+                    metrics.update(
+                        roles.learners.train_step(list(entry.refs), spec.algorithm.objective, spec.algorithm.clip_eps)
+                    )
                 version += 1
                 if version % spec.trainer.weight_sync_interval == 0:
                     with timed("weight_sync", metrics):

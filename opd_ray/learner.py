@@ -26,6 +26,11 @@ from opd_ray.weight_sync import pack_state_dict
 LEARNER_ENV = {"DS_ACCELERATOR": "cpu"} if not torch.cuda.is_available() else {}
 
 
+def learner_threads(num_ranks: int) -> int:
+    """Ranks on one CPU machine split its cores: oversubscribed ranks were ~2x slower here."""
+    return max(1, (os.cpu_count() or 1) // num_ranks)
+
+
 def deepspeed_config(learner: LearnerSpec, model: ModelSpec, micro_batch: int) -> dict[str, Any]:
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -82,12 +87,15 @@ class LearnerWorker:
         from transformers.integrations import HfDeepSpeedConfig
 
         os.environ.update(
-            MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
-            WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+            MASTER_ADDR=master[0],
+            MASTER_PORT=str(master[1]),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",
         )
         self.rank, self.world_size = rank, world_size
         on_gpu = torch.cuda.is_available()
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         backend = learner.backend if learner.backend != "auto" else ("nccl" if on_gpu else "gloo")
         deepspeed.init_distributed(dist_backend=backend)
         config = deepspeed_config(learner, model, micro_batch)
@@ -148,6 +156,8 @@ class LearnerWorker:
             "teacher_logprob": teacher_logprob_sum * scale,
             "student_logprob": student_logprob_sum * scale,
             "lr": float(self.engine.get_lr()[0]),
+            "response_tokens": batch.num_response_tokens,
+            "truncated_responses": int((~batch.finished_B).sum()),
         }
 
     def sft(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, seed: int) -> list[float]:
@@ -231,14 +241,18 @@ class LearnerGroup:
         options = {
             "num_cpus": learner.resources.num_cpus,
             "num_gpus": learner.resources.num_gpus,
-            "runtime_env": {"env_vars": {**LEARNER_ENV, **runtime_env.get("env_vars", {})}},
+            "runtime_env": {"env_vars": {**runtime_env.get("env_vars", {}), **LEARNER_ENV}},
         }
+        threads = str(learner_threads(learner.num_ranks))
+        options["runtime_env"]["env_vars"].update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         self.workers = [LearnerWorker.options(**options).remote() for _ in range(learner.num_ranks)]
         master = ray.get(self.workers[0].address.remote())
-        ray.get([
-            w.setup.remote(rank, learner.num_ranks, master, model, learner, micro_batch, total_steps)
-            for rank, w in enumerate(self.workers)
-        ])
+        ray.get(
+            [
+                w.setup.remote(rank, learner.num_ranks, master, model, learner, micro_batch, total_steps)
+                for rank, w in enumerate(self.workers)
+            ]
+        )
 
     def call(self, method: str, *args: Any) -> list[ray.ObjectRef]:
         return [getattr(w, method).remote(*args) for w in self.workers]

@@ -29,8 +29,12 @@ def step_progress(label: str, total: int) -> Iterator[StepProgress]:
         yield StepProgress(None, None, total, label)
         return
     columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
     )
     with Progress(*columns, console=console) as progress:
         task_id = progress.add_task(label, total=total, note="")

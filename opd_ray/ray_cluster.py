@@ -26,6 +26,12 @@ def connect(spec: RaySpec) -> None:
 
 
 def actor_env() -> dict:
-    """Threads for torch inside actors: Ray would pin them to 1, which halves CPU throughput here."""
+    """Threads for torch inside actors (Ray would pin them to 1, halving CPU throughput here); quiet libraries."""
     threads = str(os.cpu_count() or 1)
-    return {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}}
+    quiet = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
+    }
+    return {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **quiet}}

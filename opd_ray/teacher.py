@@ -14,7 +14,7 @@ import torch
 
 from opd_ray.batch import RolloutBatch
 from opd_ray.spec import EngineSpec, ModelSpec
-from opd_ray.vllm_engine import Completion, create_engine, generate, greedy, prompt_logprobs
+from opd_ray.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
 
 
 def attach_teacher_scores(batch: RolloutBatch, scored_positions_B: list[list[dict]], top_k: int) -> RolloutBatch:
@@ -47,8 +47,7 @@ class TeacherScorer:
 
     def score(self, batch: RolloutBatch) -> RolloutBatch:
         sequences = [
-            batch.input_ids_BL[b, : int(batch.attention_mask_BL[b].sum())].tolist()
-            for b in range(batch.num_sequences)
+            batch.input_ids_BL[b, : int(batch.attention_mask_BL[b].sum())].tolist() for b in range(batch.num_sequences)
         ]
         return attach_teacher_scores(batch, prompt_logprobs(self.llm, sequences, self.top_k), self.top_k)
 

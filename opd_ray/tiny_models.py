@@ -59,9 +59,7 @@ def tiny_qwen2_config(vocab_size: int, num_layers: int, eos_id: int, pad_id: int
     )
 
 
-def save_random_model(
-    tokenizer: PreTrainedTokenizerFast, num_layers: int, directory: Path, seed: int
-) -> Path:
+def save_random_model(tokenizer: PreTrainedTokenizerFast, num_layers: int, directory: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     config = tiny_qwen2_config(len(tokenizer), num_layers, tokenizer.eos_token_id, tokenizer.pad_token_id)
     model = Qwen2ForCausalLM(config)
@@ -73,18 +71,27 @@ def save_random_model(
 
 
 def _train_by_sft(
-    spec: ExperimentSpec, init_dir: Path, output_dir: Path, examples: list[tuple[list[int], list[int]]],
-    steps: int, label: str,
+    spec: ExperimentSpec,
+    init_dir: Path,
+    output_dir: Path,
+    examples: list[tuple[list[int], list[int]]],
+    steps: int,
+    label: str,
 ) -> float:
     """SFT through the same DeepSpeed learner the distillation uses; returns the last loss."""
     build = spec.models.build_tiny
     learner = LearnerSpec(
-        num_ranks=spec.learner.num_ranks, zero_stage=spec.learner.zero_stage, lr=build.sft_lr,
-        lr_schedule="cosine", warmup_steps=min(50, steps // 10), min_lr_ratio=0.05,
+        num_ranks=spec.learner.num_ranks,
+        zero_stage=spec.learner.zero_stage,
+        lr=build.sft_lr,
+        lr_schedule="cosine",
+        warmup_steps=min(50, steps // 10),
+        min_lr_ratio=0.05,
         resources=spec.learner.resources,
     )
-    group = LearnerGroup(ModelSpec(path=str(init_dir)), learner, build.sft_batch_size // learner.num_ranks, steps,
-                         actor_env())
+    group = LearnerGroup(
+        ModelSpec(path=str(init_dir)), learner, build.sft_batch_size // learner.num_ranks, steps, actor_env()
+    )
     examples_ref = ray.put(examples)
     loss = float("nan")
     try:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1"),
-    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
 }
 
 
@@ -88,7 +88,8 @@ def generate(
     for index, output in zip(prompt_index_P, outputs, strict=True):
         for sample in output.outputs:
             ids = list(sample.token_ids)
-            logprobs = [step[t].logprob for step, t in zip(sample.logprobs, ids, strict=True)] if sample.logprobs else []
+            steps = sample.logprobs or []
+            logprobs = [step[t].logprob for step, t in zip(steps, ids, strict=True)] if steps else []
             completions.append(
                 Completion(index, ids, logprobs, finished=sample.finish_reason == "stop", text=sample.text)
             )
@@ -99,8 +100,14 @@ def greedy(llm: LLM, prompts_P: dict[int, list[int]], max_new_tokens: int) -> li
     """Deterministic decoding for evaluation; `prompts_P` maps dataset row -> prompt ids."""
     indices = list(prompts_P)
     return generate(
-        llm, [prompts_P[i] for i in indices], indices,
-        samples_per_prompt=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=None,
+        llm,
+        [prompts_P[i] for i in indices],
+        indices,
+        samples_per_prompt=1,
+        temperature=0.0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        seed=None,
     )
 
 

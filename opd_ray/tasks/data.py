@@ -47,9 +47,7 @@ def read_rows(dataset: DatasetSpec, section: str) -> list[dict]:
         raise UserError(f"{section}.path: {path} has no rows")
     for field in (dataset.prompt_field, dataset.answer_field):
         if field is not None and field not in table.column_names:
-            raise UserError(
-                f"{section}: field {field!r} not in {path}; columns are {', '.join(table.column_names)}"
-            )
+            raise UserError(f"{section}: field {field!r} not in {path}; columns are {', '.join(table.column_names)}")
     rows = table.to_list()
     return rows[: dataset.limit] if dataset.limit else rows
 

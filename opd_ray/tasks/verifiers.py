@@ -62,9 +62,7 @@ def resolve_verifier(name: str) -> Verifier:
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
-        raise UserError(
-            f"data.verifier: unknown verifier {name!r}; allowed: {', '.join(BUILTIN)} or 'module:function'"
-        )
+        raise UserError(f"data.verifier: unknown verifier {name!r}; allowed: {', '.join(BUILTIN)} or 'module:function'")
     module_name, function_name = name.split(":", 1)
     try:
         function = getattr(importlib.import_module(module_name), function_name)

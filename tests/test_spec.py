@@ -1,0 +1,104 @@
+"""Spec loading: interpolation, overrides, and one clear message per mistake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opd_ray.errors import SpecError
+from opd_ray.spec import load_spec
+
+QUICKSTART = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = """
+models:
+  student: {path: /m/student}
+  teacher: {path: /m/teacher}
+data:
+  train: {path: /d/train.jsonl}
+"""
+
+
+def test_quickstart_resolves_interpolations() -> None:
+    spec = load_spec(QUICKSTART)
+    assert spec.models.student.path.endswith("tiny-arithmetic/student")
+    assert spec.data.train.path.startswith(spec.models.build_tiny.directory)
+    assert spec.run.output_dir == "runs/quickstart"
+
+
+def test_overrides_apply_and_are_typed(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, MINIMAL), ["trainer.steps=7", "learner.zero_stage=3", "run.name=x"])
+    assert spec.trainer.steps == 7
+    assert spec.learner.zero_stage == 3
+    assert spec.run.name == "x"
+
+
+def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, MINIMAL))
+    assert spec.algorithm.objective == "topk_reverse_kl"
+    assert spec.ray.dashboard_host == "127.0.0.1"
+    assert spec.models.student.trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["trainer.stepz=3"], "unknown key 'trainer.stepz' (did you mean 'steps'?)"),
+        (["learner.zero_stage=5"], "learner.zero_stage"),
+        (["trainer.steps=many"], "'trainer.steps'"),
+        (["trainer.steps=0"], "greater than or equal to 1"),
+        (["algorithm.objective=forward_kl"], "'algorithm.objective'"),
+        (["learner.num_ranks=3"], "do not divide across learner.num_ranks = 3"),
+        (["teacher.top_k=64"], "teacher.top_k (64) exceeds teacher.engine.max_logprobs (32)"),
+        (["data.prompt_template=hello"], "must contain '{prompt}'"),
+        (["rollout.temperature=-1"], "'rollout.temperature'"),
+        (["bogus=1"], "unknown key 'bogus'"),
+        (["trainer.steps"], "override must look like key=value"),
+    ],
+)
+def test_bad_specs_name_the_field(tmp_path: Path, overrides: list[str], fragment: str) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, MINIMAL), overrides)
+    assert fragment in str(info.value)
+
+
+def test_missing_required_section(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="missing required key 'data'"):
+        load_spec(write(tmp_path, "models:\n  student: {path: a}\n  teacher: {path: b}\n"))
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_cli_validate_prints_resolved_config_and_rejects_bad_keys(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "opd_ray.cli", "validate", str(QUICKSTART), "trainer.steps=9"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert yaml.safe_load(ok.stdout)["trainer"]["steps"] == 9
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "opd_ray.cli", "validate", str(QUICKSTART), "learner.lr=fast"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "learner.lr" in bad.stderr
+    assert "Traceback" not in bad.stderr
