@@ -71,3 +71,25 @@ def _pad_positions(tensor: torch.Tensor, length: int) -> torch.Tensor:
         return tensor
     pad_shape = (tensor.shape[0], missing, *tensor.shape[2:])
     return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=1)
+
+
+def supervised_batch(rows: list[tuple[list[int], list[int]]]) -> RolloutBatch:
+    """Prompt + reference answer (end-of-sequence included in the answer ids); loss on the answer only."""
+    length = max(len(p) + len(a) for p, a in rows)
+    input_ids_BL = torch.zeros(len(rows), length, dtype=torch.long)
+    attention_mask_BL = torch.zeros(len(rows), length, dtype=torch.long)
+    response_mask_BL = torch.zeros(len(rows), length)
+    for b, (prompt, answer) in enumerate(rows):
+        n = len(prompt) + len(answer)
+        input_ids_BL[b, :n] = torch.tensor(prompt + answer)
+        attention_mask_BL[b, :n] = 1
+        response_mask_BL[b, len(prompt) : n] = 1
+    return RolloutBatch(
+        input_ids_BL=input_ids_BL,
+        attention_mask_BL=attention_mask_BL,
+        response_mask_BL=response_mask_BL,
+        rollout_logprobs_BL=torch.zeros(len(rows), length),
+        prompt_index_B=torch.full((len(rows),), -1),
+        finished_B=torch.ones(len(rows), dtype=torch.bool),
+        policy_version=0,
+    )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import ray
 
+from opd_ray.batch import supervised_batch
 from opd_ray.buffer import BufferEntry, RolloutBuffer
 from opd_ray.learner import LearnerGroup
 from opd_ray.metrics import MetricsWriter, timed
@@ -137,20 +138,39 @@ def sync_weights(roles: Roles, version: int) -> None:
     ray.get([w.load_weights.remote(weights_ref, version) for w in roles.rollout_workers])
 
 
+def supervised_refs(prepared: Prepared, indices: list[int]) -> list[ray.ObjectRef]:
+    """The control arm: the same prompts with the dataset's reference answers, no student samples."""
+    eos = [prepared.tokenizer.eos_token_id]
+    rows = [
+        (
+            prepared.train.prompt_ids[i],
+            prepared.tokenizer(prepared.train.answers[i], add_special_tokens=False).input_ids + eos,
+        )
+        for i in indices
+    ]
+    return [ray.put(supervised_batch(rows))]
+
+
+def limit_prompts(prompts: PromptSet | None, limit: int | None) -> PromptSet | None:
+    if prompts is None or not limit or limit >= len(prompts):
+        return prompts
+    return PromptSet(prompts.prompt_ids[:limit], prompts.answers[:limit], prompts.source)
+
+
 def distill(spec: ExperimentSpec) -> dict:
+    started = time.perf_counter()
     run_dir = Path(spec.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
-    started = time.perf_counter()
     if spec.models.build_tiny is not None:
         ensure_tiny_models(spec)
-    prepared: Prepared = prepare(spec)
-    eval_prompts = prepared.eval
-    if eval_prompts is not None and spec.trainer.eval_prompts:
-        keep = list(range(min(spec.trainer.eval_prompts, len(eval_prompts))))
-        eval_prompts = PromptSet(
-            [eval_prompts.prompt_ids[i] for i in keep], [eval_prompts.answers[i] for i in keep], eval_prompts.source
-        )
+    prepared = prepare(spec)
+    eval_prompts = limit_prompts(prepared.eval, spec.trainer.eval_prompts)
+
+    def accuracy(workers: list) -> float | None:
+        if eval_prompts is None:
+            return None
+        return evaluate(workers, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens)
 
     connect(spec.ray)
     console.print(
@@ -158,20 +178,12 @@ def distill(spec: ExperimentSpec) -> dict:
         f"{spec.teacher.num_replicas} teacher, {spec.learner.num_ranks} learner ranks)"
     )
     roles = start_roles(spec)
-    summary: dict = {"run": spec.run.name}
     writer = MetricsWriter(run_dir)
+    summary: dict = {"run": spec.run.name, "objective": spec.algorithm.objective}
     try:
-
-        def accuracy(workers: list) -> float | None:
-            if eval_prompts is None:
-                return None
-            return evaluate(workers, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens)
-
         summary["teacher_accuracy"] = accuracy(roles.teachers)
         summary["student_accuracy_before"] = accuracy(roles.rollout_workers)
-        console.print(
-            f"teacher accuracy {summary['teacher_accuracy']}, student before {summary['student_accuracy_before']}"
-        )
+        console.print(f"teacher accuracy {summary['teacher_accuracy']}, student {summary['student_accuracy_before']}")
 
         sampler = PromptSampler(len(prepared.train), spec.run.seed)
         buffer = RolloutBuffer(spec.trainer.buffer_capacity, max_staleness=spec.trainer.weight_sync_interval - 1)
@@ -181,25 +193,25 @@ def distill(spec: ExperimentSpec) -> dict:
                 metrics: dict = {}
                 step_start = time.perf_counter()
                 indices = sampler.next(spec.trainer.prompts_per_step)
-                scored_refs = rollout_and_score(roles, prepared.train, indices, step, metrics)
-                buffer.put(BufferEntry(tuple(scored_refs), version, tuple(indices)))
+                if spec.algorithm.objective == "sft":
+                    refs = supervised_refs(prepared, indices)
+                else:
+                    refs = rollout_and_score(roles, prepared.train, indices, step, metrics)
+                buffer.put(BufferEntry(tuple(refs), version, tuple(indices)))
                 entry = buffer.take(version)
                 with timed("learn", metrics):
-                    metrics.update(
-                        roles.learners.train_step(list(entry.refs), spec.algorithm.objective, spec.algorithm.clip_eps)
-                    )
+                    metrics.update(roles.learners.train_step(list(entry.refs), spec.algorithm))
                 version += 1
                 if version % spec.trainer.weight_sync_interval == 0:
                     with timed("weight_sync", metrics):
                         sync_weights(roles, version)
-                metrics["rollout_policy_version"] = entry.policy_version
-                metrics["weight_version"] = version
+                metrics.update(rollout_policy_version=entry.policy_version, weight_version=version)
                 if spec.trainer.eval_every and step % spec.trainer.eval_every == 0 and step < spec.trainer.steps:
                     with timed("eval", metrics):
                         metrics["eval/student_accuracy"] = accuracy(roles.rollout_workers)
                 metrics["time/step"] = time.perf_counter() - step_start
                 writer.write(step, metrics)
-                progress.advance(step, f"loss {metrics['loss']:.3f} kl {metrics['sampled_reverse_kl']:.3f}")
+                progress.advance(step, f"loss {metrics['loss']:.3f}")
 
         if version % spec.trainer.weight_sync_interval:
             sync_weights(roles, version)

@@ -18,9 +18,9 @@ from typing import Any
 import ray
 import torch
 
-from opd_ray.batch import RolloutBatch
-from opd_ray.objectives import ObjectiveInputs, objective_sum, sft_cross_entropy, token_logprobs
-from opd_ray.spec import LearnerSpec, ModelSpec
+from opd_ray.batch import RolloutBatch, supervised_batch
+from opd_ray.objectives import OBJECTIVES, ObjectiveInputs, token_logprobs
+from opd_ray.spec import AlgorithmSpec, LearnerSpec, ModelSpec
 from opd_ray.weight_sync import pack_state_dict
 
 LEARNER_ENV = {"DS_ACCELERATOR": "cpu"} if not torch.cuda.is_available() else {}
@@ -116,25 +116,17 @@ class LearnerWorker:
         )
         return output.logits[:, :-1].float()
 
-    def _step(self, loss_sum: torch.Tensor, global_tokens: int) -> float:
-        loss = loss_sum * self.world_size / max(1, global_tokens)
-        self.engine.backward(loss)
-        self.engine.step()
-        return float(loss_sum.detach()) / max(1, global_tokens)
-
-    def train_step(self, batch_refs: list[ray.ObjectRef], objective: str, clip_eps: float) -> dict[str, float]:
-        """One optimizer step on this rank's rows; returns sums the driver adds across ranks."""
-        full = RolloutBatch.concat(ray.get(batch_refs))
+    def _train_on(self, full: RolloutBatch, algorithm: AlgorithmSpec) -> dict[str, float]:
+        """One optimizer step on this rank's rows of `full`; returns shares the driver adds across ranks."""
         global_tokens = full.num_response_tokens
         batch = full.select(slice(self.rank, None, self.world_size))
         self.engine.train()
-        logits_BTV = self._forward_logits(batch)
 
-        def shifted(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor[:, 1:].to(self.device)
+        def shifted(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[:, 1:].to(self.device)
 
         inputs = ObjectiveInputs(
-            student_logits_BTV=logits_BTV,
+            student_logits_BTV=self._forward_logits(batch),
             target_ids_BT=shifted(batch.input_ids_BL),
             mask_BT=shifted(batch.response_mask_BL),
             rollout_logprobs_BT=shifted(batch.rollout_logprobs_BL),
@@ -142,39 +134,34 @@ class LearnerWorker:
             teacher_topk_ids_BTK=shifted(batch.teacher_topk_ids_BLK),
             teacher_topk_logprobs_BTK=shifted(batch.teacher_topk_logprobs_BLK),
         )
-        mask_BT = inputs.mask_BT
-        with torch.no_grad():
-            student_logprobs_BT = token_logprobs(logits_BTV, inputs.target_ids_BT)
-            sampled_kl_sum = float(((inputs.rollout_logprobs_BT - inputs.teacher_logprobs_BT) * mask_BT).sum())
-            teacher_logprob_sum = float((inputs.teacher_logprobs_BT * mask_BT).sum())
-            student_logprob_sum = float((student_logprobs_BT * mask_BT).sum())
-        loss_mean = self._step(objective_sum(objective, inputs, clip_eps), global_tokens)
         scale = 1.0 / max(1, global_tokens)
-        return {
-            "loss": loss_mean,
-            "sampled_reverse_kl": sampled_kl_sum * scale,
-            "teacher_logprob": teacher_logprob_sum * scale,
-            "student_logprob": student_logprob_sum * scale,
-            "lr": float(self.engine.get_lr()[0]),
-            "response_tokens": batch.num_response_tokens,
-            "truncated_responses": int((~batch.finished_B).sum()),
-        }
+        metrics = {"response_tokens": batch.num_response_tokens, "truncated_responses": int((~batch.finished_B).sum())}
+        with torch.no_grad():
+            mask_BT = inputs.mask_BT
+            student_logprobs_BT = token_logprobs(inputs.student_logits_BTV, inputs.target_ids_BT)
+            metrics["student_logprob"] = float((student_logprobs_BT * mask_BT).sum()) * scale
+            if inputs.teacher_logprobs_BT is not None:
+                teacher_minus_rollout_BT = inputs.teacher_logprobs_BT - inputs.rollout_logprobs_BT
+                metrics["sampled_reverse_kl"] = -float((teacher_minus_rollout_BT * mask_BT).sum()) * scale
+                metrics["teacher_logprob"] = float((inputs.teacher_logprobs_BT * mask_BT).sum()) * scale
+        loss_sum = OBJECTIVES[algorithm.objective](inputs, algorithm)
+        self.engine.backward(loss_sum * self.world_size * scale)
+        self.engine.step()
+        metrics["loss"] = float(loss_sum.detach()) * scale
+        metrics["lr"] = float(self.engine.get_lr()[0])
+        return metrics
+
+    def train_step(self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec) -> dict[str, float]:
+        return self._train_on(RolloutBatch.concat(ray.get(batch_refs)), algorithm)
 
     def sft(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, seed: int) -> list[float]:
-        """Cross-entropy on answer tokens for `steps` steps; every rank draws the same rows, keeps its share."""
+        """Supervised steps on answer tokens; every rank draws the same rows and keeps its share."""
         rng = random.Random(seed)
+        algorithm = AlgorithmSpec(objective="sft")
         losses = []
-        self.engine.train()
         for _ in range(steps):
             rows = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-            batch = sft_batch(rows)
-            global_tokens = batch.num_response_tokens
-            shard = batch.select(slice(self.rank, None, self.world_size))
-            logits_BTV = self._forward_logits(shard)
-            loss_sum = sft_cross_entropy(
-                logits_BTV, shard.input_ids_BL[:, 1:].to(self.device), shard.response_mask_BL[:, 1:].to(self.device)
-            )
-            losses.append(self._step(loss_sum, global_tokens))
+            losses.append(self._train_on(supervised_batch(rows), algorithm)["loss"])
         return losses
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -210,28 +197,6 @@ class LearnerWorker:
             return token_logprobs(logits, ids[:, 1:])[0].tolist()
 
 
-def sft_batch(rows: list[tuple[list[int], list[int]]]) -> RolloutBatch:
-    """Prompt + answer (+ end-of-sequence inside the answer ids); loss only on the answer."""
-    length = max(len(p) + len(a) for p, a in rows)
-    input_ids_BL = torch.zeros(len(rows), length, dtype=torch.long)
-    attention_mask_BL = torch.zeros(len(rows), length, dtype=torch.long)
-    response_mask_BL = torch.zeros(len(rows), length)
-    for b, (prompt, answer) in enumerate(rows):
-        n = len(prompt) + len(answer)
-        input_ids_BL[b, :n] = torch.tensor(prompt + answer)
-        attention_mask_BL[b, :n] = 1
-        response_mask_BL[b, len(prompt) : n] = 1
-    return RolloutBatch(
-        input_ids_BL=input_ids_BL,
-        attention_mask_BL=attention_mask_BL,
-        response_mask_BL=response_mask_BL,
-        rollout_logprobs_BL=torch.zeros(len(rows), length),
-        prompt_index_B=torch.full((len(rows),), -1),
-        finished_B=torch.ones(len(rows), dtype=torch.bool),
-        policy_version=0,
-    )
-
-
 class LearnerGroup:
     """N learner ranks behind one handle: a call fans out to every rank."""
 
@@ -257,8 +222,8 @@ class LearnerGroup:
     def call(self, method: str, *args: Any) -> list[ray.ObjectRef]:
         return [getattr(w, method).remote(*args) for w in self.workers]
 
-    def train_step(self, batch_refs: list[ray.ObjectRef], objective: str, clip_eps: float) -> dict[str, float]:
-        per_rank = ray.get(self.call("train_step", batch_refs, objective, clip_eps))
+    def train_step(self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec) -> dict[str, float]:
+        per_rank = ray.get(self.call("train_step", batch_refs, algorithm))
         totals = {key: sum(r[key] for r in per_rank) for key in per_rank[0]}
         totals["lr"] = per_rank[0]["lr"]  # the same on every rank; the rest are shares of a global mean
         return totals

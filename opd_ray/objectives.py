@@ -8,9 +8,12 @@ count so that a token-mean is exact across data-parallel ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from opd_ray.spec import AlgorithmSpec
 
 
 @dataclass
@@ -19,9 +22,9 @@ class ObjectiveInputs:
     target_ids_BT: torch.Tensor
     mask_BT: torch.Tensor
     rollout_logprobs_BT: torch.Tensor  # log p_old(y_t), detached
-    teacher_logprobs_BT: torch.Tensor  # log q(y_t)
-    teacher_topk_ids_BTK: torch.Tensor
-    teacher_topk_logprobs_BTK: torch.Tensor
+    teacher_logprobs_BT: torch.Tensor | None = None  # log q(y_t); None for supervised batches
+    teacher_topk_ids_BTK: torch.Tensor | None = None
+    teacher_topk_logprobs_BTK: torch.Tensor | None = None
 
 
 def token_logprobs(logits_BTV: torch.Tensor, target_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -59,14 +62,16 @@ def topk_reverse_kl(inputs: ObjectiveInputs) -> torch.Tensor:
     return (kl_BT * inputs.mask_BT).sum()
 
 
-def objective_sum(name: str, inputs: ObjectiveInputs, clip_eps: float) -> torch.Tensor:
-    if name == "sampled_token":
-        return sampled_token_reverse_kl(inputs, clip_eps)
-    if name == "topk_reverse_kl":
-        return topk_reverse_kl(inputs)
-    raise ValueError(f"unknown objective {name!r}; allowed: sampled_token, topk_reverse_kl")
-
-
 def sft_cross_entropy(logits_BTV: torch.Tensor, target_ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood of response tokens (prompt tokens carry no loss)."""
     return -(token_logprobs(logits_BTV, target_ids_BT) * mask_BT).sum()
+
+
+Objective = Callable[[ObjectiveInputs, AlgorithmSpec], torch.Tensor]
+
+# name in `algorithm.objective` -> summed loss; a new objective is one function and one entry.
+OBJECTIVES: dict[str, Objective] = {
+    "topk_reverse_kl": lambda inputs, algorithm: topk_reverse_kl(inputs),
+    "sampled_token": lambda inputs, algorithm: sampled_token_reverse_kl(inputs, algorithm.clip_eps),
+    "sft": lambda inputs, algorithm: sft_cross_entropy(inputs.student_logits_BTV, inputs.target_ids_BT, inputs.mask_BT),
+}

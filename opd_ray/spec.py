@@ -133,7 +133,9 @@ class LearnerSpec(Section):
 
 
 class AlgorithmSpec(Section):
-    objective: Literal["sampled_token", "topk_reverse_kl"] = "topk_reverse_kl"
+    objective: Literal["sampled_token", "topk_reverse_kl", "sft"] = Field(
+        "topk_reverse_kl", description="sft = supervised on the dataset's reference answers (a control, no teacher)"
+    )
     clip_eps: float = Field(0.2, gt=0, description="PPO clip range of the sampled-token estimator")
 
 

@@ -73,3 +73,12 @@ def test_batch_concat_pads_and_select_shards() -> None:
     assert shard.prompt_index_B.tolist() == [1]
     with pytest.raises(ValueError, match="different policy versions"):
         RolloutBatch.concat([small_batch(1, 2, 0), small_batch(1, 2, 1)])
+
+
+def test_gap_recovery_and_split() -> None:
+    from opd_ray.driver import gap_recovery, split
+
+    assert gap_recovery(before=0.2, after=0.6, teacher=1.0) == pytest.approx(0.5)
+    assert gap_recovery(before=0.5, after=0.4, teacher=0.5) is None  # no gap to recover
+    assert split(list(range(5)), 2) == [[0, 2, 4], [1, 3]]
+    assert split([7], 3) == [[7]]  # idle workers get nothing rather than an empty request

@@ -40,7 +40,7 @@ def test_weight_sync_makes_rollout_engine_match_learner_zero3(tiny_dir: Path, tm
         for step in range(3):
             indices = list(range(16 * step, 16 * step + 16))
             refs = rollout_and_score(roles, prepared.train, indices, step, {})
-            learners.train_step(refs, "topk_reverse_kl", 0.2)
+            learners.train_step(refs, spec.algorithm)
         sync_weights(roles, version=3)
 
         engine_after = local_ray.get(rollout.sequence_logprobs.remote(sequence))

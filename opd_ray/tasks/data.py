@@ -36,13 +36,16 @@ def read_rows(dataset: DatasetSpec, section: str) -> list[dict]:
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
     if kind is None:
         raise UserError(f"{section}.path: {path} is not .jsonl, .json or .parquet")
+    if path.stat().st_size == 0:
+        raise UserError(f"{section}.path: {path} has no rows")
     import datasets
 
     datasets.disable_progress_bars()
     try:
         table = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for a malformed file
-        raise UserError(f"{section}.path: cannot read {path}: {str(exc).splitlines()[0]}") from None
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{section}.path: cannot read {path}: {reason}") from None
     if len(table) == 0:
         raise UserError(f"{section}.path: {path} has no rows")
     for field in (dataset.prompt_field, dataset.answer_field):
