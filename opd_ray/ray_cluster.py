@@ -7,6 +7,7 @@ import warnings
 
 import ray
 
+from opd_ray.errors import UserError
 from opd_ray.spec import RaySpec
 
 
@@ -22,7 +23,10 @@ def connect(spec: RaySpec) -> None:
             include_dashboard=spec.include_dashboard,
             dashboard_host=spec.dashboard_host,
         )
-    ray.init(address=spec.address, **kwargs)
+    try:
+        ray.init(address=spec.address, **kwargs)
+    except ConnectionError as exc:
+        raise UserError(f"ray.address: cannot connect to Ray at {spec.address!r}: {exc}") from None
 
 
 def actor_env() -> dict:
