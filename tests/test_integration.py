@@ -85,7 +85,7 @@ def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: 
 
 
 def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp_path: Path) -> None:
-    """A user's own prompt file, a template and a named verifier, through the `opd-ray train` entrypoint."""
+    """A user's own prompt file, a template, a named verifier and the sampled-token objective, via the CLI."""
     import yaml
 
     prompts = tmp_path / "mine.jsonl"
@@ -100,6 +100,7 @@ def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp
         "verifier": "final_number",
     }
     raw["trainer"].update(steps=2, prompts_per_step=8)
+    raw["algorithm"] = {"objective": "sampled_token", "clip_eps": 0.2}
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     done = subprocess.run(
@@ -114,3 +115,18 @@ def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp
     assert summary["steps"] == 2
     assert 0.0 <= summary["student_accuracy_after"] <= 1.0
     assert "student_accuracy_after" in done.stdout + done.stderr
+
+
+def test_sft_control_raises_likelihood_of_reference_answers(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+    """The control arm trains on the dataset's answers through the same learner, without a teacher signal."""
+    from opd_ray.driver import distill
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["algorithm"] = {"objective": "sft"}
+    raw["trainer"].update(steps=12, prompts_per_step=32, save_final=False)
+    raw["learner"].update(lr=3e-3, warmup_steps=1)
+    distill(ExperimentSpec.model_validate(raw))
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("sampled_reverse_kl" not in m for m in metrics)  # no teacher was asked
+    assert "time/teacher" not in metrics[0]
+    assert sum(m["loss"] for m in metrics[-3:]) < 0.8 * sum(m["loss"] for m in metrics[:3])
