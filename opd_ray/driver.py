@@ -200,7 +200,8 @@ def distill(spec: ExperimentSpec) -> dict:
                 buffer.put(BufferEntry(tuple(refs), version, tuple(indices)))
                 entry = buffer.take(version)
                 with timed("learn", metrics):
-                    metrics.update(roles.learners.train_step(list(entry.refs), spec.algorithm))
+                    diagnostics_k = spec.diagnostics.top_k if spec.diagnostics.enabled else None
+                    metrics.update(roles.learners.train_step(list(entry.refs), spec.algorithm, diagnostics_k))
                 version += 1
                 if version % spec.trainer.weight_sync_interval == 0:
                     with timed("weight_sync", metrics):

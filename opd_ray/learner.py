@@ -19,6 +19,7 @@ import ray
 import torch
 
 from opd_ray.batch import RolloutBatch, supervised_batch
+from opd_ray.diagnostics import masked_sums, token_diagnostics
 from opd_ray.objectives import OBJECTIVES, ObjectiveInputs, token_logprobs
 from opd_ray.spec import AlgorithmSpec, LearnerSpec, ModelSpec
 from opd_ray.weight_sync import pack_state_dict
@@ -116,7 +117,9 @@ class LearnerWorker:
         )
         return output.logits[:, :-1].float()
 
-    def _train_on(self, full: RolloutBatch, algorithm: AlgorithmSpec) -> dict[str, float]:
+    def _train_on(
+        self, full: RolloutBatch, algorithm: AlgorithmSpec, diagnostics_k: int | None = None
+    ) -> dict[str, Any]:
         """One optimizer step on this rank's rows of `full`; returns shares the driver adds across ranks."""
         global_tokens = full.num_response_tokens
         batch = full.select(slice(self.rank, None, self.world_size))
@@ -144,6 +147,16 @@ class LearnerWorker:
                 teacher_minus_rollout_BT = inputs.teacher_logprobs_BT - inputs.rollout_logprobs_BT
                 metrics["sampled_reverse_kl"] = -float((teacher_minus_rollout_BT * mask_BT).sum()) * scale
                 metrics["teacher_logprob"] = float((inputs.teacher_logprobs_BT * mask_BT).sum()) * scale
+            if diagnostics_k and inputs.teacher_topk_ids_BTK is not None:
+                per_token = token_diagnostics(
+                    inputs.student_logits_BTV,
+                    inputs.teacher_topk_ids_BTK,
+                    inputs.teacher_topk_logprobs_BTK,
+                    student_logprobs_BT,
+                    inputs.teacher_logprobs_BT,
+                    diagnostics_k,
+                )
+                metrics.update(masked_sums(per_token, mask_BT))
         loss_sum = OBJECTIVES[algorithm.objective](inputs, algorithm)
         self.engine.backward(loss_sum * self.world_size * scale)
         self.engine.step()
@@ -151,8 +164,10 @@ class LearnerWorker:
         metrics["lr"] = float(self.engine.get_lr()[0])
         return metrics
 
-    def train_step(self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec) -> dict[str, float]:
-        return self._train_on(RolloutBatch.concat(ray.get(batch_refs)), algorithm)
+    def train_step(
+        self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None
+    ) -> dict[str, Any]:
+        return self._train_on(RolloutBatch.concat(ray.get(batch_refs)), algorithm, diagnostics_k)
 
     def sft(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, seed: int) -> list[float]:
         """Supervised steps on answer tokens; every rank draws the same rows and keeps its share."""
@@ -197,6 +212,21 @@ class LearnerWorker:
             return token_logprobs(logits, ids[:, 1:])[0].tolist()
 
 
+def combine_rank_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
+    """Ranks report shares of a global mean (added) or (sum, count) pairs (added, then divided)."""
+    totals: dict[str, float] = {}
+    for key in per_rank[0]:
+        values = [r[key] for r in per_rank]
+        if isinstance(values[0], tuple):
+            count = sum(v[1] for v in values)
+            if count:
+                totals[key] = sum(v[0] for v in values) / count
+        else:
+            totals[key] = sum(values)
+    totals["lr"] = per_rank[0]["lr"]  # the same on every rank
+    return totals
+
+
 class LearnerGroup:
     """N learner ranks behind one handle: a call fans out to every rank."""
 
@@ -222,11 +252,11 @@ class LearnerGroup:
     def call(self, method: str, *args: Any) -> list[ray.ObjectRef]:
         return [getattr(w, method).remote(*args) for w in self.workers]
 
-    def train_step(self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec) -> dict[str, float]:
-        per_rank = ray.get(self.call("train_step", batch_refs, algorithm))
-        totals = {key: sum(r[key] for r in per_rank) for key in per_rank[0]}
-        totals["lr"] = per_rank[0]["lr"]  # the same on every rank; the rest are shares of a global mean
-        return totals
+    def train_step(
+        self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None = None
+    ) -> dict[str, float]:
+        per_rank = ray.get(self.call("train_step", batch_refs, algorithm, diagnostics_k))
+        return combine_rank_metrics(per_rank)
 
     def export_weights(self) -> ray.ObjectRef:
         """ObjectRef of rank 0's packed weights; the bytes stay in the object store."""

@@ -139,6 +139,13 @@ class AlgorithmSpec(Section):
     clip_eps: float = Field(0.2, gt=0, description="PPO clip range of the sampled-token estimator")
 
 
+class DiagnosticsSpec(Section):
+    """Token-level diagnostics on every step's student rollouts (overlap@k, masses, entropies)."""
+
+    enabled: bool = True
+    top_k: int = Field(16, ge=1, description="k of overlap ratio@k; at most teacher.top_k")
+
+
 class TrainerSpec(Section):
     steps: int = Field(100, ge=1)
     prompts_per_step: int = Field(64, ge=1)
@@ -164,6 +171,7 @@ class ExperimentSpec(Section):
     teacher: TeacherSpec = TeacherSpec()
     learner: LearnerSpec = LearnerSpec()
     algorithm: AlgorithmSpec = AlgorithmSpec()
+    diagnostics: DiagnosticsSpec = DiagnosticsSpec()
     trainer: TrainerSpec = TrainerSpec()
     ray: RaySpec = RaySpec()
 
@@ -174,6 +182,11 @@ class ExperimentSpec(Section):
             raise ValueError(
                 f"trainer.prompts_per_step x rollout.samples_per_prompt = {sequences} sequences "
                 f"do not divide across learner.num_ranks = {self.learner.num_ranks}"
+            )
+        if self.diagnostics.enabled and self.diagnostics.top_k > self.teacher.top_k:
+            raise ValueError(
+                f"diagnostics.top_k ({self.diagnostics.top_k}) exceeds teacher.top_k ({self.teacher.top_k}): "
+                "the overlap needs the teacher's top-k"
             )
         return self
 

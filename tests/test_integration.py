@@ -74,6 +74,11 @@ def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: 
     assert kl_last < 0.7 * kl_first, (kl_first, kl_last)
     for key in ("time/rollout", "time/teacher", "time/learn", "time/weight_sync", "response_tokens"):
         assert key in metrics[0]
+    for m in metrics:  # diagnostics at k=4 on every step, overall and by position
+        assert 0.0 <= m["diag/overlap_ratio"] <= 1.0
+        assert 0.0 <= m["diag/overlap_mass_student"] <= 1.0 + 1e-6
+        assert m["diag/overlap_advantage"] <= 1e-6
+        assert "diag/entropy_gap/start" in m  # middle/end appear once responses are long enough
 
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved == summary

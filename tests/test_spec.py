@@ -62,6 +62,7 @@ def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
         (["learner.num_ranks=3"], "do not divide across learner.num_ranks = 3"),
         (["teacher.top_k=64"], "teacher.top_k (64) exceeds teacher.engine.max_logprobs (32)"),
         (["data.prompt_template=hello"], "must contain '{prompt}'"),
+        (["diagnostics.top_k=32"], "diagnostics.top_k (32) exceeds teacher.top_k (16)"),
         (["rollout.temperature=-1"], "'rollout.temperature'"),
         (["bogus=1"], "unknown key 'bogus'"),
         (["trainer.steps"], "override must look like key=value"),
