@@ -24,6 +24,7 @@ class RolloutBatch:
     teacher_logprobs_BL: torch.Tensor | None = None  # log q(y_t)
     teacher_topk_ids_BLK: torch.Tensor | None = None  # teacher's top-k token ids per position
     teacher_topk_logprobs_BLK: torch.Tensor | None = None
+    advantages_BL: torch.Tensor | None = None  # set by the learner over the whole batch, before sharding
 
     @property
     def num_sequences(self) -> int:

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import socket
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -20,7 +21,7 @@ import torch
 
 from opd_ray.batch import RolloutBatch, supervised_batch
 from opd_ray.diagnostics import masked_sums, token_diagnostics
-from opd_ray.objectives import OBJECTIVES, ObjectiveInputs, token_logprobs
+from opd_ray.objectives import OBJECTIVES, ObjectiveInputs, reverse_kl_advantages, token_logprobs
 from opd_ray.spec import AlgorithmSpec, LearnerSpec, ModelSpec
 from opd_ray.weight_sync import pack_state_dict
 
@@ -122,6 +123,15 @@ class LearnerWorker:
     ) -> dict[str, Any]:
         """One optimizer step on this rank's rows of `full`; returns shares the driver adds across ranks."""
         global_tokens = full.num_response_tokens
+        if algorithm.objective == "sampled_token":  # batch statistics need every rank's rows
+            advantages_BL = reverse_kl_advantages(
+                full.teacher_logprobs_BL,
+                full.rollout_logprobs_BL,
+                full.response_mask_BL,
+                algorithm.discount,
+                algorithm.standardize_rewards,
+            )
+            full = replace(full, advantages_BL=advantages_BL)
         batch = full.select(slice(self.rank, None, self.world_size))
         self.engine.train()
 
@@ -136,6 +146,7 @@ class LearnerWorker:
             teacher_logprobs_BT=shifted(batch.teacher_logprobs_BL),
             teacher_topk_ids_BTK=shifted(batch.teacher_topk_ids_BLK),
             teacher_topk_logprobs_BTK=shifted(batch.teacher_topk_logprobs_BLK),
+            advantage_BT=shifted(batch.advantages_BL),
         )
         scale = 1.0 / max(1, global_tokens)
         metrics = {"response_tokens": batch.num_response_tokens, "truncated_responses": int((~batch.finished_B).sum())}

@@ -25,6 +25,7 @@ class ObjectiveInputs:
     teacher_logprobs_BT: torch.Tensor | None = None  # log q(y_t); None for supervised batches
     teacher_topk_ids_BTK: torch.Tensor | None = None
     teacher_topk_logprobs_BTK: torch.Tensor | None = None
+    advantage_BT: torch.Tensor | None = None  # precomputed over the whole batch (returns, standardisation)
 
 
 def token_logprobs(logits_BTV: torch.Tensor, target_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -33,18 +34,53 @@ def token_logprobs(logits_BTV: torch.Tensor, target_ids_BT: torch.Tensor) -> tor
     return chosen_BT - torch.logsumexp(logits_BTV, dim=-1)
 
 
-def sampled_token_reverse_kl(inputs: ObjectiveInputs, clip_eps: float) -> torch.Tensor:
-    """One-sample reverse KL as a dense reward inside a PPO-clip surrogate.
+def reverse_kl_advantages(
+    teacher_logprobs_BT: torch.Tensor,
+    rollout_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    discount: float = 0.0,
+    standardize: bool = False,
+) -> torch.Tensor:
+    """Advantages from the dense reward r_t = log q(y_t) - log p_old(y_t) on response tokens.
 
-    r_t = log q(y_t) - log p_old(y_t), used per token with no return (discount 0): every
-    reward is negative, so summing future rewards teaches the student to stop early.
-    Ratio p_theta / p_old with clipping keeps a stale or mismatched p_old from blowing up.
+    discount 0 uses r_t itself (the paper's and tinker's choice); discount g > 0 uses the
+    return sum_{s>=t} g^(s-t) r_s, which a trial saw collapse to empty answers at g = 1 because
+    every reward is negative. `standardize` rescales to zero mean, unit variance over the batch.
+    """
+    reward_BT = (teacher_logprobs_BT - rollout_logprobs_BT).detach() * mask_BT
+    advantage_BT = reward_BT
+    if discount > 0:
+        advantage_BT = torch.zeros_like(reward_BT)
+        running_B = torch.zeros_like(reward_BT[:, 0])
+        for t in range(reward_BT.shape[1] - 1, -1, -1):
+            running_B = reward_BT[:, t] + discount * running_B
+            advantage_BT[:, t] = running_B
+        advantage_BT = advantage_BT * mask_BT
+    if standardize:
+        count = mask_BT.sum().clamp(min=1)
+        mean = advantage_BT.sum() / count
+        variance = (((advantage_BT - mean) * mask_BT) ** 2).sum() / count
+        advantage_BT = (advantage_BT - mean) / torch.sqrt(variance + 1e-8) * mask_BT
+    return advantage_BT
+
+
+def sampled_token_reverse_kl(inputs: ObjectiveInputs, clip_eps: float | None) -> torch.Tensor:
+    """One-sample reverse KL as a dense reward inside an importance-sampled surrogate.
+
+    Advantage defaults to r_t = log q(y_t) - log p_old(y_t) per token (see
+    `reverse_kl_advantages` for returns and standardisation). Ratio p_theta / p_old, with
+    PPO clipping when `clip_eps` is set so a stale or mismatched p_old cannot blow up;
+    `clip_eps=None` is the plain importance-sampling loss (tinker's recipe).
     """
     student_logprobs_BT = token_logprobs(inputs.student_logits_BTV, inputs.target_ids_BT)
-    advantage_BT = (inputs.teacher_logprobs_BT - inputs.rollout_logprobs_BT).detach()
+    advantage_BT = inputs.advantage_BT
+    if advantage_BT is None:
+        advantage_BT = reverse_kl_advantages(inputs.teacher_logprobs_BT, inputs.rollout_logprobs_BT, inputs.mask_BT)
     ratio_BT = torch.exp(student_logprobs_BT - inputs.rollout_logprobs_BT)
-    clipped_BT = ratio_BT.clamp(1 - clip_eps, 1 + clip_eps)
-    surrogate_BT = torch.minimum(ratio_BT * advantage_BT, clipped_BT * advantage_BT)
+    surrogate_BT = ratio_BT * advantage_BT
+    if clip_eps is not None:
+        clipped_BT = ratio_BT.clamp(1 - clip_eps, 1 + clip_eps)
+        surrogate_BT = torch.minimum(surrogate_BT, clipped_BT * advantage_BT)
     return -(surrogate_BT * inputs.mask_BT).sum()
 
 

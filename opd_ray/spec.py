@@ -136,7 +136,9 @@ class AlgorithmSpec(Section):
     objective: Literal["sampled_token", "topk_reverse_kl", "sft"] = Field(
         "topk_reverse_kl", description="sft = supervised on the dataset's reference answers (a control, no teacher)"
     )
-    clip_eps: float = Field(0.2, gt=0, description="PPO clip range of the sampled-token estimator")
+    clip_eps: float | None = Field(0.2, gt=0, description="PPO clip range of sampled_token; null = no clipping")
+    discount: float = Field(0.0, ge=0, le=1, description="sampled_token credit: 0 = per-token reward, 1 = full return")
+    standardize_rewards: bool = Field(False, description="sampled_token: zero-mean, unit-variance advantages per batch")
 
 
 class DiagnosticsSpec(Section):

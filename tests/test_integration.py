@@ -105,7 +105,7 @@ def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp
         "verifier": "final_number",
     }
     raw["trainer"].update(steps=2, prompts_per_step=8)
-    raw["algorithm"] = {"objective": "sampled_token", "clip_eps": 0.2}
+    raw["algorithm"] = {"objective": "sampled_token", "clip_eps": 0.2, "standardize_rewards": True}
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     done = subprocess.run(

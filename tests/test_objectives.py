@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from opd_ray.objectives import ObjectiveInputs, sampled_token_reverse_kl, sft_cross_entropy, topk_reverse_kl
+from opd_ray.objectives import (
+    ObjectiveInputs,
+    reverse_kl_advantages,
+    sampled_token_reverse_kl,
+    sft_cross_entropy,
+    topk_reverse_kl,
+)
 
 B, T, V, K = 3, 5, 7, 4
 
@@ -135,3 +141,53 @@ def test_sft_cross_entropy_counts_only_masked_tokens() -> None:
     targets = torch.tensor([[0, 1, 2]])
     mask = torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64)
     assert torch.allclose(sft_cross_entropy(logits, targets, mask), torch.tensor(2 * math.log(4), dtype=torch.float64))
+
+
+def test_discounted_returns_match_loops() -> None:
+    g = torch.Generator().manual_seed(7)
+    teacher = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    rollout = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.float64)
+    for discount in (0.0, 0.5, 1.0):
+        got = reverse_kl_advantages(teacher, rollout, mask, discount=discount)
+        for b in range(2):
+            for t in range(6):
+                want = sum(
+                    discount ** (s - t) * float(teacher[b, s] - rollout[b, s]) * float(mask[b, s])
+                    for s in range(t, 6)
+                    if discount > 0 or s == t
+                )
+                assert float(got[b, t]) == pytest.approx(want * float(mask[b, t]), abs=1e-12)
+
+
+def test_standardized_advantages_have_unit_scale_on_response_tokens() -> None:
+    g = torch.Generator().manual_seed(8)
+    teacher = torch.randn(3, 5, generator=g, dtype=torch.float64) * 4 - 2
+    rollout = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    mask = (torch.rand(3, 5, generator=g) > 0.4).double()
+    got = reverse_kl_advantages(teacher, rollout, mask, standardize=True)
+    values = got[mask.bool()]
+    assert float(values.mean()) == pytest.approx(0.0, abs=1e-9)
+    assert float(values.pow(2).mean()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.all(got[~mask.bool()] == 0)
+
+
+def test_sampled_token_without_clip_is_plain_importance_sampling() -> None:
+    inputs = make_inputs(9)
+    got = sampled_token_reverse_kl(inputs, clip_eps=None)
+    (grad_got,) = torch.autograd.grad(got, inputs.student_logits_BTV)
+    want = brute_sampled_token(inputs, clip_eps=1e9)  # a clip that never binds
+    (grad_want,) = torch.autograd.grad(want, inputs.student_logits_BTV)
+    assert torch.allclose(got, want, atol=1e-10)
+    assert torch.allclose(grad_got, grad_want, atol=1e-10)
+
+
+def test_precomputed_advantages_are_used() -> None:
+    inputs = make_inputs(10)
+    inputs.advantage_BT = torch.ones(B, T, dtype=torch.float64)
+    student_logprobs = torch.log_softmax(inputs.student_logits_BTV, -1).gather(-1, inputs.target_ids_BT[..., None])[
+        ..., 0
+    ]
+    ratio = torch.exp(student_logprobs - inputs.rollout_logprobs_BT)
+    want = -(torch.minimum(ratio, ratio.clamp(0.8, 1.2)) * inputs.mask_BT).sum()
+    assert torch.allclose(sampled_token_reverse_kl(inputs, clip_eps=0.2), want, atol=1e-12)
