@@ -21,7 +21,7 @@ import torch
 
 from opd_ray.batch import RolloutBatch, supervised_batch
 from opd_ray.diagnostics import masked_sums, token_diagnostics
-from opd_ray.objectives import OBJECTIVES, ObjectiveInputs, reverse_kl_advantages, token_logprobs
+from opd_ray.objectives import OBJECTIVES, ObjectiveInputs, aggregate, reverse_kl_advantages, token_logprobs
 from opd_ray.spec import AlgorithmSpec, LearnerSpec, ModelSpec
 from opd_ray.weight_sync import pack_state_dict
 
@@ -168,10 +168,11 @@ class LearnerWorker:
                     diagnostics_k,
                 )
                 metrics.update(masked_sums(per_token, mask_BT))
-        loss_sum = OBJECTIVES[algorithm.objective](inputs, algorithm)
-        self.engine.backward(loss_sum * self.world_size * scale)
+        loss_BT = OBJECTIVES[algorithm.objective](inputs, algorithm)
+        loss = aggregate(loss_BT, mask_BT, algorithm.aggregation, global_tokens, full.num_sequences)
+        self.engine.backward(loss * self.world_size)  # DeepSpeed averages gradients over ranks
         self.engine.step()
-        metrics["loss"] = float(loss_sum.detach()) * scale
+        metrics["loss"] = float(loss.detach())
         metrics["lr"] = float(self.engine.get_lr()[0])
         return metrics
 

@@ -139,6 +139,18 @@ class AlgorithmSpec(Section):
     clip_eps: float | None = Field(0.2, gt=0, description="PPO clip range of sampled_token; null = no clipping")
     discount: float = Field(0.0, ge=0, le=1, description="sampled_token credit: 0 = per-token reward, 1 = full return")
     standardize_rewards: bool = Field(False, description="sampled_token: zero-mean, unit-variance advantages per batch")
+    baseline: Literal["none", "vopd"] = Field("none", description="sampled_token: vopd subtracts -KL(p||q) on top-k")
+    position_gamma: float = Field(0.0, ge=0, description="sampled_token: IW-OPD position weights (paper: 0.5)")
+    aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+
+    @model_validator(mode="after")
+    def _baseline_needs_per_token_rewards(self) -> AlgorithmSpec:
+        if self.baseline == "vopd" and (self.discount > 0 or self.standardize_rewards):
+            raise ValueError(
+                "algorithm.baseline=vopd is the expected per-token reward: use it with discount 0 "
+                "and standardize_rewards false"
+            )
+        return self
 
 
 class DiagnosticsSpec(Section):

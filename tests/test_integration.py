@@ -90,7 +90,7 @@ def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: 
 
 
 def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp_path: Path) -> None:
-    """A user's own prompt file, a template, a named verifier and the sampled-token objective, via the CLI."""
+    """A user's own prompt file, a template, a named verifier and sampled-token OPD with vOPD + IW-OPD, via the CLI."""
     import yaml
 
     prompts = tmp_path / "mine.jsonl"
@@ -105,7 +105,7 @@ def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp
         "verifier": "final_number",
     }
     raw["trainer"].update(steps=2, prompts_per_step=8)
-    raw["algorithm"] = {"objective": "sampled_token", "clip_eps": 0.2, "standardize_rewards": True}
+    raw["algorithm"] = {"objective": "sampled_token", "clip_eps": 0.2, "baseline": "vopd", "position_gamma": 0.5}
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     done = subprocess.run(
@@ -127,7 +127,7 @@ def test_sft_control_raises_likelihood_of_reference_answers(tiny_dir: Path, tmp_
     from opd_ray.driver import distill
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
-    raw["algorithm"] = {"objective": "sft"}
+    raw["algorithm"] = {"objective": "sft", "aggregation": "sequence_mean"}
     raw["trainer"].update(steps=16, prompts_per_step=32, save_final=False)
     raw["learner"].update(lr=3e-3, warmup_steps=1)
     distill(ExperimentSpec.model_validate(raw))

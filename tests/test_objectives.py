@@ -9,10 +9,13 @@ import torch
 
 from opd_ray.objectives import (
     ObjectiveInputs,
+    aggregate,
+    position_weights,
     reverse_kl_advantages,
     sampled_token_reverse_kl,
     sft_cross_entropy,
     topk_reverse_kl,
+    vopd_baseline,
 )
 
 B, T, V, K = 3, 5, 7, 4
@@ -58,7 +61,7 @@ def brute_topk_kl(inputs: ObjectiveInputs) -> torch.Tensor:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_topk_reverse_kl_matches_brute_force(seed: int) -> None:
     inputs = make_inputs(seed)
-    got = topk_reverse_kl(inputs)
+    got = topk_reverse_kl(inputs).sum()
     (grad_got,) = torch.autograd.grad(got, inputs.student_logits_BTV)
     want = brute_topk_kl(inputs)
     (grad_want,) = torch.autograd.grad(want, inputs.student_logits_BTV)
@@ -73,7 +76,7 @@ def test_topk_with_full_support_is_exact_reverse_kl() -> None:
     log_p_on_ids = torch.log_softmax(inputs.student_logits_BTV, -1).gather(-1, inputs.teacher_topk_ids_BTK)
     p_on_ids = p.gather(-1, inputs.teacher_topk_ids_BTK)
     exact = ((p_on_ids * (log_p_on_ids - torch.log(q))).sum(-1) * inputs.mask_BT).sum()
-    assert torch.allclose(topk_reverse_kl(inputs), exact, atol=1e-10)
+    assert torch.allclose(topk_reverse_kl(inputs).sum(), exact, atol=1e-10)
 
 
 def test_topk_kl_is_zero_when_student_equals_teacher() -> None:
@@ -81,7 +84,7 @@ def test_topk_kl_is_zero_when_student_equals_teacher() -> None:
     teacher_logits = torch.zeros(B, T, V, dtype=torch.float64)
     teacher_logits.scatter_(-1, inputs.teacher_topk_ids_BTK, inputs.teacher_topk_logprobs_BTK)
     inputs.student_logits_BTV = teacher_logits.clone().requires_grad_(True)
-    assert topk_reverse_kl(inputs).abs() < 1e-12
+    assert topk_reverse_kl(inputs).abs().max() < 1e-12
 
 
 def brute_sampled_token(inputs: ObjectiveInputs, clip_eps: float) -> torch.Tensor:
@@ -103,7 +106,7 @@ def brute_sampled_token(inputs: ObjectiveInputs, clip_eps: float) -> torch.Tenso
 @pytest.mark.parametrize("clip_eps", [0.2, 0.05])
 def test_sampled_token_matches_brute_force(clip_eps: float) -> None:
     inputs = make_inputs(5)
-    got = sampled_token_reverse_kl(inputs, clip_eps)
+    got = sampled_token_reverse_kl(inputs, clip_eps).sum()
     (grad_got,) = torch.autograd.grad(got, inputs.student_logits_BTV)
     want = brute_sampled_token(inputs, clip_eps)
     (grad_want,) = torch.autograd.grad(want, inputs.student_logits_BTV)
@@ -131,7 +134,7 @@ def test_sampled_token_gradient_is_unbiased_reverse_kl_gradient() -> None:
             teacher_topk_ids_BTK=torch.zeros(1, 1, 1, dtype=torch.long),
             teacher_topk_logprobs_BTK=torch.zeros(1, 1, 1, dtype=torch.float64),
         )
-        (grad_y,) = torch.autograd.grad(sampled_token_reverse_kl(inputs, clip_eps=0.2), logits)
+        (grad_y,) = torch.autograd.grad(sampled_token_reverse_kl(inputs, clip_eps=0.2).sum(), logits)
         expected_grad += log_p.detach()[y].exp() * grad_y
     assert torch.allclose(expected_grad, exact_grad, atol=1e-10)
 
@@ -140,7 +143,9 @@ def test_sft_cross_entropy_counts_only_masked_tokens() -> None:
     logits = torch.zeros(1, 3, 4, dtype=torch.float64)
     targets = torch.tensor([[0, 1, 2]])
     mask = torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64)
-    assert torch.allclose(sft_cross_entropy(logits, targets, mask), torch.tensor(2 * math.log(4), dtype=torch.float64))
+    assert torch.allclose(
+        sft_cross_entropy(logits, targets, mask).sum(), torch.tensor(2 * math.log(4), dtype=torch.float64)
+    )
 
 
 def test_discounted_returns_match_loops() -> None:
@@ -174,7 +179,7 @@ def test_standardized_advantages_have_unit_scale_on_response_tokens() -> None:
 
 def test_sampled_token_without_clip_is_plain_importance_sampling() -> None:
     inputs = make_inputs(9)
-    got = sampled_token_reverse_kl(inputs, clip_eps=None)
+    got = sampled_token_reverse_kl(inputs, clip_eps=None).sum()
     (grad_got,) = torch.autograd.grad(got, inputs.student_logits_BTV)
     want = brute_sampled_token(inputs, clip_eps=1e9)  # a clip that never binds
     (grad_want,) = torch.autograd.grad(want, inputs.student_logits_BTV)
@@ -190,4 +195,50 @@ def test_precomputed_advantages_are_used() -> None:
     ]
     ratio = torch.exp(student_logprobs - inputs.rollout_logprobs_BT)
     want = -(torch.minimum(ratio, ratio.clamp(0.8, 1.2)) * inputs.mask_BT).sum()
-    assert torch.allclose(sampled_token_reverse_kl(inputs, clip_eps=0.2), want, atol=1e-12)
+    assert torch.allclose(sampled_token_reverse_kl(inputs, clip_eps=0.2).sum(), want, atol=1e-12)
+
+
+def test_vopd_baseline_keeps_the_gradient_unbiased_and_centres_advantages() -> None:
+    """With the exact -KL baseline, E_y[grad] is still grad KL(p||q) and E_y[advantage] = 0."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
+    log_q = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), -1)
+    log_p = torch.log_softmax(logits, -1)
+    (exact_grad,) = torch.autograd.grad((log_p.exp() * (log_p - log_q)).sum(), logits)
+    expected_grad = torch.zeros(V, dtype=torch.float64)
+    expected_advantage = 0.0
+    for y in range(V):
+        inputs = ObjectiveInputs(
+            student_logits_BTV=logits.view(1, 1, V),
+            target_ids_BT=torch.tensor([[y]]),
+            mask_BT=torch.ones(1, 1, dtype=torch.float64),
+            rollout_logprobs_BT=log_p.detach()[y].view(1, 1),
+            teacher_logprobs_BT=log_q[y].view(1, 1),
+            teacher_topk_ids_BTK=torch.arange(V).view(1, 1, V),
+            teacher_topk_logprobs_BTK=log_q.view(1, 1, V),
+        )
+        (grad_y,) = torch.autograd.grad(sampled_token_reverse_kl(inputs, 0.2, baseline="vopd").sum(), logits)
+        weight = float(log_p.detach()[y].exp())
+        expected_grad += weight * grad_y
+        expected_advantage += weight * float(log_q[y] - log_p.detach()[y] - vopd_baseline(inputs)[0, 0])
+    assert torch.allclose(expected_grad, exact_grad, atol=1e-10)
+    assert expected_advantage == pytest.approx(0.0, abs=1e-12)
+
+
+def test_position_weights_match_loops() -> None:
+    advantage = torch.tensor([[0.0, -2.0, 1.0, -1.0, 5.0]], dtype=torch.float64)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    got = position_weights(advantage, mask, gamma=0.5)
+    total = 2.0 + 1.0 + 1.0
+    want = [0.0, 1 + 0.5 * (1 - 0 / total), 1 + 0.5 * (1 - 2 / total), 1 + 0.5 * (1 - 3 / total), 0.0]
+    assert got[0].tolist() == pytest.approx(want)
+
+
+def test_aggregation_shares_add_up_to_global_means() -> None:
+    loss = torch.tensor([[1.0, 2.0, 0.0], [4.0, 0.0, 0.0], [3.0, 3.0, 3.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    tokens, sequences = int(mask.sum()), 3
+    shards = [slice(0, None, 2), slice(1, None, 2)]  # how two learner ranks split the rows
+    for mode, want in (("token_mean", 16.0 / 6), ("sequence_mean", (1.5 + 4.0 + 3.0) / 3)):
+        shares = [float(aggregate(loss[s], mask[s], mode, tokens, sequences)) for s in shards]
+        assert sum(shares) == pytest.approx(want)

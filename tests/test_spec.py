@@ -63,6 +63,8 @@ def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
         (["teacher.top_k=64"], "teacher.top_k (64) exceeds teacher.engine.max_logprobs (32)"),
         (["data.prompt_template=hello"], "must contain '{prompt}'"),
         (["diagnostics.top_k=32"], "diagnostics.top_k (32) exceeds teacher.top_k (16)"),
+        (["algorithm.baseline=vopd", "algorithm.discount=0.5"], "use it with discount 0"),
+        (["algorithm.aggregation=sum"], "'algorithm.aggregation'"),
         (["rollout.temperature=-1"], "'rollout.temperature'"),
         (["bogus=1"], "unknown key 'bogus'"),
         (["trainer.steps"], "override must look like key=value"),
