@@ -49,6 +49,7 @@ class RolloutWorker:
     def __init__(self, model: ModelSpec, engine: EngineSpec, rollout: RolloutSpec, seed: int) -> None:
         self.llm = create_engine(model, engine, seed, worker_extension=WORKER_EXTENSION)
         self.rollout = rollout
+        self.seed = seed
         self.policy_version = 0
 
     def sample(self, prompts_P: dict[int, list[int]], step: int) -> RolloutBatch:
@@ -62,7 +63,7 @@ class RolloutWorker:
             temperature=self.rollout.temperature,
             top_p=self.rollout.top_p,
             max_new_tokens=self.rollout.max_new_tokens,
-            seed=step,
+            seed=self.seed * 1_000_003 + step,  # reproducible, and distinct across runs and workers
         )
         return completions_to_batch(prompts_P, completions, self.policy_version)
 
