@@ -97,7 +97,6 @@ class RolloutSpec(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
-    logprobs_top_k: int = Field(0, ge=0, description="also keep the student's top-k at sampling time")
     engine: EngineSpec = EngineSpec()
     resources: ResourcesSpec = ResourcesSpec()
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 # In-process engine: ~10 s start instead of ~25 s with worker processes, and no fork.
 # TORCHDYNAMO_DISABLE skips a ~7 s torch.compile of the logprob kernel that buys nothing on
-# the tiny CPU models; GPU deployments override it in the spec's runtime env.
+# the tiny CPU models; set TORCHDYNAMO_DISABLE=0 where `opd-ray` starts to keep compilation.
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1"),
