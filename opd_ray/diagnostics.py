@@ -4,8 +4,9 @@ The seed paper reads success off these: the student's and teacher's top-k sets c
 (overlap ratio rises), the shared set holds nearly all of both models' mass, the
 overlap-token advantage moves to 0 and the entropy gap narrows; a failing run stays flat.
 Pure tensor functions over the learner's logits and the teacher's top-k, so they are
-testable by hand. Per-token values are returned; `masked_means` averages them over response
-tokens, overall and by position bucket (start / middle / end of each response).
+testable by hand. Per-token values are returned; `masked_sums` reduces them over response
+tokens, overall and by position bucket (start / middle / end of each response), as
+(sum, count) pairs that give exact means once added across learner ranks.
 """
 
 from __future__ import annotations

@@ -151,12 +151,6 @@ def supervised_refs(prepared: Prepared, indices: list[int]) -> list[ray.ObjectRe
     return [ray.put(supervised_batch(rows))]
 
 
-def limit_prompts(prompts: PromptSet | None, limit: int | None) -> PromptSet | None:
-    if prompts is None or not limit or limit >= len(prompts):
-        return prompts
-    return PromptSet(prompts.prompt_ids[:limit], prompts.answers[:limit], prompts.source)
-
-
 def distill(spec: ExperimentSpec) -> dict:
     started = time.perf_counter()
     run_dir = Path(spec.run.output_dir)
@@ -165,7 +159,7 @@ def distill(spec: ExperimentSpec) -> dict:
     if spec.models.build_tiny is not None:
         ensure_tiny_models(spec)
     prepared = prepare(spec)
-    eval_prompts = limit_prompts(prepared.eval, spec.trainer.eval_prompts)
+    eval_prompts = prepared.eval  # `data.eval.limit` already caps how many are read
 
     def accuracy(workers: list) -> float | None:
         if eval_prompts is None:

@@ -164,7 +164,6 @@ class TrainerSpec(Section):
     prompts_per_step: int = Field(64, ge=1)
     weight_sync_interval: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0, description="0 = only before and after training")
-    eval_prompts: int | None = Field(None, ge=1)
     buffer_capacity: int = Field(2, ge=1)
     save_final: bool = True
 
