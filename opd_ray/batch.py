@@ -21,10 +21,15 @@ class RolloutBatch:
     prompt_index_B: torch.Tensor  # long, row of the prompt in the dataset
     finished_B: torch.Tensor  # bool, response ended with end-of-sequence (not truncated)
     policy_version: int
+    student_topk_ids_BLK: torch.Tensor | None = None  # sampling-time student top-k ids, if asked for
+    task_rewards_B: torch.Tensor | None = None  # verifier score of each response, if answers are known
+    source: str = "student"  # "student" samples, or "dataset" reference answers (GKD's off-policy share)
     teacher_logprobs_BL: torch.Tensor | None = None  # log q(y_t)
     teacher_topk_ids_BLK: torch.Tensor | None = None  # teacher's top-k token ids per position
     teacher_topk_logprobs_BLK: torch.Tensor | None = None
+    teacher_logprobs_at_student_topk_BLK: torch.Tensor | None = None  # transformers backend only
     advantages_BL: torch.Tensor | None = None  # set by the learner over the whole batch, before sharding
+    task_advantages_B: torch.Tensor | None = None  # likewise
 
     @property
     def num_sequences(self) -> int:
@@ -48,14 +53,14 @@ class RolloutBatch:
         """Joins shards from several rollout workers, padding to the longest sequence."""
         if len(batches) == 1:
             return batches[0]
-        versions = {b.policy_version for b in batches}
+        versions = {(b.policy_version, b.source) for b in batches}
         if len(versions) != 1:
-            raise ValueError(f"cannot join batches of different policy versions {sorted(versions)}")
+            raise ValueError(f"cannot join batches of different policy versions or sources {sorted(versions)}")
         length = max(b.input_ids_BL.shape[1] for b in batches)
         joined = {}
         for f in fields(RolloutBatch):
             values = [getattr(b, f.name) for b in batches]
-            if f.name == "policy_version":
+            if f.name in ("policy_version", "source"):
                 joined[f.name] = values[0]
             elif any(v is None for v in values):
                 joined[f.name] = None
@@ -74,7 +79,7 @@ def _pad_positions(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=1)
 
 
-def supervised_batch(rows: list[tuple[list[int], list[int]]]) -> RolloutBatch:
+def supervised_batch(rows: list[tuple[list[int], list[int]]], prompt_index: list[int] | None = None) -> RolloutBatch:
     """Prompt + reference answer (end-of-sequence included in the answer ids); loss on the answer only."""
     length = max(len(p) + len(a) for p, a in rows)
     input_ids_BL = torch.zeros(len(rows), length, dtype=torch.long)
@@ -90,7 +95,8 @@ def supervised_batch(rows: list[tuple[list[int], list[int]]]) -> RolloutBatch:
         attention_mask_BL=attention_mask_BL,
         response_mask_BL=response_mask_BL,
         rollout_logprobs_BL=torch.zeros(len(rows), length),
-        prompt_index_B=torch.full((len(rows),), -1),
+        prompt_index_B=torch.tensor(prompt_index) if prompt_index else torch.full((len(rows),), -1),
         finished_B=torch.ones(len(rows), dtype=torch.bool),
         policy_version=0,
+        source="dataset",
     )

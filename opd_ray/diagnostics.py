@@ -4,9 +4,9 @@ The seed paper reads success off these: the student's and teacher's top-k sets c
 (overlap ratio rises), the shared set holds nearly all of both models' mass, the
 overlap-token advantage moves to 0 and the entropy gap narrows; a failing run stays flat.
 Pure tensor functions over the learner's logits and the teacher's top-k, so they are
-testable by hand. Per-token values are returned; `masked_sums` reduces them over response
-tokens, overall and by position bucket (start / middle / end of each response), as
-(sum, count) pairs that give exact means once added across learner ranks.
+testable by hand. Per-token values are returned; `masked_sums` reduces them over the
+response tokens, overall and by position bucket (start / middle / end of each response),
+as (sum, count) pairs that give exact means once added across learner ranks.
 """
 
 from __future__ import annotations
@@ -50,9 +50,8 @@ def token_diagnostics(
     advantage_terms_BTk = log_p_bar_BTk.exp() * (log_q_bar_BTk - log_p_bar_BTk)
     advantage_BT = torch.where(shared_in_student_BTk, advantage_terms_BTk, 0.0).sum(-1)
 
-    student_entropy_BT = -(student_logprobs_BTV.exp() * student_logprobs_BTV).sum(-1)
-    teacher_support_BTK = torch.log_softmax(teacher_topk_logprobs_BTK.float(), dim=-1)
-    teacher_entropy_BT = -(teacher_support_BTK.exp() * teacher_support_BTK).sum(-1)
+    student_entropy_BT = student_entropy(student_logits_BTV)
+    teacher_entropy_BT = support_entropy(teacher_topk_logprobs_BTK)
     return {
         "overlap_ratio": shared_count_BT.float() / k,
         "overlap_mass_student": student_mass_BT,
@@ -63,6 +62,17 @@ def token_diagnostics(
         "entropy_gap": (teacher_entropy_BT - student_entropy_BT).abs(),
         "teacher_minus_student_logprob": (teacher_token_logprobs_BT - student_token_logprobs_BT).float(),
     }
+
+
+def student_entropy(logits_BTV: torch.Tensor) -> torch.Tensor:
+    logprobs_BTV = torch.log_softmax(logits_BTV.detach().float(), dim=-1)
+    return -(logprobs_BTV.exp() * logprobs_BTV).sum(-1)
+
+
+def support_entropy(logprobs_BTK: torch.Tensor) -> torch.Tensor:
+    """Entropy of a distribution known on k ids, renormalised there (exact when k covers the vocabulary)."""
+    renormalised_BTK = torch.log_softmax(logprobs_BTK.float(), dim=-1)
+    return -(renormalised_BTK.exp() * renormalised_BTK).sum(-1)
 
 
 def _log_normalise(logprobs_BTk: torch.Tensor, keep_BTk: torch.Tensor, neg_inf: float) -> torch.Tensor:
@@ -77,14 +87,14 @@ def position_buckets(mask_BT: torch.Tensor) -> torch.Tensor:
     return (index_BT * len(BUCKETS) / length_B1).floor().clamp(0, len(BUCKETS) - 1).long()
 
 
-def masked_sums(per_token: dict[str, torch.Tensor], mask_BT: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """(sum, count) per diagnostic and per bucket: summed across ranks, then divided, they give exact means."""
-    mask_BT = mask_BT.float()
-    bucket_BT = position_buckets(mask_BT)
+def masked_sums(per_token_N: dict[str, torch.Tensor], bucket_N: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """(sum, count) per diagnostic and per position bucket, over response tokens: summed across
+    ranks, then divided, they give exact means."""
     sums: dict[str, tuple[float, float]] = {}
-    for name, values_BT in per_token.items():
-        sums[f"diag/{name}"] = (float((values_BT * mask_BT).sum()), float(mask_BT.sum()))
+    for name, values_N in per_token_N.items():
+        values_N = values_N.double()
+        sums[f"diag/{name}"] = (float(values_N.sum()), float(values_N.numel()))
         for b, bucket in enumerate(BUCKETS):
-            in_bucket_BT = mask_BT * (bucket_BT == b)
-            sums[f"diag/{name}/{bucket}"] = (float((values_BT * in_bucket_BT).sum()), float(in_bucket_BT.sum()))
+            in_bucket_N = bucket_N == b
+            sums[f"diag/{name}/{bucket}"] = (float(values_N[in_bucket_N].sum()), float(in_bucket_N.sum()))
     return sums

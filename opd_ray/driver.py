@@ -53,21 +53,22 @@ def start_roles(spec: ExperimentSpec) -> Roles:
     engine_env = {"env_vars": {**env["env_vars"], **ENGINE_ENV}}
     rollout_options = {**spec.rollout.resources.model_dump(), "runtime_env": engine_env}
     teacher_options = {**spec.teacher.resources.model_dump(), "runtime_env": engine_env}
+    algorithm = spec.algorithm
+    student_top_k = (algorithm.top_k or spec.teacher.top_k) if algorithm.needs_student_topk else 0
     rollout_workers = [
         RolloutWorker.options(**rollout_options).remote(
-            spec.models.student, spec.rollout.engine, spec.rollout, spec.run.seed + i
+            spec.models.student, spec.rollout.engine, spec.rollout, spec.run.seed + i, student_top_k, spec.data.verifier
         )
         for i in range(spec.rollout.num_workers)
     ]
     teachers = [
-        TeacherScorer.options(**teacher_options).remote(
-            spec.models.teacher, spec.teacher.engine, spec.teacher.top_k, spec.run.seed + i
-        )
+        TeacherScorer.options(**teacher_options).remote(spec.models.teacher, spec.teacher, spec.run.seed + i)
         for i in range(spec.teacher.num_replicas)
     ]
     sequences = spec.trainer.prompts_per_step * spec.rollout.samples_per_prompt
+    learner_teacher = spec.models.teacher if algorithm.objective == "full_vocab" else None
     learners = LearnerGroup(
-        spec.models.student, spec.learner, sequences // spec.learner.num_ranks, spec.trainer.steps, env
+        spec.models.student, spec.learner, sequences // spec.learner.num_ranks, spec.trainer.steps, env, learner_teacher
     )
     ray.get([w.version.remote() for w in rollout_workers])  # engines are up
     return Roles(rollout_workers, teachers, learners)
@@ -121,16 +122,28 @@ def gap_recovery(before: float, after: float, teacher: float) -> float | None:
 
 
 def rollout_and_score(roles: Roles, prompts: PromptSet, indices: list[int], step: int, metrics: dict) -> list:
+    """Student samples (with verifier rewards where answers are known), then teacher scores, as refs."""
     with timed("rollout", metrics):
         shards = split(indices, len(roles.rollout_workers))
         rollout_refs = [
-            w.sample.remote(prompts.subset(s), step) for w, s in zip(roles.rollout_workers, shards, strict=False)
+            w.sample.remote(prompts.subset(s), step, {i: prompts.answers[i] for i in s})
+            for w, s in zip(roles.rollout_workers, shards, strict=False)
         ]
         ray.wait(rollout_refs, num_returns=len(rollout_refs))
+    return score(roles, rollout_refs, metrics)
+
+
+def score(roles: Roles, batch_refs: list[ray.ObjectRef], metrics: dict) -> list[ray.ObjectRef]:
     with timed("teacher", metrics):
-        scored_refs = [roles.teachers[i % len(roles.teachers)].score.remote(r) for i, r in enumerate(rollout_refs)]
+        scored_refs = [roles.teachers[i % len(roles.teachers)].score.remote(r) for i, r in enumerate(batch_refs)]
         ray.wait(scored_refs, num_returns=len(scored_refs))
     return scored_refs
+
+
+def on_student_samples(spec: ExperimentSpec, step: int) -> bool:
+    """GKD's lambda: whether this step trains on student samples (else on dataset answers); seeded per step."""
+    fraction = spec.algorithm.student_data_fraction
+    return fraction >= 1 or random.Random(spec.run.seed * 1_000_003 + step).random() < fraction
 
 
 def sync_weights(roles: Roles, version: int) -> None:
@@ -148,7 +161,7 @@ def supervised_refs(prepared: Prepared, indices: list[int]) -> list[ray.ObjectRe
         )
         for i in indices
     ]
-    return [ray.put(supervised_batch(rows))]
+    return [ray.put(supervised_batch(rows, indices))]
 
 
 def distill(spec: ExperimentSpec) -> dict:
@@ -189,13 +202,16 @@ def distill(spec: ExperimentSpec) -> dict:
                 indices = sampler.next(spec.trainer.prompts_per_step)
                 if spec.algorithm.objective == "sft":
                     refs = supervised_refs(prepared, indices)
-                else:
+                elif on_student_samples(spec, step):
                     refs = rollout_and_score(roles, prepared.train, indices, step, metrics)
+                else:
+                    refs = score(roles, supervised_refs(prepared, indices), metrics)
+                    metrics["dataset_batch"] = 1
                 buffer.put(BufferEntry(tuple(refs), version, tuple(indices)))
                 entry = buffer.take(version)
                 with timed("learn", metrics):
                     diagnostics_k = spec.diagnostics.top_k if spec.diagnostics.enabled else None
-                    metrics.update(roles.learners.train_step(list(entry.refs), spec.algorithm, diagnostics_k))
+                    metrics.update(roles.learners.train_step(list(entry.refs), spec.algorithm, diagnostics_k, step))
                 version += 1
                 if version % spec.trainer.weight_sync_interval == 0:
                     with timed("weight_sync", metrics):
@@ -204,6 +220,12 @@ def distill(spec: ExperimentSpec) -> dict:
                 if spec.trainer.eval_every and step % spec.trainer.eval_every == 0 and step < spec.trainer.steps:
                     with timed("eval", metrics):
                         metrics["eval/student_accuracy"] = accuracy(roles.rollout_workers)
+                        if summary["teacher_accuracy"] is not None:
+                            metrics["eval/gap_recovery"] = gap_recovery(
+                                summary["student_accuracy_before"],
+                                metrics["eval/student_accuracy"],
+                                summary["teacher_accuracy"],
+                            )
                 metrics["time/step"] = time.perf_counter() - step_start
                 writer.write(step, metrics)
                 progress.advance(step, f"loss {metrics['loss']:.3f}")

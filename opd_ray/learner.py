@@ -13,15 +13,31 @@ import math
 import os
 import random
 import socket
-from dataclasses import replace
 from typing import Any
 
 import ray
 import torch
 
+from opd_ray.advantages import finish_token_batch, flatten_tokens, with_batch_statistics
 from opd_ray.batch import RolloutBatch, supervised_batch
-from opd_ray.diagnostics import masked_sums, token_diagnostics
-from opd_ray.objectives import OBJECTIVES, ObjectiveInputs, aggregate, reverse_kl_advantages, token_logprobs
+from opd_ray.diagnostics import masked_sums, student_entropy, support_entropy, token_diagnostics
+from opd_ray.errors import UserError
+from opd_ray.hf_model import (
+    DTYPES,
+    check_head_reproduces_logits,
+    final_hidden_states,
+    load_causal_lm,
+    response_hidden,
+)
+from opd_ray.objectives import (
+    ObjectiveInputs,
+    TokenBatch,
+    aggregation_weights,
+    chunked_loss,
+    forward_to_reverse_weight,
+    token_logprobs,
+    vopd_baseline,
+)
 from opd_ray.spec import AlgorithmSpec, LearnerSpec, ModelSpec
 from opd_ray.weight_sync import pack_state_dict
 
@@ -83,7 +99,9 @@ class LearnerWorker:
         learner: LearnerSpec,
         micro_batch: int,
         total_steps: int,
+        teacher: ModelSpec | None = None,
     ) -> None:
+        """`teacher` loads a frozen teacher copy on this rank, for full-vocabulary objectives."""
         import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
@@ -101,85 +119,139 @@ class LearnerWorker:
         backend = learner.backend if learner.backend != "auto" else ("nccl" if on_gpu else "gloo")
         deepspeed.init_distributed(dist_backend=backend)
         config = deepspeed_config(learner, model, micro_batch)
+        self.chunk_tokens = learner.chunk_tokens
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        # Before the ZeRO-3 config below exists: the frozen teacher must not be partitioned.
+        self.teacher = load_causal_lm(teacher, device) if teacher is not None else None
         # Must be alive while the model is built, or ZeRO-3 skips transformers' weight init.
         self._hf_ds_config = HfDeepSpeedConfig(config) if learner.zero_stage == 3 else None
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[model.dtype]
         module = AutoModelForCausalLM.from_pretrained(
-            model.path, dtype=dtype, trust_remote_code=model.trust_remote_code, use_safetensors=True
+            model.path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code, use_safetensors=True
         )
         optimizer = torch.optim.AdamW(module.parameters(), lr=learner.lr, weight_decay=learner.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(learner, total_steps))
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.device = self.engine.device
+        self._check_heads()
 
-    def _forward_logits(self, batch: RolloutBatch) -> torch.Tensor:
-        output = self.engine(
-            input_ids=batch.input_ids_BL.to(self.device), attention_mask=batch.attention_mask_BL.to(self.device)
-        )
-        return output.logits[:, :-1].float()
+    def _check_heads(self) -> None:
+        """Chunked losses need logits = head(last hidden state), and a teacher head over the same vocabulary."""
+        student_head = self.engine.module.get_output_embeddings()
+        vocab = student_head.out_features
+        check_head_reproduces_logits(self.engine, student_head, vocab, self.device)
+        if self.teacher is not None:
+            teacher_head = self.teacher.get_output_embeddings()
+            if teacher_head.out_features != vocab:
+                raise UserError(
+                    f"full-vocabulary objective: teacher head has {teacher_head.out_features} outputs, "
+                    f"student head {vocab}; they must share a vocabulary"
+                )
+            check_head_reproduces_logits(self.teacher, teacher_head, vocab, self.device)
 
     def _train_on(
-        self, full: RolloutBatch, algorithm: AlgorithmSpec, diagnostics_k: int | None = None
+        self, full: RolloutBatch, algorithm: AlgorithmSpec, diagnostics_k: int | None = None, step: int = 1
     ) -> dict[str, Any]:
         """One optimizer step on this rank's rows of `full`; returns shares the driver adds across ranks."""
-        global_tokens = full.num_response_tokens
-        if algorithm.objective == "sampled_token":  # batch statistics need every rank's rows
-            advantages_BL = reverse_kl_advantages(
-                full.teacher_logprobs_BL,
-                full.rollout_logprobs_BL,
-                full.response_mask_BL,
-                algorithm.discount,
-                algorithm.standardize_rewards,
-            )
-            full = replace(full, advantages_BL=advantages_BL)
+        global_tokens, global_sequences = full.num_response_tokens, full.num_sequences
+        full = with_batch_statistics(full, algorithm)  # these need every rank's rows
         batch = full.select(slice(self.rank, None, self.world_size))
         self.engine.train()
-
-        def shifted(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor[:, 1:].to(self.device)
-
-        inputs = ObjectiveInputs(
-            student_logits_BTV=self._forward_logits(batch),
-            target_ids_BT=shifted(batch.input_ids_BL),
-            mask_BT=shifted(batch.response_mask_BL),
-            rollout_logprobs_BT=shifted(batch.rollout_logprobs_BL),
-            teacher_logprobs_BT=shifted(batch.teacher_logprobs_BL),
-            teacher_topk_ids_BTK=shifted(batch.teacher_topk_ids_BLK),
-            teacher_topk_logprobs_BTK=shifted(batch.teacher_topk_logprobs_BLK),
-            advantage_BT=shifted(batch.advantages_BL),
-        )
-        scale = 1.0 / max(1, global_tokens)
-        metrics = {"response_tokens": batch.num_response_tokens, "truncated_responses": int((~batch.finished_B).sum())}
-        with torch.no_grad():
-            mask_BT = inputs.mask_BT
-            student_logprobs_BT = token_logprobs(inputs.student_logits_BTV, inputs.target_ids_BT)
-            metrics["student_logprob"] = float((student_logprobs_BT * mask_BT).sum()) * scale
-            if inputs.teacher_logprobs_BT is not None:
-                teacher_minus_rollout_BT = inputs.teacher_logprobs_BT - inputs.rollout_logprobs_BT
-                metrics["sampled_reverse_kl"] = -float((teacher_minus_rollout_BT * mask_BT).sum()) * scale
-                metrics["teacher_logprob"] = float((inputs.teacher_logprobs_BT * mask_BT).sum()) * scale
-            if diagnostics_k and inputs.teacher_topk_ids_BTK is not None:
-                per_token = token_diagnostics(
-                    inputs.student_logits_BTV,
-                    inputs.teacher_topk_ids_BTK,
-                    inputs.teacher_topk_logprobs_BTK,
-                    student_logprobs_BT,
-                    inputs.teacher_logprobs_BT,
-                    diagnostics_k,
+        mask_BT = batch.response_mask_BL[:, 1:].to(self.device)
+        weights_BT = aggregation_weights(mask_BT, algorithm.aggregation, global_tokens, global_sequences)
+        tokens = flatten_tokens(batch, weights_BT, self.device)
+        hidden_NH = response_hidden(self._hidden(self.engine, batch), batch.response_mask_BL.to(self.device))
+        teacher_hidden_NH = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_hidden_NH = response_hidden(
+                    self._hidden(self.teacher, batch), batch.response_mask_BL.to(self.device)
                 )
-                metrics.update(masked_sums(per_token, mask_BT))
-        loss_BT = OBJECTIVES[algorithm.objective](inputs, algorithm)
-        loss = aggregate(loss_BT, mask_BT, algorithm.aggregation, global_tokens, full.num_sequences)
+        on_student_states = diagnostics_k if batch.source == "student" else None
+        statistics = self._token_statistics(hidden_NH, tokens, algorithm, on_student_states)
+        tokens = finish_token_batch(tokens, statistics.pop("per_token"), mask_BT, algorithm)
+        metrics = {**statistics, "response_tokens": batch.num_response_tokens}
+        metrics["truncated_responses"] = int((~batch.finished_B).sum())
+        if tokens.keep_N is not None:
+            metrics["gate/kept_fraction"] = (float(tokens.keep_N.sum()), float(tokens.num_tokens))
+        if batch.task_rewards_B is not None:
+            metrics["sample_reward"] = (float(batch.task_rewards_B.sum()), float(batch.num_sequences))
+        reverse_weight = forward_to_reverse_weight(step, algorithm.anneal_steps)
+        loss = chunked_loss(
+            hidden_NH,
+            self.engine.module.get_output_embeddings(),
+            tokens,
+            algorithm,
+            self.chunk_tokens,
+            teacher_hidden_NH,
+            None if self.teacher is None else self.teacher.get_output_embeddings(),
+            reverse_weight,
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {float(loss)} at step {step} on learner rank {self.rank}")
         self.engine.backward(loss * self.world_size)  # DeepSpeed averages gradients over ranks
         self.engine.step()
         metrics["loss"] = float(loss.detach())
         metrics["lr"] = float(self.engine.get_lr()[0])
+        if algorithm.divergence == "forward_to_reverse":
+            metrics["reverse_kl_weight"] = (reverse_weight, 1.0)  # a (sum, count) pair: the same on every rank
+        return metrics
+
+    def _hidden(self, model: Any, batch: RolloutBatch) -> torch.Tensor:
+        return final_hidden_states(model, batch.input_ids_BL.to(self.device), batch.attention_mask_BL.to(self.device))
+
+    def _token_statistics(
+        self, hidden_NH: torch.Tensor, tokens: TokenBatch, algorithm: AlgorithmSpec, diagnostics_k: int | None
+    ) -> dict[str, Any]:
+        """A no-grad pass over the chunks: metrics, diagnostics, and what the loss needs from the
+        current student before its backward (vOPD baseline, entropies for the gate)."""
+        head = self.engine.module.get_output_embeddings()
+        has_teacher = tokens.teacher_logprobs_N is not None
+        need_teacher_topk = has_teacher and tokens.teacher_topk_ids_NK is not None
+        per_token: dict[str, list[torch.Tensor]] = {}
+
+        def keep(name: str, values: torch.Tensor) -> None:
+            per_token.setdefault(name, []).append(values.double())
+
+        with torch.no_grad():
+            for start in range(0, tokens.num_tokens, self.chunk_tokens):
+                part = slice(start, start + self.chunk_tokens)
+                chunk = tokens.slice(part)
+                logits_NV = head(hidden_NH[part]).float()
+                student_logprob_N = token_logprobs(logits_NV, chunk.target_ids_N)
+                keep("student_logprob", student_logprob_N)
+                if need_teacher_topk and algorithm.baseline == "vopd":
+                    keep("vopd_baseline", vopd_baseline(ObjectiveInputs(logits_NV, chunk)))
+                if need_teacher_topk and algorithm.entropy_gate.enabled:
+                    keep("student_entropy", student_entropy(logits_NV))
+                    keep("teacher_entropy", support_entropy(chunk.teacher_topk_logprobs_NK))
+                if diagnostics_k and need_teacher_topk:
+                    for name, values in token_diagnostics(
+                        logits_NV,
+                        chunk.teacher_topk_ids_NK,
+                        chunk.teacher_topk_logprobs_NK,
+                        student_logprob_N,
+                        chunk.teacher_logprobs_N,
+                        diagnostics_k,
+                    ).items():
+                        keep(f"diag:{name}", values)
+        joined = {name: torch.cat(values) for name, values in per_token.items()}
+        count = float(tokens.num_tokens)
+        metrics: dict[str, Any] = {"student_logprob": (float(joined["student_logprob"].sum()), count)}
+        if has_teacher:
+            metrics["teacher_logprob"] = (float(tokens.teacher_logprobs_N.double().sum()), count)
+            if tokens.rollout_logprobs_N.abs().sum() > 0:  # student samples (dataset answers have no p_old)
+                sampled_kl = (tokens.rollout_logprobs_N - tokens.teacher_logprobs_N).double().sum()
+                metrics["sampled_reverse_kl"] = (float(sampled_kl), count)
+        diagnostics = {name.split(":", 1)[1]: values for name, values in joined.items() if name.startswith("diag:")}
+        if diagnostics:
+            metrics.update(masked_sums(diagnostics, tokens.bucket_N))
+        metrics["per_token"] = {name: v for name, v in joined.items() if not name.startswith("diag:")}
         return metrics
 
     def train_step(
-        self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None
+        self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None, step: int = 1
     ) -> dict[str, Any]:
-        return self._train_on(RolloutBatch.concat(ray.get(batch_refs)), algorithm, diagnostics_k)
+        return self._train_on(RolloutBatch.concat(ray.get(batch_refs)), algorithm, diagnostics_k, step)
 
     def sft(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, seed: int) -> list[float]:
         """Supervised steps on answer tokens; every rank draws the same rows and keeps its share."""
@@ -220,8 +292,8 @@ class LearnerWorker:
         self.engine.eval()
         ids = torch.tensor([sequence], device=self.device)
         with torch.no_grad():
-            logits = self.engine(input_ids=ids).logits[:, :-1].float()
-            return token_logprobs(logits, ids[:, 1:])[0].tolist()
+            logits = self.engine(input_ids=ids).logits[0, :-1].float()
+            return token_logprobs(logits, ids[0, 1:]).tolist()
 
 
 def combine_rank_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
@@ -243,7 +315,13 @@ class LearnerGroup:
     """N learner ranks behind one handle: a call fans out to every rank."""
 
     def __init__(
-        self, model: ModelSpec, learner: LearnerSpec, micro_batch: int, total_steps: int, runtime_env: dict
+        self,
+        model: ModelSpec,
+        learner: LearnerSpec,
+        micro_batch: int,
+        total_steps: int,
+        runtime_env: dict,
+        teacher: ModelSpec | None = None,
     ) -> None:
         options = {
             "num_cpus": learner.resources.num_cpus,
@@ -256,7 +334,7 @@ class LearnerGroup:
         master = ray.get(self.workers[0].address.remote())
         ray.get(
             [
-                w.setup.remote(rank, learner.num_ranks, master, model, learner, micro_batch, total_steps)
+                w.setup.remote(rank, learner.num_ranks, master, model, learner, micro_batch, total_steps, teacher)
                 for rank, w in enumerate(self.workers)
             ]
         )
@@ -265,9 +343,9 @@ class LearnerGroup:
         return [getattr(w, method).remote(*args) for w in self.workers]
 
     def train_step(
-        self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None = None
+        self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None = None, step: int = 1
     ) -> dict[str, float]:
-        per_rank = ray.get(self.call("train_step", batch_refs, algorithm, diagnostics_k))
+        per_rank = ray.get(self.call("train_step", batch_refs, algorithm, diagnostics_k, step))
         return combine_rank_metrics(per_rank)
 
     def export_weights(self) -> ray.ObjectRef:

@@ -1,67 +1,209 @@
-"""Distillation objectives: pure tensor functions, testable without Ray or DeepSpeed.
+"""Distillation objectives: pure tensor functions over response tokens, testable without Ray or DeepSpeed.
 
-All per-token inputs are target-aligned: [b, t] is the t-th predicted token of sequence b,
-T = L - 1 positions, `mask_BT` is 1 on response tokens. Each objective returns its
-per-token losses (zero off the response); `aggregate` turns them into the token-mean or
-sequence-mean over the *global* batch, so the mean is exact across data-parallel ranks.
+The learner flattens every response token of its shard into one axis N (prompt and padding
+positions never reach an objective) and calls an objective on chunks of those tokens, so
+the student's N x |V| logits exist one chunk at a time (see `chunked_loss`). An objective
+maps an `ObjectiveInputs` chunk to per-token losses; `token_weight_N` then turns them into
+this rank's share of the global token-mean or sequence-mean.
+
+A new objective is one function `(ObjectiveInputs, AlgorithmSpec) -> loss_N` and one entry
+in `OBJECTIVES`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from functools import partial
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from opd_ray.spec import AlgorithmSpec
 
 
 @dataclass
+class TokenBatch:
+    """Per-token tensors of one rank's response tokens, flattened in (sequence, position) order."""
+
+    target_ids_N: torch.Tensor
+    rollout_logprobs_N: torch.Tensor  # log p_old(y_t), detached
+    token_weight_N: torch.Tensor  # aggregation weight: 1/global_tokens, or 1/(length * global_sequences)
+    teacher_logprobs_N: torch.Tensor | None = None  # log q(y_t)
+    teacher_topk_ids_NK: torch.Tensor | None = None  # teacher's own top-k, by rank
+    teacher_topk_logprobs_NK: torch.Tensor | None = None
+    student_topk_ids_NK: torch.Tensor | None = None  # rollout-time student top-k, by rank
+    teacher_logprobs_at_student_topk_NK: torch.Tensor | None = None
+    advantage_N: torch.Tensor | None = None  # sampled_token: reward after returns/baseline/weights
+    task_advantage_N: torch.Tensor | None = None  # verifier reward, centred, on every token of a sequence
+    bucket_N: torch.Tensor | None = None  # 0/1/2 = start/middle/end third of its response (diagnostics)
+    keep_N: torch.Tensor | None = None  # entropy gate: 0 = no gradient from this token
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.target_ids_N.shape[0])
+
+    def slice(self, part: slice) -> TokenBatch:
+        updates = {f.name: getattr(self, f.name)[part] for f in fields(self) if getattr(self, f.name) is not None}
+        return replace(self, **updates)
+
+
+@dataclass
 class ObjectiveInputs:
-    student_logits_BTV: torch.Tensor  # with grad
-    target_ids_BT: torch.Tensor
-    mask_BT: torch.Tensor
-    rollout_logprobs_BT: torch.Tensor  # log p_old(y_t), detached
-    teacher_logprobs_BT: torch.Tensor | None = None  # log q(y_t); None for supervised batches
-    teacher_topk_ids_BTK: torch.Tensor | None = None
-    teacher_topk_logprobs_BTK: torch.Tensor | None = None
-    advantage_BT: torch.Tensor | None = None  # precomputed over the whole batch (returns, standardisation)
+    """A chunk of tokens, the student's logits there (with grad) and, for full_vocab, the teacher's."""
+
+    student_logits_NV: torch.Tensor
+    tokens: TokenBatch
+    teacher_logits_NV: torch.Tensor | None = None  # full-vocabulary objectives only, no grad
+    reverse_weight: float = 1.0  # forward->reverse annealing: weight of the reverse KL this step
 
 
-def token_logprobs(logits_BTV: torch.Tensor, target_ids_BT: torch.Tensor) -> torch.Tensor:
-    """log softmax at the chosen token, without materialising a second B x T x V tensor."""
-    chosen_BT = logits_BTV.gather(-1, target_ids_BT.unsqueeze(-1)).squeeze(-1)
-    return chosen_BT - torch.logsumexp(logits_BTV, dim=-1)
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits to float32 before softmax; float64 (the tests' references) stays float64."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
-def reverse_kl_advantages(
-    teacher_logprobs_BT: torch.Tensor,
-    rollout_logprobs_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    discount: float = 0.0,
-    standardize: bool = False,
+# ---- divergences between two distributions over the same support (last axis) ----
+
+
+# Log-probability of ids outside a support: exp() is exactly 0, yet differences stay finite, so
+# no NaN reaches a gradient (an -inf here would make 0 * (-inf - -inf) = NaN).
+OUTSIDE = -1e30
+
+
+def _plogp_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """sum_v a(v) (log a(v) - log b(v)); entries at OUTSIDE in both contribute exactly 0."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q): mode-seeking, the on-policy distillation objective."""
+    return _plogp_ratio(log_p, log_q)
+
+
+def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(q || p): mass-covering, what supervised distillation minimises."""
+    return _plogp_ratio(log_q, log_p)
+
+
+def generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """GKD's JSD(beta) in TRL's convention: mixture m = beta q + (1 - beta) p,
+    beta KL(q || m) + (1 - beta) KL(p || m); beta = 0 is forward KL and beta = 1 reverse KL
+    (the limits of the mixture vanish, so the ends are special-cased as TRL does)."""
+    if beta == 0:
+        return forward_kl(log_p, log_q)
+    if beta == 1:
+        return reverse_kl(log_p, log_q)
+    log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log(1 - beta))
+    return beta * _plogp_ratio(log_q, log_m) + (1 - beta) * _plogp_ratio(log_p, log_m)
+
+
+def divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, algorithm: AlgorithmSpec, reverse_weight: float
 ) -> torch.Tensor:
-    """Advantages from the dense reward r_t = log q(y_t) - log p_old(y_t) on response tokens.
+    """The divergence the spec names; `forward_to_reverse` blends the two KLs with this step's weight."""
+    if algorithm.divergence == "reverse_kl":
+        return reverse_kl(log_p, log_q)
+    if algorithm.divergence == "forward_kl":
+        return forward_kl(log_p, log_q)
+    if algorithm.divergence == "jsd":
+        return generalized_jsd(log_p, log_q, algorithm.jsd_beta)
+    return reverse_weight * reverse_kl(log_p, log_q) + (1 - reverse_weight) * forward_kl(log_p, log_q)
 
-    discount 0 uses r_t itself (the paper's and tinker's choice); discount g > 0 uses the
-    return sum_{s>=t} g^(s-t) r_s, which a trial saw collapse to empty answers at g = 1 because
-    every reward is negative. `standardize` rescales to zero mean, unit variance over the batch.
+
+def forward_to_reverse_weight(step: int, anneal_steps: int) -> float:
+    """Cosine ramp of the reverse-KL weight from 0 at step 1 to 1 at `anneal_steps` (SEAD's schedule)."""
+    if anneal_steps <= 1:
+        return 1.0
+    progress = min(1.0, max(0, step - 1) / (anneal_steps - 1))
+    return 0.5 * (1 - math.cos(math.pi * progress))
+
+
+# ---- top-k supports ----
+
+
+def topk_support(tokens: TokenBatch, support: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids_NS, teacher log q at ids_NS, keep_NS) for the chosen support S_t.
+
+    student / teacher: that model's top-k. intersection: the student's top-k ids the teacher
+    also ranks in its top-k. union: the student's top-k plus the teacher's ids not already in it.
     """
-    reward_BT = (teacher_logprobs_BT - rollout_logprobs_BT).detach() * mask_BT
-    advantage_BT = reward_BT
-    if discount > 0:
-        advantage_BT = torch.zeros_like(reward_BT)
-        running_B = torch.zeros_like(reward_BT[:, 0])
-        for t in range(reward_BT.shape[1] - 1, -1, -1):
-            running_B = reward_BT[:, t] + discount * running_B
-            advantage_BT[:, t] = running_B
-        advantage_BT = advantage_BT * mask_BT
-    if standardize:
-        count = mask_BT.sum().clamp(min=1)
-        mean = advantage_BT.sum() / count
-        variance = (((advantage_BT - mean) * mask_BT) ** 2).sum() / count
-        advantage_BT = (advantage_BT - mean) / torch.sqrt(variance + 1e-8) * mask_BT
-    return advantage_BT
+    if support == "teacher":
+        ids_NS = tokens.teacher_topk_ids_NK[:, :k]
+        return ids_NS, tokens.teacher_topk_logprobs_NK[:, :k], torch.ones_like(ids_NS, dtype=torch.bool)
+    student_ids_Nk = tokens.student_topk_ids_NK[:, :k]
+    teacher_at_student_Nk = tokens.teacher_logprobs_at_student_topk_NK[:, :k]
+    if support == "student":
+        return student_ids_Nk, teacher_at_student_Nk, torch.ones_like(student_ids_Nk, dtype=torch.bool)
+    teacher_ids_Nk = tokens.teacher_topk_ids_NK[:, :k]
+    same_Nkk = student_ids_Nk.unsqueeze(-1) == teacher_ids_Nk.unsqueeze(-2)
+    if support == "intersection":
+        return student_ids_Nk, teacher_at_student_Nk, same_Nkk.any(-1)
+    teacher_only_Nk = ~same_Nkk.any(-2)
+    return (
+        torch.cat([student_ids_Nk, teacher_ids_Nk], -1),
+        torch.cat([teacher_at_student_Nk, tokens.teacher_topk_logprobs_NK[:, :k]], -1),
+        torch.cat([torch.ones_like(teacher_only_Nk), teacher_only_Nk], -1),
+    )
+
+
+def _on_support(logprobs_NS: torch.Tensor, keep_NS: torch.Tensor, tail: bool) -> torch.Tensor:
+    """Renormalise on the kept ids, or (tail) keep true probabilities and add one bucket for the rest."""
+    kept_NS = logprobs_NS.masked_fill(~keep_NS, OUTSIDE)
+    mass_N1 = torch.logsumexp(kept_NS, -1, keepdim=True)
+    if not tail:
+        return kept_NS - mass_N1
+    # log(1 - sum): clamped below 0 so a support covering everything keeps a finite gradient.
+    tail_N1 = torch.log(-torch.expm1(mass_N1.clamp(max=-1e-6)))
+    return torch.cat([kept_NS, tail_N1], -1)
+
+
+def topk_divergence(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
+    """Analytic divergence on S_t: the student's logits are needed at |S_t| ids only, the teacher's are k numbers.
+
+    With k = |V| and no tail this is the exact full-vocabulary divergence. Tokens whose
+    support is empty (an empty intersection) get zero loss.
+    """
+    ids_NS, teacher_logprobs_NS, keep_NS = topk_support(inputs.tokens, algorithm.topk_support, algorithm.top_k)
+    student_logprobs_NV = torch.log_softmax(upcast(inputs.student_logits_NV), -1)
+    log_p_NS = _on_support(student_logprobs_NV.gather(-1, ids_NS), keep_NS, algorithm.topk_tail)
+    log_q_NS = _on_support(upcast(teacher_logprobs_NS), keep_NS, algorithm.topk_tail)
+    loss_N = divergence(log_p_NS, log_q_NS, algorithm, inputs.reverse_weight)
+    return torch.where(keep_NS.any(-1), loss_N, torch.zeros_like(loss_N))
+
+
+def full_vocab_divergence(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
+    """Exact divergence over the whole vocabulary against the learner-side teacher's logits."""
+    log_p_NV = torch.log_softmax(upcast(inputs.student_logits_NV), -1)
+    log_q_NV = torch.log_softmax(upcast(inputs.teacher_logits_NV), -1)
+    return divergence(log_p_NV, log_q_NV, algorithm, inputs.reverse_weight)
+
+
+# ---- the sampled-token (policy-gradient) family ----
+
+
+def token_logprobs(logits_NV: torch.Tensor, target_ids_N: torch.Tensor) -> torch.Tensor:
+    """log softmax at the chosen token, without materialising a second N x V tensor."""
+    logits_NV = upcast(logits_NV)
+    return logits_NV.gather(-1, target_ids_N.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits_NV, -1)
+
+
+def policy_gradient_surrogate(
+    student_logprobs_N: torch.Tensor,
+    rollout_logprobs_N: torch.Tensor,
+    advantage_N: torch.Tensor,
+    clip_eps: float | None,
+) -> torch.Tensor:
+    """-min(ratio A, clip(ratio) A) with ratio p_theta / p_old; `clip_eps=None` is plain importance sampling."""
+    ratio_N = torch.exp(student_logprobs_N - rollout_logprobs_N)
+    surrogate_N = ratio_N * advantage_N
+    if clip_eps is not None:
+        surrogate_N = torch.minimum(surrogate_N, ratio_N.clamp(1 - clip_eps, 1 + clip_eps) * advantage_N)
+    return -surrogate_N
+
+
+REVERSE_KL_ON_TEACHER_TOPK = AlgorithmSpec(objective="topk", topk_support="teacher", divergence="reverse_kl")
 
 
 def vopd_baseline(inputs: ObjectiveInputs) -> torch.Tensor:
@@ -71,83 +213,102 @@ def vopd_baseline(inputs: ObjectiveInputs) -> torch.Tensor:
     subtracting it leaves the gradient unbiased and removes most of its variance.
     """
     with torch.no_grad():
-        return -topk_reverse_kl(inputs)
+        return -topk_divergence(inputs, REVERSE_KL_ON_TEACHER_TOPK)
 
 
-def position_weights(advantage_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
-    """IW-OPD: w_t = 1 + gamma (1 - sum_{k<t}|A_k| / sum_k |A_k|), per sequence.
-
-    Early tokens, before most of a response's disagreement with the teacher has happened,
-    weigh up to 1 + gamma; the last weigh about 1.
-    """
-    magnitude_BT = advantage_BT.abs() * mask_BT
-    before_BT = magnitude_BT.cumsum(-1) - magnitude_BT
-    total_B1 = magnitude_BT.sum(-1, keepdim=True).clamp(min=1e-12)
-    return (1 + gamma * (1 - before_BT / total_B1)) * mask_BT
-
-
-def sampled_token_reverse_kl(
-    inputs: ObjectiveInputs, clip_eps: float | None, baseline: str = "none", position_gamma: float = 0.0
-) -> torch.Tensor:
+def sampled_token_reverse_kl(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
     """One-sample reverse KL as a dense reward inside an importance-sampled surrogate.
 
-    Advantage defaults to r_t = log q(y_t) - log p_old(y_t) per token (see
-    `reverse_kl_advantages` for returns and standardisation). Ratio p_theta / p_old, with
-    PPO clipping when `clip_eps` is set so a stale or mismatched p_old cannot blow up;
-    `clip_eps=None` is the plain importance-sampling loss (tinker's recipe).
+    `tokens.advantage_N` already holds r_t = log q(y_t) - log p_old(y_t) after returns,
+    standardisation, the vOPD baseline, IW-OPD weights and any task reward (the learner
+    assembles it; those need whole sequences or the whole batch). PPO clipping when
+    `clip_eps` is set, so a stale or mismatched p_old cannot blow up.
     """
-    student_logprobs_BT = token_logprobs(inputs.student_logits_BTV, inputs.target_ids_BT)
-    advantage_BT = inputs.advantage_BT
-    if advantage_BT is None:
-        advantage_BT = reverse_kl_advantages(inputs.teacher_logprobs_BT, inputs.rollout_logprobs_BT, inputs.mask_BT)
-    if baseline == "vopd":
-        advantage_BT = (advantage_BT - vopd_baseline(inputs)) * inputs.mask_BT
-    if position_gamma:
-        advantage_BT = advantage_BT * position_weights(advantage_BT, inputs.mask_BT, position_gamma)
-    ratio_BT = torch.exp(student_logprobs_BT - inputs.rollout_logprobs_BT)
-    surrogate_BT = ratio_BT * advantage_BT
-    if clip_eps is not None:
-        clipped_BT = ratio_BT.clamp(1 - clip_eps, 1 + clip_eps)
-        surrogate_BT = torch.minimum(surrogate_BT, clipped_BT * advantage_BT)
-    return -surrogate_BT * inputs.mask_BT
+    tokens = inputs.tokens
+    student_logprobs_N = token_logprobs(inputs.student_logits_NV, tokens.target_ids_N)
+    return policy_gradient_surrogate(
+        student_logprobs_N, tokens.rollout_logprobs_N, tokens.advantage_N, algorithm.clip_eps
+    )
 
 
-def topk_reverse_kl(inputs: ObjectiveInputs) -> torch.Tensor:
-    """Analytic KL(p_bar || q_bar) on the teacher's top-k support S_t.
-
-    Both distributions are renormalised on S_t; when k covers the vocabulary this is the
-    exact reverse KL. Far less noisy than the one-sample estimate, and needs only the
-    student's logits at k ids, never a full-vocabulary teacher tensor.
-    """
-    student_on_support_BTK = inputs.student_logits_BTV.gather(-1, inputs.teacher_topk_ids_BTK)
-    log_p_BTK = torch.log_softmax(student_on_support_BTK, dim=-1)
-    log_q_BTK = torch.log_softmax(inputs.teacher_topk_logprobs_BTK, dim=-1)
-    kl_BT = (log_p_BTK.exp() * (log_p_BTK - log_q_BTK)).sum(-1)
-    return kl_BT * inputs.mask_BT
-
-
-def sft_cross_entropy(logits_BTV: torch.Tensor, target_ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of each response token (prompt tokens carry no loss)."""
-    return -token_logprobs(logits_BTV, target_ids_BT) * mask_BT
-
-
-def aggregate(
-    loss_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str, global_tokens: int, global_sequences: int
-) -> torch.Tensor:
-    """This rank's share of the global token-mean or sequence-mean (the shares add up to the mean)."""
-    if mode == "token_mean":
-        return loss_BT.sum() / max(1, global_tokens)
-    tokens_B = mask_BT.sum(-1).clamp(min=1)
-    return (loss_BT.sum(-1) / tokens_B).sum() / max(1, global_sequences)
+def sft_cross_entropy(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
+    """Negative log-likelihood of each response token: the supervised control arm."""
+    return -token_logprobs(inputs.student_logits_NV, inputs.tokens.target_ids_N)
 
 
 Objective = Callable[[ObjectiveInputs, AlgorithmSpec], torch.Tensor]
 
 # name in `algorithm.objective` -> per-token loss; a new objective is one function and one entry.
 OBJECTIVES: dict[str, Objective] = {
-    "topk_reverse_kl": lambda inputs, algorithm: topk_reverse_kl(inputs),
-    "sampled_token": lambda inputs, algorithm: sampled_token_reverse_kl(
-        inputs, algorithm.clip_eps, algorithm.baseline, algorithm.position_gamma
-    ),
-    "sft": lambda inputs, algorithm: sft_cross_entropy(inputs.student_logits_BTV, inputs.target_ids_BT, inputs.mask_BT),
+    "sampled_token": sampled_token_reverse_kl,
+    "topk": topk_divergence,
+    "full_vocab": full_vocab_divergence,
+    "sft": sft_cross_entropy,
 }
+
+
+def token_loss(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
+    """The objective's per-token loss, plus the task-reward policy gradient for analytic objectives.
+
+    (sampled_token already carries the task reward inside its advantage, tinker-style.)
+    """
+    loss_N = OBJECTIVES[algorithm.objective](inputs, algorithm)
+    tokens = inputs.tokens
+    if tokens.task_advantage_N is not None and algorithm.objective != "sampled_token":
+        student_logprobs_N = token_logprobs(inputs.student_logits_NV, tokens.target_ids_N)
+        loss_N = loss_N + policy_gradient_surrogate(
+            student_logprobs_N, tokens.rollout_logprobs_N, algorithm.task_reward_coef * tokens.task_advantage_N, None
+        )
+    if tokens.keep_N is not None:
+        loss_N = loss_N * tokens.keep_N
+    return loss_N
+
+
+def aggregation_weights(mask_BT: torch.Tensor, mode: str, global_tokens: int, global_sequences: int) -> torch.Tensor:
+    """Per-token weights whose weighted sum of losses is this rank's share of the global mean."""
+    if mode == "token_mean":
+        return mask_BT / max(1, global_tokens)
+    tokens_B1 = mask_BT.sum(-1, keepdim=True).clamp(min=1)
+    return mask_BT / tokens_B1 / max(1, global_sequences)
+
+
+def chunked_loss(
+    hidden_NH: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    tokens: TokenBatch,
+    algorithm: AlgorithmSpec,
+    chunk_tokens: int,
+    teacher_hidden_NH: torch.Tensor | None = None,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reverse_weight: float = 1.0,
+) -> torch.Tensor:
+    """Weighted sum of per-token losses, computing logits `chunk_tokens` rows at a time.
+
+    Each chunk runs under activation checkpointing: its N_c x |V| logits are freed after the
+    forward and recomputed in the backward, so peak memory holds one chunk's logits instead
+    of all N x |V| (the benchmark in benchmarks/full_vocab_memory.py measures it).
+    """
+    total = hidden_NH.new_zeros((), dtype=torch.float32)
+    for start in range(0, tokens.num_tokens, chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        teacher_part = None if teacher_hidden_NH is None else teacher_hidden_NH[part]
+        piece = partial(_chunk_loss, head, tokens.slice(part), algorithm, teacher_part, teacher_head, reverse_weight)
+        total = total + checkpoint(piece, hidden_NH[part], use_reentrant=False)
+    return total
+
+
+def _chunk_loss(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    tokens: TokenBatch,
+    algorithm: AlgorithmSpec,
+    teacher_hidden_NH: torch.Tensor | None,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None,
+    reverse_weight: float,
+    hidden_NH: torch.Tensor,
+) -> torch.Tensor:
+    teacher_logits_NV = None
+    if teacher_hidden_NH is not None:
+        with torch.no_grad():
+            teacher_logits_NV = teacher_head(teacher_hidden_NH)
+    inputs = ObjectiveInputs(head(hidden_NH), tokens, teacher_logits_NV, reverse_weight)
+    return (token_loss(inputs, algorithm) * tokens.token_weight_N).sum()

@@ -81,8 +81,15 @@ def prepare(spec: ExperimentSpec) -> Prepared:
     verifier = resolve_verifier(spec.data.verifier)
     train = load_prompts(spec.data.train, spec.data, student_tokenizer, "data.train")
     evaluation = load_prompts(spec.data.eval, spec.data, student_tokenizer, "data.eval") if spec.data.eval else None
-    if spec.algorithm.objective == "sft" and any(a is None for a in train.answers):
-        raise UserError(f"algorithm.objective=sft needs a reference answer on every row of {spec.data.train.path}")
+    algorithm = spec.algorithm
+    needs_answers = {
+        "algorithm.objective=sft": algorithm.objective == "sft",
+        "algorithm.student_data_fraction < 1": algorithm.student_data_fraction < 1,
+        "algorithm.task_reward_coef > 0": algorithm.task_reward_coef > 0,
+    }
+    for reason, needed in needs_answers.items():
+        if needed and any(a is None for a in train.answers):
+            raise UserError(f"{reason} needs a reference answer on every row of {spec.data.train.path}")
     if evaluation is not None and any(a is None for a in evaluation.answers):
         raise UserError(f"data.eval: every row of {spec.data.eval.path} needs a reference answer for the verifier")
     longest = max(len(p) for p in train.prompt_ids) + spec.rollout.max_new_tokens + 1

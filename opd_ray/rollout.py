@@ -11,12 +11,13 @@ import torch
 
 from opd_ray.batch import RolloutBatch
 from opd_ray.spec import EngineSpec, ModelSpec, RolloutSpec
+from opd_ray.tasks.verifiers import resolve_verifier
 from opd_ray.vllm_engine import Completion, create_engine, generate, greedy, prompt_logprobs
 from opd_ray.weight_sync import WORKER_EXTENSION
 
 
 def completions_to_batch(
-    prompts_P: dict[int, list[int]], completions: list[Completion], policy_version: int
+    prompts_P: dict[int, list[int]], completions: list[Completion], policy_version: int, top_k_ids: int = 0
 ) -> RolloutBatch:
     """Lays sequences out right-padded, with per-token tensors aligned to input positions."""
     sequences = [prompts_P[c.prompt_index] + c.token_ids for c in completions]
@@ -26,6 +27,7 @@ def completions_to_batch(
     attention_mask_BL = torch.zeros(batch_size, length, dtype=torch.long)
     response_mask_BL = torch.zeros(batch_size, length, dtype=torch.float32)
     rollout_logprobs_BL = torch.zeros(batch_size, length, dtype=torch.float32)
+    student_topk_ids_BLK = torch.zeros(batch_size, length, top_k_ids, dtype=torch.long) if top_k_ids else None
     for b, (sequence, completion) in enumerate(zip(sequences, completions, strict=True)):
         start = len(sequence) - len(completion.token_ids)
         input_ids_BL[b, : len(sequence)] = torch.tensor(sequence)
@@ -33,7 +35,10 @@ def completions_to_batch(
         response_mask_BL[b, start : len(sequence)] = 1
         if completion.logprobs:
             rollout_logprobs_BL[b, start : len(sequence)] = torch.tensor(completion.logprobs)
+        if student_topk_ids_BLK is not None and completion.topk_ids:
+            student_topk_ids_BLK[b, start : len(sequence)] = torch.tensor(completion.topk_ids)
     return RolloutBatch(
+        student_topk_ids_BLK=student_topk_ids_BLK,
         input_ids_BL=input_ids_BL,
         attention_mask_BL=attention_mask_BL,
         response_mask_BL=response_mask_BL,
@@ -46,14 +51,30 @@ def completions_to_batch(
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, model: ModelSpec, engine: EngineSpec, rollout: RolloutSpec, seed: int) -> None:
+    def __init__(
+        self,
+        model: ModelSpec,
+        engine: EngineSpec,
+        rollout: RolloutSpec,
+        seed: int,
+        student_top_k: int = 0,
+        verifier: str | None = None,
+    ) -> None:
         self.llm = create_engine(model, engine, seed, worker_extension=WORKER_EXTENSION)
         self.rollout = rollout
         self.seed = seed
+        self.student_top_k = student_top_k
+        self.verifier = resolve_verifier(verifier) if verifier else None
         self.policy_version = 0
 
-    def sample(self, prompts_P: dict[int, list[int]], step: int) -> RolloutBatch:
-        """`prompts_P` maps dataset row -> prompt token ids; the returned batch stays in the object store."""
+    def sample(
+        self, prompts_P: dict[int, list[int]], step: int, answers_P: dict[int, str | None] | None = None
+    ) -> RolloutBatch:
+        """`prompts_P` maps dataset row -> prompt token ids; the returned batch stays in the object store.
+
+        With `answers_P` each response is scored by the verifier (1.0 correct, 0.0 otherwise;
+        a truncated response is wrong), for task-reward mixing and the sample-accuracy metric.
+        """
         indices = list(prompts_P)
         completions = generate(
             self.llm,
@@ -64,8 +85,20 @@ class RolloutWorker:
             top_p=self.rollout.top_p,
             max_new_tokens=self.rollout.max_new_tokens,
             seed=self.seed * 1_000_003 + step,  # reproducible, and distinct across runs and workers
+            top_k_ids=self.student_top_k,
         )
-        return completions_to_batch(prompts_P, completions, self.policy_version)
+        batch = completions_to_batch(prompts_P, completions, self.policy_version, self.student_top_k)
+        if answers_P is not None and self.verifier is not None:
+            scores = [
+                float(
+                    c.finished
+                    and answers_P[c.prompt_index] is not None
+                    and self.verifier(c.text, answers_P[c.prompt_index])
+                )
+                for c in completions
+            ]
+            batch.task_rewards_B = torch.tensor(scores)
+        return batch
 
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
         return greedy(self.llm, prompts_P, max_new_tokens)

@@ -1,8 +1,10 @@
-"""Teacher scoring service: replicas holding the teacher in vLLM.
+"""Teacher scoring service: replicas that score every sampled response token with the teacher.
 
-For every sampled response token it returns the teacher's log-prob of that token and its
-top-k (ids, log-probs) at that state, computed by vLLM's prompt scoring. Only k numbers per
-token leave the replica: a full-vocabulary tensor never enters the object store.
+Two backends behind one actor. vLLM (fast) returns the teacher's log-prob of the sampled
+token and its own top-k. transformers also returns log-probs at requested ids — the
+student's top-k at each position — which top-k objectives on the student's or the union
+support need. Either way only k numbers per token leave the replica: a full-vocabulary
+tensor never enters the object store.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import ray
 import torch
 
 from opd_ray.batch import RolloutBatch
-from opd_ray.spec import EngineSpec, ModelSpec
-from opd_ray.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
+from opd_ray.hf_model import final_hidden_states, load_causal_lm, response_hidden
+from opd_ray.spec import ModelSpec, TeacherSpec
+from opd_ray.vllm_engine import Completion, create_engine, greedy, prompt_logprobs, ranked_ids
 
 
 def attach_teacher_scores(batch: RolloutBatch, scored_positions_B: list[list[dict]], top_k: int) -> RolloutBatch:
+    """vLLM's per-position logprob dicts -> the batch's teacher tensors."""
     batch_size, length = batch.input_ids_BL.shape
     teacher_logprobs_BL = torch.zeros(batch_size, length)
     topk_ids_BLK = torch.zeros(batch_size, length, top_k, dtype=torch.long)
@@ -27,10 +31,9 @@ def attach_teacher_scores(batch: RolloutBatch, scored_positions_B: list[list[dic
             entry = positions[i]
             token = int(batch.input_ids_BL[b, i])
             teacher_logprobs_BL[b, i] = entry[token].logprob
-            # vLLM adds the actual token to the top-k when it ranks lower; keep ranks 1..k only.
-            ranked = sorted(entry.items(), key=lambda item: item[1].rank)[:top_k]
-            topk_ids_BLK[b, i] = torch.tensor([t for t, _ in ranked])
-            topk_logprobs_BLK[b, i] = torch.tensor([lp.logprob for _, lp in ranked])
+            ranked = ranked_ids(entry, top_k)
+            topk_ids_BLK[b, i] = torch.tensor(ranked)
+            topk_logprobs_BLK[b, i] = torch.tensor([entry[t].logprob for t in ranked])
     return replace(
         batch,
         teacher_logprobs_BL=teacher_logprobs_BL,
@@ -39,17 +42,103 @@ def attach_teacher_scores(batch: RolloutBatch, scored_positions_B: list[list[dic
     )
 
 
+def score_with_transformers(model, batch: RolloutBatch, top_k: int, chunk_tokens: int) -> RolloutBatch:
+    """Teacher log-probs of the sampled tokens, its top-k, and its log-probs at the student's top-k ids.
+
+    The head runs on `chunk_tokens` response positions at a time, so memory holds one chunk's logits.
+    """
+    device = next(model.parameters()).device
+    response_BL = batch.response_mask_BL.bool()
+    with torch.no_grad():
+        hidden_BLH = final_hidden_states(model, batch.input_ids_BL.to(device), batch.attention_mask_BL.to(device))
+        hidden_NH = response_hidden(hidden_BLH, batch.response_mask_BL.to(device))
+        targets_N = batch.input_ids_BL[:, 1:][response_BL[:, 1:]].to(device)
+        student_ids_NK = None
+        if batch.student_topk_ids_BLK is not None:
+            student_ids_NK = batch.student_topk_ids_BLK[:, 1:][response_BL[:, 1:]].to(device)
+        head = model.get_output_embeddings()
+        pieces: dict[str, list[torch.Tensor]] = {"token": [], "ids": [], "topk": [], "at_student": []}
+        for start in range(0, hidden_NH.shape[0], chunk_tokens):
+            part = slice(start, start + chunk_tokens)
+            logprobs_NV = torch.log_softmax(head(hidden_NH[part]).float(), -1)
+            pieces["token"].append(logprobs_NV.gather(-1, targets_N[part, None])[:, 0])
+            top = logprobs_NV.topk(top_k, -1)
+            pieces["ids"].append(top.indices)
+            pieces["topk"].append(top.values)
+            if student_ids_NK is not None:
+                pieces["at_student"].append(logprobs_NV.gather(-1, student_ids_NK[part]))
+
+    def to_positions(name: str, trailing: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
+        out = torch.zeros(*batch.input_ids_BL.shape, *trailing, dtype=dtype)
+        if pieces[name]:
+            out[:, 1:][response_BL[:, 1:]] = torch.cat(pieces[name]).to("cpu", dtype)
+        return out
+
+    return replace(
+        batch,
+        teacher_logprobs_BL=to_positions("token", ()),
+        teacher_topk_ids_BLK=to_positions("ids", (top_k,), torch.long),
+        teacher_topk_logprobs_BLK=to_positions("topk", (top_k,)),
+        teacher_logprobs_at_student_topk_BLK=(
+            to_positions("at_student", (student_ids_NK.shape[-1],)) if student_ids_NK is not None else None
+        ),
+    )
+
+
+def greedy_with_transformers(
+    model, tokenizer, prompts_P: dict[int, list[int]], max_new_tokens: int
+) -> list[Completion]:
+    """Greedy decoding for evaluating a transformers-backed teacher (left-padded batches)."""
+    device = next(model.parameters()).device
+    completions = []
+    indices = list(prompts_P)
+    for start in range(0, len(indices), 64):
+        chunk = indices[start : start + 64]
+        longest = max(len(prompts_P[i]) for i in chunk)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([[pad] * (longest - len(prompts_P[i])) + prompts_P[i] for i in chunk], device=device)
+        mask = torch.tensor([[0] * (longest - len(prompts_P[i])) + [1] * len(prompts_P[i]) for i in chunk])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        for i, row in zip(chunk, out[:, longest:].tolist(), strict=True):
+            finished = tokenizer.eos_token_id in row
+            row = row[: row.index(tokenizer.eos_token_id) + 1] if finished else row
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            completions.append(Completion(i, row, [], None, finished, text))
+    return completions
+
+
 @ray.remote
 class TeacherScorer:
-    def __init__(self, model: ModelSpec, engine: EngineSpec, top_k: int, seed: int) -> None:
-        self.llm = create_engine(model, engine, seed)
-        self.top_k = top_k
+    def __init__(self, model: ModelSpec, teacher: TeacherSpec, seed: int) -> None:
+        self.teacher = teacher
+        if teacher.backend == "vllm":
+            self.llm = create_engine(model, teacher.engine, seed)
+        else:
+            from transformers import AutoTokenizer
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model = load_causal_lm(model, device)
+            self.tokenizer = AutoTokenizer.from_pretrained(model.path)
 
     def score(self, batch: RolloutBatch) -> RolloutBatch:
+        if self.teacher.backend == "transformers":
+            return score_with_transformers(self.model, batch, self.teacher.top_k, self.teacher.chunk_tokens)
         sequences = [
             batch.input_ids_BL[b, : int(batch.attention_mask_BL[b].sum())].tolist() for b in range(batch.num_sequences)
         ]
-        return attach_teacher_scores(batch, prompt_logprobs(self.llm, sequences, self.top_k), self.top_k)
+        return attach_teacher_scores(
+            batch, prompt_logprobs(self.llm, sequences, self.teacher.top_k), self.teacher.top_k
+        )
 
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
+        if self.teacher.backend == "transformers":
+            return greedy_with_transformers(self.model, self.tokenizer, prompts_P, max_new_tokens)
         return greedy(self.llm, prompts_P, max_new_tokens)

@@ -34,6 +34,7 @@ class Completion:
     prompt_index: int
     token_ids: list[int]
     logprobs: list[float]  # of the sampled token, under the sampling distribution
+    topk_ids: list[list[int]] | None  # the model's top-k ids at each sampled position, by rank
     finished: bool  # ended with end-of-sequence rather than the length limit
     text: str
 
@@ -70,8 +71,13 @@ def generate(
     top_p: float,
     max_new_tokens: int,
     seed: int | None,
+    top_k_ids: int = 0,
 ) -> list[Completion]:
-    """Samples (temperature > 0) or decodes greedily (temperature 0); one Completion per sample."""
+    """Samples (temperature > 0) or decodes greedily (temperature 0); one Completion per sample.
+
+    `top_k_ids` > 0 also records the model's top-k ids at every sampled position (vLLM ranks
+    them on the raw distribution, before temperature): the student's top-k support.
+    """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -80,7 +86,7 @@ def generate(
         temperature=temperature,
         top_p=top_p,
         max_tokens=max_new_tokens,
-        logprobs=0 if temperature > 0 else None,
+        logprobs=top_k_ids if temperature > 0 else None,
         seed=seed,
     )
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts_P], params, use_tqdm=False)
@@ -90,10 +96,16 @@ def generate(
             ids = list(sample.token_ids)
             steps = sample.logprobs or []
             logprobs = [step[t].logprob for step, t in zip(steps, ids, strict=True)] if steps else []
+            topk_ids = [ranked_ids(step, top_k_ids) for step in steps] if top_k_ids else None
             completions.append(
-                Completion(index, ids, logprobs, finished=sample.finish_reason == "stop", text=sample.text)
+                Completion(index, ids, logprobs, topk_ids, finished=sample.finish_reason == "stop", text=sample.text)
             )
     return completions
+
+
+def ranked_ids(position: dict, k: int) -> list[int]:
+    """Ids of ranks 1..k in one position's logprob dict (vLLM adds the sampled token when it ranks lower)."""
+    return [token for token, _ in sorted(position.items(), key=lambda item: item[1].rank)[:k]]
 
 
 def greedy(llm: LLM, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:

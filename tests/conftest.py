@@ -36,7 +36,7 @@ def tiny_spec_dict(tiny_dir: Path, run_dir: Path) -> dict:
         "rollout": {"max_new_tokens": 6, "engine": {"max_model_len": 32, "kv_cache_gib": 0.1}},
         "teacher": {"top_k": 15, "engine": {"max_model_len": 32, "kv_cache_gib": 0.1}},
         "learner": {"num_ranks": 2, "zero_stage": 2, "lr": 3e-3, "warmup_steps": 0},
-        "algorithm": {"objective": "topk_reverse_kl"},
+        "algorithm": {"objective": "topk"},
         "diagnostics": {"top_k": 4},
         "trainer": {"steps": 3, "prompts_per_step": 16},
         "ray": {"num_cpus": 8},

@@ -81,9 +81,9 @@ def test_position_buckets_split_each_response_in_thirds() -> None:
 
 
 def test_masked_sums_combine_to_exact_means_across_ranks() -> None:
-    values = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
-    rank0 = masked_sums({"x": values}, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
-    rank1 = masked_sums({"x": torch.tensor([[5.0]])}, torch.tensor([[1.0]]))
+    # rank 0 holds one 3-token response (buckets start/middle/end), rank 1 a 1-token response
+    rank0 = masked_sums({"x": torch.tensor([1.0, 2.0, 3.0])}, torch.tensor([0, 1, 2]))
+    rank1 = masked_sums({"x": torch.tensor([5.0])}, torch.tensor([0]))
     combined = combine_rank_metrics([{**rank0, "lr": 0.1}, {**rank1, "lr": 0.1}])
     assert combined["diag/x"] == pytest.approx((1 + 2 + 3 + 5) / 4)
     assert combined["diag/x/start"] == pytest.approx((1 + 5) / 2)

@@ -1,7 +1,8 @@
-"""Objectives against float64 brute-force references, values and gradients."""
+"""Objectives against float64 brute-force references (explicit loops over ids), values and gradients."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -9,219 +10,284 @@ import torch
 
 from opd_ray.objectives import (
     ObjectiveInputs,
-    aggregate,
-    position_weights,
-    reverse_kl_advantages,
+    TokenBatch,
+    chunked_loss,
+    forward_to_reverse_weight,
+    full_vocab_divergence,
     sampled_token_reverse_kl,
     sft_cross_entropy,
-    topk_reverse_kl,
+    token_loss,
+    topk_divergence,
     vopd_baseline,
 )
+from opd_ray.spec import AlgorithmSpec
 
-B, T, V, K = 3, 5, 7, 4
+N, V, K = 6, 9, 4
 
 
 def make_inputs(seed: int, k: int = K) -> ObjectiveInputs:
+    """N tokens of random student/teacher distributions; the student's top-k come from a nearby p_old."""
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
-    teacher_logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
-    teacher_logprobs_full = torch.log_softmax(teacher_logits, -1)
-    topk = teacher_logprobs_full.topk(k, dim=-1)
-    targets = torch.randint(0, V, (B, T), generator=g)
-    mask = (torch.rand(B, T, generator=g) > 0.3).double()
-    rollout = torch.log_softmax(logits.detach() + 0.1 * torch.randn(B, T, V, generator=g, dtype=torch.float64), -1)
-    return ObjectiveInputs(
-        student_logits_BTV=logits,
-        target_ids_BT=targets,
-        mask_BT=mask,
-        rollout_logprobs_BT=rollout.gather(-1, targets[..., None])[..., 0],
-        teacher_logprobs_BT=teacher_logprobs_full.gather(-1, targets[..., None])[..., 0],
-        teacher_topk_ids_BTK=topk.indices,
-        teacher_topk_logprobs_BTK=topk.values,
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher_logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 1.5
+    log_q = torch.log_softmax(teacher_logits, -1)
+    p_old = torch.log_softmax(logits.detach() + 0.3 * torch.randn(N, V, generator=g, dtype=torch.float64), -1)
+    targets = torch.randint(0, V, (N,), generator=g)
+    teacher_top = log_q.topk(k, -1)
+    student_top_ids = p_old.topk(k, -1).indices
+    tokens = TokenBatch(
+        target_ids_N=targets,
+        rollout_logprobs_N=p_old.gather(-1, targets[:, None])[:, 0],
+        token_weight_N=torch.ones(N, dtype=torch.float64),
+        teacher_logprobs_N=log_q.gather(-1, targets[:, None])[:, 0],
+        teacher_topk_ids_NK=teacher_top.indices,
+        teacher_topk_logprobs_NK=teacher_top.values,
+        student_topk_ids_NK=student_top_ids,
+        teacher_logprobs_at_student_topk_NK=log_q.gather(-1, student_top_ids),
     )
+    return ObjectiveInputs(logits, tokens, teacher_logits_NV=teacher_logits)
 
 
-def brute_topk_kl(inputs: ObjectiveInputs) -> torch.Tensor:
-    """Loops over positions with explicit sums: no shared code with the implementation."""
+def algorithm(**kwargs) -> AlgorithmSpec:
+    return AlgorithmSpec(**{"objective": "topk", **kwargs})
+
+
+def brute_divergence(p: list, q: list, kind: str, beta: float = 0.5, reverse_weight: float = 1.0):
+    """Divergence of two lists of probabilities (tensors), by explicit sums."""
+
+    def kl(a, b):
+        return sum(ai * (torch.log(ai) - torch.log(bi)) for ai, bi in zip(a, b, strict=True) if float(ai.detach()) > 0)
+
+    if kind == "reverse_kl":
+        return kl(p, q)
+    if kind == "forward_kl":
+        return kl(q, p)
+    if kind == "jsd":
+        m = [beta * qi + (1 - beta) * pi for pi, qi in zip(p, q, strict=True)]
+        return beta * kl(q, m) + (1 - beta) * kl(p, m)
+    return reverse_weight * kl(p, q) + (1 - reverse_weight) * kl(q, p)
+
+
+def brute_topk(inputs: ObjectiveInputs, support: str, tail: bool, kind: str, **kw) -> torch.Tensor:
+    """The support as Python sets, probabilities as Python sums: no code shared with the implementation."""
     total = torch.zeros((), dtype=torch.float64)
-    for b in range(B):
-        for t in range(T):
-            if inputs.mask_BT[b, t] == 0:
-                continue
-            ids = inputs.teacher_topk_ids_BTK[b, t].tolist()
-            p = [torch.exp(inputs.student_logits_BTV[b, t, i]) for i in ids]
-            z_p = sum(p)
-            q = [torch.exp(inputs.teacher_topk_logprobs_BTK[b, t, j]) for j in range(len(ids))]
-            z_q = sum(q)
-            for pi, qi in zip(p, q, strict=True):
-                total = total + (pi / z_p) * (torch.log(pi / z_p) - torch.log(qi / z_q))
+    t = inputs.tokens
+    for n in range(N):
+        z_p = sum(torch.exp(inputs.student_logits_NV[n, v]) for v in range(V))
+        p_full = {v: torch.exp(inputs.student_logits_NV[n, v]) / z_p for v in range(V)}
+        q_full = {v: torch.exp(torch.log_softmax(inputs.teacher_logits_NV[n], -1)[v]) for v in range(V)}
+        student_set = set(t.student_topk_ids_NK[n].tolist())
+        teacher_set = set(t.teacher_topk_ids_NK[n].tolist())
+        ids = {
+            "student": student_set,
+            "teacher": teacher_set,
+            "intersection": student_set & teacher_set,
+            "union": student_set | teacher_set,
+        }[support]
+        if not ids:
+            continue
+        ids = sorted(ids)
+        p = [p_full[v] for v in ids]
+        q = [q_full[v] for v in ids]
+        if tail:
+            p.append(1 - sum(p))
+            q.append(1 - sum(q))
+        else:
+            p = [pi / sum(p) for pi in p]
+            q = [qi / sum(q) for qi in q]
+        total = total + brute_divergence(p, q, kind, **kw)
     return total
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_topk_reverse_kl_matches_brute_force(seed: int) -> None:
-    inputs = make_inputs(seed)
-    got = topk_reverse_kl(inputs).sum()
-    (grad_got,) = torch.autograd.grad(got, inputs.student_logits_BTV)
-    want = brute_topk_kl(inputs)
-    (grad_want,) = torch.autograd.grad(want, inputs.student_logits_BTV)
+def value_and_grad(loss: torch.Tensor, inputs: ObjectiveInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    (grad,) = torch.autograd.grad(loss, inputs.student_logits_NV)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("support", ["student", "teacher", "intersection", "union"])
+@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
+def test_topk_matches_brute_force(support: str, tail: bool, kind: str) -> None:
+    inputs = make_inputs(seed=len(support) + 10 * tail)
+    spec = algorithm(topk_support=support, topk_tail=tail, divergence=kind, jsd_beta=0.3)
+    got, grad_got = value_and_grad(topk_divergence(inputs, spec).sum(), inputs)
+    want, grad_want = value_and_grad(brute_topk(inputs, support, tail, kind, beta=0.3), inputs)
+    tolerance = 1e-5 if tail else 1e-10  # the tail bucket keeps 1e-6 of mass when the support is everything
+    assert torch.allclose(got, want, atol=tolerance)
+    assert torch.allclose(grad_got, grad_want, atol=tolerance)
+
+
+def test_empty_intersection_gives_zero_loss_and_finite_gradient() -> None:
+    inputs = make_inputs(3, k=2)
+    inputs.tokens.student_topk_ids_NK = torch.tensor([[0, 1]] * N)
+    inputs.tokens.teacher_topk_ids_NK = torch.tensor([[2, 3]] * N)
+    loss = topk_divergence(inputs, algorithm(topk_support="intersection"))
+    assert torch.all(loss == 0)
+    (grad,) = torch.autograd.grad(loss.sum(), inputs.student_logits_NV)
+    assert torch.all(torch.isfinite(grad))
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd", "forward_to_reverse"])
+def test_full_vocab_matches_brute_force(kind: str) -> None:
+    inputs = make_inputs(4)
+    spec = AlgorithmSpec(objective="full_vocab", divergence=kind, jsd_beta=0.7, anneal_steps=10)
+    got, grad_got = value_and_grad(full_vocab_divergence(replace_weight(inputs, 0.25), spec).sum(), inputs)
+    want = torch.zeros((), dtype=torch.float64)
+    for n in range(N):
+        p = list(torch.softmax(inputs.student_logits_NV[n], -1))
+        q = list(torch.softmax(inputs.teacher_logits_NV[n], -1))
+        want = want + brute_divergence(p, q, kind, beta=0.7, reverse_weight=0.25)
+    want, grad_want = value_and_grad(want, inputs)
     assert torch.allclose(got, want, atol=1e-10)
     assert torch.allclose(grad_got, grad_want, atol=1e-10)
 
 
-def test_topk_with_full_support_is_exact_reverse_kl() -> None:
-    inputs = make_inputs(3, k=V)
-    p = torch.softmax(inputs.student_logits_BTV, -1)
-    q = torch.softmax(inputs.teacher_topk_logprobs_BTK, -1)  # all V ids, in teacher order
-    log_p_on_ids = torch.log_softmax(inputs.student_logits_BTV, -1).gather(-1, inputs.teacher_topk_ids_BTK)
-    p_on_ids = p.gather(-1, inputs.teacher_topk_ids_BTK)
-    exact = ((p_on_ids * (log_p_on_ids - torch.log(q))).sum(-1) * inputs.mask_BT).sum()
-    assert torch.allclose(topk_reverse_kl(inputs).sum(), exact, atol=1e-10)
+def replace_weight(inputs: ObjectiveInputs, reverse_weight: float) -> ObjectiveInputs:
+    return ObjectiveInputs(inputs.student_logits_NV, inputs.tokens, inputs.teacher_logits_NV, reverse_weight)
 
 
-def test_topk_kl_is_zero_when_student_equals_teacher() -> None:
-    inputs = make_inputs(4, k=V)
-    teacher_logits = torch.zeros(B, T, V, dtype=torch.float64)
-    teacher_logits.scatter_(-1, inputs.teacher_topk_ids_BTK, inputs.teacher_topk_logprobs_BTK)
-    inputs.student_logits_BTV = teacher_logits.clone().requires_grad_(True)
-    assert topk_reverse_kl(inputs).abs().max() < 1e-12
+def test_jsd_ends_are_forward_and_reverse_kl() -> None:
+    inputs = make_inputs(5)
+    for beta, kind in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        jsd = full_vocab_divergence(inputs, AlgorithmSpec(objective="full_vocab", divergence="jsd", jsd_beta=beta))
+        kl = full_vocab_divergence(inputs, AlgorithmSpec(objective="full_vocab", divergence=kind))
+        assert torch.allclose(jsd, kl)
+
+
+def test_topk_with_whole_vocabulary_is_the_full_vocab_divergence() -> None:
+    inputs = make_inputs(6, k=V)
+    for kind in ("reverse_kl", "forward_kl", "jsd"):
+        topk = topk_divergence(inputs, algorithm(divergence=kind, topk_support="union"))
+        full = full_vocab_divergence(inputs, AlgorithmSpec(objective="full_vocab", divergence=kind))
+        assert torch.allclose(topk, full, atol=1e-10)
+
+
+def test_divergences_vanish_when_student_equals_teacher() -> None:
+    inputs = make_inputs(7, k=V)
+    same = ObjectiveInputs(
+        inputs.teacher_logits_NV.clone().requires_grad_(True), inputs.tokens, inputs.teacher_logits_NV
+    )
+    for kind in ("reverse_kl", "forward_kl", "jsd"):
+        assert full_vocab_divergence(same, AlgorithmSpec(objective="full_vocab", divergence=kind)).abs().max() < 1e-12
+        assert topk_divergence(same, algorithm(divergence=kind)).abs().max() < 1e-12
+
+
+def test_forward_to_reverse_weight_ramps_from_forward_to_reverse() -> None:
+    weights = [forward_to_reverse_weight(step, 5) for step in range(1, 8)]
+    assert weights[0] == 0.0 and weights[4] == pytest.approx(1.0) and weights[6] == 1.0
+    assert all(a <= b for a, b in itertools.pairwise(weights))
+    assert weights[2] == pytest.approx(0.5)
 
 
 def brute_sampled_token(inputs: ObjectiveInputs, clip_eps: float) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64)
-    for b in range(B):
-        for t in range(T):
-            if inputs.mask_BT[b, t] == 0:
-                continue
-            logits = inputs.student_logits_BTV[b, t]
-            y = int(inputs.target_ids_BT[b, t])
-            logp = logits[y] - torch.log(torch.exp(logits).sum())
-            advantage = float(inputs.teacher_logprobs_BT[b, t] - inputs.rollout_logprobs_BT[b, t])
-            ratio = torch.exp(logp - inputs.rollout_logprobs_BT[b, t])
-            clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-            total = total - torch.minimum(ratio * advantage, clipped * advantage)
+    t = inputs.tokens
+    for n in range(N):
+        logits = inputs.student_logits_NV[n]
+        y = int(t.target_ids_N[n])
+        logp = logits[y] - torch.log(torch.exp(logits).sum())
+        advantage = float(t.advantage_N[n])
+        ratio = torch.exp(logp - t.rollout_logprobs_N[n])
+        clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+        total = total - torch.minimum(ratio * advantage, clipped * advantage)
     return total
 
 
-@pytest.mark.parametrize("clip_eps", [0.2, 0.05])
-def test_sampled_token_matches_brute_force(clip_eps: float) -> None:
-    inputs = make_inputs(5)
-    got = sampled_token_reverse_kl(inputs, clip_eps).sum()
-    (grad_got,) = torch.autograd.grad(got, inputs.student_logits_BTV)
-    want = brute_sampled_token(inputs, clip_eps)
-    (grad_want,) = torch.autograd.grad(want, inputs.student_logits_BTV)
+@pytest.mark.parametrize("clip_eps", [0.2, 0.05, None])
+def test_sampled_token_matches_brute_force(clip_eps: float | None) -> None:
+    inputs = make_inputs(8)
+    inputs.tokens.advantage_N = inputs.tokens.teacher_logprobs_N - inputs.tokens.rollout_logprobs_N
+    spec = AlgorithmSpec(objective="sampled_token", clip_eps=clip_eps)
+    got, grad_got = value_and_grad(sampled_token_reverse_kl(inputs, spec).sum(), inputs)
+    want, grad_want = value_and_grad(brute_sampled_token(inputs, clip_eps or 1e9), inputs)  # 1e9: never binds
     assert torch.allclose(got, want, atol=1e-10)
     assert torch.allclose(grad_got, grad_want, atol=1e-10)
-
-
-def test_sft_cross_entropy_counts_only_masked_tokens() -> None:
-    logits = torch.zeros(1, 3, 4, dtype=torch.float64)
-    targets = torch.tensor([[0, 1, 2]])
-    mask = torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64)
-    assert torch.allclose(
-        sft_cross_entropy(logits, targets, mask).sum(), torch.tensor(2 * math.log(4), dtype=torch.float64)
-    )
-
-
-def test_discounted_returns_match_loops() -> None:
-    g = torch.Generator().manual_seed(7)
-    teacher = torch.randn(2, 6, generator=g, dtype=torch.float64)
-    rollout = torch.randn(2, 6, generator=g, dtype=torch.float64)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.float64)
-    for discount in (0.0, 0.5, 1.0):
-        got = reverse_kl_advantages(teacher, rollout, mask, discount=discount)
-        for b in range(2):
-            for t in range(6):
-                want = sum(
-                    discount ** (s - t) * float(teacher[b, s] - rollout[b, s]) * float(mask[b, s])
-                    for s in range(t, 6)
-                    if discount > 0 or s == t
-                )
-                assert float(got[b, t]) == pytest.approx(want * float(mask[b, t]), abs=1e-12)
-
-
-def test_standardized_advantages_have_unit_scale_on_response_tokens() -> None:
-    g = torch.Generator().manual_seed(8)
-    teacher = torch.randn(3, 5, generator=g, dtype=torch.float64) * 4 - 2
-    rollout = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    mask = (torch.rand(3, 5, generator=g) > 0.4).double()
-    got = reverse_kl_advantages(teacher, rollout, mask, standardize=True)
-    values = got[mask.bool()]
-    assert float(values.mean()) == pytest.approx(0.0, abs=1e-9)
-    assert float(values.pow(2).mean()) == pytest.approx(1.0, abs=1e-6)
-    assert torch.all(got[~mask.bool()] == 0)
-
-
-def test_sampled_token_without_clip_is_plain_importance_sampling() -> None:
-    inputs = make_inputs(9)
-    got = sampled_token_reverse_kl(inputs, clip_eps=None).sum()
-    (grad_got,) = torch.autograd.grad(got, inputs.student_logits_BTV)
-    want = brute_sampled_token(inputs, clip_eps=1e9)  # a clip that never binds
-    (grad_want,) = torch.autograd.grad(want, inputs.student_logits_BTV)
-    assert torch.allclose(got, want, atol=1e-10)
-    assert torch.allclose(grad_got, grad_want, atol=1e-10)
-
-
-def test_precomputed_advantages_are_used() -> None:
-    inputs = make_inputs(10)
-    inputs.advantage_BT = torch.ones(B, T, dtype=torch.float64)
-    student_logprobs = torch.log_softmax(inputs.student_logits_BTV, -1).gather(-1, inputs.target_ids_BT[..., None])[
-        ..., 0
-    ]
-    ratio = torch.exp(student_logprobs - inputs.rollout_logprobs_BT)
-    want = -(torch.minimum(ratio, ratio.clamp(0.8, 1.2)) * inputs.mask_BT).sum()
-    assert torch.allclose(sampled_token_reverse_kl(inputs, clip_eps=0.2).sum(), want, atol=1e-12)
 
 
 @pytest.mark.parametrize("baseline", ["none", "vopd"])
 def test_sampled_token_gradient_is_unbiased_reverse_kl_gradient(baseline: str) -> None:
-    """On-policy (p_old = p_theta), E_y[grad of the surrogate] = grad KL(p || q): enumerate y exactly.
-
-    With the vOPD baseline (exact here: the teacher's top-k covers the vocabulary) the
-    gradient is unchanged and the expected advantage becomes 0.
-    """
+    """On-policy (p_old = p_theta), E_y[grad of the surrogate] = grad KL(p || q), enumerating y exactly
+    (tolerance 1e-10). With the vOPD baseline (exact here: the teacher's top-k covers the
+    vocabulary) the gradient is unchanged and the expected advantage becomes 0."""
     g = torch.Generator().manual_seed(6)
-    logits = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(1, V, generator=g, dtype=torch.float64, requires_grad=True)
     log_q = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), -1)
-    log_p = torch.log_softmax(logits, -1)
+    log_p = torch.log_softmax(logits[0], -1)
     (exact_grad,) = torch.autograd.grad((log_p.exp() * (log_p - log_q)).sum(), logits)
     p_old = log_p.detach()
+    spec = AlgorithmSpec(objective="sampled_token", clip_eps=0.2)
 
-    expected_grad = torch.zeros(V, dtype=torch.float64)
+    expected_grad = torch.zeros(1, V, dtype=torch.float64)
     expected_advantage = 0.0
     for y in range(V):
-        inputs = ObjectiveInputs(
-            student_logits_BTV=logits.view(1, 1, V),
-            target_ids_BT=torch.tensor([[y]]),
-            mask_BT=torch.ones(1, 1, dtype=torch.float64),
-            rollout_logprobs_BT=p_old[y].view(1, 1),
-            teacher_logprobs_BT=log_q[y].view(1, 1),
-            teacher_topk_ids_BTK=torch.arange(V).view(1, 1, V),
-            teacher_topk_logprobs_BTK=log_q.view(1, 1, V),
+        tokens = TokenBatch(
+            target_ids_N=torch.tensor([y]),
+            rollout_logprobs_N=p_old[y].view(1),
+            token_weight_N=torch.ones(1, dtype=torch.float64),
+            teacher_logprobs_N=log_q[y].view(1),
+            teacher_topk_ids_NK=torch.arange(V).view(1, V),
+            teacher_topk_logprobs_NK=log_q.view(1, V),
         )
-        loss = sampled_token_reverse_kl(inputs, clip_eps=0.2, baseline=baseline).sum()
-        (grad_y,) = torch.autograd.grad(loss, logits)
+        inputs = ObjectiveInputs(logits, tokens)
+        advantage = tokens.teacher_logprobs_N - tokens.rollout_logprobs_N
+        if baseline == "vopd":
+            advantage = advantage - vopd_baseline(inputs)
+        tokens.advantage_N = advantage
+        (grad_y,) = torch.autograd.grad(sampled_token_reverse_kl(inputs, spec).sum(), logits)
         expected_grad += p_old[y].exp() * grad_y
-        expected_advantage += float(p_old[y].exp() * (log_q[y] - p_old[y] - vopd_baseline(inputs)[0, 0]))
+        expected_advantage += float(p_old[y].exp() * advantage[0])
     assert torch.allclose(expected_grad, exact_grad, atol=1e-10)
     if baseline == "vopd":
         assert expected_advantage == pytest.approx(0.0, abs=1e-12)
 
 
-def test_position_weights_match_loops() -> None:
-    advantage = torch.tensor([[0.0, -2.0, 1.0, -1.0, 5.0]], dtype=torch.float64)
-    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
-    got = position_weights(advantage, mask, gamma=0.5)
-    total = 2.0 + 1.0 + 1.0
-    want = [0.0, 1 + 0.5 * (1 - 0 / total), 1 + 0.5 * (1 - 2 / total), 1 + 0.5 * (1 - 3 / total), 0.0]
-    assert got[0].tolist() == pytest.approx(want)
+def test_sft_cross_entropy_is_negative_log_likelihood() -> None:
+    tokens = TokenBatch(torch.tensor([1, 2]), torch.zeros(2), torch.ones(2))
+    loss = sft_cross_entropy(ObjectiveInputs(torch.zeros(2, 4, dtype=torch.float64), tokens), AlgorithmSpec())
+    assert loss.tolist() == pytest.approx([math.log(4), math.log(4)])
 
 
-def test_aggregation_shares_add_up_to_global_means() -> None:
-    loss = torch.tensor([[1.0, 2.0, 0.0], [4.0, 0.0, 0.0], [3.0, 3.0, 3.0]], dtype=torch.float64)
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
-    tokens, sequences = int(mask.sum()), 3
-    shards = [slice(0, None, 2), slice(1, None, 2)]  # how two learner ranks split the rows
-    for mode, want in (("token_mean", 16.0 / 6), ("sequence_mean", (1.5 + 4.0 + 3.0) / 3)):
-        shares = [float(aggregate(loss[s], mask[s], mode, tokens, sequences)) for s in shards]
-        assert sum(shares) == pytest.approx(want)
+def test_task_reward_adds_a_policy_gradient_term_to_analytic_objectives() -> None:
+    inputs = make_inputs(9)
+    inputs.tokens.task_advantage_N = torch.linspace(-1, 1, N, dtype=torch.float64)
+    plain = algorithm(divergence="reverse_kl")
+    mixed = algorithm(divergence="reverse_kl", task_reward_coef=0.5)
+    inputs.tokens.task_advantage_N, saved = None, inputs.tokens.task_advantage_N
+    base = token_loss(inputs, plain)
+    inputs.tokens.task_advantage_N = saved
+    log_p = torch.log_softmax(inputs.student_logits_NV, -1).gather(-1, inputs.tokens.target_ids_N[:, None])[:, 0]
+    ratio = torch.exp(log_p - inputs.tokens.rollout_logprobs_N)
+    want = base - ratio * 0.5 * saved
+    assert torch.allclose(token_loss(inputs, mixed), want, atol=1e-12)
+
+
+def test_gate_zeroes_the_loss_of_gated_tokens() -> None:
+    inputs = make_inputs(10)
+    inputs.tokens.keep_N = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    loss = token_loss(inputs, algorithm())
+    assert torch.all(loss[inputs.tokens.keep_N == 0] == 0) and torch.all(loss[inputs.tokens.keep_N == 1] > 0)
+
+
+@pytest.mark.parametrize("objective", ["topk", "full_vocab", "sampled_token"])
+@pytest.mark.parametrize("chunk", [1, 4, N])
+def test_chunked_loss_equals_unchunked_values_and_gradients(objective: str, chunk: int) -> None:
+    """Chunks under activation checkpointing change memory, not numbers: hidden -> head -> loss."""
+    g = torch.Generator().manual_seed(11)
+    inputs = make_inputs(11)
+    hidden = torch.randn(N, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(5, V, bias=False).double()
+    teacher_hidden = torch.randn(N, 5, generator=g, dtype=torch.float64)
+    teacher_head = torch.nn.Linear(5, V, bias=False).double()
+    tokens = inputs.tokens
+    tokens.token_weight_N = torch.rand(N, generator=g, dtype=torch.float64)
+    tokens.advantage_N = torch.randn(N, generator=g, dtype=torch.float64)
+    spec = AlgorithmSpec(objective=objective, divergence="forward_to_reverse", anneal_steps=4)
+
+    whole = ObjectiveInputs(head(hidden), tokens, teacher_head(teacher_hidden).detach(), reverse_weight=0.4)
+    want = (token_loss(whole, spec) * tokens.token_weight_N).sum()
+    want_grads = torch.autograd.grad(want, [hidden, head.weight])
+    got = chunked_loss(hidden, head, tokens, spec, chunk, teacher_hidden, teacher_head, reverse_weight=0.4)
+    got_grads = torch.autograd.grad(got, [hidden, head.weight])
+    assert torch.allclose(got, want, atol=1e-12)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -46,7 +46,7 @@ def test_overrides_apply_and_are_typed(tmp_path: Path) -> None:
 
 def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, MINIMAL))
-    assert spec.algorithm.objective == "topk_reverse_kl"
+    assert spec.algorithm.objective == "topk"
     assert spec.ray.dashboard_host == "127.0.0.1"
     assert spec.models.student.trust_remote_code is False
 

@@ -1,0 +1,56 @@
+"""transformers models the way opd-ray runs them outside vLLM: final hidden states, then the head in chunks.
+
+Every learner loss and the transformers teacher backend apply the output head to a few
+thousand response tokens at a time, so no B x T x |V| logits tensor is ever built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from opd_ray.errors import UserError
+from opd_ray.spec import ModelSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(model: ModelSpec, device: torch.device | str = "cpu") -> Any:
+    """A frozen model in eval mode (teachers), from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    module = AutoModelForCausalLM.from_pretrained(
+        model.path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code, use_safetensors=True
+    )
+    module.to(device).eval().requires_grad_(False)
+    return module
+
+
+def final_hidden_states(model: Callable[..., Any], input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor):
+    """Last layer's (normalised) hidden states; asks the model for the logits of one position only."""
+    output = model(
+        input_ids=input_ids_BL, attention_mask=attention_mask_BL, output_hidden_states=True, logits_to_keep=1
+    )
+    return output.hidden_states[-1]
+
+
+def response_hidden(hidden_BLH: torch.Tensor, response_mask_BL: torch.Tensor) -> torch.Tensor:
+    """Hidden states that predict the response tokens (position i-1 predicts token i), flattened to N."""
+    return hidden_BLH[:, :-1][response_mask_BL[:, 1:].bool()]
+
+
+def check_head_reproduces_logits(model: Callable[..., Any], head: Callable, vocab_size: int, device) -> None:
+    """Chunked losses apply the output head to final hidden states; a model that post-processes its
+    logits (soft-capping, scaling) would silently train on different numbers, so refuse it up front."""
+    ids = torch.arange(4, device=device).remainder(vocab_size).unsqueeze(0)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits.float()
+        via_head = head(final_hidden_states(model, ids, mask)).float()
+    if not torch.allclose(full, via_head, atol=1e-3, rtol=1e-3):
+        raise UserError(
+            "the model's logits are not its output head applied to its last hidden states "
+            "(soft-capping or logit scaling?); chunked losses do not support this architecture yet"
+        )
