@@ -1,4 +1,4 @@
-"""`opd-ray validate|train SPEC [key=value ...]`.
+"""`opd-ray validate|train SPEC [key=value ...]` and `opd-ray report RUN_DIR...`.
 
 User errors (bad spec, missing files, mismatched vocabularies) print one line and exit 2;
 anything else is a bug and keeps its traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from opd_ray.errors import UserError
 from opd_ray.spec import load_spec, spec_to_yaml
@@ -23,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("spec", help="experiment spec (YAML)")
         sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.steps=10")
+    report = commands.add_parser("report", help="accuracies and diagnostics, early vs late, of finished runs")
+    report.add_argument("runs", nargs="+", help="run directories (run.output_dir)")
+    report.add_argument("--window", type=int, default=50, help="steps averaged at the start and at the end")
     return parser
 
 
@@ -51,6 +55,11 @@ def _print_summary(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "report":
+            from opd_ray.report import render
+
+            print(render([Path(r) for r in args.runs], args.window))
+            return 0
         spec = load_spec(args.spec, args.overrides)
         if args.command == "validate":
             print(spec_to_yaml(spec), end="")

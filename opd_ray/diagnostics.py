@@ -52,8 +52,10 @@ def token_diagnostics(
 
     student_entropy_BT = student_entropy(student_logits_BTV)
     teacher_entropy_BT = support_entropy(teacher_topk_logprobs_BTK)
+    top1_agreement_BT = (student_top_BTk.indices[..., 0] == teacher_ids_BTk[..., 0]).float()
     return {
         "overlap_ratio": shared_count_BT.float() / k,
+        "top1_agreement": top1_agreement_BT,
         "overlap_mass_student": student_mass_BT,
         "overlap_mass_teacher": teacher_mass_BT,
         "overlap_advantage": advantage_BT,

@@ -30,6 +30,7 @@ def test_identical_distributions() -> None:
     probs = [0.4, 0.3, 0.2, 0.1]
     d = diagnose(probs, probs, k=2)
     assert d["overlap_ratio"] == pytest.approx(1.0)
+    assert d["top1_agreement"] == 1.0
     assert d["overlap_mass_student"] == pytest.approx(0.7)
     assert d["overlap_mass_teacher"] == pytest.approx(0.7)
     assert d["overlap_advantage"] == pytest.approx(0.0, abs=1e-12)
@@ -54,6 +55,7 @@ def test_overlap_advantage_by_hand() -> None:
     p_bar, q_bar = (0.6, 0.4), (0.8, 0.2)
     want = sum(p * (math.log(q) - math.log(p)) for p, q in zip(p_bar, q_bar, strict=True))
     assert d["overlap_ratio"] == pytest.approx(1.0)
+    assert d["top1_agreement"] == 1.0
     assert d["overlap_advantage"] == pytest.approx(want, rel=1e-5)
     assert d["overlap_advantage"] < 0
     assert diagnose([0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], k=4)["overlap_ratio"] == 1.0  # k = |V|
@@ -62,6 +64,7 @@ def test_overlap_advantage_by_hand() -> None:
 def test_disjoint_top_k() -> None:
     d = diagnose([0.45, 0.45, 0.05, 0.05], [0.05, 0.05, 0.45, 0.45], k=2)
     assert d["overlap_ratio"] == 0.0
+    assert d["top1_agreement"] == 0.0
     assert d["overlap_mass_student"] == 0.0 and d["overlap_mass_teacher"] == 0.0
     assert d["overlap_advantage"] == 0.0
 
@@ -88,3 +91,19 @@ def test_masked_sums_combine_to_exact_means_across_ranks() -> None:
     assert combined["diag/x"] == pytest.approx((1 + 2 + 3 + 5) / 4)
     assert combined["diag/x/start"] == pytest.approx((1 + 5) / 2)
     assert combined["lr"] == 0.1
+
+
+def test_report_compares_first_and_last_steps(tmp_path) -> None:
+    import json
+
+    from opd_ray.report import render
+
+    run = tmp_path / "run-a"
+    run.mkdir()
+    rows = [{"step": s, "diag/overlap_ratio": 0.5 + 0.1 * (s > 2), "eval/student_accuracy": 0.7} for s in (1, 2, 3, 4)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (run / "summary.json").write_text(json.dumps({"objective": "topk", "gap_recovery": 0.25}))
+    table = render([run], window=2)
+    assert "| diag/overlap_ratio (first -> last 2 steps) | 0.500 -> 0.600 |" in table
+    assert "| gap_recovery | 0.250 |" in table
+    assert "0.70@1" in table

@@ -1,0 +1,66 @@
+"""`opd-ray report RUN_DIR...`: whether a run worked, read off its metrics the way the paper reads them.
+
+Successful OPD shows at the token level: overlap ratio and shared mass rise, the overlap-token
+advantage moves towards 0, the entropy gap narrows. This compares the mean of each diagnostic
+over the first and the last `window` steps, next to the accuracies, for one or more runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from opd_ray.errors import UserError
+
+DIAGNOSTICS = (
+    "sampled_reverse_kl",
+    "diag/overlap_ratio",
+    "diag/top1_agreement",
+    "diag/overlap_mass_student",
+    "diag/overlap_mass_teacher",
+    "diag/overlap_advantage",
+    "diag/student_entropy",
+    "diag/teacher_entropy",
+    "diag/entropy_gap",
+    "diag/teacher_minus_student_logprob",
+)
+
+
+def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    metrics_path, summary_path = run_dir / "metrics.jsonl", run_dir / "summary.json"
+    if not metrics_path.is_file():
+        raise UserError(f"no metrics.jsonl in {run_dir}")
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return summary, metrics
+
+
+def window_mean(key: str, rows: list[dict]) -> float | None:
+    values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
+    return sum(values) / len(values) if values else None
+
+
+def report_rows(run_dir: Path, window: int) -> list[tuple[str, str]]:
+    """(label, value) pairs for one run: accuracies, then each diagnostic as 'first -> last'."""
+    summary, metrics = read_run(run_dir)
+    first, last = metrics[:window], metrics[-window:]
+    rows = [("objective", str(summary.get("objective", "?"))), ("steps", str(len(metrics)))]
+    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "gap_recovery"):
+        value = summary.get(key)
+        rows.append((key, f"{value:.3f}" if isinstance(value, float) else "-"))
+    evals = [f"{row['eval/student_accuracy']:.2f}@{row['step']}" for row in metrics if "eval/student_accuracy" in row]
+    rows.append(("eval during training", ", ".join(evals) or "-"))
+    for key in DIAGNOSTICS:
+        start, end = window_mean(key, first), window_mean(key, last)
+        if start is not None and end is not None:
+            rows.append((f"{key} (first -> last {window} steps)", f"{start:.3f} -> {end:.3f}"))
+    return rows
+
+
+def render(run_dirs: list[Path], window: int) -> str:
+    """A markdown table, one column a run."""
+    columns = [dict(report_rows(run_dir, window)) for run_dir in run_dirs]
+    labels = list(dict.fromkeys(label for column in columns for label in column))
+    lines = ["| | " + " | ".join(d.name for d in run_dirs) + " |", "|---" * (len(run_dirs) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(c.get(label, "-") for c in columns) + " |" for label in labels]
+    return "\n".join(lines)
