@@ -20,12 +20,16 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
 
 
 def test_weight_sync_makes_rollout_engine_match_learner_zero3(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
-    """After a ZeRO-3 gather -> object store -> in-place vLLM reload, both sides give the same log-probs."""
+    """After a ZeRO-3 gather -> object store -> in-place vLLM reload, both sides give the same log-probs.
+
+    Trains with the full-vocabulary objective, so the frozen teacher copy is loaded beside a
+    ZeRO-3-partitioned student (it must not be partitioned itself)."""
     from opd_ray.driver import rollout_and_score, start_roles, sync_weights
     from opd_ray.preflight import prepare
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["learner"]["zero_stage"] = 3
+    raw["algorithm"] = {"objective": "full_vocab", "divergence": "jsd"}
     spec = ExperimentSpec.model_validate(raw)
     prepared = prepare(spec)
     roles = start_roles(spec)
