@@ -130,3 +130,22 @@ def test_preflight_rejects_model_dir_without_safetensors(tiny_dir: Path, tmp_pat
     raw["models"]["student"]["path"] = str(broken)
     with pytest.raises(UserError, match=r"no \*\.safetensors"):
         prepare(ExperimentSpec.model_validate(raw))
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "reason"),
+    [
+        ({"objective": "topk", "task_reward_coef": 0.5}, "algorithm.task_reward_coef > 0"),
+        ({"objective": "full_vocab", "student_data_fraction": 0.5}, "algorithm.student_data_fraction < 1"),
+    ],
+)
+def test_preflight_names_options_that_need_reference_answers(
+    tiny_dir: Path, tmp_path: Path, algorithm: dict, reason: str
+) -> None:
+    prompts_only = tmp_path / "prompts.jsonl"
+    prompts_only.write_text('{"prompt": "12+34="}\n{"prompt": "5+6="}\n')
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["data"]["train"] = {"path": str(prompts_only), "answer_field": None}
+    raw["algorithm"] = algorithm
+    with pytest.raises(UserError, match=reason.replace("+", r"\+")):
+        prepare(ExperimentSpec.model_validate(raw))
