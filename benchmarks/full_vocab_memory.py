@@ -38,6 +38,7 @@ def resident_bytes() -> int:
 
 
 def run_one(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, device: str) -> dict:
+    torch.manual_seed(0)  # the heads' initialisation: every variant must see the same weights
     generator = torch.Generator(device="cpu").manual_seed(0)
     student_head = torch.nn.Linear(hidden, vocab, bias=False).to(device)
     teacher_head = torch.nn.Linear(hidden, vocab, bias=False).to(device)

@@ -166,10 +166,10 @@ class LearnerWorker:
                 teacher_hidden_NH = response_hidden(
                     self._hidden(self.teacher, batch), batch.response_mask_BL.to(self.device)
                 )
-        on_student_states = diagnostics_k if batch.source == "student" else None
-        statistics = self._token_statistics(hidden_NH, tokens, algorithm, on_student_states)
-        tokens = finish_token_batch(tokens, statistics.pop("per_token"), mask_BT, algorithm)
-        metrics = {**statistics, "response_tokens": batch.num_response_tokens}
+        on_student_samples = batch.source == "student"
+        metrics, per_token = self._token_statistics(hidden_NH, tokens, algorithm, diagnostics_k, on_student_samples)
+        tokens = finish_token_batch(tokens, per_token, mask_BT, algorithm)
+        metrics["response_tokens"] = batch.num_response_tokens
         metrics["truncated_responses"] = int((~batch.finished_B).sum())
         if tokens.keep_N is not None:
             metrics["gate/kept_fraction"] = (float(tokens.keep_N.sum()), float(tokens.num_tokens))
@@ -200,10 +200,15 @@ class LearnerWorker:
         return final_hidden_states(model, batch.input_ids_BL.to(self.device), batch.attention_mask_BL.to(self.device))
 
     def _token_statistics(
-        self, hidden_NH: torch.Tensor, tokens: TokenBatch, algorithm: AlgorithmSpec, diagnostics_k: int | None
-    ) -> dict[str, Any]:
-        """A no-grad pass over the chunks: metrics, diagnostics, and what the loss needs from the
-        current student before its backward (vOPD baseline, entropies for the gate)."""
+        self,
+        hidden_NH: torch.Tensor,
+        tokens: TokenBatch,
+        algorithm: AlgorithmSpec,
+        diagnostics_k: int | None,
+        on_student_samples: bool,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """A no-grad pass over the chunks: metrics, diagnostics (at student-visited states only),
+        and per-token values the loss needs from the current student (vOPD baseline, entropies)."""
         head = self.engine.module.get_output_embeddings()
         has_teacher = tokens.teacher_logprobs_N is not None
         need_teacher_topk = has_teacher and tokens.teacher_topk_ids_NK is not None
@@ -224,7 +229,7 @@ class LearnerWorker:
                 if need_teacher_topk and algorithm.entropy_gate.enabled:
                     keep("student_entropy", student_entropy(logits_NV))
                     keep("teacher_entropy", support_entropy(chunk.teacher_topk_logprobs_NK))
-                if diagnostics_k and need_teacher_topk:
+                if diagnostics_k and need_teacher_topk and on_student_samples:
                     for name, values in token_diagnostics(
                         logits_NV,
                         chunk.teacher_topk_ids_NK,
@@ -239,14 +244,14 @@ class LearnerWorker:
         metrics: dict[str, Any] = {"student_logprob": (float(joined["student_logprob"].sum()), count)}
         if has_teacher:
             metrics["teacher_logprob"] = (float(tokens.teacher_logprobs_N.double().sum()), count)
-            if tokens.rollout_logprobs_N.abs().sum() > 0:  # student samples (dataset answers have no p_old)
+            if on_student_samples:  # dataset answers have no sampling log-probs
                 sampled_kl = (tokens.rollout_logprobs_N - tokens.teacher_logprobs_N).double().sum()
                 metrics["sampled_reverse_kl"] = (float(sampled_kl), count)
         diagnostics = {name.split(":", 1)[1]: values for name, values in joined.items() if name.startswith("diag:")}
         if diagnostics:
             metrics.update(masked_sums(diagnostics, tokens.bucket_N))
-        metrics["per_token"] = {name: v for name, v in joined.items() if not name.startswith("diag:")}
-        return metrics
+        per_token = {name: values for name, values in joined.items() if not name.startswith("diag:")}
+        return metrics, per_token
 
     def train_step(
         self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None, step: int = 1
