@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("spec", help="experiment spec (YAML)")
         sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.steps=10")
+        if name == "train":
+            sub.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     report = commands.add_parser("report", help="accuracies and diagnostics, early vs late, of finished runs")
     report.add_argument("runs", nargs="+", help="run directories (run.output_dir)")
     report.add_argument("--window", type=int, default=50, help="steps averaged at the start and at the end")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from opd_ray.driver import distill
 
-        _print_summary(distill(spec))
+        _print_summary(distill(spec, resume=args.resume))
         return 0
     except UserError as exc:
         print(f"opd-ray: error: {exc}", file=sys.stderr)

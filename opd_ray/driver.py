@@ -13,6 +13,7 @@ per-step metrics only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -23,6 +24,8 @@ import ray
 
 from opd_ray.batch import supervised_batch
 from opd_ray.buffer import BufferEntry, RolloutBuffer
+from opd_ray.checkpoint import TrainerState, latest_checkpoint, write_checkpoint
+from opd_ray.errors import RunStopped, UserError
 from opd_ray.learner import LearnerGroup
 from opd_ray.metrics import MetricsWriter, timed
 from opd_ray.preflight import Prepared, prepare
@@ -86,6 +89,10 @@ class PromptSampler:
         order = list(range(self.size))
         random.Random(self.seed + self.epoch).shuffle(order)
         return order
+
+    def restore(self, epoch: int, position: int) -> None:
+        self.epoch, self.position = epoch, position
+        self._order = self._shuffled()
 
     def next(self, count: int) -> list[int]:
         chosen: list[int] = []
@@ -164,11 +171,44 @@ def supervised_refs(prepared: Prepared, indices: list[int]) -> list[ray.ObjectRe
     return [ray.put(supervised_batch(rows, indices))]
 
 
-def distill(spec: ExperimentSpec) -> dict:
+def resume_point(run_dir: Path, resume: bool) -> tuple[Path | None, TrainerState | None]:
+    """The checkpoint to continue from; refuses to start over a run that has checkpoints."""
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and not resume:
+        raise UserError(
+            f"{run_dir} already holds checkpoints (latest: {latest.name}): pass --resume to continue that run, "
+            "or set run.output_dir to a new directory"
+        )
+    if resume and latest is None:
+        console.print(f"--resume: no complete checkpoint in {run_dir}, starting at step 1")
+    return latest, TrainerState.read(latest) if latest is not None else None
+
+
+def save_checkpoint(spec: ExperimentSpec, roles: Roles, run_dir: Path, state: TrainerState) -> Path:
+    """Only finite weights are checkpointed: a poisoned model must never replace a good checkpoint."""
+    if not all(ray.get(roles.learners.call("parameters_finite"))):
+        raise RunStopped(f"the student's weights are not finite at step {state.step}; no checkpoint written")
+
+    def learners_write(directory: Path) -> None:
+        ray.get(roles.learners.call("save_checkpoint", str(directory), spec.models.student.path))
+
+    return write_checkpoint(run_dir, state, learners_write, spec.trainer.keep_checkpoints)
+
+
+def prompts_digest(indices: list[int]) -> str:
+    """A short fingerprint of a step's prompts: equal data order across runs is equal digests."""
+    return hashlib.sha1(json.dumps(indices).encode()).hexdigest()[:12]
+
+
+def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
     started = time.perf_counter()
     run_dir = Path(spec.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
+    checkpoint, state = resume_point(run_dir, resume)
+    spec_yaml = spec_to_yaml(spec)
+    if state is not None and (run_dir / "spec.yaml").is_file() and (run_dir / "spec.yaml").read_text() != spec_yaml:
+        console.print("[yellow]warning:[/] the spec differs from the one this run started with; resuming anyway")
+    (run_dir / "spec.yaml").write_text(spec_yaml)
     if spec.models.build_tiny is not None:
         ensure_tiny_models(spec)
     prepared = prepare(spec)
@@ -185,21 +225,31 @@ def distill(spec: ExperimentSpec) -> dict:
         f"{spec.teacher.num_replicas} teacher, {spec.learner.num_ranks} learner ranks)"
     )
     roles = start_roles(spec)
-    writer = MetricsWriter(run_dir)
+    writer = MetricsWriter(run_dir, resume_after=state.step if state is not None else 0)
     summary: dict = {"run": spec.run.name, "objective": spec.algorithm.objective}
+    sampler = PromptSampler(len(prepared.train), spec.run.seed)
+    version, first_step = 0, 1
     try:
-        summary["teacher_accuracy"] = accuracy(roles.teachers)
-        summary["student_accuracy_before"] = accuracy(roles.rollout_workers)
+        if state is not None:
+            ray.get(roles.learners.call("load_checkpoint", str(checkpoint)))
+            version, first_step = state.weight_version, state.step + 1
+            sampler.restore(state.sampler_epoch, state.sampler_position)
+            sync_weights(roles, version)
+            summary.update(state.summary)
+            console.print(f"resumed from {checkpoint} (step {state.step}, weight version {version})")
+        else:
+            summary["teacher_accuracy"] = accuracy(roles.teachers)
+            summary["student_accuracy_before"] = accuracy(roles.rollout_workers)
         console.print(f"teacher accuracy {summary['teacher_accuracy']}, student {summary['student_accuracy_before']}")
 
-        sampler = PromptSampler(len(prepared.train), spec.run.seed)
         buffer = RolloutBuffer(spec.trainer.buffer_capacity, max_staleness=spec.trainer.weight_sync_interval - 1)
-        version = 0
-        with step_progress("distill", spec.trainer.steps) as progress:
-            for step in range(1, spec.trainer.steps + 1):
+        bad_steps = 0
+        with step_progress("distill", spec.trainer.steps, first_step - 1) as progress:
+            for step in range(first_step, spec.trainer.steps + 1):
                 metrics: dict = {}
                 step_start = time.perf_counter()
                 indices = sampler.next(spec.trainer.prompts_per_step)
+                metrics["prompts_digest"] = prompts_digest(indices)
                 if spec.algorithm.objective == "sft":
                     refs = supervised_refs(prepared, indices)
                 elif on_student_samples(spec, step):
@@ -212,10 +262,15 @@ def distill(spec: ExperimentSpec) -> dict:
                 with timed("learn", metrics):
                     diagnostics_k = spec.diagnostics.top_k if spec.diagnostics.enabled else None
                     metrics.update(roles.learners.train_step(list(entry.refs), spec.algorithm, diagnostics_k, step))
-                version += 1
-                if version % spec.trainer.weight_sync_interval == 0:
-                    with timed("weight_sync", metrics):
-                        sync_weights(roles, version)
+                if metrics.get("skipped_update"):
+                    bad_steps += 1
+                    console.print(f"[red]step {step}: non-finite loss, update skipped ({bad_steps} in a row)[/]")
+                else:
+                    bad_steps = 0
+                    version += 1
+                    if version % spec.trainer.weight_sync_interval == 0:
+                        with timed("weight_sync", metrics):
+                            sync_weights(roles, version)
                 metrics.update(rollout_policy_version=entry.policy_version, weight_version=version)
                 if spec.trainer.eval_every and step % spec.trainer.eval_every == 0 and step < spec.trainer.steps:
                     with timed("eval", metrics):
@@ -228,7 +283,20 @@ def distill(spec: ExperimentSpec) -> dict:
                             )
                 metrics["time/step"] = time.perf_counter() - step_start
                 writer.write(step, metrics)
-                progress.advance(step, f"loss {metrics['loss']:.3f}")
+                loss = metrics["loss"]
+                progress.advance(step, "update skipped" if loss is None else f"loss {loss:.3f}")
+                if bad_steps >= spec.trainer.max_bad_steps:
+                    last = latest_checkpoint(run_dir)
+                    raise RunStopped(
+                        f"{bad_steps} consecutive steps with a non-finite loss (last: step {step}); "
+                        f"last good checkpoint: {last or 'none'}. Lower learner.lr or check the data, then --resume"
+                    )
+                if spec.trainer.checkpoint_every and step % spec.trainer.checkpoint_every == 0:
+                    with timed("checkpoint", metrics):
+                        trainer_state = TrainerState(
+                            step, version, sampler.epoch, sampler.position, {k: summary[k] for k in BEFORE_TRAINING}
+                        )
+                        save_checkpoint(spec, roles, run_dir, trainer_state)
 
         if version % spec.trainer.weight_sync_interval:
             sync_weights(roles, version)
@@ -248,3 +316,6 @@ def distill(spec: ExperimentSpec) -> dict:
     finally:
         writer.close()
         roles.shutdown()
+
+
+BEFORE_TRAINING = ("teacher_accuracy", "student_accuracy_before")

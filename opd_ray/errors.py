@@ -9,3 +9,7 @@ class UserError(Exception):
 
 class SpecError(UserError):
     """The experiment spec is malformed: unknown key, wrong type, value out of range."""
+
+
+class RunStopped(UserError):
+    """The run stopped itself to protect its checkpoints (non-finite loss or weights); --resume continues."""

@@ -186,8 +186,9 @@ class LearnerWorker:
             None if self.teacher is None else self.teacher.get_output_embeddings(),
             reverse_weight,
         )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at step {step} on learner rank {self.rank}")
+        if self._any_rank(not bool(torch.isfinite(loss))):  # every rank skips together, or backward hangs
+            metrics.update(loss=None, skipped_update=1, lr=float(self.engine.get_lr()[0]))
+            return metrics
         self.engine.backward(loss * self.world_size)  # DeepSpeed averages gradients over ranks
         self.engine.step()
         metrics["loss"] = float(loss.detach())
@@ -195,6 +196,32 @@ class LearnerWorker:
         if algorithm.divergence == "forward_to_reverse":
             metrics["reverse_kl_weight"] = (reverse_weight, 1.0)  # a (sum, count) pair: the same on every rank
         return metrics
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any."""
+        import torch.distributed as dist
+
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def parameters_finite(self) -> bool:
+        """All ranks must call this: under ZeRO-3 each holds a shard."""
+        finite = all(
+            bool(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all())
+            for p in self.engine.module.parameters()
+        )
+        return not self._any_rank(not finite)
+
+    def save_checkpoint(self, directory: str, tokenizer_path: str) -> None:
+        """All ranks: DeepSpeed state (weights, optimizer, scheduler; each rank its shard) and the HF student."""
+        self.engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state", save_latest=False)
+        self.save_pretrained(os.path.join(directory, "student"), tokenizer_path)
+
+    def load_checkpoint(self, directory: str) -> None:
+        path, _ = self.engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
+        if path is None:
+            raise UserError(f"checkpoint {directory} has no DeepSpeed state for this learner layout")
 
     def _hidden(self, model: Any, batch: RolloutBatch) -> torch.Tensor:
         return final_hidden_states(model, batch.input_ids_BL.to(self.device), batch.attention_mask_BL.to(self.device))
@@ -301,18 +328,22 @@ class LearnerWorker:
             return token_logprobs(logits, ids[0, 1:]).tolist()
 
 
+SAME_ON_EVERY_RANK = ("lr", "skipped_update")
+
+
 def combine_rank_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
     """Ranks report shares of a global mean (added) or (sum, count) pairs (added, then divided)."""
     totals: dict[str, float] = {}
     for key in per_rank[0]:
         values = [r[key] for r in per_rank]
-        if isinstance(values[0], tuple):
+        if values[0] is None or key in SAME_ON_EVERY_RANK:
+            totals[key] = values[0]
+        elif isinstance(values[0], tuple):
             count = sum(v[1] for v in values)
             if count:
                 totals[key] = sum(v[0] for v in values) / count
         else:
             totals[key] = sum(values)
-    totals["lr"] = per_rank[0]["lr"]  # the same on every rank
     return totals
 
 

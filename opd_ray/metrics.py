@@ -21,15 +21,25 @@ def timed(stage: str, metrics: dict[str, Any]) -> Iterator[None]:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    """metrics.jsonl (one line a step) and TensorBoard scalars.
+
+    `resume_after=N` continues a resumed run in the same files: lines and events of steps
+    after N (written after the checkpoint the run resumes from) are dropped first.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_after: int | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
+        if resume_after is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_after]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            purge = None if resume_after is None else resume_after + 1
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **metrics}

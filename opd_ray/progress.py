@@ -24,7 +24,8 @@ class StepProgress:
 
 
 @contextmanager
-def step_progress(label: str, total: int) -> Iterator[StepProgress]:
+def step_progress(label: str, total: int, done: int = 0) -> Iterator[StepProgress]:
+    """`done` > 0 when a resumed run starts part-way."""
     if not console.is_terminal:
         yield StepProgress(None, None, total, label)
         return
@@ -37,5 +38,5 @@ def step_progress(label: str, total: int) -> Iterator[StepProgress]:
         TextColumn("{task.fields[note]}"),
     )
     with Progress(*columns, console=console) as progress:
-        task_id = progress.add_task(label, total=total, note="")
+        task_id = progress.add_task(label, total=total, completed=done, note="")
         yield StepProgress(progress, task_id, total, label)

@@ -224,6 +224,11 @@ class TrainerSpec(Section):
     eval_every: int = Field(0, ge=0, description="0 = only before and after training")
     buffer_capacity: int = Field(2, ge=1)
     save_final: bool = True
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    max_bad_steps: int = Field(
+        3, ge=1, description="consecutive steps with a non-finite loss (updates skipped) before the run stops"
+    )
 
 
 class RaySpec(Section):

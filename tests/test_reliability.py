@@ -1,0 +1,143 @@
+"""Nothing lost: checkpoints that survive a kill, exact resume, non-finite losses. Kills are real SIGKILLs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opd_ray.checkpoint import TrainerState, complete_checkpoints, latest_checkpoint, write_checkpoint
+from opd_ray.spec import ExperimentSpec
+from tests.conftest import tiny_spec_dict
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from opd_ray.checkpoint import TrainerState, write_checkpoint
+
+run_dir, step = Path(sys.argv[1]), int(sys.argv[2])
+
+def slow_contents(directory):
+    (directory / "weights.bin").write_bytes(b"x" * 1000)
+    (run_dir / "writing").touch()  # tells the test to kill us now, mid-write
+    time.sleep(60)
+
+write_checkpoint(run_dir, TrainerState(step, step, 0, 0), slow_contents, keep=2)
+"""
+
+
+def write_quickly(run_dir: Path, step: int) -> Path:
+    def contents(directory: Path) -> None:
+        (directory / "weights.bin").write_bytes(step.to_bytes(4, "little"))
+
+    return write_checkpoint(run_dir, TrainerState(step, step, 0, step * 10), contents, keep=2)
+
+
+def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path: Path) -> None:
+    write_quickly(tmp_path, 1)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "2"])
+    deadline = time.time() + 60
+    while not (tmp_path / "writing").exists():
+        assert time.time() < deadline and writer.poll() is None, "the writer never started writing"
+        time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "step_00000001"
+    assert TrainerState.read(latest).sampler_position == 10
+    assert (latest / "weights.bin").read_bytes() == (1).to_bytes(4, "little")
+    assert (tmp_path / "checkpoints" / ".partial-step_00000002").is_dir()  # the torn write, ignored
+
+    for step in (2, 3, 4):  # a later write replaces the torn one; only the newest two are kept
+        write_quickly(tmp_path, step)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    assert not (tmp_path / "checkpoints" / ".partial-step_00000002").exists()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.integration
+def test_driver_killed_then_resumed_matches_uninterrupted_run(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+    """SIGKILL the whole training process after a checkpoint, resume with --resume: same steps, data
+    order, losses and final weight version as a run that was never interrupted."""
+    from opd_ray.driver import distill
+
+    def spec_dict(run_dir: Path) -> dict:
+        raw = tiny_spec_dict(tiny_dir, run_dir)
+        raw["trainer"].update(steps=6, checkpoint_every=2, keep_checkpoints=2, save_final=False)
+        return raw
+
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    distill(ExperimentSpec.model_validate(spec_dict(reference_dir)))
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_dict(killed_dir)))
+    command = [sys.executable, "-m", "opd_ray.cli", "train", str(spec_path)]
+    run = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed_dir / "metrics.jsonl").is_file() or len(read_metrics(killed_dir)) < 3:
+        assert time.time() < deadline and run.poll() is None, "the run to be killed did not reach step 3"
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    run.wait()
+    assert latest_checkpoint(killed_dir).name == "step_00000002"
+
+    with pytest.raises(Exception, match="pass --resume"):
+        distill(ExperimentSpec.model_validate(spec_dict(killed_dir)))
+    distill(ExperimentSpec.model_validate(spec_dict(killed_dir)), resume=True)
+
+    reference, resumed = read_metrics(reference_dir), read_metrics(killed_dir)
+    assert [m["step"] for m in resumed] == list(range(1, 7))  # every step once, the file continued
+    assert [m["prompts_digest"] for m in resumed] == [m["prompts_digest"] for m in reference]
+    assert [m["weight_version"] for m in resumed] == [m["weight_version"] for m in reference]
+    for a, b in zip(resumed, reference, strict=True):  # same weights, optimizer and samples after the resume
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), a["step"]
+    assert [p.name for p in complete_checkpoints(killed_dir)] == ["step_00000004", "step_00000006"]
+    summary = json.loads((killed_dir / "summary.json").read_text())
+    assert summary["student_accuracy_before"] == json.loads((reference_dir / "summary.json").read_text())[
+        "student_accuracy_before"
+    ]
+
+
+@pytest.mark.integration
+def test_non_finite_loss_skips_updates_then_stops_without_poisoning(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+    """A teacher whose weights hold a NaN (a corrupt checkpoint): every loss is NaN, no update is
+    applied, the run stops after `max_bad_steps`, and the checkpoints it wrote hold the intact student."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from opd_ray.driver import distill
+    from opd_ray.errors import RunStopped
+
+    broken = tmp_path / "broken-teacher"
+    broken.mkdir()
+    for f in (tiny_dir / "teacher").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights_file = next(broken.glob("*.safetensors"))
+    weights = load_file(weights_file)
+    name = next(k for k in weights if k.endswith("norm.weight") and "layers" not in k)
+    weights[name][0] = float("nan")
+    save_file(weights, weights_file, metadata={"format": "pt"})
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["models"]["teacher"]["path"] = str(broken)
+    raw["trainer"].update(steps=6, checkpoint_every=1, max_bad_steps=2, save_final=False)
+    with pytest.raises(RunStopped, match="2 consecutive steps with a non-finite loss"):
+        distill(ExperimentSpec.model_validate(raw))
+
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["skipped_update"] == 1 and m["loss"] is None and m["weight_version"] == 0 for m in metrics)
+    saved = load_file(next((latest_checkpoint(tmp_path / "run") / "student").glob("*.safetensors")))
+    original = load_file(next((tiny_dir / "student").glob("*.safetensors")))
+    assert all(torch.equal(saved[k], original[k]) for k in original)  # untouched by the skipped updates
