@@ -8,7 +8,8 @@
         sync     <- new student weights reach every rollout engine          [weight_sync.py]
 
 Batches move as ObjectRefs through a bounded buffer [buffer.py]; the driver sees refs and
-per-step metrics only.
+per-step metrics only. Dead rollout workers and teachers are restarted and their lost work
+re-issued [roles.py]; checkpoints and --resume [checkpoint.py].
 """
 
 from __future__ import annotations
@@ -17,64 +18,26 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayActorError
 
 from opd_ray.batch import supervised_batch
 from opd_ray.buffer import BufferEntry, RolloutBuffer
 from opd_ray.checkpoint import TrainerState, latest_checkpoint, write_checkpoint
 from opd_ray.errors import RunStopped, UserError
-from opd_ray.learner import LearnerGroup
+from opd_ray.learner import get_or_raise_first
 from opd_ray.metrics import MetricsWriter, timed
 from opd_ray.preflight import Prepared, prepare
 from opd_ray.progress import console, step_progress
-from opd_ray.ray_cluster import actor_env, connect
-from opd_ray.rollout import RolloutWorker
+from opd_ray.ray_cluster import connect
+from opd_ray.roles import Roles, call_restarting, rollout_and_score, score, split, start_roles, sync_weights
 from opd_ray.spec import ExperimentSpec, spec_to_yaml
 from opd_ray.tasks.data import PromptSet
-from opd_ray.teacher import TeacherScorer
 from opd_ray.tiny_models import ensure_tiny_models
-from opd_ray.vllm_engine import ENGINE_ENV
-
-
-@dataclass
-class Roles:
-    rollout_workers: list[ray.actor.ActorHandle]
-    teachers: list[ray.actor.ActorHandle]
-    learners: LearnerGroup
-
-    def shutdown(self) -> None:
-        self.learners.shutdown()
-        for actor in self.rollout_workers + self.teachers:
-            ray.kill(actor)
-
-
-def start_roles(spec: ExperimentSpec) -> Roles:
-    env = actor_env()
-    engine_env = {"env_vars": {**env["env_vars"], **ENGINE_ENV}}
-    rollout_options = {**spec.rollout.resources.model_dump(), "runtime_env": engine_env}
-    teacher_options = {**spec.teacher.resources.model_dump(), "runtime_env": engine_env}
-    algorithm = spec.algorithm
-    student_top_k = (algorithm.top_k or spec.teacher.top_k) if algorithm.needs_student_topk else 0
-    rollout_workers = [
-        RolloutWorker.options(**rollout_options).remote(
-            spec.models.student, spec.rollout.engine, spec.rollout, spec.run.seed + i, student_top_k, spec.data.verifier
-        )
-        for i in range(spec.rollout.num_workers)
-    ]
-    teachers = [
-        TeacherScorer.options(**teacher_options).remote(spec.models.teacher, spec.teacher, spec.run.seed + i)
-        for i in range(spec.teacher.num_replicas)
-    ]
-    sequences = spec.trainer.prompts_per_step * spec.rollout.samples_per_prompt
-    learner_teacher = spec.models.teacher if algorithm.objective == "full_vocab" else None
-    learners = LearnerGroup(
-        spec.models.student, spec.learner, sequences // spec.learner.num_ranks, spec.trainer.steps, env, learner_teacher
-    )
-    ray.get([w.version.remote() for w in rollout_workers])  # engines are up
-    return Roles(rollout_workers, teachers, learners)
 
 
 class PromptSampler:
@@ -106,17 +69,13 @@ class PromptSampler:
         return chosen
 
 
-def split(items: list[int], parts: int) -> list[list[int]]:
-    return [items[i::parts] for i in range(parts) if items[i::parts]]
-
-
-def evaluate(workers: list[ray.actor.ActorHandle], prompts: PromptSet, verifier, max_new_tokens: int) -> float:
-    """Greedy accuracy; a response cut off by the length limit counts as wrong."""
-    indices = list(range(len(prompts)))
-    shards = split(indices, len(workers))
-    results = ray.get(
-        [w.greedy.remote(prompts.subset(s), max_new_tokens) for w, s in zip(workers, shards, strict=False)]
-    )
+def evaluate(roles: Roles, kind: str, prompts: PromptSet, verifier, max_new_tokens: int) -> float:
+    """Greedy accuracy on the `kind` actors ("rollout" = the student, "teacher"); a response cut off
+    by the length limit counts as wrong."""
+    workers = roles.rollout_workers if kind == "rollout" else roles.teachers
+    shards = split(list(range(len(prompts))), len(workers))
+    args = [(prompts.subset(shard), max_new_tokens) for shard in shards]
+    results = call_restarting(roles, kind, workers[: len(shards)], "greedy", args)
     completions = [c for shard in results for c in shard]
     correct = sum(c.finished and verifier(c.text, prompts.answers[c.prompt_index]) for c in completions)
     return correct / len(completions)
@@ -128,34 +87,10 @@ def gap_recovery(before: float, after: float, teacher: float) -> float | None:
     return (after - before) / gap if abs(gap) > 1e-9 else None
 
 
-def rollout_and_score(roles: Roles, prompts: PromptSet, indices: list[int], step: int, metrics: dict) -> list:
-    """Student samples (with verifier rewards where answers are known), then teacher scores, as refs."""
-    with timed("rollout", metrics):
-        shards = split(indices, len(roles.rollout_workers))
-        rollout_refs = [
-            w.sample.remote(prompts.subset(s), step, {i: prompts.answers[i] for i in s})
-            for w, s in zip(roles.rollout_workers, shards, strict=False)
-        ]
-        ray.wait(rollout_refs, num_returns=len(rollout_refs))
-    return score(roles, rollout_refs, metrics)
-
-
-def score(roles: Roles, batch_refs: list[ray.ObjectRef], metrics: dict) -> list[ray.ObjectRef]:
-    with timed("teacher", metrics):
-        scored_refs = [roles.teachers[i % len(roles.teachers)].score.remote(r) for i, r in enumerate(batch_refs)]
-        ray.wait(scored_refs, num_returns=len(scored_refs))
-    return scored_refs
-
-
 def on_student_samples(spec: ExperimentSpec, step: int) -> bool:
     """GKD's lambda: whether this step trains on student samples (else on dataset answers); seeded per step."""
     fraction = spec.algorithm.student_data_fraction
     return fraction >= 1 or random.Random(spec.run.seed * 1_000_003 + step).random() < fraction
-
-
-def sync_weights(roles: Roles, version: int) -> None:
-    weights_ref = roles.learners.export_weights()
-    ray.get([w.load_weights.remote(weights_ref, version) for w in roles.rollout_workers])
 
 
 def supervised_refs(prepared: Prepared, indices: list[int]) -> list[ray.ObjectRef]:
@@ -190,9 +125,20 @@ def save_checkpoint(spec: ExperimentSpec, roles: Roles, run_dir: Path, state: Tr
         raise RunStopped(f"the student's weights are not finite at step {state.step}; no checkpoint written")
 
     def learners_write(directory: Path) -> None:
-        ray.get(roles.learners.call("save_checkpoint", str(directory), spec.models.student.path))
+        get_or_raise_first(roles.learners.call("save_checkpoint", str(directory), spec.models.student.path))
 
     return write_checkpoint(run_dir, state, learners_write, spec.trainer.keep_checkpoints)
+
+
+@contextmanager
+def learner_death_stops_run(run_dir: Path) -> Iterator[None]:
+    """A learner rank's optimizer state dies with it: stop cleanly and point at the last checkpoint."""
+    try:
+        yield
+    except RayActorError as exc:
+        last = latest_checkpoint(run_dir)
+        resume = f"resume from {last} with --resume" if last else "no checkpoint yet: set trainer.checkpoint_every"
+        raise RunStopped(f"a learner rank died ({type(exc).__name__}); {resume}") from None
 
 
 def prompts_digest(indices: list[int]) -> str:
@@ -214,10 +160,10 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
     prepared = prepare(spec)
     eval_prompts = prepared.eval  # `data.eval.limit` already caps how many are read
 
-    def accuracy(workers: list) -> float | None:
+    def accuracy(kind: str) -> float | None:
         if eval_prompts is None:
             return None
-        return evaluate(workers, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens)
+        return evaluate(roles, kind, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens)
 
     connect(spec.ray)
     console.print(
@@ -238,8 +184,8 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
             summary.update(state.summary)
             console.print(f"resumed from {checkpoint} (step {state.step}, weight version {version})")
         else:
-            summary["teacher_accuracy"] = accuracy(roles.teachers)
-            summary["student_accuracy_before"] = accuracy(roles.rollout_workers)
+            summary["teacher_accuracy"] = accuracy("teacher")
+            summary["student_accuracy_before"] = accuracy("rollout")
         console.print(f"teacher accuracy {summary['teacher_accuracy']}, student {summary['student_accuracy_before']}")
 
         buffer = RolloutBuffer(spec.trainer.buffer_capacity, max_staleness=spec.trainer.weight_sync_interval - 1)
@@ -259,7 +205,7 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
                     metrics["dataset_batch"] = 1
                 buffer.put(BufferEntry(tuple(refs), version, tuple(indices)))
                 entry = buffer.take(version)
-                with timed("learn", metrics):
+                with timed("learn", metrics), learner_death_stops_run(run_dir):
                     diagnostics_k = spec.diagnostics.top_k if spec.diagnostics.enabled else None
                     metrics.update(roles.learners.train_step(list(entry.refs), spec.algorithm, diagnostics_k, step))
                 if metrics.get("skipped_update"):
@@ -272,9 +218,10 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
                         with timed("weight_sync", metrics):
                             sync_weights(roles, version)
                 metrics.update(rollout_policy_version=entry.policy_version, weight_version=version)
+                metrics.update({f"restarts/{kind}": count for kind, count in roles.restarts.items()})
                 if spec.trainer.eval_every and step % spec.trainer.eval_every == 0 and step < spec.trainer.steps:
                     with timed("eval", metrics):
-                        metrics["eval/student_accuracy"] = accuracy(roles.rollout_workers)
+                        metrics["eval/student_accuracy"] = accuracy("rollout")
                         if summary["teacher_accuracy"] is not None:
                             metrics["eval/gap_recovery"] = gap_recovery(
                                 summary["student_accuracy_before"],
@@ -292,7 +239,7 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
                         f"last good checkpoint: {last or 'none'}. Lower learner.lr or check the data, then --resume"
                     )
                 if spec.trainer.checkpoint_every and step % spec.trainer.checkpoint_every == 0:
-                    with timed("checkpoint", metrics):
+                    with timed("checkpoint", metrics), learner_death_stops_run(run_dir):
                         trainer_state = TrainerState(
                             step, version, sampler.epoch, sampler.position, {k: summary[k] for k in BEFORE_TRAINING}
                         )
@@ -300,7 +247,7 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
 
         if version % spec.trainer.weight_sync_interval:
             sync_weights(roles, version)
-        summary["student_accuracy_after"] = accuracy(roles.rollout_workers)
+        summary["student_accuracy_after"] = accuracy("rollout")
         if summary["teacher_accuracy"] is not None:
             summary["gap_recovery"] = gap_recovery(
                 summary["student_accuracy_before"], summary["student_accuracy_after"], summary["teacher_accuracy"]

@@ -170,6 +170,7 @@ class LearnerWorker:
         metrics, per_token = self._token_statistics(hidden_NH, tokens, algorithm, diagnostics_k, on_student_samples)
         tokens = finish_token_batch(tokens, per_token, mask_BT, algorithm)
         metrics["response_tokens"] = batch.num_response_tokens
+        metrics["sequences"] = batch.num_sequences
         metrics["truncated_responses"] = int((~batch.finished_B).sum())
         if tokens.keep_N is not None:
             metrics["gate/kept_fraction"] = (float(tokens.keep_N.sum()), float(tokens.num_tokens))
@@ -328,6 +329,16 @@ class LearnerWorker:
             return token_logprobs(logits, ids[0, 1:]).tolist()
 
 
+def get_or_raise_first(refs: list[ray.ObjectRef]) -> list[Any]:
+    """Values of all ranks' calls, raising as soon as one fails: when a rank dies, the others wait
+    in a collective until a long timeout, so waiting for all of them would hang the driver."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # raises this rank's error now
+    return ray.get(refs)
+
+
 SAME_ON_EVERY_RANK = ("lr", "skipped_update")
 
 
@@ -381,7 +392,7 @@ class LearnerGroup:
     def train_step(
         self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None = None, step: int = 1
     ) -> dict[str, float]:
-        per_rank = ray.get(self.call("train_step", batch_refs, algorithm, diagnostics_k, step))
+        per_rank = get_or_raise_first(self.call("train_step", batch_refs, algorithm, diagnostics_k, step))
         return combine_rank_metrics(per_rank)
 
     def export_weights(self) -> ray.ObjectRef:

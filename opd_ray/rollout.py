@@ -67,13 +67,16 @@ class RolloutWorker:
         self.verifier = resolve_verifier(verifier) if verifier else None
         self.policy_version = 0
 
+    @ray.method(num_returns=2)
     def sample(
         self, prompts_P: dict[int, list[int]], step: int, answers_P: dict[int, str | None] | None = None
-    ) -> RolloutBatch:
+    ) -> tuple[RolloutBatch, int]:
         """`prompts_P` maps dataset row -> prompt token ids; the returned batch stays in the object store.
 
         With `answers_P` each response is scored by the verifier (1.0 correct, 0.0 otherwise;
         a truncated response is wrong), for task-reward mixing and the sample-accuracy metric.
+        The second return, the number of sequences, is what the driver waits on: it learns
+        that the batch exists (or that this worker died) without fetching the batch.
         """
         indices = list(prompts_P)
         completions = generate(
@@ -98,7 +101,7 @@ class RolloutWorker:
                 for c in completions
             ]
             batch.task_rewards_B = torch.tensor(scores)
-        return batch
+        return batch, batch.num_sequences
 
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
         return greedy(self.llm, prompts_P, max_new_tokens)
@@ -117,3 +120,7 @@ class RolloutWorker:
 
     def version(self) -> int:
         return self.policy_version
+
+    def ready(self) -> bool:
+        """Answers once the engine is up: after a restart, the driver waits on this."""
+        return True

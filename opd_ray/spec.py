@@ -226,6 +226,7 @@ class TrainerSpec(Section):
     save_final: bool = True
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    max_actor_restarts: int = Field(3, ge=0, description="restarts of each rollout worker / teacher replica")
     max_bad_steps: int = Field(
         3, ge=1, description="consecutive steps with a non-finite loss (updates skipped) before the run stops"
     )

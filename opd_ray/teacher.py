@@ -128,15 +128,22 @@ class TeacherScorer:
             self.model = load_causal_lm(model, device)
             self.tokenizer = AutoTokenizer.from_pretrained(model.path)
 
-    def score(self, batch: RolloutBatch) -> RolloutBatch:
+    @ray.method(num_returns=2)
+    def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, int]:
+        """The scored batch, and its size (what the driver waits on, without fetching the batch)."""
         if self.teacher.backend == "transformers":
-            return score_with_transformers(self.model, batch, self.teacher.top_k, self.teacher.chunk_tokens)
-        sequences = [
-            batch.input_ids_BL[b, : int(batch.attention_mask_BL[b].sum())].tolist() for b in range(batch.num_sequences)
-        ]
-        return attach_teacher_scores(
-            batch, prompt_logprobs(self.llm, sequences, self.teacher.top_k), self.teacher.top_k
-        )
+            scored = score_with_transformers(self.model, batch, self.teacher.top_k, self.teacher.chunk_tokens)
+        else:
+            sequences = [
+                batch.input_ids_BL[b, : int(batch.attention_mask_BL[b].sum())].tolist()
+                for b in range(batch.num_sequences)
+            ]
+            scores = prompt_logprobs(self.llm, sequences, self.teacher.top_k)
+            scored = attach_teacher_scores(batch, scores, self.teacher.top_k)
+        return scored, scored.num_sequences
+
+    def ready(self) -> bool:
+        return True
 
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
         if self.teacher.backend == "transformers":

@@ -76,7 +76,8 @@ def test_batch_concat_pads_and_select_shards() -> None:
 
 
 def test_gap_recovery_and_split() -> None:
-    from opd_ray.driver import gap_recovery, split
+    from opd_ray.driver import gap_recovery
+    from opd_ray.roles import split
 
     assert gap_recovery(before=0.2, after=0.6, teacher=1.0) == pytest.approx(0.5)
     assert gap_recovery(before=0.5, after=0.4, teacher=0.5) is None  # no gap to recover

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
-    from opd_ray.driver import rollout_and_score, start_roles
     from opd_ray.preflight import prepare
+    from opd_ray.roles import rollout_and_score, start_roles
     from opd_ray.teacher import TeacherScorer
     from opd_ray.vllm_engine import ENGINE_ENV
 
@@ -34,7 +34,7 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
     try:
         refs = rollout_and_score(roles, prepared.train, list(range(16)), 1, {})
         by_transformers = local_ray.get(refs[0])
-        by_vllm = local_ray.get(vllm_teacher.score.remote(by_transformers))
+        by_vllm = local_ray.get(vllm_teacher.score.remote(by_transformers)[0])
         response = by_transformers.response_mask_BL.bool()
         assert by_transformers.student_topk_ids_BLK.shape[-1] == 4
         assert by_transformers.task_rewards_B is not None
@@ -86,8 +86,8 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
 
 def test_full_vocab_on_learners_equals_topk_over_whole_vocabulary(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """Learner-side teacher + chunked full-vocabulary KL == the vLLM teacher's top-15 (all 15 ids) KL."""
-    from opd_ray.driver import rollout_and_score, start_roles
     from opd_ray.preflight import prepare
+    from opd_ray.roles import rollout_and_score, start_roles
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["algorithm"] = {"objective": "full_vocab"}

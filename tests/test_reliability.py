@@ -104,9 +104,10 @@ def test_driver_killed_then_resumed_matches_uninterrupted_run(tiny_dir: Path, tm
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), a["step"]
     assert [p.name for p in complete_checkpoints(killed_dir)] == ["step_00000004", "step_00000006"]
     summary = json.loads((killed_dir / "summary.json").read_text())
-    assert summary["student_accuracy_before"] == json.loads((reference_dir / "summary.json").read_text())[
-        "student_accuracy_before"
-    ]
+    assert (
+        summary["student_accuracy_before"]
+        == json.loads((reference_dir / "summary.json").read_text())["student_accuracy_before"]
+    )
 
 
 @pytest.mark.integration
@@ -141,3 +142,79 @@ def test_non_finite_loss_skips_updates_then_stops_without_poisoning(tiny_dir: Pa
     saved = load_file(next((latest_checkpoint(tmp_path / "run") / "student").glob("*.safetensors")))
     original = load_file(next((tiny_dir / "student").glob("*.safetensors")))
     assert all(torch.equal(saved[k], original[k]) for k in original)  # untouched by the skipped updates
+
+
+@pytest.mark.integration
+def test_rollout_worker_killed_mid_run_loses_no_prompt(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+    """SIGKILL the rollout worker's process after step 2 and the teacher's after step 4: Ray restarts
+    them, the rollout worker gets the current weights, lost shards are re-issued, and every step
+    trains exactly its own prompts once."""
+    import threading
+
+    from opd_ray.driver import PromptSampler, distill, prompts_digest
+    from opd_ray.preflight import prepare
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["trainer"].update(steps=8, save_final=False)
+    spec = ExperimentSpec.model_validate(raw)
+    killed: list[int] = []
+
+    def kill_after(step: int, actor_class: str) -> None:
+        deadline = time.time() + 300
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= step) and time.time() < deadline:
+            time.sleep(0.05)
+        found = subprocess.run(["pgrep", "-f", f"ray::{actor_class}"], capture_output=True, text=True, check=False)
+        for pid in map(int, found.stdout.split()):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(actor_class)
+
+    def kill_rollout_worker_then_teacher() -> None:
+        kill_after(2, "RolloutWorker")
+        kill_after(4, "TeacherScorer")
+
+    killer = threading.Thread(target=kill_rollout_worker_then_teacher)
+    killer.start()
+    distill(spec)
+    killer.join()
+    assert killed == ["RolloutWorker", "TeacherScorer"], killed
+
+    metrics = read_metrics(tmp_path / "run")
+    sampler = PromptSampler(len(prepare(spec).train), spec.run.seed)
+    expected = [prompts_digest(sampler.next(spec.trainer.prompts_per_step)) for _ in range(8)]
+    assert [m["prompts_digest"] for m in metrics] == expected  # each step trained its own prompts...
+    assert all(m["sequences"] == spec.trainer.prompts_per_step for m in metrics)  # ...each exactly once
+    assert [m["weight_version"] for m in metrics] == list(range(1, 9))
+    assert metrics[-1]["restarts/rollout"] >= 1 and metrics[-1]["restarts/teacher"] >= 1
+    assert all(m["rollout_policy_version"] == m["weight_version"] - 1 for m in metrics)  # weights were reloaded
+
+
+@pytest.mark.integration
+def test_learner_rank_killed_stops_cleanly_and_points_at_resume(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+    """A dead learner rank cannot be rebuilt (its optimizer shard is gone): the run must stop
+    promptly, not hang in the surviving rank's collective, and name the checkpoint to resume."""
+    import threading
+
+    from opd_ray.driver import distill
+    from opd_ray.errors import RunStopped
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["trainer"].update(steps=50, checkpoint_every=1, save_final=False)
+
+    def kill_one_learner_rank_after_step_2() -> None:
+        deadline = time.time() + 300
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+            time.sleep(0.05)
+        found = subprocess.run(["pgrep", "-f", "ray::LearnerWorker"], capture_output=True, text=True, check=False)
+        os.kill(int(found.stdout.split()[0]), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_one_learner_rank_after_step_2)
+    killer.start()
+    started = time.time()
+    with pytest.raises(RunStopped, match=r"a learner rank died .*resume from .*step_\d+ with --resume"):
+        distill(ExperimentSpec.model_validate(raw))
+    killer.join()
+    assert time.time() - started < 240
+    assert len(read_metrics(tmp_path / "run")) < 50
+    assert latest_checkpoint(tmp_path / "run") is not None

@@ -1,0 +1,157 @@
+"""The actors of a run and the calls the driver makes on them, surviving dead rollout workers and teachers.
+
+Rollout workers and teacher replicas are Ray actors with `max_restarts`: when one's process
+dies, Ray starts it again from its constructor. The calls below notice the death (the
+failed call raises `RayActorError`), wait for the restart, give a rollout worker the current
+student weights again, and re-issue exactly the lost shard with the same arguments — the
+same prompts and sampling seed — so no prompt of a step is dropped or trained twice. A dead
+learner rank cannot be rebuilt this way (its optimizer state is gone); the driver stops and
+points at --resume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from opd_ray.errors import RunStopped
+from opd_ray.learner import LearnerGroup
+from opd_ray.metrics import timed
+from opd_ray.progress import console
+from opd_ray.ray_cluster import actor_env
+from opd_ray.rollout import RolloutWorker
+from opd_ray.spec import ExperimentSpec
+from opd_ray.tasks.data import PromptSet
+from opd_ray.teacher import TeacherScorer
+from opd_ray.vllm_engine import ENGINE_ENV
+
+RESTART_TIMEOUT_S = 600  # a restarted engine loads its model again
+
+
+@dataclass
+class Roles:
+    rollout_workers: list[ray.actor.ActorHandle]
+    teachers: list[ray.actor.ActorHandle]
+    learners: LearnerGroup
+    max_restarts: int = 3
+    weight_version: int = 0  # what every rollout engine holds
+    restarts: Counter = field(default_factory=Counter)
+
+    def shutdown(self) -> None:
+        self.learners.shutdown()
+        for actor in self.rollout_workers + self.teachers:
+            ray.kill(actor, no_restart=True)
+
+
+def start_roles(spec: ExperimentSpec) -> Roles:
+    env = actor_env()
+    engine_env = {"env_vars": {**env["env_vars"], **ENGINE_ENV}}
+    restartable = {"max_restarts": spec.trainer.max_actor_restarts, "max_task_retries": 0}
+    rollout_options = {**spec.rollout.resources.model_dump(), "runtime_env": engine_env, **restartable}
+    teacher_options = {**spec.teacher.resources.model_dump(), "runtime_env": engine_env, **restartable}
+    algorithm = spec.algorithm
+    student_top_k = (algorithm.top_k or spec.teacher.top_k) if algorithm.needs_student_topk else 0
+    rollout_workers = [
+        RolloutWorker.options(**rollout_options).remote(
+            spec.models.student, spec.rollout.engine, spec.rollout, spec.run.seed + i, student_top_k, spec.data.verifier
+        )
+        for i in range(spec.rollout.num_workers)
+    ]
+    teachers = [
+        TeacherScorer.options(**teacher_options).remote(spec.models.teacher, spec.teacher, spec.run.seed + i)
+        for i in range(spec.teacher.num_replicas)
+    ]
+    sequences = spec.trainer.prompts_per_step * spec.rollout.samples_per_prompt
+    learner_teacher = spec.models.teacher if algorithm.objective == "full_vocab" else None
+    learners = LearnerGroup(
+        spec.models.student, spec.learner, sequences // spec.learner.num_ranks, spec.trainer.steps, env, learner_teacher
+    )
+    ray.get([w.version.remote() for w in rollout_workers])  # engines are up
+    return Roles(rollout_workers, teachers, learners, spec.trainer.max_actor_restarts)
+
+
+def split(items: list[int], parts: int) -> list[list[int]]:
+    return [items[i::parts] for i in range(parts) if items[i::parts]]
+
+
+def _await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> None:
+    """Blocks until Ray has restarted `actor`; a rollout worker gets the current weights back."""
+    roles.restarts[kind] += 1
+    if roles.restarts[kind] > roles.max_restarts * max(1, len(roles.rollout_workers + roles.teachers)):
+        raise RunStopped(f"{kind} actors died {roles.restarts[kind]} times; giving up (trainer.max_actor_restarts)")
+    console.print(f"[yellow]a {kind} actor died; waiting for Ray to restart it[/]")
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    while True:
+        try:
+            ray.get(actor.ready.remote())
+            break
+        except ActorUnavailableError:  # still restarting
+            if time.monotonic() > deadline:
+                raise RunStopped(f"a {kind} actor did not come back within {RESTART_TIMEOUT_S} s") from None
+            time.sleep(1.0)
+        except ActorDiedError as exc:  # restarts used up
+            raise RunStopped(f"a {kind} actor died and cannot be restarted: {exc}") from None
+    if kind == "rollout" and roles.weight_version > 0:
+        ray.get(actor.load_weights.remote(roles.learners.export_weights(), roles.weight_version))
+
+
+def _until_done(roles: Roles, kind: str, actors: list, issue: Any) -> list[ray.ObjectRef]:
+    """`issue(i)` -> (result ref, small done ref) for part i on actors[i]; re-issues parts whose actor died."""
+    calls = [issue(i) for i in range(len(actors))]
+    for i in range(len(actors)):
+        while True:
+            try:
+                ray.get(calls[i][1])
+                break
+            except RayActorError:
+                _await_restart(roles, kind, actors[i])
+                calls[i] = issue(i)
+    return [result for result, _ in calls]
+
+
+def rollout_and_score(roles: Roles, prompts: PromptSet, indices: list[int], step: int, metrics: dict) -> list:
+    """Student samples (with verifier rewards where answers are known), then teacher scores, as refs."""
+    shards = split(indices, len(roles.rollout_workers))
+    workers = roles.rollout_workers[: len(shards)]
+    with timed("rollout", metrics):
+        rollout_refs = _until_done(
+            roles,
+            "rollout",
+            workers,
+            lambda i: workers[i].sample.remote(
+                prompts.subset(shards[i]), step, {j: prompts.answers[j] for j in shards[i]}
+            ),
+        )
+    return score(roles, rollout_refs, metrics)
+
+
+def score(roles: Roles, batch_refs: list[ray.ObjectRef], metrics: dict) -> list[ray.ObjectRef]:
+    teachers = [roles.teachers[i % len(roles.teachers)] for i in range(len(batch_refs))]
+    with timed("teacher", metrics):
+        return _until_done(roles, "teacher", teachers, lambda i: teachers[i].score.remote(batch_refs[i]))
+
+
+def sync_weights(roles: Roles, version: int) -> None:
+    weights_ref = roles.learners.export_weights()
+    for worker in roles.rollout_workers:
+        try:
+            ray.get(worker.load_weights.remote(weights_ref, version))
+        except RayActorError:
+            _await_restart(roles, "rollout", worker)
+            ray.get(worker.load_weights.remote(weights_ref, version))
+    roles.weight_version = version
+
+
+def call_restarting(roles: Roles, kind: str, actors: list, method: str, args: list[tuple]) -> list:
+    """Values of actors[i].method(*args[i]), each re-issued if its actor died (evaluation)."""
+
+    def issue(i: int) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+        ref = getattr(actors[i], method).remote(*args[i])
+        return ref, ref
+
+    return ray.get(_until_done(roles, kind, actors, issue))
