@@ -190,8 +190,8 @@ class LearnerWorker:
         if self._any_rank(not bool(torch.isfinite(loss))):  # every rank skips together, or backward hangs
             metrics.update(loss=None, skipped_update=1, lr=float(self.engine.get_lr()[0]))
             return metrics
-        self.engine.backward(loss * self.world_size)  # DeepSpeed averages gradients over ranks
-        self.engine.step()
+        if not apply_update(self.engine, loss * self.world_size, self._any_rank):  # DeepSpeed averages over ranks
+            metrics.update(skipped_update=1, gradient_fault=1)
         metrics["loss"] = float(loss.detach())
         metrics["lr"] = float(self.engine.get_lr()[0])
         if algorithm.divergence == "forward_to_reverse":
@@ -327,6 +327,26 @@ class LearnerWorker:
         with torch.no_grad():
             logits = self.engine(input_ids=ids).logits[0, :-1].float()
             return token_logprobs(logits, ids[0, 1:]).tolist()
+
+
+def apply_update(engine: Any, loss: torch.Tensor, any_rank: Any) -> bool:
+    """Backward and optimizer step; False when a non-finite gradient made the step a no-op.
+
+    Under ZeRO 1-3, DeepSpeed itself skips a step whose gradient norm is not finite (and
+    reports the norm as inf); without ZeRO nothing does, so the gradients are checked here
+    on every rank and, if any is bad, dropped before the optimizer sees them.
+    """
+    engine.backward(loss)
+    if engine.zero_optimization_stage() == 0:
+        bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in engine.module.parameters())
+        if any_rank(bad):
+            engine.module.zero_grad(set_to_none=True)
+            return False
+        engine.step()
+        return True
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return norm is None or math.isfinite(float(norm))
 
 
 def get_or_raise_first(refs: list[ray.ObjectRef]) -> list[Any]:
