@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,26 +101,53 @@ def _await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> Non
         ray.get(actor.load_weights.remote(roles.learners.export_weights(), roles.weight_version))
 
 
-def _until_done(roles: Roles, kind: str, actors: list, issue: Any) -> list[ray.ObjectRef]:
-    """`issue(i)` -> (result ref, small done ref) for part i on actors[i]; re-issues parts whose actor died."""
-    calls = [issue(i) for i in range(len(actors))]
-    for i in range(len(actors)):
-        while True:
-            try:
-                ray.get(calls[i][1])
-                break
-            except RayActorError:
-                _await_restart(roles, kind, actors[i])
-                calls[i] = issue(i)
-    return [result for result, _ in calls]
+class Pending:
+    """Calls launched on actors now and awaited later; `resolve` re-issues the parts whose actor died.
+
+    `issue(i)` -> (result ref, small done ref) for part i on actors[i].
+    """
+
+    def __init__(self, roles: Roles, kind: str, actors: list, issue: Callable[[int], Any]) -> None:
+        self.roles, self.kind, self.actors, self.issue = roles, kind, actors, issue
+        self.calls = [issue(i) for i in range(len(actors))]
+
+    def resolve(self) -> set[int]:
+        """Waits for every part; returns the indices of the parts that had to be re-issued."""
+        reissued = set()
+        for i in range(len(self.actors)):
+            while True:
+                try:
+                    ray.get(self.calls[i][1])
+                    break
+                except RayActorError:
+                    _await_restart(self.roles, self.kind, self.actors[i])
+                    self.calls[i] = self.issue(i)
+                    reissued.add(i)
+        return reissued
+
+    @property
+    def results(self) -> list[ray.ObjectRef]:
+        return [result for result, _ in self.calls]
 
 
-def rollout_and_score(roles: Roles, prompts: PromptSet, indices: list[int], step: int, metrics: dict) -> list:
-    """Student samples (with verifier rewards where answers are known), then teacher scores, as refs."""
-    shards = split(indices, len(roles.rollout_workers))
-    workers = roles.rollout_workers[: len(shards)]
-    with timed("rollout", metrics):
-        rollout_refs = _until_done(
+def _until_done(roles: Roles, kind: str, actors: list, issue: Callable[[int], Any]) -> list[ray.ObjectRef]:
+    pending = Pending(roles, kind, actors, issue)
+    pending.resolve()
+    return pending.results
+
+
+class ScoredRollout:
+    """One step's student samples, each shard chained straight into a teacher replica.
+
+    Launching returns at once: a shard goes to the teacher as soon as its rollout finishes
+    (Ray resolves the dependency), without waiting for the other shards or for the driver.
+    """
+
+    def __init__(self, roles: Roles, prompts: PromptSet, indices: list[int], step: int) -> None:
+        shards = split(indices, len(roles.rollout_workers))
+        workers = roles.rollout_workers[: len(shards)]
+        teachers = [roles.teachers[i % len(roles.teachers)] for i in range(len(shards))]
+        self.rollouts = Pending(
             roles,
             "rollout",
             workers,
@@ -127,7 +155,20 @@ def rollout_and_score(roles: Roles, prompts: PromptSet, indices: list[int], step
                 prompts.subset(shards[i]), step, {j: prompts.answers[j] for j in shards[i]}
             ),
         )
-    return score(roles, rollout_refs, metrics)
+        self.scores = Pending(roles, "teacher", teachers, lambda i: teachers[i].score.remote(self.rollouts.calls[i][0]))
+
+    def resolve(self, metrics: dict) -> list[ray.ObjectRef]:
+        with timed("rollout", metrics):
+            for i in self.rollouts.resolve():  # a re-issued rollout shard needs scoring again
+                self.scores.calls[i] = self.scores.issue(i)
+        with timed("teacher", metrics):
+            self.scores.resolve()
+        return self.scores.results
+
+
+def rollout_and_score(roles: Roles, prompts: PromptSet, indices: list[int], step: int, metrics: dict) -> list:
+    """Student samples (with verifier rewards where answers are known), then teacher scores, as refs."""
+    return ScoredRollout(roles, prompts, indices, step).resolve(metrics)
 
 
 def score(roles: Roles, batch_refs: list[ray.ObjectRef], metrics: dict) -> list[ray.ObjectRef]:
