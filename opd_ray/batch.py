@@ -50,17 +50,22 @@ class RolloutBatch:
 
     @staticmethod
     def concat(batches: list[RolloutBatch]) -> RolloutBatch:
-        """Joins shards from several rollout workers, padding to the longest sequence."""
+        """Joins shards from several rollout workers, padding to the longest sequence.
+
+        In asynchronous mode shards of one step may come from different weight versions: the
+        joined batch carries the oldest (each row keeps its own sampling log-probs)."""
         if len(batches) == 1:
             return batches[0]
-        versions = {(b.policy_version, b.source) for b in batches}
-        if len(versions) != 1:
-            raise ValueError(f"cannot join batches of different policy versions or sources {sorted(versions)}")
+        sources = {b.source for b in batches}
+        if len(sources) != 1:
+            raise ValueError(f"cannot join batches of different sources {sorted(sources)}")
         length = max(b.input_ids_BL.shape[1] for b in batches)
         joined = {}
         for f in fields(RolloutBatch):
             values = [getattr(b, f.name) for b in batches]
-            if f.name in ("policy_version", "source"):
+            if f.name == "policy_version":
+                joined[f.name] = min(values)
+            elif f.name == "source":
                 joined[f.name] = values[0]
             elif any(v is None for v in values):
                 joined[f.name] = None

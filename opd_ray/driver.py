@@ -18,8 +18,10 @@ import hashlib
 import json
 import random
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -31,10 +33,11 @@ from opd_ray.checkpoint import TrainerState, latest_checkpoint, write_checkpoint
 from opd_ray.errors import RunStopped, UserError
 from opd_ray.learner import get_or_raise_first
 from opd_ray.metrics import MetricsWriter, timed
+from opd_ray.pipeline import Pipeline, StepShards
 from opd_ray.preflight import Prepared, prepare
 from opd_ray.progress import console, step_progress
 from opd_ray.ray_cluster import connect
-from opd_ray.roles import Roles, call_restarting, rollout_and_score, score, split, start_roles, sync_weights
+from opd_ray.roles import Roles, call_restarting, split, start_roles, sync_weights
 from opd_ray.spec import ExperimentSpec, spec_to_yaml
 from opd_ray.tasks.data import PromptSet
 from opd_ray.tiny_models import ensure_tiny_models
@@ -106,6 +109,50 @@ def supervised_refs(prepared: Prepared, indices: list[int]) -> list[ray.ObjectRe
     return [ray.put(supervised_batch(rows, indices))]
 
 
+@dataclass
+class StepWork:
+    """A launched step: its prompts, where the data order stands after it (what a checkpoint of
+    this step records), and its data: shards moving through the pipeline, or ready batches."""
+
+    step: int
+    indices: tuple[int, ...]
+    sampler_after: tuple[int, int]
+    launch_version: int  # the weights the rollout engines held when the step was launched
+    shards: StepShards | None = None
+    ready_refs: list[ray.ObjectRef] | None = None  # sft: the dataset's answers, nothing to score
+    dataset: bool = False
+
+    def resolve(self, pipeline: Pipeline, metrics: dict) -> tuple[list[ray.ObjectRef], int]:
+        """Waits for the step's data; returns its batch refs and the oldest policy version in it."""
+        if self.shards is None:
+            return self.ready_refs, self.launch_version
+        with timed("wait_for_data", metrics):
+            refs = pipeline.wait_step(self.shards)
+        metrics["time/rollout"] = self.shards.stage_seconds("rollout")  # compute time, summed over shards
+        metrics["time/teacher"] = self.shards.stage_seconds("teacher")
+        version = self.shards.policy_version
+        return refs, version if version >= 0 else self.launch_version
+
+
+def launch_step(
+    spec: ExperimentSpec, pipeline: Pipeline, prepared: Prepared, sampler: PromptSampler, step: int
+) -> StepWork:
+    """Draws the step's prompts and queues its work: student rollouts that flow on into the teacher,
+    or (sft, GKD's dataset share) the dataset's answers."""
+    indices = sampler.next(spec.trainer.prompts_per_step)
+    work = StepWork(step, tuple(indices), (sampler.epoch, sampler.position), pipeline.roles.weight_version)
+    if spec.algorithm.objective == "sft":
+        work.ready_refs, work.dataset = supervised_refs(prepared, indices), True
+    elif on_student_samples(spec, step):
+        work.shards = pipeline.launch_rollouts(step, indices, spec.rollout.samples_per_prompt)
+    else:
+        work.shards, work.dataset = (
+            pipeline.launch_scoring(step, supervised_refs(prepared, indices), [len(indices)]),
+            True,
+        )
+    return work
+
+
 def resume_point(run_dir: Path, resume: bool) -> tuple[Path | None, TrainerState | None]:
     """The checkpoint to continue from; refuses to start over a run that has checkpoints."""
     latest = latest_checkpoint(run_dir)
@@ -139,6 +186,21 @@ def learner_death_stops_run(run_dir: Path) -> Iterator[None]:
         last = latest_checkpoint(run_dir)
         resume = f"resume from {last} with --resume" if last else "no checkpoint yet: set trainer.checkpoint_every"
         raise RunStopped(f"a learner rank died ({type(exc).__name__}); {resume}") from None
+
+
+def stage_utilisation(metrics: dict, pipeline: Pipeline, busy_before: dict[str, float]) -> dict[str, float]:
+    """Share of the step each stage's actors spent computing (compute finished during the step,
+    over step time x actors) and the idle seconds that leaves: where the pipeline waits."""
+    step_s = metrics["time/step"]
+    pools = {"rollout": pipeline.rollout, "teacher": pipeline.teacher}
+    out = {}
+    for kind, busy in pipeline.busy_seconds.items():
+        capacity = step_s * len(pools[kind].actors)
+        out[f"busy/{kind}"] = min(1.0, (busy - busy_before[kind]) / capacity)  # shards may span steps
+        out[f"idle_s/{kind}"] = max(0.0, capacity - (busy - busy_before[kind]))
+    out["busy/learner"] = metrics.get("time/learn", 0.0) / step_s
+    out["idle_s/learner"] = step_s - metrics.get("time/learn", 0.0)
+    return out
 
 
 def prompts_digest(indices: list[int]) -> str:
@@ -188,26 +250,32 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
             summary["student_accuracy_before"] = accuracy("rollout")
         console.print(f"teacher accuracy {summary['teacher_accuracy']}, student {summary['student_accuracy_before']}")
 
-        buffer = RolloutBuffer(spec.trainer.buffer_capacity, max_staleness=spec.trainer.weight_sync_interval - 1)
+        staleness_limit = spec.trainer.max_staleness + spec.trainer.weight_sync_interval - 1
+        buffer = RolloutBuffer(spec.trainer.buffer_capacity, max_staleness=staleness_limit)
+        pipeline = Pipeline(roles, prepared.train, spec.run.seed, spec.trainer.shard_size(spec.rollout.num_workers))
+        in_flight: deque[StepWork] = deque()  # launched steps, oldest first
+        next_launch = first_step
         bad_steps = 0
         with step_progress("distill", spec.trainer.steps, first_step - 1) as progress:
             for step in range(first_step, spec.trainer.steps + 1):
                 metrics: dict = {}
-                step_start = time.perf_counter()
-                indices = sampler.next(spec.trainer.prompts_per_step)
-                metrics["prompts_digest"] = prompts_digest(indices)
-                if spec.algorithm.objective == "sft":
-                    refs = supervised_refs(prepared, indices)
-                elif on_student_samples(spec, step):
-                    refs = rollout_and_score(roles, prepared.train, indices, step, metrics)
-                else:
-                    refs = score(roles, supervised_refs(prepared, indices), metrics)
+                step_start, busy_before = time.perf_counter(), pipeline.busy_seconds
+                while next_launch <= min(spec.trainer.steps, step + spec.trainer.max_staleness):
+                    in_flight.append(launch_step(spec, pipeline, prepared, sampler, next_launch))
+                    next_launch += 1
+                work = in_flight.popleft()
+                metrics["prompts_digest"] = prompts_digest(list(work.indices))
+                if work.dataset:
                     metrics["dataset_batch"] = 1
-                buffer.put(BufferEntry(tuple(refs), version, tuple(indices)))
+                refs, policy_version = work.resolve(pipeline, metrics)
+                buffer.put(BufferEntry(tuple(refs), policy_version, work.indices))
                 entry = buffer.take(version)
+                metrics["staleness"] = version - entry.policy_version
                 with timed("learn", metrics), learner_death_stops_run(run_dir):
                     diagnostics_k = spec.diagnostics.top_k if spec.diagnostics.enabled else None
-                    metrics.update(roles.learners.train_step(list(entry.refs), spec.algorithm, diagnostics_k, step))
+                    metrics.update(
+                        roles.learners.train_step(list(entry.refs), spec.algorithm, diagnostics_k, step, pipeline.get)
+                    )
                 if metrics.get("skipped_update"):
                     bad_steps += 1
                     console.print(f"[red]step {step}: non-finite loss, update skipped ({bad_steps} in a row)[/]")
@@ -215,8 +283,8 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
                     bad_steps = 0
                     version += 1
                     if version % spec.trainer.weight_sync_interval == 0:
-                        with timed("weight_sync", metrics):
-                            sync_weights(roles, version)
+                        with timed("weight_sync", metrics):  # async: queued behind in-flight rollouts
+                            sync_weights(roles, version, wait=spec.trainer.max_staleness == 0)
                 metrics.update(rollout_policy_version=entry.policy_version, weight_version=version)
                 metrics.update({f"restarts/{kind}": count for kind, count in roles.restarts.items()})
                 if spec.trainer.eval_every and step % spec.trainer.eval_every == 0 and step < spec.trainer.steps:
@@ -229,6 +297,7 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
                                 summary["teacher_accuracy"],
                             )
                 metrics["time/step"] = time.perf_counter() - step_start
+                metrics.update(stage_utilisation(metrics, pipeline, busy_before))
                 writer.write(step, metrics)
                 loss = metrics["loss"]
                 progress.advance(step, "update skipped" if loss is None else f"loss {loss:.3f}")
@@ -240,9 +309,9 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
                     )
                 if spec.trainer.checkpoint_every and step % spec.trainer.checkpoint_every == 0:
                     with timed("checkpoint", metrics), learner_death_stops_run(run_dir):
-                        trainer_state = TrainerState(
-                            step, version, sampler.epoch, sampler.position, {k: summary[k] for k in BEFORE_TRAINING}
-                        )
+                        epoch, position = work.sampler_after  # not the sampler's own: it has run ahead
+                        before = {k: summary[k] for k in BEFORE_TRAINING}
+                        trainer_state = TrainerState(step, version, epoch, position, before)
                         save_checkpoint(spec, roles, run_dir, trainer_state)
 
         if version % spec.trainer.weight_sync_interval:

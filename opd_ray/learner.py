@@ -13,6 +13,7 @@ import math
 import os
 import random
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -167,6 +168,8 @@ class LearnerWorker:
                     self._hidden(self.teacher, batch), batch.response_mask_BL.to(self.device)
                 )
         on_student_samples = batch.source == "student"
+        if not on_student_samples:  # dataset answers have no sampling log-probs to correct against
+            algorithm = algorithm.model_copy(update={"importance_cap": None})
         metrics, per_token = self._token_statistics(hidden_NH, tokens, algorithm, diagnostics_k, on_student_samples)
         tokens = finish_token_batch(tokens, per_token, mask_BT, algorithm)
         metrics["response_tokens"] = batch.num_response_tokens
@@ -410,9 +413,16 @@ class LearnerGroup:
         return [getattr(w, method).remote(*args) for w in self.workers]
 
     def train_step(
-        self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None = None, step: int = 1
+        self,
+        batch_refs: list[ray.ObjectRef],
+        algorithm: AlgorithmSpec,
+        diagnostics_k: int | None = None,
+        step: int = 1,
+        wait: Callable[[list[ray.ObjectRef]], list[Any]] = get_or_raise_first,
     ) -> dict[str, float]:
-        per_rank = get_or_raise_first(self.call("train_step", batch_refs, algorithm, diagnostics_k, step))
+        """`wait` collects the ranks' results; the driver passes one that keeps the rollout pipeline
+        moving while the learners train."""
+        per_rank = wait(self.call("train_step", batch_refs, algorithm, diagnostics_k, step))
         return combine_rank_metrics(per_rank)
 
     def export_weights(self) -> ray.ObjectRef:

@@ -216,6 +216,15 @@ def vopd_baseline(inputs: ObjectiveInputs) -> torch.Tensor:
         return -topk_divergence(inputs, REVERSE_KL_ON_TEACHER_TOPK)
 
 
+def truncated_importance_weight(
+    student_logprobs_N: torch.Tensor, rollout_logprobs_N: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """min(p_theta(y_t) / p_rollout(y_t), cap), detached: how much a token sampled by older weights
+    (asynchronous mode) counts now. The cap bounds the variance a stale, unlikely sample can add."""
+    with torch.no_grad():
+        return torch.exp(student_logprobs_N - rollout_logprobs_N).clamp(max=cap)
+
+
 def sampled_token_reverse_kl(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
     """One-sample reverse KL as a dense reward inside an importance-sampled surrogate.
 
@@ -226,8 +235,17 @@ def sampled_token_reverse_kl(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) 
     """
     tokens = inputs.tokens
     student_logprobs_N = token_logprobs(inputs.student_logits_NV, tokens.target_ids_N)
-    return policy_gradient_surrogate(
+    surrogate_N = policy_gradient_surrogate(
         student_logprobs_N, tokens.rollout_logprobs_N, tokens.advantage_N, algorithm.clip_eps
+    )
+    if algorithm.importance_cap is None:
+        return surrogate_N
+    # The surrogate's gradient carries the ratio itself; scale it down to the capped ratio.
+    ratio_N = torch.exp(student_logprobs_N - tokens.rollout_logprobs_N).detach()
+    return (
+        surrogate_N
+        * truncated_importance_weight(student_logprobs_N, tokens.rollout_logprobs_N, algorithm.importance_cap)
+        / ratio_N
     )
 
 
@@ -248,9 +266,11 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 def token_loss(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
-    """The objective's per-token loss, plus the task-reward policy gradient for analytic objectives.
+    """The objective's per-token loss, plus the task-reward policy gradient for analytic objectives,
+    weighted by the truncated importance ratio when `importance_cap` is set.
 
-    (sampled_token already carries the task reward inside its advantage, tinker-style.)
+    (sampled_token already carries the task reward inside its advantage, tinker-style, and its
+    importance ratio inside its surrogate.)
     """
     loss_N = OBJECTIVES[algorithm.objective](inputs, algorithm)
     tokens = inputs.tokens
@@ -258,6 +278,11 @@ def token_loss(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tenso
         student_logprobs_N = token_logprobs(inputs.student_logits_NV, tokens.target_ids_N)
         loss_N = loss_N + policy_gradient_surrogate(
             student_logprobs_N, tokens.rollout_logprobs_N, algorithm.task_reward_coef * tokens.task_advantage_N, None
+        )
+    if algorithm.importance_cap is not None and algorithm.objective in ("topk", "full_vocab"):
+        student_logprobs_N = token_logprobs(inputs.student_logits_NV, tokens.target_ids_N)
+        loss_N = loss_N * truncated_importance_weight(
+            student_logprobs_N, tokens.rollout_logprobs_N, algorithm.importance_cap
         )
     if tokens.keep_N is not None:
         loss_N = loss_N * tokens.keep_N

@@ -22,12 +22,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from opd_ray.errors import RunStopped
 from opd_ray.learner import LearnerGroup
-from opd_ray.metrics import timed
 from opd_ray.progress import console
 from opd_ray.ray_cluster import actor_env
 from opd_ray.rollout import RolloutWorker
 from opd_ray.spec import ExperimentSpec
-from opd_ray.tasks.data import PromptSet
 from opd_ray.teacher import TeacherScorer
 from opd_ray.vllm_engine import ENGINE_ENV
 
@@ -64,7 +62,9 @@ def start_roles(spec: ExperimentSpec) -> Roles:
         for i in range(spec.rollout.num_workers)
     ]
     teachers = [
-        TeacherScorer.options(**teacher_options).remote(spec.models.teacher, spec.teacher, spec.run.seed + i)
+        ray.remote(TeacherScorer)
+        .options(**teacher_options)
+        .remote(spec.models.teacher, spec.teacher, spec.run.seed + i)
         for i in range(spec.teacher.num_replicas)
     ]
     sequences = spec.trainer.prompts_per_step * spec.rollout.samples_per_prompt
@@ -80,7 +80,7 @@ def split(items: list[int], parts: int) -> list[list[int]]:
     return [items[i::parts] for i in range(parts) if items[i::parts]]
 
 
-def _await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> None:
+def await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> None:
     """Blocks until Ray has restarted `actor`; a rollout worker gets the current weights back."""
     roles.restarts[kind] += 1
     if roles.restarts[kind] > roles.max_restarts * max(1, len(roles.rollout_workers + roles.teachers)):
@@ -120,7 +120,7 @@ class Pending:
                     ray.get(self.calls[i][1])
                     break
                 except RayActorError:
-                    _await_restart(self.roles, self.kind, self.actors[i])
+                    await_restart(self.roles, self.kind, self.actors[i])
                     self.calls[i] = self.issue(i)
                     reissued.add(i)
         return reissued
@@ -136,54 +136,21 @@ def _until_done(roles: Roles, kind: str, actors: list, issue: Callable[[int], An
     return pending.results
 
 
-class ScoredRollout:
-    """One step's student samples, each shard chained straight into a teacher replica.
-
-    Launching returns at once: a shard goes to the teacher as soon as its rollout finishes
-    (Ray resolves the dependency), without waiting for the other shards or for the driver.
-    """
-
-    def __init__(self, roles: Roles, prompts: PromptSet, indices: list[int], step: int) -> None:
-        shards = split(indices, len(roles.rollout_workers))
-        workers = roles.rollout_workers[: len(shards)]
-        teachers = [roles.teachers[i % len(roles.teachers)] for i in range(len(shards))]
-        self.rollouts = Pending(
-            roles,
-            "rollout",
-            workers,
-            lambda i: workers[i].sample.remote(
-                prompts.subset(shards[i]), step, {j: prompts.answers[j] for j in shards[i]}
-            ),
-        )
-        self.scores = Pending(roles, "teacher", teachers, lambda i: teachers[i].score.remote(self.rollouts.calls[i][0]))
-
-    def resolve(self, metrics: dict) -> list[ray.ObjectRef]:
-        with timed("rollout", metrics):
-            for i in self.rollouts.resolve():  # a re-issued rollout shard needs scoring again
-                self.scores.calls[i] = self.scores.issue(i)
-        with timed("teacher", metrics):
-            self.scores.resolve()
-        return self.scores.results
-
-
-def rollout_and_score(roles: Roles, prompts: PromptSet, indices: list[int], step: int, metrics: dict) -> list:
-    """Student samples (with verifier rewards where answers are known), then teacher scores, as refs."""
-    return ScoredRollout(roles, prompts, indices, step).resolve(metrics)
-
-
-def score(roles: Roles, batch_refs: list[ray.ObjectRef], metrics: dict) -> list[ray.ObjectRef]:
-    teachers = [roles.teachers[i % len(roles.teachers)] for i in range(len(batch_refs))]
-    with timed("teacher", metrics):
-        return _until_done(roles, "teacher", teachers, lambda i: teachers[i].score.remote(batch_refs[i]))
-
-
-def sync_weights(roles: Roles, version: int) -> None:
+def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
+    """New weights to every rollout engine. `wait=False` (asynchronous mode) only queues the reload:
+    each engine applies it after the rollouts already launched on it, and every rollout launched
+    later sees it, which is what the version tag of a launched step assumes."""
     weights_ref = roles.learners.export_weights()
+    if not wait:
+        for worker in roles.rollout_workers:
+            worker.load_weights.remote(weights_ref, version)
+        roles.weight_version = version
+        return
     for worker in roles.rollout_workers:
         try:
             ray.get(worker.load_weights.remote(weights_ref, version))
         except RayActorError:
-            _await_restart(roles, "rollout", worker)
+            await_restart(roles, "rollout", worker)
             ray.get(worker.load_weights.remote(weights_ref, version))
     roles.weight_version = version
 

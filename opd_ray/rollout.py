@@ -6,6 +6,8 @@ version that produced it, so the learner knows how stale a sample is.
 
 from __future__ import annotations
 
+import time
+
 import ray
 import torch
 
@@ -69,15 +71,18 @@ class RolloutWorker:
 
     @ray.method(num_returns=2)
     def sample(
-        self, prompts_P: dict[int, list[int]], step: int, answers_P: dict[int, str | None] | None = None
-    ) -> tuple[RolloutBatch, int]:
+        self, prompts_P: dict[int, list[int]], seed: int, answers_P: dict[int, str | None] | None = None
+    ) -> tuple[RolloutBatch, dict]:
         """`prompts_P` maps dataset row -> prompt token ids; the returned batch stays in the object store.
 
-        With `answers_P` each response is scored by the verifier (1.0 correct, 0.0 otherwise;
-        a truncated response is wrong), for task-reward mixing and the sample-accuracy metric.
-        The second return, the number of sequences, is what the driver waits on: it learns
-        that the batch exists (or that this worker died) without fetching the batch.
+        `seed` comes from the driver (run, step, shard), so a shard samples the same whichever
+        worker takes it. With `answers_P` each response is scored by the verifier (1.0 correct,
+        0.0 otherwise; a truncated response is wrong), for task-reward mixing and the
+        sample-accuracy metric. The second return is a small report the driver waits on: it
+        learns that the batch exists (or that this worker died), the weight version used and
+        the compute time, without fetching the batch.
         """
+        started = time.perf_counter()
         indices = list(prompts_P)
         completions = generate(
             self.llm,
@@ -87,7 +92,7 @@ class RolloutWorker:
             temperature=self.rollout.temperature,
             top_p=self.rollout.top_p,
             max_new_tokens=self.rollout.max_new_tokens,
-            seed=self.seed * 1_000_003 + step,  # reproducible, and distinct across runs and workers
+            seed=seed,
             top_k_ids=self.student_top_k,
         )
         batch = completions_to_batch(prompts_P, completions, self.policy_version, self.student_top_k)
@@ -101,7 +106,13 @@ class RolloutWorker:
                 for c in completions
             ]
             batch.task_rewards_B = torch.tensor(scores)
-        return batch, batch.num_sequences
+        report = {
+            "sequences": batch.num_sequences,
+            "response_tokens": batch.num_response_tokens,
+            "policy_version": self.policy_version,
+            "seconds": time.perf_counter() - started,
+        }
+        return batch, report
 
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
         return greedy(self.llm, prompts_P, max_new_tokens)

@@ -186,6 +186,13 @@ class AlgorithmSpec(Section):
         1.0, ge=0, le=1, description="GKD lambda: share of steps on student samples; the rest on dataset answers"
     )
     aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    importance_cap: float | None = Field(
+        None,
+        gt=0,
+        description="off-policy correction for samples from older weights (asynchronous mode): each token's "
+        "loss is weighted by min(p_theta(y_t) / p_rollout(y_t), cap), detached; sampled_token caps its ratio. "
+        "null = none",
+    )
 
     @model_validator(mode="after")
     def _options_fit_objective(self) -> AlgorithmSpec:
@@ -221,6 +228,18 @@ class TrainerSpec(Section):
     steps: int = Field(100, ge=1)
     prompts_per_step: int = Field(64, ge=1)
     weight_sync_interval: int = Field(1, ge=1)
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="asynchronous mode: rollouts of up to this many later steps run while the learners "
+        "train; 0 = synchronous, fully on-policy",
+    )
+    prompts_per_shard: int | None = Field(
+        None,
+        ge=1,
+        description="prompts in one unit of rollout/teacher work, handed to whichever actor is free; "
+        "null = prompts_per_step / rollout.num_workers (one shard per worker)",
+    )
     eval_every: int = Field(0, ge=0, description="0 = only before and after training")
     buffer_capacity: int = Field(2, ge=1)
     save_final: bool = True
@@ -230,6 +249,9 @@ class TrainerSpec(Section):
     max_bad_steps: int = Field(
         3, ge=1, description="consecutive steps with a non-finite loss (updates skipped) before the run stops"
     )
+
+    def shard_size(self, num_workers: int) -> int:
+        return self.prompts_per_shard or max(1, -(-self.prompts_per_step // num_workers))
 
 
 class RaySpec(Section):

@@ -9,6 +9,7 @@ tensor never enters the object store.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import ray
@@ -115,8 +116,9 @@ def greedy_with_transformers(
     return completions
 
 
-@ray.remote
 class TeacherScorer:
+    """A teacher replica (run as a Ray actor by `roles.start_roles`); a plain class so tests can extend it."""
+
     def __init__(self, model: ModelSpec, teacher: TeacherSpec, seed: int) -> None:
         self.teacher = teacher
         if teacher.backend == "vllm":
@@ -129,8 +131,9 @@ class TeacherScorer:
             self.tokenizer = AutoTokenizer.from_pretrained(model.path)
 
     @ray.method(num_returns=2)
-    def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, int]:
-        """The scored batch, and its size (what the driver waits on, without fetching the batch)."""
+    def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict]:
+        """The scored batch, and a small report the driver waits on without fetching the batch."""
+        started = time.perf_counter()
         if self.teacher.backend == "transformers":
             scored = score_with_transformers(self.model, batch, self.teacher.top_k, self.teacher.chunk_tokens)
         else:
@@ -140,7 +143,7 @@ class TeacherScorer:
             ]
             scores = prompt_logprobs(self.llm, sequences, self.teacher.top_k)
             scored = attach_teacher_scores(batch, scores, self.teacher.top_k)
-        return scored, scored.num_sequences
+        return scored, {"sequences": scored.num_sequences, "seconds": time.perf_counter() - started}
 
     def ready(self) -> bool:
         return True

@@ -24,8 +24,9 @@ def test_weight_sync_makes_rollout_engine_match_learner_zero3(tiny_dir: Path, tm
 
     Trains with the full-vocabulary objective, so the frozen teacher copy is loaded beside a
     ZeRO-3-partitioned student (it must not be partitioned itself)."""
+    from opd_ray.pipeline import rollout_and_score
     from opd_ray.preflight import prepare
-    from opd_ray.roles import rollout_and_score, start_roles, sync_weights
+    from opd_ray.roles import start_roles, sync_weights
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["learner"]["zero_stage"] = 3
@@ -43,7 +44,7 @@ def test_weight_sync_makes_rollout_engine_match_learner_zero3(tiny_dir: Path, tm
 
         for step in range(3):
             indices = list(range(16 * step, 16 * step + 16))
-            refs = rollout_and_score(roles, prepared.train, indices, step, {})
+            refs = rollout_and_score(roles, prepared.train, indices, step)
             learners.train_step(refs, spec.algorithm)
         sync_weights(roles, version=3)
 

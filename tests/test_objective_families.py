@@ -16,8 +16,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+    from opd_ray.pipeline import rollout_and_score
     from opd_ray.preflight import prepare
-    from opd_ray.roles import rollout_and_score, start_roles
+    from opd_ray.roles import start_roles
     from opd_ray.teacher import TeacherScorer
     from opd_ray.vllm_engine import ENGINE_ENV
 
@@ -28,11 +29,13 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
     spec = ExperimentSpec.model_validate(raw)
     prepared = prepare(spec)
     roles = start_roles(spec)
-    vllm_teacher = TeacherScorer.options(runtime_env={"env_vars": ENGINE_ENV}).remote(
-        spec.models.teacher, spec.teacher.model_copy(update={"backend": "vllm"}), 0
+    vllm_teacher = (
+        local_ray.remote(TeacherScorer)
+        .options(runtime_env={"env_vars": ENGINE_ENV})
+        .remote(spec.models.teacher, spec.teacher.model_copy(update={"backend": "vllm"}), 0)
     )
     try:
-        refs = rollout_and_score(roles, prepared.train, list(range(16)), 1, {})
+        refs = rollout_and_score(roles, prepared.train, list(range(16)), 1)
         by_transformers = local_ray.get(refs[0])
         by_vllm = local_ray.get(vllm_teacher.score.remote(by_transformers)[0])
         response = by_transformers.response_mask_BL.bool()
@@ -70,7 +73,7 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
             "sequence mean": {"objective": "topk", "aggregation": "sequence_mean"},
         }
         for step, (name, variant) in enumerate(variants.items(), start=2):
-            refs = rollout_and_score(roles, prepared.train, list(range(16 * step, 16 * step + 16)), step, {})
+            refs = rollout_and_score(roles, prepared.train, list(range(16 * step, 16 * step + 16)), step)
             metrics = roles.learners.train_step(refs, AlgorithmSpec(**variant), 4, step)
             assert math.isfinite(metrics["loss"]), name
             assert 0.0 <= metrics["sample_reward"] <= 1.0, name
@@ -86,8 +89,9 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
 
 def test_full_vocab_on_learners_equals_topk_over_whole_vocabulary(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """Learner-side teacher + chunked full-vocabulary KL == the vLLM teacher's top-15 (all 15 ids) KL."""
+    from opd_ray.pipeline import rollout_and_score
     from opd_ray.preflight import prepare
-    from opd_ray.roles import rollout_and_score, start_roles
+    from opd_ray.roles import start_roles
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["algorithm"] = {"objective": "full_vocab"}
@@ -96,7 +100,7 @@ def test_full_vocab_on_learners_equals_topk_over_whole_vocabulary(tiny_dir: Path
     prepared = prepare(spec)
     roles = start_roles(spec)
     try:
-        refs = rollout_and_score(roles, prepared.train, list(range(32)), 1, {})
+        refs = rollout_and_score(roles, prepared.train, list(range(32)), 1)
         for divergence in ("reverse_kl", "forward_kl", "jsd"):
             full = roles.learners.train_step(refs, AlgorithmSpec(objective="full_vocab", divergence=divergence))
             topk = roles.learners.train_step(refs, AlgorithmSpec(objective="topk", divergence=divergence))

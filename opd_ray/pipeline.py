@@ -1,0 +1,220 @@
+"""The rollout -> teacher pipeline: shards of every step go to whichever actor is free.
+
+A step's prompts are cut into shards of `trainer.prompts_per_shard` prompts. A shard is
+sampled by a rollout worker and then scored by a teacher replica. The driver gives an actor
+a shard only when it has nothing in flight, and among free actors picks the one that has
+been fastest per sequence, so a slow or busy replica takes fewer shards instead of holding
+a step back (work spread by load, not round-robin). The driver `pump`s the pipeline while it
+waits on anything, the learners included, so in asynchronous mode the shards of later steps
+are sampled and scored while the learners train.
+
+A shard's sampling seed derives from the run seed, the step and the shard index, never from
+the worker: which worker samples a shard does not change what it samples. A shard whose
+actor died is re-issued with the same prompts and seed once Ray has restarted the actor
+(`roles.await_restart`), so no prompt is dropped or trained twice.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from opd_ray.roles import Roles, await_restart
+from opd_ray.tasks.data import PromptSet
+
+SPEED_MEMORY = 0.5  # weight of the newest measurement in an actor's seconds-per-sequence estimate
+
+
+def shard_seed(run_seed: int, step: int, shard: int) -> int:
+    """Reproducible, distinct across runs, steps and shards; independent of the worker."""
+    return ((run_seed * 1_000_003 + step) * 10_007 + shard) % 2**62
+
+
+@dataclass
+class Shard:
+    """One shard of one step on its way through the stages."""
+
+    step: int
+    index: int
+    sequences: int
+    prompts_P: dict[int, list[int]] | None = None  # None: a dataset batch that only needs scoring
+    answers_P: dict[int, str | None] | None = None
+    seed: int = 0
+    batch_ref: ray.ObjectRef | None = None  # the rollout's output, the teacher's input
+    scored_ref: ray.ObjectRef | None = None
+    stage_info: dict[str, dict] = field(default_factory=dict)  # "rollout"/"teacher" -> the actor's report
+
+    @property
+    def scored(self) -> bool:
+        return "teacher" in self.stage_info
+
+
+class ActorPool:
+    """One role's actors, each with at most one shard in flight, and what they have done."""
+
+    def __init__(self, kind: str, actors: list[ray.actor.ActorHandle]) -> None:
+        self.kind = kind
+        self.actors = actors
+        self.queue: deque[Shard] = deque()
+        self.running: list[Shard | None] = [None] * len(actors)
+        self.seconds_per_sequence: list[float | None] = [None] * len(actors)
+        self.busy_seconds = 0.0  # compute time the actors reported, summed over finished shards
+        self.shards_done = [0] * len(actors)
+
+    def free_actor(self) -> int | None:
+        """The free actor expected to finish soonest; one never measured is tried first."""
+        free = [i for i, shard in enumerate(self.running) if shard is None]
+        if not free:
+            return None
+        return min(free, key=lambda i: -1.0 if self.seconds_per_sequence[i] is None else self.seconds_per_sequence[i])
+
+    def record(self, actor: int, shard: Shard, info: dict) -> None:
+        self.running[actor] = None
+        self.busy_seconds += info["seconds"]
+        self.shards_done[actor] += 1
+        measured = info["seconds"] / max(1, shard.sequences)
+        previous = self.seconds_per_sequence[actor]
+        self.seconds_per_sequence[actor] = (
+            measured if previous is None else SPEED_MEMORY * measured + (1 - SPEED_MEMORY) * previous
+        )
+
+
+class StepShards:
+    """The shards of one launched step; done when every shard is scored."""
+
+    def __init__(self, shards: list[Shard]) -> None:
+        self.shards = shards
+
+    @property
+    def done(self) -> bool:
+        return all(s.scored for s in self.shards)
+
+    @property
+    def policy_version(self) -> int:
+        """The oldest weights any shard was sampled with (what the staleness bound is about)."""
+        versions = [s.stage_info["rollout"]["policy_version"] for s in self.shards if "rollout" in s.stage_info]
+        return min(versions) if versions else -1
+
+    def stage_seconds(self, kind: str) -> float:
+        return sum(s.stage_info[kind]["seconds"] for s in self.shards if kind in s.stage_info)
+
+    @property
+    def scored_refs(self) -> list[ray.ObjectRef]:
+        return [s.scored_ref for s in self.shards]
+
+
+class Pipeline:
+    def __init__(self, roles: Roles, prompts: PromptSet, run_seed: int, prompts_per_shard: int) -> None:
+        self.roles, self.prompts, self.run_seed = roles, prompts, run_seed
+        self.prompts_per_shard = prompts_per_shard
+        self.rollout = ActorPool("rollout", roles.rollout_workers)
+        self.teacher = ActorPool("teacher", roles.teachers)
+        self.in_flight: dict[ray.ObjectRef, tuple[ActorPool, int, Shard]] = {}  # info ref -> where it runs
+
+    # ---- launching ----
+
+    def launch_rollouts(self, step: int, indices: list[int], samples_per_prompt: int) -> StepShards:
+        """Queues the step's shards for sampling; they flow on to the teacher by themselves."""
+        shards = []
+        for index, start in enumerate(range(0, len(indices), self.prompts_per_shard)):
+            rows = indices[start : start + self.prompts_per_shard]
+            shards.append(
+                Shard(
+                    step,
+                    index,
+                    len(rows) * samples_per_prompt,
+                    prompts_P=self.prompts.subset(rows),
+                    answers_P={i: self.prompts.answers[i] for i in rows},
+                    seed=shard_seed(self.run_seed, step, index),
+                )
+            )
+        self.rollout.queue.extend(shards)
+        self._dispatch()
+        return StepShards(shards)
+
+    def launch_scoring(self, step: int, batch_refs: list[ray.ObjectRef], sequences: list[int]) -> StepShards:
+        """Batches that already exist (the dataset's answers) go straight to the teacher."""
+        shards = [
+            Shard(step, i, n, batch_ref=ref) for i, (ref, n) in enumerate(zip(batch_refs, sequences, strict=True))
+        ]
+        self.teacher.queue.extend(shards)
+        self._dispatch()
+        return StepShards(shards)
+
+    # ---- running ----
+
+    def _issue(self, pool: ActorPool, actor: int, shard: Shard) -> None:
+        handle = pool.actors[actor]
+        if pool.kind == "rollout":
+            shard.batch_ref, info_ref = handle.sample.remote(shard.prompts_P, shard.seed, shard.answers_P)
+        else:
+            shard.scored_ref, info_ref = handle.score.remote(shard.batch_ref)
+        pool.running[actor] = shard
+        self.in_flight[info_ref] = (pool, actor, shard)
+
+    def _dispatch(self) -> None:
+        for pool in (self.rollout, self.teacher):
+            while pool.queue and (actor := pool.free_actor()) is not None:
+                self._issue(pool, actor, pool.queue.popleft())
+
+    def _finish(self, info_ref: ray.ObjectRef) -> None:
+        pool, actor, shard = self.in_flight.pop(info_ref)
+        try:
+            info = ray.get(info_ref)
+        except RayActorError:
+            pool.running[actor] = None
+            await_restart(self.roles, pool.kind, pool.actors[actor])
+            pool.queue.appendleft(shard)  # the same prompts and seed, first in line
+            return
+        pool.record(actor, shard, info)
+        shard.stage_info[pool.kind] = info
+        if pool.kind == "rollout":
+            self.teacher.queue.append(shard)
+
+    def pump(self, watch: list[ray.ObjectRef] = (), timeout: float | None = None) -> list[ray.ObjectRef]:
+        """Moves shards along until one of `watch` (or, with nothing to watch, one shard) is ready or
+        `timeout` passes; returns the ready refs of `watch`."""
+        self._dispatch()
+        candidates = list(watch) + list(self.in_flight)
+        if not candidates:
+            return []
+        ready, rest = ray.wait(candidates, num_returns=1, timeout=timeout)
+        if ready and rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
+        for ref in ready:
+            if ref in self.in_flight:
+                self._finish(ref)
+        self._dispatch()
+        watched = set(watch)
+        return [ref for ref in ready if ref in watched]
+
+    def wait_step(self, step_shards: StepShards) -> list[ray.ObjectRef]:
+        """Pumps until every shard of the step is scored; the scored batches' refs, in shard order."""
+        while not step_shards.done:
+            self.pump()
+        return step_shards.scored_refs
+
+    def get(self, refs: list[ray.ObjectRef]) -> list[Any]:
+        """ray.get that keeps the pipeline moving meanwhile, and raises the first failure at once
+        (a dead learner rank leaves the others waiting in a collective)."""
+        pending = list(refs)
+        while pending:
+            for ref in self.pump(watch=pending):
+                ray.get(ref)
+                pending.remove(ref)
+        return ray.get(refs)
+
+    @property
+    def busy_seconds(self) -> dict[str, float]:
+        return {"rollout": self.rollout.busy_seconds, "teacher": self.teacher.busy_seconds}
+
+
+def rollout_and_score(roles: Roles, prompts: PromptSet, indices: list[int], step: int, seed: int = 0) -> list:
+    """One step's student samples scored by the teacher, as refs: the pipeline without a driver loop."""
+    pipeline = Pipeline(roles, prompts, seed, max(1, -(-len(indices) // len(roles.rollout_workers))))
+    return pipeline.wait_step(pipeline.launch_rollouts(step, indices, samples_per_prompt=1))

@@ -1,0 +1,174 @@
+"""Asynchronous mode and replicas on the real pipeline: rollouts of later steps run while the
+learners train, shards go to whichever replica is free, nothing is lost or trained twice."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from opd_ray.pipeline import ActorPool, Shard, shard_seed
+from opd_ray.spec import ExperimentSpec
+from opd_ray.teacher import TeacherScorer
+from tests.conftest import tiny_spec_dict
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- the dispatch rule, without Ray ----
+
+
+def test_pool_tries_unmeasured_actors_first_then_the_fastest_free_one() -> None:
+    pool = ActorPool("teacher", ["a", "b", "c"])
+    assert pool.free_actor() == 0
+    pool.running[0] = Shard(1, 0, 4)
+    assert pool.free_actor() == 1  # never measured beats measured
+    pool.record(0, Shard(1, 0, 4), {"seconds": 4.0})  # a: 1.0 s / sequence
+    pool.running[1] = Shard(1, 1, 4)
+    pool.record(1, Shard(1, 1, 4), {"seconds": 0.4})  # b: 0.1 s / sequence
+    pool.running[2] = Shard(1, 2, 4)
+    assert pool.free_actor() == 1  # the fastest of the free ones
+    pool.running[1] = Shard(1, 3, 4)
+    assert pool.free_actor() == 0  # b busy: the slow one rather than waiting
+    pool.running[0] = Shard(1, 4, 4)
+    assert pool.free_actor() is None
+    assert pool.busy_seconds == pytest.approx(4.4) and pool.shards_done == [1, 1, 0]
+
+
+def test_pool_speed_estimate_follows_recent_measurements() -> None:
+    pool = ActorPool("rollout", ["a"])
+    for seconds in (1.0, 1.0, 0.2, 0.2, 0.2):
+        pool.record(0, Shard(1, 0, 1), {"seconds": seconds})
+    assert 0.2 < pool.seconds_per_sequence[0] < 0.35  # a replica that got faster is trusted again
+
+
+def test_shard_seed_depends_on_run_step_and_shard_only() -> None:
+    seeds = {shard_seed(run, step, shard) for run in range(3) for step in range(1, 50) for shard in range(8)}
+    assert len(seeds) == 3 * 49 * 8
+    assert shard_seed(0, 5, 2) == shard_seed(0, 5, 2)
+
+
+# ---- the real pipeline ----
+
+
+class SlowTeacherScorer(TeacherScorer):
+    """A deliberately slow replica (a fake for what is not under test: why a replica is slow)."""
+
+    DELAY_PER_SEQUENCE_S = 0.5
+
+    @ray.method(num_returns=2)
+    def score(self, batch):
+        scored, report = super().score(batch)
+        time.sleep(self.DELAY_PER_SEQUENCE_S * batch.num_sequences)
+        report["seconds"] += self.DELAY_PER_SEQUENCE_S * batch.num_sequences  # what the replica measures
+        return scored, report
+
+
+@pytest.mark.integration
+def test_slow_teacher_replica_takes_fewer_shards_and_no_prompt_is_lost(
+    tiny_dir: Path, tmp_path: Path, local_ray
+) -> None:
+    """Two teacher replicas, one slowed down: shards go to the free, faster replica, so the slow
+    one scores far fewer of them, and every step's batches hold exactly its prompts, once each."""
+    from opd_ray.pipeline import Pipeline
+    from opd_ray.preflight import prepare
+    from opd_ray.roles import start_roles
+    from opd_ray.vllm_engine import ENGINE_ENV
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["rollout"]["num_workers"] = 2
+    raw["teacher"]["num_replicas"] = 2
+    spec = ExperimentSpec.model_validate(raw)
+    prepared = prepare(spec)
+    roles = start_roles(spec)
+    slow = (
+        local_ray.remote(SlowTeacherScorer)
+        .options(runtime_env={"env_vars": ENGINE_ENV})
+        .remote(spec.models.teacher, spec.teacher, 7)
+    )
+    local_ray.get(slow.ready.remote())
+    local_ray.kill(roles.teachers[1], no_restart=True)
+    roles.teachers[1] = slow
+    try:
+        pipeline = Pipeline(roles, prepared.train, run_seed=0, prompts_per_shard=2)
+        steps = {step: list(range(16 * step, 16 * step + 16)) for step in (1, 2, 3)}
+        launched = {step: pipeline.launch_rollouts(step, indices, 1) for step, indices in steps.items()}
+        for step, shards in launched.items():
+            batches = local_ray.get(pipeline.wait_step(shards))
+            rows = [i for b in batches for i in b.prompt_index_B.tolist()]
+            assert rows == steps[step]  # every prompt of the step once, in order, whoever scored it
+            assert all(b.teacher_logprobs_BL is not None for b in batches)
+        fast_shards, slow_shards = pipeline.teacher.shards_done
+        assert fast_shards + slow_shards == 24
+        assert slow_shards <= 24 / 4, pipeline.teacher.shards_done  # round-robin would give it 12
+        assert pipeline.teacher.seconds_per_sequence[1] > 3 * pipeline.teacher.seconds_per_sequence[0]
+    finally:
+        roles.shutdown()
+
+
+@pytest.mark.integration
+def test_async_respects_staleness_and_trains_every_prompt_once(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+    """max_staleness=2 with two rollout workers and two teacher replicas: no step's samples are more
+    than 2 versions older than the learner, samples did run ahead, and each step trains its own
+    prompts exactly once."""
+    from opd_ray.driver import PromptSampler, distill, prompts_digest
+    from opd_ray.preflight import prepare
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["rollout"]["num_workers"] = 2
+    raw["teacher"]["num_replicas"] = 2
+    raw["trainer"].update(steps=10, max_staleness=2, prompts_per_shard=4, save_final=False)
+    raw["algorithm"]["importance_cap"] = 2.0
+    spec = ExperimentSpec.model_validate(raw)
+    distill(spec)
+
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    assert [m["weight_version"] for m in metrics] == list(range(1, 11))
+    for t, m in enumerate(metrics, start=1):
+        # launched once the learner held version t-3 (steps 1-3: the initial weights); a shard queued
+        # until after a later sync samples with newer weights, never older
+        assert max(0, t - 3) <= m["rollout_policy_version"] <= t - 1
+        assert 0 <= m["staleness"] <= 2
+    assert max(m["staleness"] for m in metrics) == 2  # the rollouts did run ahead of the learner
+    sampler = PromptSampler(len(prepare(spec).train), spec.run.seed)
+    assert [m["prompts_digest"] for m in metrics] == [
+        prompts_digest(sampler.next(spec.trainer.prompts_per_step)) for _ in range(10)
+    ]
+    assert all(m["sequences"] == spec.trainer.prompts_per_step for m in metrics)
+    assert all(m["loss"] is not None and m["loss"] > 0 for m in metrics)
+    for m in metrics:  # per-stage utilisation is logged every step
+        for stage in ("rollout", "teacher", "learner"):
+            assert 0.0 <= m[f"busy/{stage}"] <= 1.0 and m[f"idle_s/{stage}"] >= 0.0
+
+
+@pytest.mark.integration
+def test_synchronous_steps_do_not_depend_on_how_shards_are_dispatched(
+    tiny_dir: Path, tmp_path: Path, local_ray
+) -> None:
+    """max_staleness=0 on one rollout worker and one teacher vs two of each: the same shards and
+    seeds, so the same samples and losses step for step. And max_staleness=2's first step (still
+    on the initial weights) is the synchronous run's first step."""
+    from opd_ray.driver import distill
+
+    def run(name: str, replicas: int, staleness: int) -> list[dict]:
+        raw = tiny_spec_dict(tiny_dir, tmp_path / name)
+        raw["rollout"]["num_workers"] = replicas
+        raw["teacher"]["num_replicas"] = replicas
+        raw["trainer"].update(steps=4, max_staleness=staleness, prompts_per_shard=4, save_final=False)
+        distill(ExperimentSpec.model_validate(raw))
+        return read_metrics(tmp_path / name)
+
+    one, two, ahead = run("one", 1, 0), run("two", 2, 0), run("ahead", 2, 2)
+    assert [m["prompts_digest"] for m in one] == [m["prompts_digest"] for m in two]
+    for a, b in zip(one, two, strict=True):
+        assert a["response_tokens"] == b["response_tokens"], a["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), a["step"]
+        assert a["rollout_policy_version"] == b["rollout_policy_version"] == a["step"] - 1
+    assert ahead[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-4, abs=1e-6)
+    assert ahead[0]["response_tokens"] == one[0]["response_tokens"]
