@@ -128,8 +128,9 @@ class StepWork:
             return self.ready_refs, self.launch_version
         with timed("wait_for_data", metrics):
             refs = pipeline.wait_step(self.shards)
-        metrics["time/rollout"] = self.shards.stage_seconds("rollout")  # compute time, summed over shards
-        metrics["time/teacher"] = self.shards.stage_seconds("teacher")
+        for stage in ("rollout", "teacher"):  # compute time, summed over the step's shards
+            if (seconds := self.shards.stage_seconds(stage)) is not None:
+                metrics[f"time/{stage}"] = seconds
         version = self.shards.policy_version
         return refs, version if version >= 0 else self.launch_version
 

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -287,7 +288,15 @@ class LearnerWorker:
     def train_step(
         self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None, step: int = 1
     ) -> dict[str, Any]:
-        return self._train_on(RolloutBatch.concat(ray.get(batch_refs)), algorithm, diagnostics_k, step)
+        """The timings say where a learner step goes: fetching the batch from the object store,
+        or computing (forward, loss, backward, optimizer step)."""
+        started = time.perf_counter()
+        batch = RolloutBatch.concat(ray.get(batch_refs))
+        fetched = time.perf_counter()
+        metrics = self._train_on(batch, algorithm, diagnostics_k, step)
+        metrics["time/learner_fetch"] = fetched - started
+        metrics["time/learner_compute"] = time.perf_counter() - fetched
+        return metrics
 
     def sft(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, seed: int) -> list[float]:
         """Supervised steps on answer tokens; every rank draws the same rows and keeps its share."""
@@ -363,6 +372,7 @@ def get_or_raise_first(refs: list[ray.ObjectRef]) -> list[Any]:
 
 
 SAME_ON_EVERY_RANK = ("lr", "skipped_update")
+SLOWEST_RANK = ("time/learner_fetch", "time/learner_compute")  # the step waits for the slowest rank
 
 
 def combine_rank_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
@@ -372,6 +382,8 @@ def combine_rank_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
         values = [r[key] for r in per_rank]
         if values[0] is None or key in SAME_ON_EVERY_RANK:
             totals[key] = values[0]
+        elif key in SLOWEST_RANK:
+            totals[key] = max(values)
         elif isinstance(values[0], tuple):
             count = sum(v[1] for v in values)
             if count:

@@ -99,8 +99,10 @@ class StepShards:
         versions = [s.stage_info["rollout"]["policy_version"] for s in self.shards if "rollout" in s.stage_info]
         return min(versions) if versions else -1
 
-    def stage_seconds(self, kind: str) -> float:
-        return sum(s.stage_info[kind]["seconds"] for s in self.shards if kind in s.stage_info)
+    def stage_seconds(self, kind: str) -> float | None:
+        """Compute time the `kind` actors spent on this step; None when the step had no such stage."""
+        seconds = [s.stage_info[kind]["seconds"] for s in self.shards if kind in s.stage_info]
+        return sum(seconds) if seconds else None
 
     @property
     def scored_refs(self) -> list[ray.ObjectRef]:

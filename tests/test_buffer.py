@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -71,8 +73,11 @@ def test_batch_concat_pads_and_select_shards() -> None:
     assert joined.num_response_tokens == 2 * 3 + 5
     shard = joined.select(slice(1, None, 2))
     assert shard.prompt_index_B.tolist() == [1]
-    with pytest.raises(ValueError, match="different policy versions"):
-        RolloutBatch.concat([small_batch(1, 2, 0), small_batch(1, 2, 1)])
+    # asynchronous mode: shards of one step from different weights carry the oldest version
+    assert RolloutBatch.concat([small_batch(1, 2, 3), small_batch(1, 2, 2)]).policy_version == 2
+    dataset = dataclasses.replace(small_batch(1, 2, 0), source="dataset")
+    with pytest.raises(ValueError, match="different sources"):
+        RolloutBatch.concat([small_batch(1, 2, 0), dataset])
 
 
 def test_gap_recovery_and_split() -> None:

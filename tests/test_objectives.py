@@ -333,9 +333,9 @@ def test_importance_cap_scales_the_sampled_token_gradient_to_the_capped_ratio() 
     assert bool((ratio_N > cap).any()) and bool((ratio_N < cap).any())
 
     on_policy = make_inputs(13)
-    on_policy.tokens.rollout_logprobs_N = (
-        torch.log_softmax(on_policy.student_logits_NV.detach(), -1).gather(-1, tokens.target_ids_N[:, None])[:, 0]
-    )
+    on_policy.tokens.rollout_logprobs_N = torch.log_softmax(on_policy.student_logits_NV.detach(), -1).gather(
+        -1, tokens.target_ids_N[:, None]
+    )[:, 0]
     on_policy.tokens.advantage_N = on_policy.tokens.teacher_logprobs_N - on_policy.tokens.rollout_logprobs_N
     uncapped = AlgorithmSpec(objective="sampled_token", clip_eps=None)
     _, a = value_and_grad(sampled_token_reverse_kl(on_policy, spec).sum(), on_policy)

@@ -1,0 +1,185 @@
+"""Trained response tokens per second: opd-ray (synchronous and asynchronous) vs TRL's GKDTrainer.
+
+Same tiny student and teacher (the quickstart's shapes, random init), same prompts, one
+sample per prompt, the same number of prompts per step, new tokens, temperature and steps.
+TRL runs on-policy GKD (lmbda = 1: every batch sampled from the student; beta = 1: reverse
+KL over the full vocabulary); opd-ray runs its default top-k reverse KL with k = |V| = 15,
+the same loss. Trained tokens are the response tokens each step's loss covers.
+
+Two rates per framework: the training loop only (opd-ray: the sum of step times; TRL: its
+`train()` call), and end to end (opd-ray: from `distill()` to its return, Ray and engine start
+included; TRL: model loading plus `train()`).
+
+TRL is the optional `bench` extra: `pip install -e ".[bench]"`.
+
+    python benchmarks/vs_trl.py              # 30 steps, recorded in RESULTS.md
+    python benchmarks/vs_trl.py --tiny       # CI: 2 steps, nothing recorded
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import build_tiny_models, markdown_table, report, run_distill, spec_dict, target
+
+PROMPTS_PER_STEP, MAX_NEW_TOKENS = 64, 8
+
+
+def prompt_ids(models: Path, count: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models / "student")
+    rows = [json.loads(line) for line in (models / "train.jsonl").read_text().splitlines()[:count]]
+    return [tokenizer(row["prompt"], add_special_tokens=False).input_ids for row in rows]
+
+
+class PromptCollator:
+    """Left-padded prompts in the fields GKDTrainer's on-policy step reads (it replaces the rest)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["prompt_ids"]) for e in examples)
+        ids = torch.tensor([[self.pad_id] * (longest - len(e["prompt_ids"])) + e["prompt_ids"] for e in examples])
+        mask = torch.tensor([[0] * (longest - len(e["prompt_ids"])) + [1] * len(e["prompt_ids"]) for e in examples])
+        return {
+            "prompts": ids,
+            "prompt_attention_mask": mask,
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": torch.full_like(ids, -100),
+        }
+
+
+def run_trl(models: Path, scratch: Path, steps: int) -> dict:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    class CountingGKDTrainer(GKDTrainer):
+        """GKDTrainer, counting the response tokens its loss covers (measurement only)."""
+
+        trained_tokens = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self.trained_tokens += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(models / "student")
+    student = AutoModelForCausalLM.from_pretrained(models / "student")
+    teacher = AutoModelForCausalLM.from_pretrained(models / "teacher")
+    dataset = Dataset.from_list([{"prompt_ids": p} for p in prompt_ids(models, PROMPTS_PER_STEP * steps)])
+    config = GKDConfig(
+        output_dir=str(scratch / "trl"),
+        per_device_train_batch_size=PROMPTS_PER_STEP,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=3e-4,
+        lmbda=1.0,
+        beta=1.0,
+        temperature=1.0,
+        max_new_tokens=MAX_NEW_TOKENS,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
+        save_strategy="no",
+        logging_steps=max(1, steps),
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = CountingGKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=PromptCollator(tokenizer.pad_token_id),
+    )
+    train_start = time.perf_counter()
+    trainer.train()
+    finished = time.perf_counter()
+    return {"tokens": trainer.trained_tokens, "loop_s": finished - train_start, "end_to_end_s": finished - started}
+
+
+def run_opd_ray(models: Path, scratch: Path, steps: int, staleness: int) -> dict:
+    raw = spec_dict(models, scratch / f"opd-{staleness}", steps, PROMPTS_PER_STEP, MAX_NEW_TOKENS)
+    raw["trainer"]["max_staleness"] = staleness
+    started = time.perf_counter()
+    metrics = run_distill(raw)
+    finished = time.perf_counter()
+    return {
+        "tokens": sum(m["response_tokens"] for m in metrics),
+        "loop_s": sum(m["time/step"] for m in metrics),
+        "end_to_end_s": finished - started,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="CI size; prints, records nothing")
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    steps = 2 if args.tiny else args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        models = build_tiny_models(scratch / "models")
+        trl = run_trl(models, scratch, steps)
+        results = {
+            "TRL GKDTrainer (lmbda 1, beta 1)": trl,
+            "opd-ray synchronous": run_opd_ray(models, scratch, steps, 0),
+            "opd-ray asynchronous (max_staleness 2)": run_opd_ray(models, scratch, steps, 2),
+        }
+    rows = []
+    for name, r in results.items():
+        loop_rate, e2e_rate = r["tokens"] / r["loop_s"], r["tokens"] / r["end_to_end_s"]
+        rows.append(
+            [
+                name,
+                r["tokens"],
+                r["loop_s"],
+                loop_rate,
+                loop_rate / (trl["tokens"] / trl["loop_s"]),
+                r["end_to_end_s"],
+                e2e_rate,
+                e2e_rate / (trl["tokens"] / trl["end_to_end_s"]),
+            ]
+        )
+    table = markdown_table(
+        [
+            "run",
+            "trained tokens",
+            "loop s",
+            "tokens/s (loop)",
+            "vs TRL (loop)",
+            "end-to-end s",
+            "tokens/s (end to end)",
+            "vs TRL (end to end)",
+        ],
+        rows,
+    )
+    best = max(row[4] for row in rows[1:])
+    config = (
+        f"{steps} steps x {PROMPTS_PER_STEP} prompts, 1 sample each, <= {MAX_NEW_TOKENS} new tokens, temperature 1, "
+        "lr 3e-4; student 2 layers / teacher 4 layers (hidden 128, |V| = 15, random init); opd-ray: 1 rollout "
+        "worker, 1 teacher, 2 learner ranks (ZeRO-2); TRL: one process"
+    )
+    report(
+        "vs_trl",
+        config,
+        table,
+        [target(best >= 2.0, "opd-ray >= 2x TRL's trained tokens/s (training loop)")],
+        record=not args.tiny,
+        extra_packages=("trl",),
+    )
+
+
+if __name__ == "__main__":
+    main()

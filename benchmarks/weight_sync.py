@@ -1,0 +1,156 @@
+"""Weight sync from the learners to a rollout engine: seconds and GB/s, ~1M to ~100M parameters.
+
+Real parts: a DeepSpeed learner rank (ZeRO-2) exports the student (gather, safetensors
+blob into the object store) and a vLLM rollout worker reloads it in place, exactly as
+`opd_ray.roles.sync_weights` does. Baseline in the same run: the object store alone moving
+the same number of bytes to another process (a task that receives the blob and returns
+its length), the floor any object-store sync pays.
+
+    python benchmarks/weight_sync.py             # ~1M, ~10M, ~100M parameters, recorded in RESULTS.md
+    python benchmarks/weight_sync.py --tiny      # CI: the ~1M model only, nothing recorded
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from common import machine, markdown_table, report, target
+
+SIZES = {  # name -> (hidden, layers, intermediate, vocab): Qwen2 shapes, tied embeddings
+    "~1M": (128, 2, 512, 4096),
+    "~10M": (256, 6, 1024, 16000),
+    "~100M": (768, 12, 2048, 32000),
+}
+REPEATS = 3
+
+
+def save_model(directory: Path, hidden: int, layers: int, intermediate: int, vocab: int) -> int:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from opd_ray.tasks.arithmetic import ALPHABET
+    from opd_ray.tiny_models import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(ALPHABET, directory)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+@ray.remote
+def received_bytes(payload: bytes) -> int:
+    return len(payload)
+
+
+def measure(path: Path) -> dict:
+    from opd_ray.learner import LearnerGroup
+    from opd_ray.ray_cluster import actor_env
+    from opd_ray.rollout import RolloutWorker
+    from opd_ray.spec import EngineSpec, LearnerSpec, ModelSpec, RolloutSpec
+    from opd_ray.vllm_engine import ENGINE_ENV
+
+    model = ModelSpec(path=str(path))
+    env = actor_env()
+    learners = LearnerGroup(model, LearnerSpec(num_ranks=1, zero_stage=2, lr=1e-4), 1, 10, env)
+    engine = EngineSpec(max_model_len=32, kv_cache_gib=0.25)
+    worker = RolloutWorker.options(runtime_env={"env_vars": {**env["env_vars"], **ENGINE_ENV}}).remote(
+        model, engine, RolloutSpec(), 0
+    )
+    ray.get(worker.version.remote())
+    timings: dict[str, list[float]] = {"export": [], "load": [], "object_store": []}
+    size = 0
+    try:
+        for version in range(1, REPEATS + 2):  # the first round warms up and is dropped
+            start = time.perf_counter()
+            ref = learners.export_weights()
+            ray.wait([ref], fetch_local=False)
+            exported = time.perf_counter()
+            ray.get(worker.load_weights.remote(ref, version))
+            loaded = time.perf_counter()
+            size = ray.get(received_bytes.remote(ref))  # also the baseline's input, already in the store
+            base_start = time.perf_counter()
+            ray.get(received_bytes.remote(ref))
+            base_end = time.perf_counter()
+            if version > 1:
+                timings["export"].append(exported - start)
+                timings["load"].append(loaded - exported)
+                timings["object_store"].append(base_end - base_start)
+    finally:
+        learners.shutdown()
+        ray.kill(worker)
+    best = {name: min(values) for name, values in timings.items()}
+    return {"bytes": size, **best}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="CI size; prints, records nothing")
+    args = parser.parse_args()
+    sizes = ["~1M"] if args.tiny else list(SIZES)
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
+    rows, rates = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in sizes:
+            path = Path(scratch) / name
+            params = save_model(path, *SIZES[name])
+            result = measure(path)
+            total = result["export"] + result["load"]
+            gbps = result["bytes"] / total / 1e9
+            rates.append(gbps)
+            rows.append(
+                [
+                    name,
+                    f"{params / 1e6:.1f}M",
+                    f"{result['bytes'] / 2**20:.1f}",
+                    result["export"],
+                    result["load"],
+                    total,
+                    gbps,
+                    result["object_store"],
+                    total / result["object_store"],
+                ]
+            )
+    ray.shutdown()
+    table = markdown_table(
+        [
+            "model",
+            "parameters",
+            "MiB (fp32)",
+            "export s",
+            "transfer + reload s",
+            "sync s",
+            "sync GB/s",
+            "object store alone s",
+            "sync / object store",
+        ],
+        rows,
+    )
+    config = (
+        f"1 learner rank (DeepSpeed ZeRO-2, gloo) -> 1 vLLM rollout worker, same node; best of {REPEATS} "
+        "after a warm-up; export = gather + safetensors pack into the object store, reload = fetch + in-place "
+        "vLLM reload + tied-head refresh"
+    )
+    cpu = "no GPU" in machine()
+    verdict = target(min(rates) >= 1.0, ">= 1 GB/s on CPU") if cpu else "GPU machine: the CPU target does not apply"
+    report("weight_sync", config, table, [verdict], record=not args.tiny)
+
+
+if __name__ == "__main__":
+    main()
