@@ -31,30 +31,48 @@ from common import build_tiny_models, markdown_table, report, run_distill, spec_
 PROMPTS_PER_STEP, MAX_NEW_TOKENS = 64, 8
 
 
-def prompt_ids(models: Path, count: int) -> list[list[int]]:
+def prompt_answer_ids(models: Path, count: int) -> list[dict]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(models / "student")
     rows = [json.loads(line) for line in (models / "train.jsonl").read_text().splitlines()[:count]]
-    return [tokenizer(row["prompt"], add_special_tokens=False).input_ids for row in rows]
+    return [
+        {
+            "prompt_ids": tokenizer(row["prompt"], add_special_tokens=False).input_ids,
+            "answer_ids": [*tokenizer(row["answer"], add_special_tokens=False).input_ids, tokenizer.eos_token_id],
+        }
+        for row in rows
+    ]
 
 
-class PromptCollator:
-    """Left-padded prompts in the fields GKDTrainer's on-policy step reads (it replaces the rest)."""
+class PromptAnswerCollator:
+    """What TRL's ChatML collator produces, for a tokenizer without a chat template: left-padded
+    prompts for on-policy generation, and prompt + reference answer with answer-only labels.
+    GKDTrainer replaces the latter with the student's samples (lmbda = 1), but normalises its
+    loss by the reference answers' token count, so they must be real."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(e["prompt_ids"]) for e in examples)
-        ids = torch.tensor([[self.pad_id] * (longest - len(e["prompt_ids"])) + e["prompt_ids"] for e in examples])
-        mask = torch.tensor([[0] * (longest - len(e["prompt_ids"])) + [1] * len(e["prompt_ids"]) for e in examples])
+        longest_prompt = max(len(e["prompt_ids"]) for e in examples)
+        longest = max(len(e["prompt_ids"]) + len(e["answer_ids"]) for e in examples)
+        prompts, prompt_mask, ids, mask, labels = [], [], [], [], []
+        for e in examples:
+            left = longest_prompt - len(e["prompt_ids"])
+            prompts.append([self.pad_id] * left + e["prompt_ids"])
+            prompt_mask.append([0] * left + [1] * len(e["prompt_ids"]))
+            sequence = e["prompt_ids"] + e["answer_ids"]
+            right = longest - len(sequence)
+            ids.append(sequence + [self.pad_id] * right)
+            mask.append([1] * len(sequence) + [0] * right)
+            labels.append([-100] * len(e["prompt_ids"]) + e["answer_ids"] + [-100] * right)
         return {
-            "prompts": ids,
-            "prompt_attention_mask": mask,
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": torch.full_like(ids, -100),
+            "prompts": torch.tensor(prompts),
+            "prompt_attention_mask": torch.tensor(prompt_mask),
+            "input_ids": torch.tensor(ids),
+            "attention_mask": torch.tensor(mask),
+            "labels": torch.tensor(labels),
         }
 
 
@@ -77,7 +95,7 @@ def run_trl(models: Path, scratch: Path, steps: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(models / "student")
     student = AutoModelForCausalLM.from_pretrained(models / "student")
     teacher = AutoModelForCausalLM.from_pretrained(models / "teacher")
-    dataset = Dataset.from_list([{"prompt_ids": p} for p in prompt_ids(models, PROMPTS_PER_STEP * steps)])
+    dataset = Dataset.from_list(prompt_answer_ids(models, PROMPTS_PER_STEP * steps))
     config = GKDConfig(
         output_dir=str(scratch / "trl"),
         per_device_train_batch_size=PROMPTS_PER_STEP,
@@ -101,7 +119,7 @@ def run_trl(models: Path, scratch: Path, steps: int) -> dict:
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        data_collator=PromptCollator(tokenizer.pad_token_id),
+        data_collator=PromptAnswerCollator(tokenizer.pad_token_id),
     )
     train_start = time.perf_counter()
     trainer.train()

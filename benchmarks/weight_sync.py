@@ -3,8 +3,8 @@
 Real parts: a DeepSpeed learner rank (ZeRO-2) exports the student (gather, safetensors
 blob into the object store) and a vLLM rollout worker reloads it in place, exactly as
 `opd_ray.roles.sync_weights` does. Baseline in the same run: the object store alone moving
-the same number of bytes to another process (a task that receives the blob and returns
-its length), the floor any object-store sync pays.
+one blob of the same size to another process (`ray.put` of the bytes, then a task that
+receives them), what a sync that ships one serialized blob pays before any model work.
 
     python benchmarks/weight_sync.py             # ~1M, ~10M, ~100M parameters, recorded in RESULTS.md
     python benchmarks/weight_sync.py --tiny      # CI: the ~1M model only, nothing recorded
@@ -55,8 +55,19 @@ def save_model(directory: Path, hidden: int, layers: int, intermediate: int, voc
 
 
 @ray.remote
-def received_bytes(payload: bytes) -> int:
-    return len(payload)
+def payload_size(payload: bytes | dict) -> int:
+    if isinstance(payload, bytes):
+        return len(payload)
+    return sum(array.nbytes for _, array in payload.values())
+
+
+def blob_round_trip(size: int) -> float:
+    """Seconds to put `size` bytes into the object store and get them in another process."""
+    blob = bytes(size)
+    start = time.perf_counter()
+    ref = ray.put(blob)
+    ray.get(payload_size.remote(ref))
+    return time.perf_counter() - start
 
 
 def measure(path: Path) -> dict:
@@ -84,14 +95,12 @@ def measure(path: Path) -> dict:
             exported = time.perf_counter()
             ray.get(worker.load_weights.remote(ref, version))
             loaded = time.perf_counter()
-            size = ray.get(received_bytes.remote(ref))  # also the baseline's input, already in the store
-            base_start = time.perf_counter()
-            ray.get(received_bytes.remote(ref))
-            base_end = time.perf_counter()
+            size = ray.get(payload_size.remote(ref))
+            baseline = blob_round_trip(size)
             if version > 1:
                 timings["export"].append(exported - start)
                 timings["load"].append(loaded - exported)
-                timings["object_store"].append(base_end - base_start)
+                timings["object_store"].append(baseline)
     finally:
         learners.shutdown()
         ray.kill(worker)
@@ -144,12 +153,20 @@ def main() -> None:
     )
     config = (
         f"1 learner rank (DeepSpeed ZeRO-2, gloo) -> 1 vLLM rollout worker, same node; best of {REPEATS} "
-        "after a warm-up; export = gather + safetensors pack into the object store, reload = fetch + in-place "
-        "vLLM reload + tied-head refresh"
+        "after a warm-up; export = gather + arrays into the object store, reload = fetch + in-place "
+        "vLLM reload + tied-head refresh; object store alone = put + get of one blob of the same size"
     )
     cpu = "no GPU" in machine()
-    verdict = target(min(rates) >= 1.0, ">= 1 GB/s on CPU") if cpu else "GPU machine: the CPU target does not apply"
-    report("weight_sync", config, table, [verdict], record=not args.tiny)
+    if cpu:
+        meeting = [name for name, rate in zip(sizes, rates, strict=True) if rate >= 1.0]
+        verdicts = [
+            target(len(meeting) == len(sizes), ">= 1 GB/s on CPU at every size"),
+            f"sizes at >= 1 GB/s: {', '.join(meeting) or 'none'}; smaller models pay a fixed cost per sync "
+            "(actor calls, vLLM's per-parameter reload, re-packing the output head), so their GB/s is lower",
+        ]
+    else:
+        verdicts = ["GPU machine: the CPU target does not apply"]
+    report("weight_sync", config, table, verdicts, record=not args.tiny)
 
 
 if __name__ == "__main__":

@@ -308,19 +308,26 @@ class LearnerWorker:
             losses.append(self._train_on(supervised_batch(rows), algorithm)["loss"])
         return losses
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """All ranks must call this (ZeRO-3 gathers shards collectively); rank 0 gets the weights."""
+    def full_state_dict(self, copy: bool = True) -> dict[str, torch.Tensor] | None:
+        """All ranks must call this (ZeRO-3 gathers shards collectively); rank 0 gets the weights.
+
+        `copy=False` returns the live parameters where they are whole on CPU (ZeRO 0-2): for a
+        caller that serializes them before this rank trains again (Ray does, on return)."""
         import deepspeed
 
         module = self.engine.module
         params = list(module.parameters())
+        live = not copy and torch.device(self.device).type == "cpu" and self.engine.zero_optimization_stage() < 3
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if self.rank != 0:
                 return None
+            if live:
+                return {name: p.detach() for name, p in module.named_parameters()}
             return {name: p.detach().to("cpu").clone() for name, p in module.named_parameters()}
 
-    def export_weights(self) -> bytes | None:
-        state_dict = self.full_state_dict()
+    def export_weights(self) -> dict | None:
+        """The student's weights as arrays for the object store (see weight_sync.py)."""
+        state_dict = self.full_state_dict(copy=False)
         return pack_state_dict(state_dict) if state_dict is not None else None
 
     def save_pretrained(self, directory: str, tokenizer_path: str) -> None:

@@ -117,7 +117,7 @@ class RolloutWorker:
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
         return greedy(self.llm, prompts_P, max_new_tokens)
 
-    def load_weights(self, payload: bytes, policy_version: int) -> int:
+    def load_weights(self, payload: dict, policy_version: int) -> int:
         """In place, without restarting the engine; cached prefixes of the old weights are dropped."""
         loaded = self.llm.collective_rpc("load_packed_weights", args=(payload,))[0]
         self.llm.reset_prefix_cache()

@@ -18,28 +18,33 @@ import torch
 from opd_ray.batch import RolloutBatch
 from opd_ray.hf_model import final_hidden_states, load_causal_lm, response_hidden
 from opd_ray.spec import ModelSpec, TeacherSpec
-from opd_ray.vllm_engine import Completion, create_engine, greedy, prompt_logprobs, ranked_ids
+from opd_ray.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
 
 
-def attach_teacher_scores(batch: RolloutBatch, scored_positions_B: list[list[dict]], top_k: int) -> RolloutBatch:
-    """vLLM's per-position logprob dicts -> the batch's teacher tensors."""
+def attach_teacher_scores(batch: RolloutBatch, scored_B: list, top_k: int) -> RolloutBatch:
+    """vLLM's flat prompt log-probs (see `vllm_engine.prompt_logprobs`) -> the batch's teacher tensors.
+
+    Each scored sequence of n tokens holds (n - 1) x (k + 1) numbers: per position the actual
+    token's log-prob, then the top-k ids by rank. They are reshaped, not looped over; values
+    off the response are zeroed, as everywhere in a batch.
+    """
     batch_size, length = batch.input_ids_BL.shape
     teacher_logprobs_BL = torch.zeros(batch_size, length)
     topk_ids_BLK = torch.zeros(batch_size, length, top_k, dtype=torch.long)
     topk_logprobs_BLK = torch.zeros(batch_size, length, top_k)
-    for b, positions in enumerate(scored_positions_B):
-        for i in torch.nonzero(batch.response_mask_BL[b]).flatten().tolist():
-            entry = positions[i]
-            token = int(batch.input_ids_BL[b, i])
-            teacher_logprobs_BL[b, i] = entry[token].logprob
-            ranked = ranked_ids(entry, top_k)
-            topk_ids_BLK[b, i] = torch.tensor(ranked)
-            topk_logprobs_BLK[b, i] = torch.tensor([entry[t].logprob for t in ranked])
+    for b, flat in enumerate(scored_B):
+        n = int(batch.attention_mask_BL[b].sum())
+        logprobs_PW = torch.tensor(flat.logprobs, dtype=torch.float32).view(n - 1, top_k + 1)
+        ids_PW = torch.tensor(flat.token_ids, dtype=torch.long).view(n - 1, top_k + 1)
+        teacher_logprobs_BL[b, 1:n] = logprobs_PW[:, 0]
+        topk_logprobs_BLK[b, 1:n] = logprobs_PW[:, 1:]
+        topk_ids_BLK[b, 1:n] = ids_PW[:, 1:]
+    response_BL = batch.response_mask_BL
     return replace(
         batch,
-        teacher_logprobs_BL=teacher_logprobs_BL,
-        teacher_topk_ids_BLK=topk_ids_BLK,
-        teacher_topk_logprobs_BLK=topk_logprobs_BLK,
+        teacher_logprobs_BL=teacher_logprobs_BL * response_BL,
+        teacher_topk_ids_BLK=topk_ids_BLK * response_BL.long().unsqueeze(-1),
+        teacher_topk_logprobs_BLK=topk_logprobs_BLK * response_BL.unsqueeze(-1),
     )
 
 

@@ -123,11 +123,17 @@ def greedy(llm: LLM, prompts_P: dict[int, list[int]], max_new_tokens: int) -> li
     )
 
 
-def prompt_logprobs(llm: LLM, sequences_B: list[list[int]], top_k: int) -> list[list[dict]]:
-    """vLLM's per-position scoring of given sequences: entry i holds the actual token i and the top-k."""
+def prompt_logprobs(llm: LLM, sequences_B: list[list[int]], top_k: int) -> list:
+    """vLLM's per-position scoring of given sequences, one `FlatLogprobs` per sequence.
+
+    Position i (i >= 1; position 0 is empty) holds k + 1 entries: the actual token i, then
+    the top-k by rank. Indexing a position gives the usual {token: Logprob} dict; the flat
+    lists let the teacher build its tensors without a Python loop over positions. Nothing
+    is detokenized: scoring needs ids, and decoding every candidate cost more than the model.
+    """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=1.0)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=1.0, detokenize=False, flat_logprobs=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences_B], params, use_tqdm=False)
     return [output.prompt_logprobs for output in outputs]

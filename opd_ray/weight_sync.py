@@ -1,34 +1,61 @@
 """Weight sync from the learners to the rollout engines through the Ray object store.
 
-Learner rank 0 gathers the full weights (ZeRO-3 shards included), packs them as one
-safetensors blob and returns it; Ray keeps the blob in the object store and every rollout
-worker receives the same ObjectRef, so the weights never pass through the driver. Inside
-the engine a vLLM worker extension unpacks the blob and reloads the weights in place.
-Safetensors rather than pickle: tensors passed raw through vLLM's RPC arrive as lists, and
-a blob of plain tensors cannot carry code.
+Learner rank 0 gathers the full weights (ZeRO-3 shards included) and returns them as a
+dict of plain numpy arrays. Ray writes those arrays straight into the object store (one
+copy, out of band) and every rollout worker receives the same ObjectRef, so the weights
+never pass through the driver; on the worker `ray.get` maps them read-only without a copy.
+Inside the in-process engine a vLLM worker extension wraps them as tensors and reloads the
+weights in place (that copy into the engine's parameters is the only one on this side).
+Plain arrays carry no code, and vLLM's in-process RPC passes them through untouched.
+A serialized blob (safetensors bytes) cost two more copies: 0.38 GB/s for a 100M model
+against 1.7 GB/s for the object store alone (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+
+# numpy has no bfloat16: such tensors travel as int16 bit patterns and are viewed back.
+_BIT_VIEWS = {torch.bfloat16: torch.int16}
 
 
-def pack_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:
-    # clone(): tied weights share storage, which safetensors refuses to serialise.
-    return save_safetensors({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()})
+def pack_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[str, np.ndarray]]:
+    """name -> (dtype name, array) sharing memory with the tensors (Ray copies them into the store).
+
+    A tensor that shares storage with one already packed (tied embeddings: the output head)
+    is left out: vLLM ignores the head's weight when embeddings are tied.
+    """
+    packed, seen = {}, set()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        dtype_name = str(tensor.dtype).removeprefix("torch.")
+        packed[name] = (dtype_name, tensor.view(_BIT_VIEWS.get(tensor.dtype, tensor.dtype)).numpy())
+    return packed
 
 
-def unpack_state_dict(payload: bytes) -> dict[str, torch.Tensor]:
-    return load_safetensors(payload)
+def unpack_state_dict(packed: dict[str, tuple[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Tensors over the arrays' memory, without a copy (read-only arrays from the object store)."""
+    state_dict = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, (dtype_name, array) in packed.items():
+            dtype = getattr(torch, dtype_name)
+            state_dict[name] = torch.from_numpy(array).view(dtype)
+    return state_dict
 
 
 class VllmWeightReceiver:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the engine."""
 
-    def load_packed_weights(self, payload: bytes) -> int:
-        state_dict = unpack_state_dict(payload)
+    def load_packed_weights(self, packed: dict[str, tuple[str, np.ndarray]]) -> int:
+        state_dict = unpack_state_dict(packed)
         self.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))  # type: ignore[attr-defined]
         refresh_tied_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]
         return len(state_dict)
