@@ -7,6 +7,7 @@ script working) appends the table to benchmarks/RESULTS.md with the date.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -15,6 +16,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def parse_args(doc: str | None, steps: int | None = None) -> argparse.Namespace:
+    """`--tiny` (the CI size: prints, records nothing) and, for loop benchmarks, `--steps`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="CI size; prints, records nothing")
+    if steps is not None:
+        parser.add_argument("--steps", type=int, default=steps)
+    return parser.parse_args()
 
 
 def machine() -> str:

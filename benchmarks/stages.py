@@ -13,11 +13,10 @@ and kernel warm-up) are left out of the means.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from common import build_tiny_models, markdown_table, mean, report, run_distill, spec_dict, target
+from common import build_tiny_models, markdown_table, mean, parse_args, report, run_distill, spec_dict, target
 
 PROMPTS_PER_STEP, MAX_NEW_TOKENS = 64, 8
 
@@ -29,10 +28,7 @@ def stage_means(metrics: list[dict], warmup: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CI size; prints, records nothing")
-    parser.add_argument("--steps", type=int, default=60)
-    args = parser.parse_args()
+    args = parse_args(__doc__, steps=60)
     steps, warmup = (3, 1) if args.tiny else (args.steps, 5)
 
     runs = {

@@ -12,11 +12,10 @@ serializer stores, give or take a header), divided by the batch's response token
 
 from __future__ import annotations
 
-import argparse
 import pickle
 
 import torch
-from common import markdown_table, report
+from common import markdown_table, parse_args, report
 
 from opd_ray.batch import RolloutBatch
 
@@ -54,10 +53,8 @@ def full_distribution_bytes_per_token(batch: RolloutBatch, vocab: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CI size; prints, records nothing")
-    args = parser.parse_args()
-    sequences, prompt_len, response_len = (4, 8, 8) if args.tiny else (64, 128, 512)
+    args = parse_args(__doc__)
+    sequences, prompt_len, response_len = (4, 8, 8) if args.tiny else (4, 128, 512)  # bytes per token: 4 suffice
     ks, vocabs = ((4,), (1000,)) if args.tiny else ((16, 32), (32000, 151936))
 
     rows, ratios = [], []

@@ -18,7 +18,6 @@ TRL is the optional `bench` extra: `pip install -e ".[bench]"`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import build_tiny_models, markdown_table, report, run_distill, spec_dict, target
+from common import build_tiny_models, markdown_table, parse_args, report, run_distill, spec_dict, target
 
 PROMPTS_PER_STEP, MAX_NEW_TOKENS = 64, 8
 
@@ -141,10 +140,7 @@ def run_opd_ray(models: Path, scratch: Path, steps: int, staleness: int) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CI size; prints, records nothing")
-    parser.add_argument("--steps", type=int, default=30)
-    args = parser.parse_args()
+    args = parse_args(__doc__, steps=30)
     steps = 2 if args.tiny else args.steps
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)

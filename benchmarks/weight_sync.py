@@ -12,13 +12,12 @@ receives them), what a sync that ships one serialized blob pays before any model
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import ray
-from common import machine, markdown_table, report, target
+from common import machine, markdown_table, parse_args, report, target
 
 SIZES = {  # name -> (hidden, layers, intermediate, vocab): Qwen2 shapes, tied embeddings
     "~1M": (128, 2, 512, 4096),
@@ -109,9 +108,7 @@ def measure(path: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CI size; prints, records nothing")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     sizes = ["~1M"] if args.tiny else list(SIZES)
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
     rows, rates = [], []

@@ -48,7 +48,8 @@ class Roles:
 
 
 def start_roles(spec: ExperimentSpec) -> Roles:
-    env = actor_env()
+    overlap = spec.trainer.max_staleness > 0 or spec.rollout.num_workers > 1 or spec.teacher.num_replicas > 1
+    env = actor_env(stages_overlap=overlap)
     engine_env = {"env_vars": {**env["env_vars"], **ENGINE_ENV}}
     restartable = {"max_restarts": spec.trainer.max_actor_restarts, "max_task_retries": 0}
     rollout_options = {**spec.rollout.resources.model_dump(), "runtime_env": engine_env, **restartable}

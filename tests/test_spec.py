@@ -75,6 +75,9 @@ def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
         (["rollout.temperature=-1"], "'rollout.temperature'"),
         (["bogus=1"], "unknown key 'bogus'"),
         (["trainer.steps"], "override must look like key=value"),
+        (["trainer.max_staleness=-1"], "'trainer.max_staleness'"),
+        (["trainer.prompts_per_shard=0"], "'trainer.prompts_per_shard'"),
+        (["algorithm.importance_cap=0"], "'algorithm.importance_cap'"),
     ],
 )
 def test_bad_specs_name_the_field(tmp_path: Path, overrides: list[str], fragment: str) -> None:
