@@ -15,15 +15,19 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def parse_args(doc: str | None, steps: int | None = None) -> argparse.Namespace:
-    """`--tiny` (the CI size: prints, records nothing) and, for loop benchmarks, `--steps`."""
+def parse_args(doc: str | None, steps: int | None = None, sizes: list[str] | None = None) -> argparse.Namespace:
+    """`--tiny` (the CI size: prints, records nothing) and, for loop benchmarks, `--steps` and `--size`."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CI size; prints, records nothing")
     if steps is not None:
         parser.add_argument("--steps", type=int, default=steps)
+    if sizes:
+        parser.add_argument("--size", choices=sizes, default=sizes[0])
     return parser.parse_args()
 
 
@@ -82,23 +86,43 @@ def target(met: bool, text: str) -> str:
     return f"target {text}: **{'met' if met else 'not met'}**"
 
 
-def build_tiny_models(directory: Path, teacher_layers: int = 4, student_layers: int = 2) -> Path:
-    """Random-init models of the quickstart's shapes and the arithmetic task's files, built locally."""
+def build_tiny_models(directory: Path, teacher_layers: int = 4, student_layers: int = 2, hidden: int = 128) -> Path:
+    """Random-init models (hidden 128: the quickstart's shapes) and the arithmetic task's files, built locally."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     from opd_ray.tasks.arithmetic import ALPHABET, write_task_files
     from opd_ray.tiny_models import build_char_tokenizer, save_random_model
 
     if (directory / "student" / "config.json").is_file():
         return directory
     tokenizer = build_char_tokenizer(ALPHABET, directory / "tokenizer")
-    save_random_model(tokenizer, teacher_layers, directory / "teacher", seed=1)
-    save_random_model(tokenizer, student_layers, directory / "student", seed=2)
+    for role, layers, seed in (("teacher", teacher_layers, 1), ("student", student_layers, 2)):
+        if hidden == 128:
+            save_random_model(tokenizer, layers, directory / role, seed=seed)
+            continue
+        torch.manual_seed(seed)
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=hidden // 64,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+        )
+        Qwen2ForCausalLM(config).save_pretrained(directory / role, safe_serialization=True)
+        tokenizer.save_pretrained(directory / role)
     write_task_files(directory, seed=0, train_size=4096, eval_size=16)
     return directory
 
 
 def spec_dict(models: Path, run_dir: Path, steps: int, prompts_per_step: int, max_new_tokens: int) -> dict:
     """The quickstart's roles and algorithm on `models`, without evaluation or a final save."""
-    engine = {"max_model_len": 32, "kv_cache_gib": 0.25}
+    engine = {"max_model_len": 16 + max_new_tokens + 8, "kv_cache_gib": 0.25}
     return {
         "run": {"name": run_dir.name, "output_dir": str(run_dir), "seed": 0},
         "models": {"student": {"path": str(models / "student")}, "teacher": {"path": str(models / "teacher")}},

@@ -13,6 +13,7 @@ included; TRL: model loading plus `train()`).
 TRL is the optional `bench` extra: `pip install -e ".[bench]"`.
 
     python benchmarks/vs_trl.py              # 30 steps, recorded in RESULTS.md
+    python benchmarks/vs_trl.py --size larger   # 12.6M / 25M-parameter models, 32-token answers
     python benchmarks/vs_trl.py --tiny       # CI: 2 steps, nothing recorded
 """
 
@@ -27,7 +28,11 @@ from pathlib import Path
 import torch
 from common import build_tiny_models, markdown_table, parse_args, report, run_distill, spec_dict, target
 
-PROMPTS_PER_STEP, MAX_NEW_TOKENS = 64, 8
+PROMPTS_PER_STEP = 64
+SIZES = {  # name -> (hidden, student layers, teacher layers, max new tokens)
+    "tiny": (128, 2, 4, 8),  # the quickstart's shapes: 0.5M / 1M parameters
+    "larger": (512, 4, 8, 32),  # 12.6M / 25M parameters, longer answers
+}
 
 
 def prompt_answer_ids(models: Path, count: int) -> list[dict]:
@@ -75,7 +80,7 @@ class PromptAnswerCollator:
         }
 
 
-def run_trl(models: Path, scratch: Path, steps: int) -> dict:
+def run_trl(models: Path, scratch: Path, steps: int, max_new_tokens: int) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,7 +109,7 @@ def run_trl(models: Path, scratch: Path, steps: int) -> dict:
         lmbda=1.0,
         beta=1.0,
         temperature=1.0,
-        max_new_tokens=MAX_NEW_TOKENS,
+        max_new_tokens=max_new_tokens,
         use_cpu=not torch.cuda.is_available(),
         report_to=[],
         save_strategy="no",
@@ -126,8 +131,8 @@ def run_trl(models: Path, scratch: Path, steps: int) -> dict:
     return {"tokens": trainer.trained_tokens, "loop_s": finished - train_start, "end_to_end_s": finished - started}
 
 
-def run_opd_ray(models: Path, scratch: Path, steps: int, staleness: int) -> dict:
-    raw = spec_dict(models, scratch / f"opd-{staleness}", steps, PROMPTS_PER_STEP, MAX_NEW_TOKENS)
+def run_opd_ray(models: Path, scratch: Path, steps: int, max_new_tokens: int, staleness: int) -> dict:
+    raw = spec_dict(models, scratch / f"opd-{staleness}", steps, PROMPTS_PER_STEP, max_new_tokens)
     raw["trainer"]["max_staleness"] = staleness
     started = time.perf_counter()
     metrics = run_distill(raw)
@@ -140,16 +145,17 @@ def run_opd_ray(models: Path, scratch: Path, steps: int, staleness: int) -> dict
 
 
 def main() -> None:
-    args = parse_args(__doc__, steps=30)
+    args = parse_args(__doc__, steps=30, sizes=list(SIZES))
     steps = 2 if args.tiny else args.steps
+    hidden, student_layers, teacher_layers, max_new_tokens = SIZES[args.size]
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        models = build_tiny_models(scratch / "models")
-        trl = run_trl(models, scratch, steps)
+        models = build_tiny_models(scratch / "models", teacher_layers, student_layers, hidden)
+        trl = run_trl(models, scratch, steps, max_new_tokens)
         results = {
             "TRL GKDTrainer (lmbda 1, beta 1)": trl,
-            "opd-ray synchronous": run_opd_ray(models, scratch, steps, 0),
-            "opd-ray asynchronous (max_staleness 2)": run_opd_ray(models, scratch, steps, 2),
+            "opd-ray synchronous": run_opd_ray(models, scratch, steps, max_new_tokens, 0),
+            "opd-ray asynchronous (max_staleness 2)": run_opd_ray(models, scratch, steps, max_new_tokens, 2),
         }
     rows = []
     for name, r in results.items():
@@ -181,9 +187,9 @@ def main() -> None:
     )
     best = max(row[4] for row in rows[1:])
     config = (
-        f"{steps} steps x {PROMPTS_PER_STEP} prompts, 1 sample each, <= {MAX_NEW_TOKENS} new tokens, temperature 1, "
-        "lr 3e-4; student 2 layers / teacher 4 layers (hidden 128, |V| = 15, random init); opd-ray: 1 rollout "
-        "worker, 1 teacher, 2 learner ranks (ZeRO-2); TRL: one process"
+        f"{steps} steps x {PROMPTS_PER_STEP} prompts, 1 sample each, <= {max_new_tokens} new tokens, temperature 1, "
+        f"lr 3e-4; size '{args.size}': student {student_layers} / teacher {teacher_layers} layers, hidden {hidden}, "
+        "|V| = 15, random init; opd-ray: 1 rollout worker, 1 teacher, 2 learner ranks (ZeRO-2); TRL: one process"
     )
     report(
         "vs_trl",
