@@ -86,10 +86,32 @@ def target(met: bool, text: str) -> str:
     return f"target {text}: **{'met' if met else 'not met'}**"
 
 
-def build_tiny_models(directory: Path, teacher_layers: int = 4, student_layers: int = 2, hidden: int = 128) -> Path:
-    """Random-init models (hidden 128: the quickstart's shapes) and the arithmetic task's files, built locally."""
+def save_qwen2(tokenizer, directory: Path, hidden: int, layers: int, intermediate: int, vocab: int, seed: int) -> int:
+    """A random-init Qwen2 (tied embeddings, head_dim 64) with `tokenizer`; returns its parameter count."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_tiny_models(directory: Path, teacher_layers: int = 4, student_layers: int = 2, hidden: int = 128) -> Path:
+    """Random-init models (hidden 128: the quickstart's shapes) and the arithmetic task's files, built locally."""
     from opd_ray.tasks.arithmetic import ALPHABET, write_task_files
     from opd_ray.tiny_models import build_char_tokenizer, save_random_model
 
@@ -99,23 +121,8 @@ def build_tiny_models(directory: Path, teacher_layers: int = 4, student_layers: 
     for role, layers, seed in (("teacher", teacher_layers, 1), ("student", student_layers, 2)):
         if hidden == 128:
             save_random_model(tokenizer, layers, directory / role, seed=seed)
-            continue
-        torch.manual_seed(seed)
-        config = Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=hidden // 64,
-            num_key_value_heads=hidden // 64,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=None,
-        )
-        Qwen2ForCausalLM(config).save_pretrained(directory / role, safe_serialization=True)
-        tokenizer.save_pretrained(directory / role)
+        else:
+            save_qwen2(tokenizer, directory / role, hidden, layers, 4 * hidden, len(tokenizer), seed)
     write_task_files(directory, seed=0, train_size=4096, eval_size=16)
     return directory
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import ray
-from common import machine, markdown_table, parse_args, report, target
+from common import machine, markdown_table, parse_args, report, save_qwen2, target
 
 SIZES = {  # name -> (hidden, layers, intermediate, vocab): Qwen2 shapes, tied embeddings
     "~1M": (128, 2, 512, 4096),
@@ -28,29 +28,11 @@ REPEATS = 3
 
 
 def save_model(directory: Path, hidden: int, layers: int, intermediate: int, vocab: int) -> int:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from opd_ray.tasks.arithmetic import ALPHABET
     from opd_ray.tiny_models import build_char_tokenizer
 
     tokenizer = build_char_tokenizer(ALPHABET, directory)
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    model.save_pretrained(directory, safe_serialization=True)
-    return sum(p.numel() for p in model.parameters())
+    return save_qwen2(tokenizer, directory, hidden, layers, intermediate, vocab, seed=0)
 
 
 @ray.remote
