@@ -1,0 +1,113 @@
+"""Launch configs and real-model specs, checked by real validators: Ray's cluster-config schema,
+Kubernetes' own schemas for the pod templates (kubernetes-validate), bash's parser, and
+`opd-ray validate`. None of them is launched here (no cluster, no GPU)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "cluster_configs"
+REAL_MODEL_SPECS = sorted((ROOT / "examples").glob("qwen3_*.yaml"))
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+def test_ray_cluster_launcher_config_passes_rays_schema() -> None:
+    """What `ray up` does before launching: fill Ray's defaults, then check against its schema."""
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = load("ray-cluster-aws-gpu.yaml")
+    validate_config(prepare_config(copy.deepcopy(config)))
+    assert config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"].startswith("p5.")
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_worker"]["min_workerz"] = 2
+    with pytest.raises(jsonschema.ValidationError, match="min_workerz"):  # the schema rejects what it should
+        validate_config(prepare_config(broken))
+
+
+def pod_templates(ray_cluster_spec: dict) -> list[dict]:
+    groups = [ray_cluster_spec["headGroupSpec"], *ray_cluster_spec["workerGroupSpecs"]]
+    return [group["template"] for group in groups]
+
+
+def validate_pod_template(template: dict) -> None:
+    import kubernetes_validate
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "opd-ray"}, **template}
+    kubernetes_validate.validate(pod, "1.33", strict=True)
+
+
+@pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"])
+def test_kuberay_manifests_have_valid_pods_and_the_crd_layout(name: str) -> None:
+    """Pod templates against Kubernetes' schemas; the ray.io/v1 fields KubeRay requires, by hand
+    (its CRD schema is not available offline)."""
+    manifest = load(name)
+    assert manifest["apiVersion"] == "ray.io/v1"
+    if manifest["kind"] == "RayJob":
+        assert manifest["spec"]["entrypoint"].startswith("opd-ray train examples/")
+        spec_file = ROOT / manifest["spec"]["entrypoint"].split()[2]
+        assert spec_file.is_file()
+        cluster = manifest["spec"]["rayClusterSpec"]
+        assert cluster == load("kuberay-raycluster.yaml")["spec"]  # one layout, kept in step
+    else:
+        assert manifest["kind"] == "RayCluster"
+        cluster = manifest["spec"]
+    assert cluster["rayVersion"] == "2.60.0"
+    for group in cluster["workerGroupSpecs"]:
+        assert {"groupName", "replicas", "rayStartParams", "template"} <= set(group)
+    for template in pod_templates(cluster):
+        validate_pod_template(template)
+    gpus = sum(
+        int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["replicas"]
+        for g in cluster["workerGroupSpecs"]
+    )
+    assert gpus == 16  # what the two-node spec asks for
+
+
+def test_pod_validation_rejects_a_misspelt_field() -> None:
+    from kubernetes_validate.utils import ValidationError
+
+    template = copy.deepcopy(pod_templates(load("kuberay-raycluster.yaml")["spec"])[0])
+    template["spec"]["containers"][0]["imagez"] = template["spec"]["containers"][0].pop("image")
+    with pytest.raises(ValidationError):
+        validate_pod_template(template)
+
+
+def test_slurm_script_parses_and_submits_the_spec_it_is_given() -> None:
+    script = CONFIGS / "slurm-opd-ray.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=8" in text
+    assert 'opd-ray train "$SPEC"' in text and "ray job submit" in text
+
+
+@pytest.mark.parametrize("spec", REAL_MODEL_SPECS, ids=lambda p: p.name)
+def test_real_model_specs_pass_opd_ray_validate(spec: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "opd_ray.cli", "validate", str(spec)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    gpus = sum(
+        resolved[role]["resources"]["num_gpus"] * count
+        for role, count in (
+            ("rollout", resolved["rollout"]["num_workers"]),
+            ("teacher", resolved["teacher"]["num_replicas"]),
+            ("learner", resolved["learner"]["num_ranks"]),
+        )
+    )
+    assert gpus == (16 if "2nodes" in spec.name else 8)
+
+
+def test_there_are_one_and_two_node_real_model_specs() -> None:
+    assert [p.name for p in REAL_MODEL_SPECS] == ["qwen3_1p7b_from_8b_1node.yaml", "qwen3_1p7b_from_8b_2nodes.yaml"]
