@@ -413,8 +413,7 @@ class LearnerGroup:
         teacher: ModelSpec | None = None,
     ) -> None:
         options = {
-            "num_cpus": learner.resources.num_cpus,
-            "num_gpus": learner.resources.num_gpus,
+            **learner.resources.actor_options(),
             "runtime_env": {"env_vars": {**runtime_env.get("env_vars", {}), **LEARNER_ENV}},
         }
         threads = str(learner_threads(learner.num_ranks))

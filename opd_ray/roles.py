@@ -52,8 +52,8 @@ def start_roles(spec: ExperimentSpec) -> Roles:
     env = actor_env(stages_overlap=overlap)
     engine_env = {"env_vars": {**env["env_vars"], **ENGINE_ENV}}
     restartable = {"max_restarts": spec.trainer.max_actor_restarts, "max_task_retries": 0}
-    rollout_options = {**spec.rollout.resources.model_dump(), "runtime_env": engine_env, **restartable}
-    teacher_options = {**spec.teacher.resources.model_dump(), "runtime_env": engine_env, **restartable}
+    rollout_options = {**spec.rollout.resources.actor_options(), "runtime_env": engine_env, **restartable}
+    teacher_options = {**spec.teacher.resources.actor_options(), "runtime_env": engine_env, **restartable}
     algorithm = spec.algorithm
     student_top_k = (algorithm.top_k or spec.teacher.top_k) if algorithm.needs_student_topk else 0
     rollout_workers = [

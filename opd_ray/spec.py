@@ -87,8 +87,26 @@ class EngineSpec(Section):
 
 
 class ResourcesSpec(Section):
+    """What one actor of a role asks Ray for."""
+
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0, ge=0)
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources, e.g. {teacher_node: 1} to put a role on nodes started with "
+        "--resources '{\"teacher_node\": 8}'",
+    )
+
+    def actor_options(self) -> dict:
+        """The resource part of `ActorClass.options(...)`."""
+        options: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.custom:
+            options["resources"] = dict(self.custom)
+        return options
+
+    def demand(self) -> dict[str, float]:
+        """In Ray's resource names, as `ray.cluster_resources()` reports them."""
+        return {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.custom}
 
 
 class RolloutSpec(Section):
