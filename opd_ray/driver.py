@@ -194,12 +194,12 @@ def stage_utilisation(metrics: dict, pipeline: Pipeline, busy_before: dict[str, 
     """Share of the step each stage's actors spent computing (compute finished during the step,
     over step time x actors) and the idle seconds that leaves: where the pipeline waits."""
     step_s = metrics["time/step"]
-    pools = {"rollout": pipeline.rollout, "teacher": pipeline.teacher}
     out = {}
-    for kind, busy in pipeline.busy_seconds.items():
-        capacity = step_s * len(pools[kind].actors)
-        out[f"busy/{kind}"] = min(1.0, (busy - busy_before[kind]) / capacity)  # shards may span steps
-        out[f"idle_s/{kind}"] = max(0.0, capacity - (busy - busy_before[kind]))
+    for pool in (pipeline.rollout, pipeline.teacher):
+        capacity = step_s * len(pool.actors)
+        busy = pool.busy_seconds - busy_before[pool.kind]
+        out[f"busy/{pool.kind}"] = min(1.0, busy / capacity)  # shards may span steps
+        out[f"idle_s/{pool.kind}"] = max(0.0, capacity - busy)
     out["busy/learner"] = metrics.get("time/learn", 0.0) / step_s
     out["idle_s/learner"] = step_s - metrics.get("time/learn", 0.0)
     return out

@@ -242,11 +242,7 @@ def sampled_token_reverse_kl(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) 
         return surrogate_N
     # The surrogate's gradient carries the ratio itself; scale it down to the capped ratio.
     ratio_N = torch.exp(student_logprobs_N - tokens.rollout_logprobs_N).detach()
-    return (
-        surrogate_N
-        * truncated_importance_weight(student_logprobs_N, tokens.rollout_logprobs_N, algorithm.importance_cap)
-        / ratio_N
-    )
+    return surrogate_N * ratio_N.clamp(max=algorithm.importance_cap) / ratio_N
 
 
 def sft_cross_entropy(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
@@ -274,13 +270,15 @@ def token_loss(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tenso
     """
     loss_N = OBJECTIVES[algorithm.objective](inputs, algorithm)
     tokens = inputs.tokens
-    if tokens.task_advantage_N is not None and algorithm.objective != "sampled_token":
+    add_task_reward = tokens.task_advantage_N is not None and algorithm.objective != "sampled_token"
+    apply_cap = algorithm.importance_cap is not None and algorithm.objective in ("topk", "full_vocab")
+    if add_task_reward or apply_cap:  # one pass over the chunk's logits serves both
         student_logprobs_N = token_logprobs(inputs.student_logits_NV, tokens.target_ids_N)
+    if add_task_reward:
         loss_N = loss_N + policy_gradient_surrogate(
             student_logprobs_N, tokens.rollout_logprobs_N, algorithm.task_reward_coef * tokens.task_advantage_N, None
         )
-    if algorithm.importance_cap is not None and algorithm.objective in ("topk", "full_vocab"):
-        student_logprobs_N = token_logprobs(inputs.student_logits_NV, tokens.target_ids_N)
+    if apply_cap:
         loss_N = loss_N * truncated_importance_weight(
             student_logprobs_N, tokens.rollout_logprobs_N, algorithm.importance_cap
         )

@@ -204,12 +204,12 @@ class Pipeline:
     def get(self, refs: list[ray.ObjectRef]) -> list[Any]:
         """ray.get that keeps the pipeline moving meanwhile, and raises the first failure at once
         (a dead learner rank leaves the others waiting in a collective)."""
-        pending = list(refs)
+        pending, values = list(refs), {}
         while pending:
             for ref in self.pump(watch=pending):
-                ray.get(ref)
+                values[ref] = ray.get(ref)
                 pending.remove(ref)
-        return ray.get(refs)
+        return [values[ref] for ref in refs]
 
     @property
     def busy_seconds(self) -> dict[str, float]:

@@ -37,14 +37,14 @@ def missing_resources(
             if amount > 0:
                 needed[name] += count * amount
                 shares[name].append(f"{role} {count} x {amount:g}")
-    for name, amount in needed.items():
-        have = cluster_total.get(name, 0.0)
-        if amount > have + 1e-9:
-            problems.append(f"{name}: the spec needs {amount:g} ({', '.join(shares[name])}), the cluster has {have:g}")
+    short = [name for name, amount in needed.items() if amount > cluster_total.get(name, 0.0) + 1e-9]
+    for name in short:
+        roles, have = ", ".join(shares[name]), cluster_total.get(name, 0.0)
+        problems.append(f"{name}: the spec needs {needed[name]:g} ({roles}), the cluster has {have:g}")
     for role, _, resources in demands:
         one_actor = {name: amount for name, amount in resources.demand().items() if amount > 0}
         fits = any(all(node.get(name, 0.0) + 1e-9 >= amount for name, amount in one_actor.items()) for node in nodes)
-        if nodes and not fits and not any(name in p for p in problems for name in one_actor):
+        if nodes and not fits and not set(short) & one_actor.keys():  # a short total is named already
             wanted = ", ".join(f"{name} {amount:g}" for name, amount in one_actor.items())
             problems.append(f"{role}: no single node has {wanted} for one {role} actor")
     return problems

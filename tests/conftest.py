@@ -50,3 +50,13 @@ def local_ray():
     ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+def start_teacher_actor(scorer_class: type, model, teacher, seed: int):
+    """A teacher replica outside a run's roles (a second backend, a deliberately slow one), with
+    the environment the roles give their engines."""
+    import ray
+
+    from opd_ray.vllm_engine import ENGINE_ENV
+
+    return ray.remote(scorer_class).options(runtime_env={"env_vars": ENGINE_ENV}).remote(model, teacher, seed)

@@ -13,7 +13,7 @@ import ray
 from opd_ray.pipeline import ActorPool, Shard, shard_seed
 from opd_ray.spec import ExperimentSpec
 from opd_ray.teacher import TeacherScorer
-from tests.conftest import tiny_spec_dict
+from tests.conftest import start_teacher_actor, tiny_spec_dict
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -78,7 +78,6 @@ def test_slow_teacher_replica_takes_fewer_shards_and_no_prompt_is_lost(
     from opd_ray.pipeline import Pipeline
     from opd_ray.preflight import prepare
     from opd_ray.roles import start_roles
-    from opd_ray.vllm_engine import ENGINE_ENV
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["rollout"]["num_workers"] = 2
@@ -86,11 +85,7 @@ def test_slow_teacher_replica_takes_fewer_shards_and_no_prompt_is_lost(
     spec = ExperimentSpec.model_validate(raw)
     prepared = prepare(spec)
     roles = start_roles(spec)
-    slow = (
-        local_ray.remote(SlowTeacherScorer)
-        .options(runtime_env={"env_vars": ENGINE_ENV})
-        .remote(spec.models.teacher, spec.teacher, 7)
-    )
+    slow = start_teacher_actor(SlowTeacherScorer, spec.models.teacher, spec.teacher, 7)
     local_ray.get(slow.ready.remote())
     local_ray.kill(roles.teachers[1], no_restart=True)
     roles.teachers[1] = slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from opd_ray.spec import AlgorithmSpec, ExperimentSpec
-from tests.conftest import tiny_spec_dict
+from tests.conftest import start_teacher_actor, tiny_spec_dict
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,6 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
     from opd_ray.preflight import prepare
     from opd_ray.roles import start_roles
     from opd_ray.teacher import TeacherScorer
-    from opd_ray.vllm_engine import ENGINE_ENV
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["teacher"]["backend"] = "transformers"
@@ -29,10 +28,8 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
     spec = ExperimentSpec.model_validate(raw)
     prepared = prepare(spec)
     roles = start_roles(spec)
-    vllm_teacher = (
-        local_ray.remote(TeacherScorer)
-        .options(runtime_env={"env_vars": ENGINE_ENV})
-        .remote(spec.models.teacher, spec.teacher.model_copy(update={"backend": "vllm"}), 0)
+    vllm_teacher = start_teacher_actor(
+        TeacherScorer, spec.models.teacher, spec.teacher.model_copy(update={"backend": "vllm"}), 0
     )
     try:
         refs = rollout_and_score(roles, prepared.train, list(range(16)), 1)
