@@ -18,7 +18,7 @@ import hashlib
 import json
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -205,6 +205,15 @@ def stage_utilisation(metrics: dict, pipeline: Pipeline, busy_before: dict[str, 
     return out
 
 
+def record_placement(roles: Roles, run_dir: Path) -> None:
+    """placement.json: the node (and GPUs) of every actor, and one line per role on the console."""
+    locations = roles.locations()
+    (run_dir / "placement.json").write_text(json.dumps(locations, indent=2))
+    for role, actors in locations.items():
+        nodes = Counter(actor["node_id"][:8] + "@" + actor["node_ip"] for actor in actors)
+        console.print(f"  {role}: " + ", ".join(f"{count} on node {node}" for node, count in nodes.items()))
+
+
 def prompts_digest(indices: list[int]) -> str:
     """A short fingerprint of a step's prompts: equal data order across runs is equal digests."""
     return hashlib.sha1(json.dumps(indices).encode()).hexdigest()[:12]
@@ -236,6 +245,7 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
         f"{spec.teacher.num_replicas} teacher, {spec.learner.num_ranks} learner ranks)"
     )
     roles = start_roles(spec)
+    record_placement(roles, run_dir)
     writer = MetricsWriter(run_dir, resume_after=state.step if state is not None else 0)
     summary: dict = {"run": spec.run.name, "objective": spec.algorithm.objective}
     sampler = PromptSampler(len(prepared.train), spec.run.seed)

@@ -22,6 +22,7 @@ import torch
 
 from opd_ray.advantages import finish_token_batch, flatten_tokens, with_batch_statistics
 from opd_ray.batch import RolloutBatch, supervised_batch
+from opd_ray.collective_sync import BucketPlan, join_group, plan_buckets, send_bucket, weight_entries
 from opd_ray.diagnostics import masked_sums, student_entropy, support_entropy, token_diagnostics
 from opd_ray.errors import UserError
 from opd_ray.hf_model import (
@@ -40,6 +41,7 @@ from opd_ray.objectives import (
     token_logprobs,
     vopd_baseline,
 )
+from opd_ray.ray_cluster import actor_location
 from opd_ray.spec import AlgorithmSpec, LearnerSpec, ModelSpec
 from opd_ray.weight_sync import pack_state_dict
 
@@ -88,6 +90,9 @@ def free_port() -> int:
 
 @ray.remote
 class LearnerWorker:
+    def location(self) -> dict:
+        return actor_location()
+
     def address(self) -> tuple[str, int]:
         """Rank 0's address for the process group; asked before the group is formed."""
         return ray.util.get_node_ip_address(), free_port()
@@ -330,6 +335,26 @@ class LearnerWorker:
         state_dict = self.full_state_dict(copy=False)
         return pack_state_dict(state_dict) if state_dict is not None else None
 
+    def join_weight_group(
+        self, address: tuple[str, int], world_size: int, backend: str, timeout_s: float, bucket_bytes: int
+    ) -> BucketPlan | None:
+        """Rank 0 joins the weight-broadcast group as its rank 0 and returns the bucket plan every member follows."""
+        if self.rank != 0:
+            return None
+        self.weight_group = join_group(address, 0, world_size, backend, timeout_s)
+        return plan_buckets(weight_entries(self.engine.module.named_parameters()), bucket_bytes)
+
+    def broadcast_weights(self, plan: BucketPlan) -> None:
+        """All ranks must call this: under ZeRO-3 each bucket is gathered collectively just before rank 0 sends it."""
+        import deepspeed
+
+        parameters = dict(self.engine.module.named_parameters())
+        for bucket in plan:
+            tensors = [parameters[name] for name, _, _ in bucket]
+            with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
+                if self.rank == 0:
+                    send_bucket(self.weight_group, tensors)
+
     def save_pretrained(self, directory: str, tokenizer_path: str) -> None:
         from transformers import AutoTokenizer
 
@@ -411,14 +436,17 @@ class LearnerGroup:
         total_steps: int,
         runtime_env: dict,
         teacher: ModelSpec | None = None,
+        rank_options: list[dict] | None = None,
     ) -> None:
+        """`rank_options`: extra actor options per rank (their placement-group bundle)."""
         options = {
             **learner.resources.actor_options(),
             "runtime_env": {"env_vars": {**runtime_env.get("env_vars", {}), **LEARNER_ENV}},
         }
         threads = str(learner_threads(learner.num_ranks))
         options["runtime_env"]["env_vars"].update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        self.workers = [LearnerWorker.options(**options).remote() for _ in range(learner.num_ranks)]
+        rank_options = rank_options or [{} for _ in range(learner.num_ranks)]
+        self.workers = [LearnerWorker.options(**options, **extra).remote() for extra in rank_options]
         master = ray.get(self.workers[0].address.remote())
         ray.get(
             [

@@ -48,3 +48,9 @@ def actor_env(stages_overlap: bool = False) -> dict:
     if stages_overlap:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     return {"env_vars": env}
+
+
+def actor_location() -> dict:
+    """Where the calling actor runs: a run records this for every actor (placement.json)."""
+    context = ray.get_runtime_context()
+    return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}

@@ -20,8 +20,10 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from opd_ray.collective_sync import WeightBroadcast
 from opd_ray.errors import RunStopped
-from opd_ray.learner import LearnerGroup
+from opd_ray.learner import LearnerGroup, get_or_raise_first
+from opd_ray.placement import Placement, reserve
 from opd_ray.progress import console
 from opd_ray.ray_cluster import actor_env
 from opd_ray.rollout import RolloutWorker
@@ -37,17 +39,36 @@ class Roles:
     rollout_workers: list[ray.actor.ActorHandle]
     teachers: list[ray.actor.ActorHandle]
     learners: LearnerGroup
+    placement: Placement
+    broadcast: WeightBroadcast | None = None  # weight_sync.method = collective
     max_restarts: int = 3
     weight_version: int = 0  # what every rollout engine holds
     restarts: Counter = field(default_factory=Counter)
+    unfinished_sync: list[ray.ObjectRef] = field(default_factory=list)  # an asynchronous broadcast in flight
 
     def shutdown(self) -> None:
         self.learners.shutdown()
         for actor in self.rollout_workers + self.teachers:
             ray.kill(actor, no_restart=True)
+        self.placement.remove()
+
+    def locations(self) -> dict[str, list[dict]]:
+        """Node (and GPUs) of every actor, by role: what a run records in placement.json."""
+        actors = {"rollout": self.rollout_workers, "teacher": self.teachers, "learner": self.learners.workers}
+        return {role: ray.get([actor.location.remote() for actor in handles]) for role, handles in actors.items()}
 
 
 def start_roles(spec: ExperimentSpec) -> Roles:
+    """Reserves the placement groups, then starts every actor in its bundle; nothing is left behind on failure."""
+    placement = reserve(spec)
+    try:
+        return _start_in(placement, spec)
+    except BaseException:
+        placement.remove()  # its actors die with their placement group
+        raise
+
+
+def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     overlap = spec.trainer.max_staleness > 0 or spec.rollout.num_workers > 1 or spec.teacher.num_replicas > 1
     env = actor_env(stages_overlap=overlap)
     engine_env = {"env_vars": {**env["env_vars"], **ENGINE_ENV}}
@@ -57,24 +78,33 @@ def start_roles(spec: ExperimentSpec) -> Roles:
     algorithm = spec.algorithm
     student_top_k = (algorithm.top_k or spec.teacher.top_k) if algorithm.needs_student_topk else 0
     rollout_workers = [
-        RolloutWorker.options(**rollout_options).remote(
+        RolloutWorker.options(**rollout_options, **bundle).remote(
             spec.models.student, spec.rollout.engine, spec.rollout, spec.run.seed + i, student_top_k, spec.data.verifier
         )
-        for i in range(spec.rollout.num_workers)
+        for i, bundle in enumerate(placement.actor_options["rollout"])
     ]
     teachers = [
         ray.remote(TeacherScorer)
-        .options(**teacher_options)
+        .options(**teacher_options, **bundle)
         .remote(spec.models.teacher, spec.teacher, spec.run.seed + i)
-        for i in range(spec.teacher.num_replicas)
+        for i, bundle in enumerate(placement.actor_options["teacher"])
     ]
     sequences = spec.trainer.prompts_per_step * spec.rollout.samples_per_prompt
     learner_teacher = spec.models.teacher if algorithm.objective == "full_vocab" else None
     learners = LearnerGroup(
-        spec.models.student, spec.learner, sequences // spec.learner.num_ranks, spec.trainer.steps, env, learner_teacher
+        spec.models.student,
+        spec.learner,
+        sequences // spec.learner.num_ranks,
+        spec.trainer.steps,
+        env,
+        learner_teacher,
+        placement.actor_options["learner"],
     )
     ray.get([w.version.remote() for w in rollout_workers])  # engines are up
-    return Roles(rollout_workers, teachers, learners, spec.trainer.max_actor_restarts)
+    broadcast = None
+    if spec.weight_sync.method == "collective":
+        broadcast = WeightBroadcast(spec, learners.workers, rollout_workers)
+    return Roles(rollout_workers, teachers, learners, placement, broadcast, spec.trainer.max_actor_restarts)
 
 
 def split(items: list[int], parts: int) -> list[list[int]]:
@@ -98,6 +128,8 @@ def await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> None
             time.sleep(1.0)
         except ActorDiedError as exc:  # restarts used up
             raise RunStopped(f"a {kind} actor died and cannot be restarted: {exc}") from None
+    if kind == "rollout" and roles.broadcast is not None:
+        roles.broadcast.regroup()  # the restarted engine is not in the old group
     if kind == "rollout" and roles.weight_version > 0:
         ray.get(actor.load_weights.remote(roles.learners.export_weights(), roles.weight_version))
 
@@ -140,7 +172,19 @@ def _until_done(roles: Roles, kind: str, actors: list, issue: Callable[[int], An
 def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
     """New weights to every rollout engine. `wait=False` (asynchronous mode) only queues the reload:
     each engine applies it after the rollouts already launched on it, and every rollout launched
-    later sees it, which is what the version tag of a launched step assumes."""
+    later sees it, which is what the version tag of a launched step assumes.
+
+    With weight_sync.method = collective the weights are broadcast instead; asynchronously, learner
+    rank 0 then waits in the broadcast until every engine has finished the rollouts queued before it.
+    A restarted engine gets its first weights through the object store and the group is re-formed."""
+    if roles.broadcast is not None:
+        get_or_raise_first(roles.unfinished_sync)  # the previous broadcast's failure, if any, surfaces here
+        refs = roles.broadcast.launch(version)
+        roles.unfinished_sync = [] if wait else refs
+        if wait:
+            get_or_raise_first(refs)
+        roles.weight_version = version
+        return
     weights_ref = roles.learners.export_weights()
     if not wait:
         for worker in roles.rollout_workers:

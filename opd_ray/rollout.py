@@ -12,6 +12,8 @@ import ray
 import torch
 
 from opd_ray.batch import RolloutBatch
+from opd_ray.collective_sync import BucketPlan
+from opd_ray.ray_cluster import actor_location
 from opd_ray.spec import EngineSpec, ModelSpec, RolloutSpec
 from opd_ray.tasks.verifiers import resolve_verifier
 from opd_ray.vllm_engine import Completion, create_engine, generate, greedy, prompt_logprobs
@@ -124,6 +126,19 @@ class RolloutWorker:
         self.policy_version = policy_version
         return loaded
 
+    def join_weight_group(
+        self, address: tuple[str, int], rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> None:
+        """The engine's worker joins learner rank 0's broadcast group (weight_sync.method = collective)."""
+        self.llm.collective_rpc("join_weight_group", args=(address, rank, world_size, backend, timeout_s))
+
+    def receive_weights(self, plan: BucketPlan, policy_version: int) -> int:
+        """Takes part in one broadcast; the engine loads each bucket as it arrives."""
+        loaded = self.llm.collective_rpc("receive_weight_buckets", args=(plan,))[0]
+        self.llm.reset_prefix_cache()
+        self.policy_version = policy_version
+        return loaded
+
     def sequence_logprobs(self, sequence: list[int]) -> list[float]:
         """log p(token_i | tokens_<i) for i >= 1 under the engine's current weights."""
         entries = prompt_logprobs(self.llm, [sequence], top_k=1)[0]
@@ -135,3 +150,6 @@ class RolloutWorker:
     def ready(self) -> bool:
         """Answers once the engine is up: after a restart, the driver waits on this."""
         return True
+
+    def location(self) -> dict:
+        return actor_location()

@@ -86,11 +86,20 @@ class EngineSpec(Section):
     max_logprobs: int = Field(32, ge=1)
 
 
+Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+RoleName = Literal["rollout", "teacher", "learner"]
+
+
 class ResourcesSpec(Section):
-    """What one actor of a role asks Ray for."""
+    """What one actor of a role asks Ray for; a role's actors are reserved together as one placement group."""
 
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0, ge=0)
+    strategy: Strategy = Field(
+        "PACK",
+        description="how the role's placement group spreads its actors over nodes: PACK (few nodes), SPREAD "
+        "(many), STRICT_PACK (one node), STRICT_SPREAD (one node each)",
+    )
     custom: dict[str, float] = Field(
         default_factory=dict,
         description="Ray custom resources, e.g. {teacher_node: 1} to put a role on nodes started with "
@@ -272,6 +281,39 @@ class TrainerSpec(Section):
         return self.prompts_per_shard or max(1, -(-self.prompts_per_step // num_workers))
 
 
+class PlacementSpec(Section):
+    """Which roles share bundles, and how long to wait for the cluster to hold them."""
+
+    colocate: list[RoleName] = Field(
+        default_factory=list,
+        description="roles that share one placement group: actor i of each lands in bundle i, which holds their "
+        "summed resources (e.g. [rollout, learner] with num_gpus 0.5 each: one GPU per bundle, shared)",
+    )
+    colocated_strategy: Strategy = "PACK"
+    timeout_s: float = Field(
+        120, gt=0, description="seconds to wait for the placement groups before stopping with what is missing"
+    )
+
+    @model_validator(mode="after")
+    def _colocate_at_least_two_roles(self) -> PlacementSpec:
+        if self.colocate and len(set(self.colocate)) < 2:
+            raise ValueError("placement.colocate lists the roles that share bundles: name two or three different roles")
+        return self
+
+
+class WeightSyncSpec(Section):
+    """How new student weights reach the rollout engines."""
+
+    method: Literal["object_store", "collective"] = Field(
+        "object_store",
+        description="object_store: learner rank 0 puts the weights into Ray's object store once and every engine "
+        "maps them; collective: a process group of learner rank 0 and every engine, weights broadcast in buckets",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="collective: auto = nccl on GPU, else gloo")
+    bucket_mb: float = Field(256, gt=0, description="collective: size of one broadcast; bounds the extra memory")
+    timeout_s: float = Field(600, gt=0, description="collective: seconds a broadcast may wait for its peers")
+
+
 class RaySpec(Section):
     address: str | None = Field(None, description="None starts a local Ray; 'auto' joins a running cluster")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray")
@@ -289,6 +331,8 @@ class ExperimentSpec(Section):
     algorithm: AlgorithmSpec = AlgorithmSpec()
     diagnostics: DiagnosticsSpec = DiagnosticsSpec()
     trainer: TrainerSpec = TrainerSpec()
+    placement: PlacementSpec = PlacementSpec()
+    weight_sync: WeightSyncSpec = WeightSyncSpec()
     ray: RaySpec = RaySpec()
 
     @model_validator(mode="after")
@@ -313,6 +357,18 @@ class ExperimentSpec(Section):
                 raise ValueError(
                     f"the student's top-{k} exceeds rollout.engine.max_logprobs ({self.rollout.engine.max_logprobs})"
                 )
+        for role, resources in (("rollout", self.rollout), ("teacher", self.teacher), ("learner", self.learner)):
+            if not any(amount > 0 for amount in resources.resources.demand().values()):
+                raise ValueError(
+                    f"{role}.resources: an actor must ask for some CPU, GPU or custom resource "
+                    "(its placement-group bundle cannot be empty)"
+                )
+        shares_gpu = {"rollout", "learner"} <= set(self.placement.colocate) and self.rollout.resources.num_gpus > 0
+        if shares_gpu and self.weight_sync.method == "collective" and self.weight_sync.backend != "gloo":
+            raise ValueError(
+                "weight_sync.method=collective cannot run NCCL between a rollout engine and a learner on the "
+                "same GPU (placement.colocate): use weight_sync.method=object_store"
+            )
         if self.diagnostics.enabled and self.diagnostics.top_k > self.teacher.top_k:
             raise ValueError(
                 f"diagnostics.top_k ({self.diagnostics.top_k}) exceeds teacher.top_k ({self.teacher.top_k}): "

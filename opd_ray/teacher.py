@@ -17,6 +17,7 @@ import torch
 
 from opd_ray.batch import RolloutBatch
 from opd_ray.hf_model import final_hidden_states, load_causal_lm, response_hidden
+from opd_ray.ray_cluster import actor_location
 from opd_ray.spec import ModelSpec, TeacherSpec
 from opd_ray.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
 
@@ -152,6 +153,9 @@ class TeacherScorer:
 
     def ready(self) -> bool:
         return True
+
+    def location(self) -> dict:
+        return actor_location()
 
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
         if self.teacher.backend == "transformers":

@@ -18,6 +18,8 @@ import warnings
 import numpy as np
 import torch
 
+from opd_ray.collective_sync import BucketPlan, join_group, receive_buckets
+
 # numpy has no bfloat16: such tensors travel as int16 bit patterns and are viewed back.
 _BIT_VIEWS = {torch.bfloat16: torch.int16}
 
@@ -59,6 +61,20 @@ class VllmWeightReceiver:
         self.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))  # type: ignore[attr-defined]
         refresh_tied_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]
         return len(state_dict)
+
+    def join_weight_group(
+        self, address: tuple[str, int], rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> None:
+        """Collective path (collective_sync.py): the group lives in the worker, where the weights are."""
+        self.weight_group = join_group(address, rank, world_size, backend, timeout_s)
+
+    def receive_weight_buckets(self, plan: BucketPlan) -> int:
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        device = next(model.parameters()).device
+        weights = receive_buckets(self.weight_group, plan, device)
+        self.model_runner.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+        refresh_tied_lm_head(model)
+        return sum(len(bucket) for bucket in plan)
 
 
 def refresh_tied_lm_head(model: torch.nn.Module) -> None:

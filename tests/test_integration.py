@@ -19,11 +19,24 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-def test_weight_sync_makes_rollout_engine_match_learner_zero3(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
-    """After a ZeRO-3 gather -> object store -> in-place vLLM reload, both sides give the same log-probs.
+COLLECTIVE = {  # two engines colocated with the two learner ranks; ~40 buckets of 48 kB over gloo
+    "weight_sync": {"method": "collective", "bucket_mb": 0.05},
+    "placement": {"colocate": ["rollout", "learner"]},
+    "rollout": {"num_workers": 2},
+}
+
+
+@pytest.mark.parametrize("sync", ["object_store", "collective"])
+def test_weight_sync_makes_rollout_engine_match_learner_zero3(
+    tiny_dir: Path, tmp_path: Path, local_ray, sync: str
+) -> None:
+    """After a ZeRO-3 gather and an in-place vLLM reload, both sides give the same log-probs: through
+    the object store, or broadcast bucket by bucket (each bucket gathered alone) to two engines.
 
     Trains with the full-vocabulary objective, so the frozen teacher copy is loaded beside a
     ZeRO-3-partitioned student (it must not be partitioned itself)."""
+    from ray.util.placement_group import placement_group_table
+
     from opd_ray.pipeline import rollout_and_score
     from opd_ray.preflight import prepare
     from opd_ray.roles import start_roles, sync_weights
@@ -31,16 +44,21 @@ def test_weight_sync_makes_rollout_engine_match_learner_zero3(tiny_dir: Path, tm
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["learner"]["zero_stage"] = 3
     raw["algorithm"] = {"objective": "full_vocab", "divergence": "jsd"}
+    if sync == "collective":
+        for section, values in COLLECTIVE.items():
+            raw[section] = {**raw.get(section, {}), **values}
     spec = ExperimentSpec.model_validate(raw)
     prepared = prepare(spec)
     roles = start_roles(spec)
     try:
-        rollout, learners = roles.rollout_workers[0], roles.learners
+        learners = roles.learners
         tokenizer = prepared.tokenizer
         sequence = prepared.train.prompt_ids[0] + tokenizer("4321").input_ids + [tokenizer.eos_token_id]
-        engine_before = local_ray.get(rollout.sequence_logprobs.remote(sequence))
+        engine_before = local_ray.get(roles.rollout_workers[0].sequence_logprobs.remote(sequence))
         learner_before = local_ray.get(learners.call("sequence_logprobs", sequence))[0]
         assert max_abs_diff(engine_before, learner_before) < 1e-5
+        bundles = sorted(len(placement_group_table(group)["bundles"]) for group in roles.placement.groups)
+        assert bundles == ([1, 2] if sync == "collective" else [1, 1, 2])  # rollout+learner share a pool
 
         for step in range(3):
             indices = list(range(16 * step, 16 * step + 16))
@@ -48,13 +66,16 @@ def test_weight_sync_makes_rollout_engine_match_learner_zero3(tiny_dir: Path, tm
             learners.train_step(refs, spec.algorithm)
         sync_weights(roles, version=3)
 
-        engine_after = local_ray.get(rollout.sequence_logprobs.remote(sequence))
+        if sync == "collective":
+            assert len(roles.broadcast.plan) > 10  # the student really went in many buckets
         learner_after = local_ray.get(learners.call("sequence_logprobs", sequence))
-        moved = max_abs_diff(engine_before, engine_after)
-        assert moved > 1e-2, "training did not change the rollout engine's log-probs"
-        for rank_logprobs in learner_after:  # ZeRO-3 ranks agree with each other and with the engine
-            assert max_abs_diff(engine_after, rank_logprobs) < 1e-5
-        assert local_ray.get(rollout.version.remote()) == 3
+        for rollout in roles.rollout_workers:
+            engine_after = local_ray.get(rollout.sequence_logprobs.remote(sequence))
+            moved = max_abs_diff(engine_before, engine_after)
+            assert moved > 1e-2, "training did not change the rollout engine's log-probs"
+            for rank_logprobs in learner_after:  # ZeRO-3 ranks agree with each other and with the engine
+                assert max_abs_diff(engine_after, rank_logprobs) < 1e-5
+            assert local_ray.get(rollout.version.remote()) == 3
     finally:
         roles.shutdown()
 
