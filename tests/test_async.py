@@ -107,10 +107,14 @@ def test_slow_teacher_replica_takes_fewer_shards_and_no_prompt_is_lost(
 
 
 @pytest.mark.integration
-def test_async_respects_staleness_and_trains_every_prompt_once(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+@pytest.mark.parametrize("weight_sync", ["object_store", "collective"])
+def test_async_respects_staleness_and_trains_every_prompt_once(
+    tiny_dir: Path, tmp_path: Path, local_ray, weight_sync: str
+) -> None:
     """max_staleness=2 with two rollout workers and two teacher replicas: no step's samples are more
     than 2 versions older than the learner, samples did run ahead, and each step trains its own
-    prompts exactly once."""
+    prompts exactly once. With collective weight sync the broadcasts queue behind rollouts the
+    same way, and must not deadlock with them."""
     from opd_ray.driver import PromptSampler, distill, prompts_digest
     from opd_ray.preflight import prepare
 
@@ -119,6 +123,7 @@ def test_async_respects_staleness_and_trains_every_prompt_once(tiny_dir: Path, t
     raw["teacher"]["num_replicas"] = 2
     raw["trainer"].update(steps=10, max_staleness=2, prompts_per_shard=4, save_final=False)
     raw["algorithm"]["importance_cap"] = 2.0
+    raw["weight_sync"] = {"method": weight_sync}
     spec = ExperimentSpec.model_validate(raw)
     distill(spec)
 
