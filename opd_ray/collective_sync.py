@@ -22,7 +22,7 @@ import ray
 import torch
 from torch.distributed import BroadcastOptions, ProcessGroup
 
-from opd_ray.spec import ExperimentSpec
+from opd_ray.spec import ExperimentSpec, WeightSyncSpec
 
 WeightEntry = tuple[str, str, tuple[int, ...]]  # parameter name, dtype name, full shape
 BucketPlan = list[list[WeightEntry]]
@@ -101,9 +101,8 @@ class WeightBroadcast:
     to be formed again (every member re-joins on a fresh port) before the next broadcast.
     """
 
-    def __init__(self, spec: ExperimentSpec, learner_ranks: list, rollout_workers: list) -> None:
-        self.settings = spec.weight_sync
-        self.backend = group_backend(spec)
+    def __init__(self, settings: WeightSyncSpec, backend: str, learner_ranks: list, rollout_workers: list) -> None:
+        self.settings, self.backend = settings, backend
         self.learner_ranks, self.rollout_workers = learner_ranks, rollout_workers
         self.plan: BucketPlan = []
         self.needs_group = True

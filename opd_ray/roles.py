@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from opd_ray.collective_sync import WeightBroadcast
+from opd_ray.collective_sync import WeightBroadcast, group_backend
 from opd_ray.errors import RunStopped
 from opd_ray.learner import LearnerGroup, get_or_raise_first
 from opd_ray.placement import Placement, reserve
@@ -103,7 +103,7 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     ray.get([w.version.remote() for w in rollout_workers])  # engines are up
     broadcast = None
     if spec.weight_sync.method == "collective":
-        broadcast = WeightBroadcast(spec, learners.workers, rollout_workers)
+        broadcast = WeightBroadcast(spec.weight_sync, group_backend(spec), learners.workers, rollout_workers)
     return Roles(rollout_workers, teachers, learners, placement, broadcast, spec.trainer.max_actor_restarts)
 
 
