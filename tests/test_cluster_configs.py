@@ -109,5 +109,46 @@ def test_real_model_specs_pass_opd_ray_validate(spec: Path) -> None:
     assert gpus == (16 if "2nodes" in spec.name else 8)
 
 
+@pytest.mark.parametrize("spec", REAL_MODEL_SPECS, ids=lambda p: p.name)
+def test_real_model_specs_fit_their_nodes_and_no_fewer(spec: Path) -> None:
+    """The placement plan against p5.48xlarge-like nodes (192 CPUs, 8 GPUs): it fits the nodes the
+    spec is written for, and one node fewer is refused with the missing GPUs named."""
+    from opd_ray.placement import missing_resources, plan_pools
+    from opd_ray.spec import load_spec
+
+    pools = plan_pools(load_spec(spec))
+    node = {"CPU": 192.0, "GPU": 8.0}
+    count = 2 if "2nodes" in spec.name else 1
+    total = {name: amount * count for name, amount in node.items()}
+    assert missing_resources(pools, total, [node] * count) == []
+    if count == 2:
+        problems = missing_resources(pools, node, [node])
+        assert problems[0].startswith("GPU: the spec needs 16")
+
+
 def test_there_are_one_and_two_node_real_model_specs() -> None:
     assert [p.name for p in REAL_MODEL_SPECS] == ["qwen3_1p7b_from_8b_1node.yaml", "qwen3_1p7b_from_8b_2nodes.yaml"]
+
+
+DOCKERFILE_INSTRUCTIONS = {"FROM", "ENV", "WORKDIR", "COPY", "RUN", "ENTRYPOINT", "CMD", "ARG", "LABEL", "EXPOSE"}
+
+
+def test_dockerfile_parses_and_its_base_matches_the_gpu_extra() -> None:
+    """Docker's own parser (buildkit's, via the `dockerfile` package); no Docker engine here to build it."""
+    import dockerfile
+    import tomllib
+
+    commands = dockerfile.parse_file(str(ROOT / "Dockerfile"))
+    assert {c.cmd.upper() for c in commands} <= DOCKERFILE_INSTRUCTIONS
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (gpu_vllm,) = pyproject["project"]["optional-dependencies"]["gpu"]
+    assert gpu_vllm.startswith("vllm==")
+    base = [c.value[0] for c in commands if c.cmd.upper() == "FROM"]
+    assert base == [f"vllm/vllm-openai:v{gpu_vllm.removeprefix('vllm==')}"]  # the image's vllm is the tested one
+    for copy_command in (c for c in commands if c.cmd.upper() == "COPY"):
+        for source in copy_command.value[:-1]:
+            assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
+    run = " ".join(c.value[0] for c in commands if c.cmd.upper() == "RUN")
+    assert '".[gpu]"' in run
+    for config in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "ray-cluster-aws-gpu.yaml"):
+        assert "image: opd-ray:latest" in (CONFIGS / config).read_text()  # what `docker build -t opd-ray .` makes
