@@ -178,11 +178,17 @@ def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
     rank 0 then waits in the broadcast until every engine has finished the rollouts queued before it.
     A restarted engine gets its first weights through the object store and the group is re-formed."""
     if roles.broadcast is not None:
-        get_or_raise_first(roles.unfinished_sync)  # the previous broadcast's failure, if any, surfaces here
-        refs = roles.broadcast.launch(version)
-        roles.unfinished_sync = [] if wait else refs
-        if wait:
-            get_or_raise_first(refs)
+        try:
+            get_or_raise_first(roles.unfinished_sync)  # the previous broadcast's failure, if any, surfaces here
+            refs = roles.broadcast.launch(version)
+            roles.unfinished_sync = [] if wait else refs
+            if wait:
+                get_or_raise_first(refs)
+        except RayActorError as exc:
+            raise RunStopped(
+                "an actor died during a collective weight broadcast (weight_sync.method=collective); the "
+                f"other members cannot finish it. Resume from the last checkpoint with --resume. ({exc})"
+            ) from None
         roles.weight_version = version
         return
     weights_ref = roles.learners.export_weights()
