@@ -148,10 +148,14 @@ def test_non_finite_loss_skips_updates_then_stops_without_poisoning(tiny_dir: Pa
 
 
 @pytest.mark.integration
-def test_rollout_worker_killed_mid_run_loses_no_prompt(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+@pytest.mark.parametrize("weight_sync", ["object_store", "collective"])
+def test_rollout_worker_killed_mid_run_loses_no_prompt(
+    tiny_dir: Path, tmp_path: Path, local_ray, weight_sync: str
+) -> None:
     """SIGKILL the rollout worker's process after step 2 and the teacher's after step 4: Ray restarts
     them, the rollout worker gets the current weights, lost shards are re-issued, and every step
-    trains exactly its own prompts once."""
+    trains exactly its own prompts once. Collective sync: the broadcast group is formed again with
+    the restarted engine before the next sync."""
     import threading
 
     from opd_ray.driver import PromptSampler, distill, prompts_digest
@@ -159,6 +163,7 @@ def test_rollout_worker_killed_mid_run_loses_no_prompt(tiny_dir: Path, tmp_path:
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["trainer"].update(steps=8, save_final=False)
+    raw["weight_sync"] = {"method": weight_sync}
     spec = ExperimentSpec.model_validate(raw)
     killed: list[int] = []
 
