@@ -1,4 +1,4 @@
-"""`opd-ray validate|train SPEC [key=value ...]` and `opd-ray report RUN_DIR...`.
+"""`opd-ray validate|train|probe SPEC [key=value ...]` and `opd-ray report RUN_DIR...`.
 
 User errors (bad spec, missing files, mismatched vocabularies) print one line and exit 2;
 anything else is a bug and keeps its traceback.
@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("validate", "check a spec and print the resolved config"),
         ("train", "run on-policy distillation from a spec"),
+        ("probe", "before training: overlap, masses, entropy gap, accuracies, and whether OPD is likely to help"),
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("spec", help="experiment spec (YAML)")
@@ -66,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(spec_to_yaml(spec), end="")
             return 0
-        from opd_ray.driver import distill
+        if args.command == "probe":
+            from opd_ray.probe import print_probe, run_probe
 
-        _print_summary(distill(spec, resume=args.resume))
+            print_probe(run_probe(spec))
+            return 0
+        from opd_ray.stages import run_stages
+
+        _print_summary(run_stages(spec, resume=args.resume))
         return 0
     except UserError as exc:
         print(f"opd-ray: error: {exc}", file=sys.stderr)

@@ -219,7 +219,8 @@ def prompts_digest(indices: list[int]) -> str:
     return hashlib.sha1(json.dumps(indices).encode()).hexdigest()[:12]
 
 
-def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
+def distill(spec: ExperimentSpec, resume: bool = False, exclude_train: set[int] | frozenset[int] = frozenset()) -> dict:
+    """`exclude_train`: training rows left out (those the cold start answered)."""
     started = time.perf_counter()
     run_dir = Path(spec.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +232,8 @@ def distill(spec: ExperimentSpec, resume: bool = False) -> dict:
     if spec.models.build_tiny is not None:
         ensure_tiny_models(spec)
     prepared = prepare(spec)
+    if exclude_train:
+        prepared.train = prepared.train.without(set(exclude_train))
     eval_prompts = prepared.eval  # `data.eval.limit` already caps how many are read
 
     def accuracy(kind: str) -> float | None:

@@ -159,13 +159,8 @@ class LearnerWorker:
         self, full: RolloutBatch, algorithm: AlgorithmSpec, diagnostics_k: int | None = None, step: int = 1
     ) -> dict[str, Any]:
         """One optimizer step on this rank's rows of `full`; returns shares the driver adds across ranks."""
-        global_tokens, global_sequences = full.num_response_tokens, full.num_sequences
-        full = with_batch_statistics(full, algorithm)  # these need every rank's rows
-        batch = full.select(slice(self.rank, None, self.world_size))
+        batch, mask_BT, tokens = self._rank_tokens(full, algorithm)
         self.engine.train()
-        mask_BT = batch.response_mask_BL[:, 1:].to(self.device)
-        weights_BT = aggregation_weights(mask_BT, algorithm.aggregation, global_tokens, global_sequences)
-        tokens = flatten_tokens(batch, weights_BT, self.device)
         hidden_NH = response_hidden(self._hidden(self.engine, batch), batch.response_mask_BL.to(self.device))
         teacher_hidden_NH = None
         if self.teacher is not None:
@@ -205,6 +200,29 @@ class LearnerWorker:
         metrics["lr"] = float(self.engine.get_lr()[0])
         if algorithm.divergence == "forward_to_reverse":
             metrics["reverse_kl_weight"] = (reverse_weight, 1.0)  # a (sum, count) pair: the same on every rank
+        return metrics
+
+    def _rank_tokens(
+        self, full: RolloutBatch, algorithm: AlgorithmSpec
+    ) -> tuple[RolloutBatch, torch.Tensor, TokenBatch]:
+        """This rank's rows of `full`, their response mask and flat token batch, weighted for the global mean."""
+        global_tokens, global_sequences = full.num_response_tokens, full.num_sequences
+        full = with_batch_statistics(full, algorithm)  # these need every rank's rows
+        batch = full.select(slice(self.rank, None, self.world_size))
+        mask_BT = batch.response_mask_BL[:, 1:].to(self.device)
+        weights_BT = aggregation_weights(mask_BT, algorithm.aggregation, global_tokens, global_sequences)
+        return batch, mask_BT, flatten_tokens(batch, weights_BT, self.device)
+
+    def diagnose(self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int) -> dict[str, Any]:
+        """A step's metrics and diagnostics without an update (`opd-ray probe`): the same numbers
+        step 1 of a run would log. All ranks must take part (ZeRO-3 forwards are collective)."""
+        batch, _, tokens = self._rank_tokens(RolloutBatch.concat(ray.get(batch_refs)), algorithm)
+        self.engine.eval()
+        with torch.no_grad():
+            hidden_NH = response_hidden(self._hidden(self.engine, batch), batch.response_mask_BL.to(self.device))
+        metrics, _ = self._token_statistics(hidden_NH, tokens, algorithm, diagnostics_k, on_student_samples=True)
+        metrics["response_tokens"] = batch.num_response_tokens
+        metrics["sequences"] = batch.num_sequences
         return metrics
 
     def _any_rank(self, flag: bool) -> bool:

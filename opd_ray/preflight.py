@@ -86,10 +86,20 @@ def prepare(spec: ExperimentSpec) -> Prepared:
         "algorithm.objective=sft": algorithm.objective == "sft",
         "algorithm.student_data_fraction < 1": algorithm.student_data_fraction < 1,
         "algorithm.task_reward_coef > 0": algorithm.task_reward_coef > 0,
+        "cold_start.teacher_generate.require_correct": spec.cold_start is not None
+        and "teacher_generate" in spec.stages
+        and spec.cold_start.teacher_generate.require_correct,
     }
     for reason, needed in needs_answers.items():
         if needed and any(a is None for a in train.answers):
             raise UserError(f"{reason} needs a reference answer on every row of {spec.data.train.path}")
+    if spec.cold_start is not None and "teacher_generate" in spec.stages:
+        wanted = spec.cold_start.teacher_generate.prompts
+        if "opd" in spec.stages and wanted >= len(train):
+            raise UserError(
+                f"cold_start.teacher_generate.prompts ({wanted}) leaves no prompts for OPD: "
+                f"{spec.data.train.path} has {len(train)} rows"
+            )
     if evaluation is not None and any(a is None for a in evaluation.answers):
         raise UserError(f"data.eval: every row of {spec.data.eval.path} needs a reference answer for the verifier")
     longest = max(len(p) for p in train.prompt_ids) + spec.rollout.max_new_tokens + 1

@@ -85,18 +85,7 @@ class RolloutWorker:
         the compute time, without fetching the batch.
         """
         started = time.perf_counter()
-        indices = list(prompts_P)
-        completions = generate(
-            self.llm,
-            [prompts_P[i] for i in indices],
-            indices,
-            samples_per_prompt=self.rollout.samples_per_prompt,
-            temperature=self.rollout.temperature,
-            top_p=self.rollout.top_p,
-            max_new_tokens=self.rollout.max_new_tokens,
-            seed=seed,
-            top_k_ids=self.student_top_k,
-        )
+        completions = self.complete(prompts_P, seed)
         batch = completions_to_batch(prompts_P, completions, self.policy_version, self.student_top_k)
         if answers_P is not None and self.verifier is not None:
             scores = [
@@ -115,6 +104,22 @@ class RolloutWorker:
             "seconds": time.perf_counter() - started,
         }
         return batch, report
+
+    def complete(self, prompts_P: dict[int, list[int]], seed: int) -> list[Completion]:
+        """Samples with the worker's rollout settings; the completions themselves (text included), which
+        the teacher-generation stage writes out as a dataset."""
+        indices = list(prompts_P)
+        return generate(
+            self.llm,
+            [prompts_P[i] for i in indices],
+            indices,
+            samples_per_prompt=self.rollout.samples_per_prompt,
+            temperature=self.rollout.temperature,
+            top_p=self.rollout.top_p,
+            max_new_tokens=self.rollout.max_new_tokens,
+            seed=seed,
+            top_k_ids=self.student_top_k,
+        )
 
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
         return greedy(self.llm, prompts_P, max_new_tokens)

@@ -281,6 +281,59 @@ class TrainerSpec(Section):
         return self.prompts_per_shard or max(1, -(-self.prompts_per_step // num_workers))
 
 
+StageName = Literal["teacher_generate", "sft", "opd"]
+STAGE_ORDER: tuple[str, ...] = ("teacher_generate", "sft", "opd")
+
+
+class TeacherGenerationSpec(Section):
+    """Stage teacher_generate: the teacher answers some training prompts, through a rollout engine."""
+
+    prompts: int = Field(..., ge=1, description="training prompts the teacher answers; OPD trains on the rest")
+    samples_per_prompt: int = Field(1, ge=1)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="null = rollout.max_new_tokens")
+    drop_truncated: bool = Field(True, description="drop answers cut off by max_new_tokens")
+    repeat_ngram: int = Field(4, ge=1, description="n of the repetition filter")
+    max_ngram_repeats: int = Field(
+        3, ge=1, description="drop an answer in which some repeat_ngram-gram occurs more often than this"
+    )
+    require_correct: bool = Field(False, description="drop answers the task verifier marks wrong (needs answers)")
+
+
+class SftStageSpec(Section):
+    """Stage sft: cross-entropy on the kept teacher answers' tokens, with the learner ranks of the run."""
+
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+
+
+class ColdStartSpec(Section):
+    """The off-policy cold start before OPD: teacher answers, then SFT of the student on them."""
+
+    teacher_generate: TeacherGenerationSpec
+    sft: SftStageSpec = SftStageSpec()
+
+
+class ProbeSpec(Section):
+    """`opd-ray probe`: how much to sample before training, and the thresholds of its verdict."""
+
+    prompts: int = Field(256, ge=1, description="training prompts the student samples and the teacher scores")
+    eval_prompts: int = Field(200, ge=1, description="eval prompts for both models' greedy accuracy")
+    min_overlap: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="overlap ratio@k below this: the two think differently (the paper's successful runs start ~0.7)",
+    )
+    min_accuracy_gap: float = Field(
+        0.05, ge=-1, le=1, description="teacher minus student accuracy below this: little left to teach"
+    )
+
+
 class PlacementSpec(Section):
     """Which roles share bundles, and how long to wait for the cluster to hold them."""
 
@@ -331,9 +384,32 @@ class ExperimentSpec(Section):
     algorithm: AlgorithmSpec = AlgorithmSpec()
     diagnostics: DiagnosticsSpec = DiagnosticsSpec()
     trainer: TrainerSpec = TrainerSpec()
+    stages: list[StageName] = Field(
+        default_factory=lambda: ["opd"],
+        description="run in this order, each skipped when its output exists: teacher_generate -> sft -> opd",
+    )
+    cold_start: ColdStartSpec | None = None
+    probe: ProbeSpec = ProbeSpec()
     placement: PlacementSpec = PlacementSpec()
     weight_sync: WeightSyncSpec = WeightSyncSpec()
     ray: RaySpec = RaySpec()
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> ExperimentSpec:
+        stages = list(self.stages)
+        if not stages or stages != [s for s in STAGE_ORDER if s in stages] or len(set(stages)) < len(stages):
+            raise ValueError(f"stages {stages}: name each at most once, in the order {' -> '.join(STAGE_ORDER)}")
+        if "sft" in stages and "teacher_generate" not in stages:
+            raise ValueError("stages: sft trains on teacher_generate's answers; list teacher_generate before it")
+        if "teacher_generate" in stages and self.cold_start is None:
+            raise ValueError("stages: teacher_generate needs cold_start.teacher_generate (at least its prompts)")
+        if self.cold_start is not None and "sft" in stages:
+            if self.cold_start.sft.batch_size % self.learner.num_ranks:
+                raise ValueError(
+                    f"cold_start.sft.batch_size ({self.cold_start.sft.batch_size}) does not divide across "
+                    f"learner.num_ranks = {self.learner.num_ranks}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _batch_divides_across_ranks(self) -> ExperimentSpec:

@@ -9,17 +9,15 @@ needs head_dim >= 32, hence hidden 128 with 4 heads.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import ray
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from opd_ray.learner import LearnerGroup
-from opd_ray.progress import console, step_progress
-from opd_ray.ray_cluster import actor_env, connect
+from opd_ray.progress import console
+from opd_ray.ray_cluster import connect
+from opd_ray.sft import train_sft
 from opd_ray.spec import ExperimentSpec, LearnerSpec, ModelSpec
 from opd_ray.tasks.arithmetic import ALPHABET, write_task_files
 
@@ -89,28 +87,8 @@ def _train_by_sft(
         min_lr_ratio=0.05,
         resources=spec.learner.resources,
     )
-    group = LearnerGroup(
-        ModelSpec(path=str(init_dir)), learner, build.sft_batch_size // learner.num_ranks, steps, actor_env()
-    )
-    examples_ref = ray.put(examples)
-    loss = float("nan")
-    try:
-        with step_progress(f"sft {label}", steps) as progress:
-            done, chunk = 0, 50
-            while done < steps:
-                count = min(chunk, steps - done)
-                losses = ray.get(group.call("sft", examples_ref, count, build.sft_batch_size, spec.run.seed + done))
-                loss = sum(per_rank[-1] for per_rank in losses)
-                done += count
-                progress.advance(done, f"loss {loss:.3f}")
-        staging = output_dir.with_name(output_dir.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        ray.get(group.call("save_pretrained", str(staging), str(init_dir)))
-        shutil.rmtree(output_dir, ignore_errors=True)
-        staging.rename(output_dir)
-    finally:
-        group.shutdown()
-    return loss
+    init = ModelSpec(path=str(init_dir))
+    return train_sft(init, output_dir, examples, learner, steps, build.sft_batch_size, spec.run.seed, label)
 
 
 def ensure_tiny_models(spec: ExperimentSpec) -> None:

@@ -27,6 +27,11 @@ class PromptSet:
     def subset(self, indices: list[int]) -> dict[int, list[int]]:
         return {i: self.prompt_ids[i] for i in indices}
 
+    def without(self, rows: set[int]) -> PromptSet:
+        """The other rows, renumbered: e.g. the prompts the cold start did not use, for OPD."""
+        keep = [i for i in range(len(self)) if i not in rows]
+        return PromptSet([self.prompt_ids[i] for i in keep], [self.answers[i] for i in keep], self.source)
+
 
 def read_rows(dataset: DatasetSpec, section: str) -> list[dict]:
     path = Path(dataset.path)

@@ -1,0 +1,141 @@
+"""`opd-ray probe SPEC`: is on-policy distillation likely to help with this teacher? Asked before training.
+
+The seed paper names two conditions. The student and teacher must think alike: at states the
+student visits, their top-k sets overlap and the shared set holds most of both models' mass
+(the initial overlap is the practical proxy). And the teacher must know something the
+student does not: a real accuracy gap. The probe samples student rollouts on a few hundred
+training prompts, has the teacher score them, and reads the diagnostics a run logs at step
+1 — computed by the learners on the same code path, without an update — plus both models'
+greedy accuracy on the eval set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from opd_ray.driver import PromptSampler, evaluate
+from opd_ray.learner import combine_rank_metrics, get_or_raise_first
+from opd_ray.pipeline import rollout_and_score
+from opd_ray.placement import check_cluster_fits
+from opd_ray.preflight import prepare
+from opd_ray.ray_cluster import connect
+from opd_ray.roles import start_roles
+from opd_ray.spec import ExperimentSpec, ProbeSpec
+from opd_ray.tasks.data import PromptSet
+
+# (metric, what it means), in the order printed
+SIGNALS = (
+    ("diag/overlap_ratio", "overlap ratio@k: shared share of student and teacher top-k"),
+    ("diag/overlap_mass_student", "student mass on the shared top-k set"),
+    ("diag/overlap_mass_teacher", "teacher mass on the shared top-k set"),
+    ("diag/overlap_advantage", "overlap-token advantage (near 0 good; very negative: overconfident student)"),
+    ("diag/entropy_gap", "entropy gap |H(teacher) - H(student)|"),
+    ("diag/top1_agreement", "top-1 agreement"),
+    ("sampled_reverse_kl", "sampled reverse KL per token"),
+)
+
+
+@dataclass
+class Verdict:
+    likely_to_help: bool
+    reasons: list[str]
+
+
+def judge(
+    overlap: float, teacher_accuracy: float | None, student_accuracy: float | None, probe: ProbeSpec, k: int
+) -> Verdict:
+    """The paper's two conditions, each with the number that decided it and what to do when it fails."""
+    reasons = []
+    compatible = overlap >= probe.min_overlap
+    if compatible:
+        reasons.append(f"they think alike: overlap ratio@{k} {overlap:.2f} >= {probe.min_overlap:g}")
+    else:
+        reasons.append(
+            f"they think differently: overlap ratio@{k} {overlap:.2f} < {probe.min_overlap:g}, and OPD tends to stay "
+            "flat from such a start; give the student an off-policy cold start (SFT on teacher-generated answers) "
+            "or the teacher's own prompt template first"
+        )
+    if teacher_accuracy is None or student_accuracy is None:
+        reasons.append("the teacher's advantage was not measured: the spec has no data.eval with answers")
+        return Verdict(compatible, reasons)
+    gap = teacher_accuracy - student_accuracy
+    teaches = gap >= probe.min_accuracy_gap
+    if teaches:
+        reasons.append(
+            f"the teacher knows more: accuracy {teacher_accuracy:.3f} vs the student's {student_accuracy:.3f} "
+            f"(gap {gap:+.3f} >= {probe.min_accuracy_gap:g})"
+        )
+    else:
+        reasons.append(
+            f"the teacher has little to teach: accuracy {teacher_accuracy:.3f} vs the student's "
+            f"{student_accuracy:.3f} (gap {gap:+.3f} < {probe.min_accuracy_gap:g}); use a stronger teacher, e.g. "
+            "one trained further (RL) beyond what the student has seen"
+        )
+    return Verdict(compatible and teaches, reasons)
+
+
+def first(prompts: PromptSet, count: int) -> PromptSet:
+    count = min(count, len(prompts))
+    return PromptSet(prompts.prompt_ids[:count], prompts.answers[:count], prompts.source)
+
+
+def run_probe(spec: ExperimentSpec) -> dict:
+    """Starts the roles, samples and scores `probe.prompts` prompts, measures, writes probe.json."""
+    started = time.perf_counter()
+    prepared = prepare(spec)
+    k = spec.diagnostics.top_k
+    connect(spec.ray)
+    check_cluster_fits(spec)
+    roles = start_roles(spec)
+    try:
+        indices = PromptSampler(len(prepared.train), spec.run.seed).next(min(spec.probe.prompts, len(prepared.train)))
+        refs = rollout_and_score(roles, prepared.train, indices, step=0, seed=spec.run.seed)
+        metrics = combine_rank_metrics(get_or_raise_first(roles.learners.call("diagnose", refs, spec.algorithm, k)))
+        teacher_accuracy = student_accuracy = None
+        if prepared.eval is not None and all(answer is not None for answer in prepared.eval.answers):
+            eval_prompts = first(prepared.eval, spec.probe.eval_prompts)
+            max_tokens = spec.rollout.max_new_tokens
+            teacher_accuracy = evaluate(roles, "teacher", eval_prompts, prepared.verifier, max_tokens)
+            student_accuracy = evaluate(roles, "rollout", eval_prompts, prepared.verifier, max_tokens)
+    finally:
+        roles.shutdown()
+    verdict = judge(metrics["diag/overlap_ratio"], teacher_accuracy, student_accuracy, spec.probe, k)
+    result = {
+        "k": k,
+        "prompts": len(indices),
+        "response_tokens": metrics["response_tokens"],
+        "signals": {name: metrics.get(name) for name, _ in SIGNALS},
+        "teacher_accuracy": teacher_accuracy,
+        "student_accuracy": student_accuracy,
+        "verdict": asdict(verdict),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    run_dir = Path(spec.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "probe.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def print_probe(result: dict) -> None:
+    from rich.table import Table
+
+    from opd_ray.progress import console
+
+    table = Table(title=f"opd-ray probe: {result['prompts']} prompts, {result['response_tokens']} student tokens")
+    table.add_column("signal")
+    table.add_column("value", justify="right")
+    for name, meaning in SIGNALS:
+        value = result["signals"][name]
+        table.add_row(meaning.replace("@k", f"@{result['k']}"), "-" if value is None else f"{value:.3f}")
+    for kind in ("teacher_accuracy", "student_accuracy"):
+        value = result[kind]
+        table.add_row(kind.replace("_", " "), "-" if value is None else f"{value:.3f}")
+    console.print(table)
+    verdict = result["verdict"]
+    headline = "OPD is likely to help" if verdict["likely_to_help"] else "OPD is unlikely to help as set up"
+    console.print(f"[bold]{headline}[/] ({result['wall_seconds']} s)")
+    for reason in verdict["reasons"]:
+        console.print(f"  - {reason}")

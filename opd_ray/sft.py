@@ -1,0 +1,53 @@
+"""Supervised fine-tuning through the same DeepSpeed learner ranks that distil.
+
+Used to build the tiny models and for the off-policy cold start (SFT of the student on
+teacher-generated answers before OPD). The result is written aside and renamed into place,
+so an interrupted SFT never leaves a half-written model where a later stage would load it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import ray
+
+from opd_ray.learner import LearnerGroup
+from opd_ray.progress import step_progress
+from opd_ray.ray_cluster import actor_env
+from opd_ray.spec import LearnerSpec, ModelSpec
+
+Example = tuple[list[int], list[int]]  # (prompt ids, answer ids ending with end-of-sequence)
+
+
+def train_sft(
+    init: ModelSpec,
+    output_dir: Path,
+    examples: list[Example],
+    learner: LearnerSpec,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    label: str,
+) -> float:
+    """`steps` optimizer steps of `batch_size` rows drawn from `examples`; returns the last loss."""
+    group = LearnerGroup(init, learner, batch_size // learner.num_ranks, steps, actor_env())
+    examples_ref = ray.put(examples)
+    loss = float("nan")
+    try:
+        with step_progress(f"sft {label}", steps) as progress:
+            done, chunk = 0, 50
+            while done < steps:
+                count = min(chunk, steps - done)
+                losses = ray.get(group.call("sft", examples_ref, count, batch_size, seed + done))
+                loss = sum(per_rank[-1] for per_rank in losses)
+                done += count
+                progress.advance(done, f"loss {loss:.3f}")
+        staging = output_dir.with_name(output_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        ray.get(group.call("save_pretrained", str(staging), init.path))
+        shutil.rmtree(output_dir, ignore_errors=True)
+        staging.rename(output_dir)
+    finally:
+        group.shutdown()
+    return loss

@@ -1,0 +1,192 @@
+"""The paper's recipe as stages of one run: teacher_generate -> sft -> opd.
+
+An off-policy cold start raises the student's initial overlap with the teacher, and OPD
+from there goes further (see ../docs: "When OPD works, and the recipe"). Each stage writes
+its output under `<run.output_dir>/stages/<stage>/` and a `done.json` last; a stage whose
+`done.json` exists is skipped, so re-running the same command after a crash redoes only
+the unfinished stage (and the OPD stage resumes from its checkpoints with --resume).
+
+- teacher_generate: the teacher, loaded in a rollout engine, answers `prompts` training
+  prompts; truncated, repetitive and (optionally) wrong answers are dropped, the rest are
+  written as jsonl (ids and text), with the drop counts.
+- sft: the student is fine-tuned on those answers' tokens by the run's learner ranks.
+- opd: distillation from the SFT student (when sft ran) on the training prompts the cold
+  start did not use.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import ray
+
+from opd_ray.driver import distill
+from opd_ray.errors import UserError
+from opd_ray.preflight import prepare
+from opd_ray.progress import console, step_progress
+from opd_ray.ray_cluster import actor_env, connect
+from opd_ray.rollout import RolloutWorker
+from opd_ray.sft import train_sft
+from opd_ray.spec import ExperimentSpec, TeacherGenerationSpec
+from opd_ray.tiny_models import ensure_tiny_models
+from opd_ray.vllm_engine import ENGINE_ENV, Completion
+
+GENERATION_CHUNK = 256  # prompts per generate call: progress and bounded memory
+
+
+def stage_dir(spec: ExperimentSpec, stage: str) -> Path:
+    return Path(spec.run.output_dir) / "stages" / stage
+
+
+def finished(spec: ExperimentSpec, stage: str) -> dict | None:
+    """The stage's done.json, or None if it has not finished."""
+    marker = stage_dir(spec, stage) / "done.json"
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def mark_done(spec: ExperimentSpec, stage: str, record: dict) -> None:
+    directory = stage_dir(spec, stage)
+    partial = directory / "done.json.partial"
+    partial.write_text(json.dumps(record, indent=2))
+    partial.rename(directory / "done.json")
+
+
+def most_repeated_ngram(tokens: list[int], n: int) -> int:
+    """How often the most frequent n-gram occurs: degenerate loops repeat one many times."""
+    if len(tokens) < n:
+        return 0
+    return max(Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)).values())
+
+
+def drop_reason(completion: Completion, answer: str | None, verifier, settings: TeacherGenerationSpec) -> str | None:
+    """Why a teacher answer is left out of the SFT data, or None to keep it (checked in this order)."""
+    if settings.drop_truncated and not completion.finished:
+        return "truncated"
+    if most_repeated_ngram(completion.token_ids, settings.repeat_ngram) > settings.max_ngram_repeats:
+        return "repetitive"
+    if settings.require_correct and not (answer is not None and verifier(completion.text, answer)):
+        return "wrong"
+    return None
+
+
+def cold_start_rows(spec: ExperimentSpec, train_size: int) -> list[int]:
+    """Which training rows the cold start uses: a seeded draw, so every re-run agrees."""
+    count = spec.cold_start.teacher_generate.prompts
+    return sorted(random.Random(spec.run.seed).sample(range(train_size), min(count, train_size)))
+
+
+def teacher_generate(spec: ExperimentSpec) -> dict:
+    settings = spec.cold_start.teacher_generate
+    prepared = prepare(spec)
+    rows = cold_start_rows(spec, len(prepared.train))
+    rollout = spec.rollout.model_copy(
+        update={
+            "samples_per_prompt": settings.samples_per_prompt,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "max_new_tokens": settings.max_new_tokens or spec.rollout.max_new_tokens,
+        }
+    )
+    connect(spec.ray)
+    options = {
+        **spec.teacher.resources.actor_options(),
+        "runtime_env": {"env_vars": {**actor_env()["env_vars"], **ENGINE_ENV}},
+    }
+    engine = RolloutWorker.options(**options).remote(spec.models.teacher, spec.teacher.engine, rollout, spec.run.seed)
+    directory = stage_dir(spec, "teacher_generate")
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / "data.jsonl.partial"
+    dropped: Counter = Counter()
+    kept = 0
+    try:
+        with partial.open("w") as out, step_progress("teacher_generate", len(rows)) as progress:
+            for start in range(0, len(rows), GENERATION_CHUNK):
+                chunk = rows[start : start + GENERATION_CHUNK]
+                completions = ray.get(engine.complete.remote(prepared.train.subset(chunk), spec.run.seed + start))
+                for completion in completions:
+                    answer = prepared.train.answers[completion.prompt_index]
+                    reason = drop_reason(completion, answer, prepared.verifier, settings)
+                    if reason is not None:
+                        dropped[reason] += 1
+                        continue
+                    kept += 1
+                    out.write(
+                        json.dumps(
+                            {
+                                "row": completion.prompt_index,
+                                "prompt_ids": prepared.train.prompt_ids[completion.prompt_index],
+                                "response_ids": completion.token_ids,
+                                "response": completion.text,
+                            }
+                        )
+                        + "\n"
+                    )
+                progress.advance(start + len(chunk), f"kept {kept}")
+    finally:
+        ray.kill(engine)
+    generated = kept + sum(dropped.values())
+    if kept == 0:
+        raise UserError(
+            f"teacher_generate: all {generated} teacher answers were dropped ({dict(dropped)}); raise "
+            "cold_start.teacher_generate.max_new_tokens or relax its filters"
+        )
+    partial.rename(directory / "data.jsonl")
+    record = {"rows": rows, "generated": generated, "kept": kept, "dropped": dict(dropped)}
+    console.print(f"teacher_generate: kept {kept} of {generated} answers; dropped {dict(dropped) or 'none'}")
+    mark_done(spec, "teacher_generate", record)
+    return record
+
+
+def sft(spec: ExperimentSpec) -> dict:
+    settings = spec.cold_start.sft
+    data = stage_dir(spec, "teacher_generate") / "data.jsonl"
+    examples = [(row["prompt_ids"], row["response_ids"]) for row in map(json.loads, data.read_text().splitlines())]
+    learner = spec.learner.model_copy(
+        update={"lr": settings.lr, "lr_schedule": settings.lr_schedule, "warmup_steps": settings.warmup_steps}
+    )
+    connect(spec.ray)
+    output = stage_dir(spec, "sft") / "student"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    loss = train_sft(
+        spec.models.student, output, examples, learner, settings.steps, settings.batch_size, spec.run.seed, "student"
+    )
+    record = {"examples": len(examples), "steps": settings.steps, "final_loss": loss, "student_path": str(output)}
+    mark_done(spec, "sft", record)
+    return record
+
+
+def opd_spec(spec: ExperimentSpec) -> ExperimentSpec:
+    """The spec the OPD stage runs: the cold-started student when the sft stage ran."""
+    if "sft" not in spec.stages:
+        return spec
+    student = spec.models.student.model_copy(update={"path": str(stage_dir(spec, "sft") / "student")})
+    return spec.model_copy(update={"models": spec.models.model_copy(update={"student": student})})
+
+
+def run_stages(spec: ExperimentSpec, resume: bool = False) -> dict:
+    """Runs the spec's stages in order; the summary is OPD's, with what the cold start did."""
+    records: dict[str, dict] = {}
+    if spec.models.build_tiny is not None:
+        ensure_tiny_models(spec)
+    for stage in spec.stages:
+        if stage == "opd":
+            break
+        done = finished(spec, stage)
+        if done is not None:
+            console.print(f"stage {stage}: done already ({stage_dir(spec, stage)}); skipped")
+            records[stage] = done
+            continue
+        console.print(f"[bold]stage {stage}[/]")
+        records[stage] = teacher_generate(spec) if stage == "teacher_generate" else sft(spec)
+    if "opd" not in spec.stages:
+        return {"run": spec.run.name, "objective": "cold start only", "stages": records}
+    used = set(records["teacher_generate"]["rows"]) if "teacher_generate" in records else set()
+    summary = distill(opd_spec(spec), resume=resume, exclude_train=used)
+    if records:
+        summary["cold_start"] = {
+            stage: {k: v for k, v in record.items() if k != "rows"} for stage, record in records.items()
+        }
+    return summary

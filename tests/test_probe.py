@@ -1,0 +1,70 @@
+"""`opd-ray probe`: the verdict's rules, and the measured signals on a case whose answer is known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from opd_ray.probe import judge
+from opd_ray.spec import ExperimentSpec, ProbeSpec
+from tests.conftest import tiny_spec_dict
+
+RULES = ProbeSpec(min_overlap=0.6, min_accuracy_gap=0.05)
+
+
+def test_both_conditions_met_is_likely_to_help() -> None:
+    verdict = judge(0.8, 0.9, 0.5, RULES, k=16)
+    assert verdict.likely_to_help
+    assert verdict.reasons == [
+        "they think alike: overlap ratio@16 0.80 >= 0.6",
+        "the teacher knows more: accuracy 0.900 vs the student's 0.500 (gap +0.400 >= 0.05)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overlap", "teacher", "student", "failing"),
+    [(0.4, 0.9, 0.5, "they think differently"), (0.9, 0.52, 0.5, "little to teach"), (0.3, 0.5, 0.6, "both")],
+)
+def test_either_condition_failing_says_which_and_what_to_do(
+    overlap: float, teacher: float, student: float, failing: str
+) -> None:
+    verdict = judge(overlap, teacher, student, RULES, k=4)
+    assert not verdict.likely_to_help
+    text = " ".join(verdict.reasons)
+    if failing in ("they think differently", "both"):
+        assert "they think differently: overlap ratio@4" in text and "cold start" in text
+    if failing in ("little to teach", "both"):
+        assert "little to teach" in text and "stronger teacher" in text
+
+
+def test_without_answers_only_the_overlap_decides_and_the_gap_is_said_unmeasured() -> None:
+    verdict = judge(0.7, None, None, RULES, k=16)
+    assert verdict.likely_to_help
+    assert "not measured" in verdict.reasons[1]
+
+
+@pytest.mark.integration
+def test_probe_of_a_student_against_itself(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+    """Teacher = student: the top-k sets coincide (overlap 1, shared mass = top-k mass of each, the same),
+    the entropy gap and advantage are ~0, accuracies are equal, and the verdict is "little to teach"."""
+    from opd_ray.probe import run_probe
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["models"]["teacher"] = raw["models"]["student"]
+    raw["probe"] = {"prompts": 32, "eval_prompts": 16}
+    result = run_probe(ExperimentSpec.model_validate(raw))
+
+    signals = result["signals"]
+    assert result["prompts"] == 32 and result["response_tokens"] > 32
+    assert signals["diag/overlap_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert signals["diag/top1_agreement"] == pytest.approx(1.0, abs=1e-3)
+    assert signals["diag/overlap_mass_student"] == pytest.approx(signals["diag/overlap_mass_teacher"], abs=1e-4)
+    assert abs(signals["diag/overlap_advantage"]) < 1e-4
+    assert signals["diag/entropy_gap"] < 1e-3
+    assert abs(signals["sampled_reverse_kl"]) < 1e-3
+    assert result["teacher_accuracy"] == result["student_accuracy"]
+    assert not result["verdict"]["likely_to_help"]
+    assert "little to teach" in result["verdict"]["reasons"][1]
+    assert json.loads((tmp_path / "run" / "probe.json").read_text()) == result
