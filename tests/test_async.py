@@ -81,14 +81,12 @@ def test_slow_teacher_replica_takes_fewer_shards_and_no_prompt_is_lost(
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["rollout"]["num_workers"] = 2
-    raw["teacher"]["num_replicas"] = 2
     spec = ExperimentSpec.model_validate(raw)
     prepared = prepare(spec)
     roles = start_roles(spec)
     slow = start_teacher_actor(SlowTeacherScorer, spec.models.teacher, spec.teacher, 7)
     local_ray.get(slow.ready.remote())
-    local_ray.kill(roles.teachers[1], no_restart=True)
-    roles.teachers[1] = slow
+    roles.teachers.append(slow)  # the second replica
     try:
         pipeline = Pipeline(roles, prepared.train, run_seed=0, prompts_per_shard=2)
         steps = {step: list(range(16 * step, 16 * step + 16)) for step in (1, 2, 3)}
@@ -121,15 +119,15 @@ def test_async_respects_staleness_and_trains_every_prompt_once(
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["rollout"]["num_workers"] = 2
     raw["teacher"]["num_replicas"] = 2
-    raw["trainer"].update(steps=10, max_staleness=2, prompts_per_shard=4, save_final=False)
+    raw["trainer"].update(steps=6, max_staleness=2, prompts_per_shard=4, save_final=False)
     raw["algorithm"]["importance_cap"] = 2.0
     raw["weight_sync"] = {"method": weight_sync}
     spec = ExperimentSpec.model_validate(raw)
     distill(spec)
 
     metrics = read_metrics(tmp_path / "run")
-    assert [m["step"] for m in metrics] == list(range(1, 11))
-    assert [m["weight_version"] for m in metrics] == list(range(1, 11))
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert [m["weight_version"] for m in metrics] == list(range(1, 7))
     for t, m in enumerate(metrics, start=1):
         # launched once the learner held version t-3 (steps 1-3: the initial weights); a shard queued
         # until after a later sync samples with newer weights, never older
@@ -138,7 +136,7 @@ def test_async_respects_staleness_and_trains_every_prompt_once(
     assert max(m["staleness"] for m in metrics) == 2  # the rollouts did run ahead of the learner
     sampler = PromptSampler(len(prepare(spec).train), spec.run.seed)
     assert [m["prompts_digest"] for m in metrics] == [
-        prompts_digest(sampler.next(spec.trainer.prompts_per_step)) for _ in range(10)
+        prompts_digest(sampler.next(spec.trainer.prompts_per_step)) for _ in range(6)
     ]
     assert all(m["sequences"] == spec.trainer.prompts_per_step for m in metrics)
     assert all(m["loss"] is not None and m["loss"] > 0 for m in metrics)

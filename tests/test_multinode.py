@@ -58,7 +58,7 @@ def stop_cluster(temp_dir: str) -> None:
             process.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(list(victims.values()), timeout=10)
+    _, alive = psutil.wait_procs(list(victims.values()), timeout=3)
     for process in alive:
         try:
             process.kill()
