@@ -27,6 +27,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError
 
+from opd_ray.alignment import select_aligned
 from opd_ray.batch import supervised_batch
 from opd_ray.buffer import BufferEntry, RolloutBuffer
 from opd_ray.checkpoint import TrainerState, latest_checkpoint, write_checkpoint
@@ -205,6 +206,21 @@ def stage_utilisation(metrics: dict, pipeline: Pipeline, busy_before: dict[str, 
     return out
 
 
+def keep_aligned_prompts(
+    spec: ExperimentSpec, roles: Roles, train: PromptSet, run_dir: Path, resume: bool
+) -> PromptSet:
+    """data.selection.keep_top_fraction: the prompts the teacher agrees with most (alignment.py). Scored
+    once with the initial student; a resumed run reuses the recorded choice, so its data order holds."""
+    record = run_dir / "alignment.json"
+    if resume and record.is_file():
+        dropped = set(json.loads(record.read_text())["dropped_rows"])
+    else:
+        dropped, stats = select_aligned(roles, train, spec)
+        console.print(f"alignment selection: {stats}")
+        record.write_text(json.dumps({**stats, "dropped_rows": sorted(dropped)}, indent=2))
+    return train.without(dropped)
+
+
 def record_placement(roles: Roles, run_dir: Path) -> None:
     """placement.json: the node (and GPUs) of every actor, and one line per role on the console."""
     locations = roles.locations()
@@ -232,6 +248,9 @@ def distill(spec: ExperimentSpec, resume: bool = False, exclude_train: set[int] 
     if spec.models.build_tiny is not None:
         ensure_tiny_models(spec)
     prepared = prepare(spec)
+    if prepared.selection is not None:
+        console.print(f"prompt selection: {prepared.selection}")
+        (run_dir / "selection.json").write_text(json.dumps(prepared.selection, indent=2))
     if exclude_train:
         prepared.train = prepared.train.without(set(exclude_train))
     eval_prompts = prepared.eval  # `data.eval.limit` already caps how many are read
@@ -249,8 +268,12 @@ def distill(spec: ExperimentSpec, resume: bool = False, exclude_train: set[int] 
     )
     roles = start_roles(spec)
     record_placement(roles, run_dir)
+    if spec.data.selection is not None and spec.data.selection.keep_top_fraction is not None:
+        prepared.train = keep_aligned_prompts(spec, roles, prepared.train, run_dir, resume=state is not None)
     writer = MetricsWriter(run_dir, resume_after=state.step if state is not None else 0)
     summary: dict = {"run": spec.run.name, "objective": spec.algorithm.objective}
+    if prepared.selection is not None:
+        summary["prompt_selection"] = prepared.selection
     sampler = PromptSampler(len(prepared.train), spec.run.seed)
     version, first_step = 0, 1
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from opd_ray.errors import UserError
 from opd_ray.spec import ExperimentSpec, ModelSpec
-from opd_ray.tasks.data import PromptSet, load_prompts
+from opd_ray.tasks.data import PromptSet, load_prompts, load_selected_prompts
 from opd_ray.tasks.verifiers import Verifier, resolve_verifier
 
 
@@ -21,6 +21,7 @@ class Prepared:
     train: PromptSet
     eval: PromptSet | None
     verifier: Verifier
+    selection: dict | None = None  # what data.selection kept, dropped and mixed in
 
 
 def check_model_dir(model: ModelSpec, field: str) -> None:
@@ -79,8 +80,22 @@ def prepare(spec: ExperimentSpec) -> Prepared:
     teacher_tokenizer = load_tokenizer(spec.models.teacher, "models.teacher")
     check_same_vocabulary(spec, student_tokenizer, teacher_tokenizer)
     verifier = resolve_verifier(spec.data.verifier)
-    train = load_prompts(spec.data.train, spec.data, student_tokenizer, "data.train")
-    evaluation = load_prompts(spec.data.eval, spec.data, student_tokenizer, "data.eval") if spec.data.eval else None
+    # The vocabularies match (checked above), so the teacher's template tokenized by the teacher
+    # gives ids the student reads the same way.
+    template_tokenizer = teacher_tokenizer if spec.data.template_source == "teacher" else student_tokenizer
+    if spec.data.use_chat_template and not getattr(template_tokenizer, "chat_template", None):
+        owner = spec.data.template_source
+        path = getattr(spec.models, owner).path
+        raise UserError(
+            f"data.use_chat_template: the tokenizer of models.{owner} ({path}) has no chat template; set "
+            "data.template_source to the model that has one, or use data.prompt_template"
+        )
+    selection = None
+    if spec.data.selection is not None:
+        train, selection = load_selected_prompts(spec.data, template_tokenizer, spec.run.seed)
+    else:
+        train = load_prompts(spec.data.train, spec.data, template_tokenizer, "data.train")
+    evaluation = load_prompts(spec.data.eval, spec.data, template_tokenizer, "data.eval") if spec.data.eval else None
     algorithm = spec.algorithm
     needs_answers = {
         "algorithm.objective=sft": algorithm.objective == "sft",
@@ -109,4 +124,4 @@ def prepare(spec: ExperimentSpec) -> Prepared:
                 f"{field}.max_model_len ({engine.max_model_len}) is shorter than the longest prompt plus "
                 f"rollout.max_new_tokens ({longest})"
             )
-    return Prepared(student_tokenizer, train, evaluation, verifier)
+    return Prepared(student_tokenizer, train, evaluation, verifier, selection)

@@ -61,11 +61,47 @@ class DatasetSpec(Section):
     limit: int | None = Field(None, ge=1)
 
 
+class PromptSelectionSpec(Section):
+    """Training prompts cleaned and mixed before any is sampled (the paper's teacher-aligned prompts)."""
+
+    reference: list[DatasetSpec] = Field(
+        default_factory=list, description="prompts to keep out of training (benchmarks); data.eval is always added"
+    )
+    near_duplicate_jaccard: float | None = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="drop prompts whose character 5-gram Jaccard to a kept or reference one "
+        "reaches this (MinHash estimate); null = exact duplicates only",
+    )
+    outside: DatasetSpec | None = Field(None, description="prompts from outside the teacher's distribution")
+    outside_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of the training prompts taken from `outside` (against entropy collapse)"
+    )
+    keep_top_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="score every (non-outside) prompt by the teacher's mean log-prob of a student sample and "
+        "train on this best fraction; null = no scoring",
+    )
+
+    @model_validator(mode="after")
+    def _outside_needs_prompts(self) -> PromptSelectionSpec:
+        if self.outside_fraction > 0 and self.outside is None:
+            raise ValueError("data.selection.outside_fraction > 0 needs data.selection.outside (a prompt file)")
+        return self
+
+
 class DataSpec(Section):
     train: DatasetSpec
     eval: DatasetSpec | None = None
     prompt_template: str = "{prompt}"
     use_chat_template: bool = False
+    template_source: Literal["student", "teacher"] = Field(
+        "student", description="whose tokenizer's chat template wraps the prompts; teacher = teacher-aligned prompts"
+    )
+    selection: PromptSelectionSpec | None = Field(None, description="dedup and mixing of the training prompts")
     verifier: str = Field("exact", description="exact | final_number | boxed | module:function")
     max_prompt_tokens: int = Field(256, ge=1)
 

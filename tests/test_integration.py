@@ -116,7 +116,8 @@ def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: 
 
 
 def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp_path: Path) -> None:
-    """A user's own prompt file, a template, a named verifier and sampled-token OPD with vOPD + IW-OPD, via the CLI."""
+    """A user's own prompt file, a template, a named verifier and sampled-token OPD with vOPD + IW-OPD, via the CLI.
+    The eval rows are the file's first 8, so prompt selection takes them out of training."""
     import yaml
 
     prompts = tmp_path / "mine.jsonl"
@@ -129,6 +130,7 @@ def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp
         "eval": {**dataset, "limit": 8},
         "prompt_template": "{prompt}=",
         "verifier": "final_number",
+        "selection": {"near_duplicate_jaccard": None},
     }
     raw["trainer"].update(steps=2, prompts_per_step=8)
     raw["algorithm"] = {"objective": "sampled_token", "clip_eps": 0.2, "baseline": "vopd", "position_gamma": 0.5}
@@ -145,6 +147,9 @@ def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2
     assert 0.0 <= summary["student_accuracy_after"] <= 1.0
+    selection = {"pool": 32, "kept": 24, "dropped": {"exact_reference": 8}, "outside": 0}
+    assert summary["prompt_selection"] == selection
+    assert json.loads((tmp_path / "run" / "selection.json").read_text()) == selection
     assert "student_accuracy_after" in done.stdout + done.stderr
 
 
