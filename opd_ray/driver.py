@@ -35,7 +35,6 @@ from opd_ray.errors import RunStopped, UserError
 from opd_ray.learner import get_or_raise_first
 from opd_ray.metrics import MetricsWriter, timed
 from opd_ray.pipeline import Pipeline, StepShards
-from opd_ray.placement import check_cluster_fits
 from opd_ray.preflight import Prepared, prepare
 from opd_ray.progress import console, step_progress
 from opd_ray.ray_cluster import connect
@@ -261,7 +260,6 @@ def distill(spec: ExperimentSpec, resume: bool = False, exclude_train: set[int] 
         return evaluate(roles, kind, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens)
 
     connect(spec.ray)
-    check_cluster_fits(spec)
     console.print(
         f"[bold]opd-ray[/] {spec.run.name}: starting roles ({spec.rollout.num_workers} rollout, "
         f"{spec.teacher.num_replicas} teacher, {spec.learner.num_ranks} learner ranks)"

@@ -138,8 +138,10 @@ class Placement:
 
 
 def reserve(spec: ExperimentSpec) -> Placement:
-    """Creates every pool's placement group and waits until all are placed, or stops after
-    `placement.timeout_s` naming the pools still waiting and what the cluster has free."""
+    """Checks that the cluster can hold the run at all (`check_cluster_fits`), then creates every pool's
+    placement group and waits until all are placed, or stops after `placement.timeout_s` naming the
+    pools still waiting and what the cluster has free."""
+    check_cluster_fits(spec)
     pools = plan_pools(spec)
     placement = Placement()
     for pool in pools:

@@ -19,7 +19,6 @@ from pathlib import Path
 from opd_ray.driver import PromptSampler, evaluate
 from opd_ray.learner import combine_rank_metrics, get_or_raise_first
 from opd_ray.pipeline import rollout_and_score
-from opd_ray.placement import check_cluster_fits
 from opd_ray.preflight import prepare
 from opd_ray.ray_cluster import connect
 from opd_ray.roles import start_roles
@@ -88,7 +87,6 @@ def run_probe(spec: ExperimentSpec) -> dict:
     prepared = prepare(spec)
     k = spec.diagnostics.top_k
     connect(spec.ray)
-    check_cluster_fits(spec)
     roles = start_roles(spec)
     try:
         indices = PromptSampler(len(prepared.train), spec.run.seed).next(min(spec.probe.prompts, len(prepared.train)))

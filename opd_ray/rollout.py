@@ -126,7 +126,11 @@ class RolloutWorker:
 
     def load_weights(self, payload: dict, policy_version: int) -> int:
         """In place, without restarting the engine; cached prefixes of the old weights are dropped."""
-        loaded = self.llm.collective_rpc("load_packed_weights", args=(payload,))[0]
+        return self._reload("load_packed_weights", payload, policy_version)
+
+    def _reload(self, extension_method: str, argument: object, policy_version: int) -> int:
+        """Runs a weight-receiving method of the engine's worker extension (weight_sync.py)."""
+        loaded = self.llm.collective_rpc(extension_method, args=(argument,))[0]
         self.llm.reset_prefix_cache()
         self.policy_version = policy_version
         return loaded
@@ -139,10 +143,7 @@ class RolloutWorker:
 
     def receive_weights(self, plan: BucketPlan, policy_version: int) -> int:
         """Takes part in one broadcast; the engine loads each bucket as it arrives."""
-        loaded = self.llm.collective_rpc("receive_weight_buckets", args=(plan,))[0]
-        self.llm.reset_prefix_cache()
-        self.policy_version = policy_version
-        return loaded
+        return self._reload("receive_weight_buckets", plan, policy_version)
 
     def sequence_logprobs(self, sequence: list[int]) -> list[float]:
         """log p(token_i | tokens_<i) for i >= 1 under the engine's current weights."""

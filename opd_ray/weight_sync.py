@@ -14,6 +14,7 @@ against 1.7 GB/s for the object store alone (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -58,9 +59,13 @@ class VllmWeightReceiver:
 
     def load_packed_weights(self, packed: dict[str, tuple[str, np.ndarray]]) -> int:
         state_dict = unpack_state_dict(packed)
-        self.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))  # type: ignore[attr-defined]
-        refresh_tied_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]
+        self._reload(iter(state_dict.items()))
         return len(state_dict)
+
+    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """In place; the tied output head is re-derived afterwards (see refresh_tied_lm_head)."""
+        self.model_runner.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+        refresh_tied_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]
 
     def join_weight_group(
         self, address: tuple[str, int], rank: int, world_size: int, backend: str, timeout_s: float
@@ -69,11 +74,8 @@ class VllmWeightReceiver:
         self.weight_group = join_group(address, rank, world_size, backend, timeout_s)
 
     def receive_weight_buckets(self, plan: BucketPlan) -> int:
-        model = self.model_runner.get_model()  # type: ignore[attr-defined]
-        device = next(model.parameters()).device
-        weights = receive_buckets(self.weight_group, plan, device)
-        self.model_runner.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
-        refresh_tied_lm_head(model)
+        device = next(self.model_runner.get_model().parameters()).device  # type: ignore[attr-defined]
+        self._reload(receive_buckets(self.weight_group, plan, device))
         return sum(len(bucket) for bucket in plan)
 
 
