@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -318,7 +318,7 @@ class TrainerSpec(Section):
 
 
 StageName = Literal["teacher_generate", "sft", "opd"]
-STAGE_ORDER: tuple[str, ...] = ("teacher_generate", "sft", "opd")
+STAGE_ORDER: tuple[str, ...] = get_args(StageName)  # the order stages run in
 
 
 class TeacherGenerationSpec(Section):
