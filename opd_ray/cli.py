@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="accuracies and diagnostics, early vs late, of finished runs")
     report.add_argument("runs", nargs="+", help="run directories (run.output_dir)")
     report.add_argument("--window", type=int, default=50, help="steps averaged at the start and at the end")
+    report.add_argument("--plot", metavar="DIR", help="also write PNGs (overlap ratio, entropy gap, accuracy) here")
     return parser
 
 
@@ -61,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from opd_ray.report import render
 
-            print(render([Path(r) for r in args.runs], args.window))
+            run_dirs = [Path(r) for r in args.runs]
+            print(render(run_dirs, args.window))
+            if args.plot:
+                from opd_ray.plots import plot_runs
+
+                for path in plot_runs(run_dirs, Path(args.plot)):
+                    print(f"wrote {path}")
             return 0
         spec = load_spec(args.spec, args.overrides)
         if args.command == "validate":

@@ -24,6 +24,7 @@ from opd_ray.ray_cluster import connect
 from opd_ray.roles import start_roles
 from opd_ray.spec import ExperimentSpec, ProbeSpec
 from opd_ray.tasks.data import PromptSet
+from opd_ray.tiny_models import ensure_tiny_models
 
 # (metric, what it means), in the order printed
 SIGNALS = (
@@ -84,6 +85,8 @@ def first(prompts: PromptSet, count: int) -> PromptSet:
 def run_probe(spec: ExperimentSpec) -> dict:
     """Starts the roles, samples and scores `probe.prompts` prompts, measures, writes probe.json."""
     started = time.perf_counter()
+    if spec.models.build_tiny is not None:
+        ensure_tiny_models(spec)
     prepared = prepare(spec)
     k = spec.diagnostics.top_k
     connect(spec.ray)

@@ -41,6 +41,10 @@ class TinyModelsSpec(Section):
     teacher_layers: int = Field(4, ge=1)
     student_layers: int = Field(2, ge=1)
     teacher_sft_steps: int = Field(3000, ge=0)
+    teacher_digits: Literal["reversed", "forward"] = Field(
+        "reversed",
+        description="the order the teacher learns to write the sum's digits; the student always learns reversed",
+    )
     student_sft_steps: int = Field(600, ge=0)
     sft_batch_size: int = Field(128, ge=1)
     sft_lr: float = Field(1e-3, gt=0)

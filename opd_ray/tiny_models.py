@@ -91,26 +91,49 @@ def _train_by_sft(
     return train_sft(init, output_dir, examples, learner, steps, build.sft_batch_size, spec.run.seed, label)
 
 
+def model_recipe(spec: ExperimentSpec, label: str) -> dict:
+    """Everything that decides one tiny model's weights; a model is rebuilt only when its recipe changes,
+    so specs that share the student but name another teacher reuse what is built."""
+    build = spec.models.build_tiny
+    shared = {k: getattr(build, k) for k in ("sft_batch_size", "sft_lr", "train_size", "eval_size")}
+    shared.update(learner_ranks=spec.learner.num_ranks, seed=spec.run.seed)
+    if label == "teacher":
+        own = {"layers": build.teacher_layers, "steps": build.teacher_sft_steps, "digits": build.teacher_digits}
+    else:
+        own = {"layers": build.student_layers, "steps": build.student_sft_steps, "digits": "reversed"}
+    return {**shared, **own}
+
+
+def is_built(directory: Path, recipe: dict) -> bool:
+    marker = directory / "build.json"
+    return marker.is_file() and json.loads(marker.read_text()) == recipe
+
+
 def ensure_tiny_models(spec: ExperimentSpec) -> None:
-    """Builds the arithmetic task files and a trained teacher and student once; later runs reuse them."""
+    """Builds the arithmetic task files and a trained teacher and student once; later runs reuse them.
+
+    The student always answers in reversed digit order; `build_tiny.teacher_digits: forward` trains a
+    teacher that answers the same sums most significant digit first (the miniature's teacher with a
+    different thinking pattern).
+    """
     build = spec.models.build_tiny
     root = Path(build.directory)
-    recipe = {**build.model_dump(), "learner_ranks": spec.learner.num_ranks, "seed": spec.run.seed}
-    marker = root / "build.json"
-    teacher_dir, student_dir = Path(spec.models.teacher.path), Path(spec.models.student.path)
-    if marker.is_file() and json.loads(marker.read_text()) == recipe and teacher_dir.is_dir() and student_dir.is_dir():
+    wanted = [
+        (label, Path(model.path), model_recipe(spec, label))
+        for label, model in (("teacher", spec.models.teacher), ("student", spec.models.student))
+    ]
+    missing = [(label, directory, recipe) for label, directory, recipe in wanted if not is_built(directory, recipe)]
+    if not missing:
         return
-    console.print(f"building tiny teacher and student in {root} (once; cached for later runs)")
+    console.print(f"building tiny {' and '.join(m[0] for m in missing)} in {root} (once; cached for later runs)")
     tokenizer = build_char_tokenizer(ALPHABET, root / "tokenizer")
     train_path, _ = write_task_files(root, spec.run.seed, build.train_size, build.eval_size)
     rows = [json.loads(line) for line in train_path.read_text().splitlines()]
     eos = [tokenizer.eos_token_id]
-    examples = [(tokenizer(r["prompt"]).input_ids, tokenizer(r["answer"]).input_ids + eos) for r in rows]
     connect(spec.ray)
-    for label, layers, steps, output_dir in (
-        ("teacher", build.teacher_layers, build.teacher_sft_steps, teacher_dir),
-        ("student", build.student_layers, build.student_sft_steps, student_dir),
-    ):
-        init_dir = save_random_model(tokenizer, layers, root / f"init-{label}", seed=spec.run.seed)
-        _train_by_sft(spec, init_dir, output_dir, examples, steps, label)
-    marker.write_text(json.dumps(recipe, indent=2))
+    for label, output_dir, recipe in missing:
+        order = -1 if recipe["digits"] == "forward" else 1  # the task files hold the reversed answer
+        examples = [(tokenizer(r["prompt"]).input_ids, tokenizer(r["answer"][::order]).input_ids + eos) for r in rows]
+        init_dir = save_random_model(tokenizer, recipe["layers"], root / f"init-{label}", seed=spec.run.seed)
+        _train_by_sft(spec, init_dir, output_dir, examples, recipe["steps"], label)
+        (output_dir / "build.json").write_text(json.dumps(recipe, indent=2))

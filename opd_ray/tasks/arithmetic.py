@@ -50,3 +50,10 @@ def write_task_files(directory: Path, seed: int, train_size: int, eval_size: int
     write_jsonl(train_rows, train_path)
     write_jsonl(eval_rows, eval_path)
     return train_path, eval_path
+
+
+def either_digit_order(response: str, reference: str) -> bool:
+    """The sum written in either digit order: the miniature's two teachers write it differently, and
+    both must be judged on what they know, not on their format."""
+    got, want = response.strip(), reference.strip()
+    return got in (want, want[::-1])
