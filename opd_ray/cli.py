@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="accuracies and diagnostics, early vs late, of finished runs")
     report.add_argument("runs", nargs="+", help="run directories (run.output_dir)")
     report.add_argument("--window", type=int, default=50, help="steps averaged at the start and at the end")
-    report.add_argument("--plot", metavar="DIR", help="also write PNGs (overlap ratio, entropy gap, accuracy) here")
+    report.add_argument(
+        "--plot", metavar="DIR", help="also write PNGs (overlap ratio, top-1 agreement, entropy gap, accuracy) here"
+    )
     return parser
 
 

@@ -15,6 +15,7 @@ from opd_ray.report import read_run
 # (file stem, metric key, y-axis label)
 STEP_SIGNALS = (
     ("overlap_ratio", "diag/overlap_ratio", "overlap ratio@k (student-visited states)"),
+    ("top1_agreement", "diag/top1_agreement", "top-1 agreement (student-visited states)"),
     ("entropy_gap", "diag/entropy_gap", "entropy gap |H(teacher) - H(student)| (nats)"),
 )
 
@@ -53,7 +54,7 @@ def _pyplot():
 
 
 def plot_runs(run_dirs: list[Path], output_dir: Path, labels: list[str] | None = None, smooth: int = 10) -> list[Path]:
-    """Writes overlap_ratio.png, entropy_gap.png and accuracy.png into `output_dir`; returns their paths."""
+    """Writes one PNG a step signal (overlap_ratio.png, ...) and accuracy.png into `output_dir`; returns their paths."""
     plt = _pyplot()
     labels = labels or [d.name for d in run_dirs]
     if len(labels) != len(run_dirs):

@@ -74,6 +74,7 @@ def _train_by_sft(
     output_dir: Path,
     examples: list[tuple[list[int], list[int]]],
     steps: int,
+    lr: float,
     label: str,
 ) -> float:
     """SFT through the same DeepSpeed learner the distillation uses; returns the last loss."""
@@ -81,7 +82,7 @@ def _train_by_sft(
     learner = LearnerSpec(
         num_ranks=spec.learner.num_ranks,
         zero_stage=spec.learner.zero_stage,
-        lr=build.sft_lr,
+        lr=lr,
         lr_schedule="cosine",
         warmup_steps=min(50, steps // 10),
         min_lr_ratio=0.05,
@@ -95,12 +96,14 @@ def model_recipe(spec: ExperimentSpec, label: str) -> dict:
     """Everything that decides one tiny model's weights; a model is rebuilt only when its recipe changes,
     so specs that share the student but name another teacher reuse what is built."""
     build = spec.models.build_tiny
-    shared = {k: getattr(build, k) for k in ("sft_batch_size", "sft_lr", "train_size", "eval_size")}
+    shared = {k: getattr(build, k) for k in ("sft_batch_size", "train_size", "eval_size")}
     shared.update(learner_ranks=spec.learner.num_ranks, seed=spec.run.seed)
     if label == "teacher":
-        own = {"layers": build.teacher_layers, "steps": build.teacher_sft_steps, "digits": build.teacher_digits}
+        own = {"layers": build.teacher_layers, "steps": build.teacher_sft_steps, "lr": build.teacher_sft_lr}
+        own["digits"] = build.teacher_digits
     else:
-        own = {"layers": build.student_layers, "steps": build.student_sft_steps, "digits": "reversed"}
+        own = {"layers": build.student_layers, "steps": build.student_sft_steps, "lr": build.student_sft_lr}
+        own["digits"] = "reversed"
     return {**shared, **own}
 
 
@@ -135,5 +138,5 @@ def ensure_tiny_models(spec: ExperimentSpec) -> None:
         order = -1 if recipe["digits"] == "forward" else 1  # the task files hold the reversed answer
         examples = [(tokenizer(r["prompt"]).input_ids, tokenizer(r["answer"][::order]).input_ids + eos) for r in rows]
         init_dir = save_random_model(tokenizer, recipe["layers"], root / f"init-{label}", seed=spec.run.seed)
-        _train_by_sft(spec, init_dir, output_dir, examples, recipe["steps"], label)
+        _train_by_sft(spec, init_dir, output_dir, examples, recipe["steps"], recipe["lr"], label)
         (output_dir / "build.json").write_text(json.dumps(recipe, indent=2))

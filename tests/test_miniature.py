@@ -54,7 +54,7 @@ def test_a_second_teacher_is_built_beside_the_cached_student(tmp_path: Path, mon
     """Training is replaced by a recording fake (what is trained on, not how, is under test here)."""
     trained: list[tuple[str, Path, list]] = []
 
-    def fake_train(spec, init_dir, output_dir, examples, steps, label):
+    def fake_train(spec, init_dir, output_dir, examples, steps, lr, label):
         trained.append((label, output_dir, examples))
         output_dir.mkdir(parents=True)
         return 0.0
@@ -86,6 +86,7 @@ def write_run(run_dir: Path, steps: int, overlap_start: float, accuracies: tuple
     with (run_dir / "metrics.jsonl").open("w") as f:
         for step in range(1, steps + 1):
             row = {"step": step, "diag/overlap_ratio": overlap_start + step / 100, "diag/entropy_gap": 1 / step}
+            row["diag/top1_agreement"] = overlap_start
             if step % 10 == 0 and step < steps:
                 row["eval/student_accuracy"] = 0.5
             f.write(json.dumps(row) + "\n")
@@ -106,7 +107,7 @@ def test_report_plot_writes_one_png_a_signal_with_every_run(tmp_path: Path, caps
     runs = [write_run(tmp_path / "a", 30, 0.5, (0.3, 0.8, 0.9)), write_run(tmp_path / "b", 40, 0.2, (0.3, 0.4, 0.9))]
     assert main(["report", str(runs[0]), str(runs[1]), "--window", "5", "--plot", str(tmp_path / "plots")]) == 0
     written = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert written == ["accuracy.png", "entropy_gap.png", "overlap_ratio.png"]
+    assert written == ["accuracy.png", "entropy_gap.png", "overlap_ratio.png", "top1_agreement.png"]
     for name in written:
         assert (tmp_path / "plots" / name).read_bytes()[:8] == PNG_MAGIC
     assert "wrote" in capsys.readouterr().out
@@ -123,13 +124,14 @@ def test_miniature_report_states_each_runs_gap_recovery_from_the_original_studen
     assert rows[1]["gap_recovery"] == pytest.approx(0.5) and rows[1]["after_cold_start"] == 0.2
     assert rows[0]["overlap_first"] == pytest.approx(0.7 + 0.105)  # mean of steps 1..20
     probe = {
-        "signals": {f"diag/{k}": 0.5 for k in ("overlap_ratio", "overlap_mass_student", "overlap_mass_teacher")},
+        "signals": {f"diag/{k}": 0.5 for k in ("overlap_ratio", "top1_agreement", "overlap_mass_student")},
         "teacher_accuracy": 1.0,
         "student_accuracy": 0.5,
         "verdict": {"likely_to_help": False},
     }
-    probe["signals"]["diag/entropy_gap"] = 0.1
+    probe["signals"].update({"diag/overlap_mass_teacher": 0.5, "diag/entropy_gap": 0.1})
     text = script.render_report(rows, {"incompatible": probe}, k=4, seconds={"compatible": 12.0})
     assert "| compatible | 1.000 | 0.500 | - | 0.900 | 0.800 |" in text
     assert "| cold_start | 1.000 | 0.500 | 0.200 | 0.750 | 0.500 |" in text
-    assert "| incompatible | 0.500 | 0.500 / 0.500 | 0.100 | 1.000 | 0.500 | unlikely to help |" in text
+    assert "| incompatible | 0.500 | 0.500 | 0.500 / 0.500 | 0.100 | 1.000 | 0.500 | unlikely to help |" in text
+    assert "| 0.805 -> 1.005 | 0.700 -> 0.700 |" in text  # overlap and top-1 agreement, first and last 20 steps

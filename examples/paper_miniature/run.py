@@ -25,8 +25,9 @@ from opd_ray.plots import plot_runs
 from opd_ray.report import read_run, window_mean
 
 SPEC = Path(__file__).with_name("miniature.yaml")
-FORWARD_TEACHER = [
+FORWARD_TEACHER = [  # most significant digit first is harder to learn: more steps to reach a similar accuracy
     "models.build_tiny.teacher_digits=forward",
+    "models.build_tiny.teacher_sft_steps=2000",
     "models.teacher.path=${models.build_tiny.directory}/teacher-forward",
 ]
 RUNS = {  # name -> overrides of miniature.yaml
@@ -36,6 +37,7 @@ RUNS = {  # name -> overrides of miniature.yaml
 }
 PROBES = {"compatible": [], "incompatible": FORWARD_TEACHER}
 WINDOW = 20  # steps averaged for "initial" and "final" diagnostics
+TRENDS = {"overlap": "diag/overlap_ratio", "top1": "diag/top1_agreement", "entropy_gap": "diag/entropy_gap"}
 
 
 def opd_ray(command: str, name: str, output_dir: Path, overrides: list[str]) -> float:
@@ -57,20 +59,24 @@ def fmt(value: float | None, digits: int = 3) -> str:
 def run_row(name: str, run_dir: Path, original_student: float) -> dict:
     summary, metrics = read_run(run_dir)
     teacher, after = summary["teacher_accuracy"], summary["student_accuracy_after"]
-    return {
+    row = {
         "run": name,
         "teacher": teacher,
         "student_start": original_student,
         "after_cold_start": summary["student_accuracy_before"] if name == "cold_start" else None,
         "after_opd": after,
         "gap_recovery": gap_recovery(original_student, after, teacher),
-        "overlap_first": window_mean("diag/overlap_ratio", metrics[:WINDOW]),
-        "overlap_last": window_mean("diag/overlap_ratio", metrics[-WINDOW:]),
-        "entropy_gap_first": window_mean("diag/entropy_gap", metrics[:WINDOW]),
-        "entropy_gap_last": window_mean("diag/entropy_gap", metrics[-WINDOW:]),
         "steps": len(metrics),
         "wall_s": summary.get("wall_seconds"),
     }
+    for trend, key in TRENDS.items():
+        row[f"{trend}_first"] = window_mean(key, metrics[:WINDOW])
+        row[f"{trend}_last"] = window_mean(key, metrics[-WINDOW:])
+    return row
+
+
+def trend(row: dict, name: str) -> str:
+    return f"{fmt(row[f'{name}_first'])} -> {fmt(row[f'{name}_last'])}"
 
 
 def render_report(rows: list[dict], probes: dict[str, dict], k: int, seconds: dict[str, float]) -> str:
@@ -85,15 +91,16 @@ def render_report(rows: list[dict], probes: dict[str, dict], k: int, seconds: di
         "",
         "## Before training: `opd-ray probe`",
         "",
-        f"| teacher | overlap ratio@{k} | shared mass (student / teacher) | entropy gap | "
+        f"| teacher | overlap ratio@{k} | top-1 agreement | shared mass (student / teacher) | entropy gap | "
         "teacher acc. | student acc. | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, probe in probes.items():
         s = probe["signals"]
         verdict = "likely to help" if probe["verdict"]["likely_to_help"] else "unlikely to help"
         lines.append(
-            f"| {name} | {fmt(s['diag/overlap_ratio'])} | {fmt(s['diag/overlap_mass_student'])} / "
+            f"| {name} | {fmt(s['diag/overlap_ratio'])} | {fmt(s['diag/top1_agreement'])} | "
+            f"{fmt(s['diag/overlap_mass_student'])} / "
             f"{fmt(s['diag/overlap_mass_teacher'])} | {fmt(s['diag/entropy_gap'])} | "
             f"{fmt(probe['teacher_accuracy'])} | {fmt(probe['student_accuracy'])} | {verdict} |"
         )
@@ -102,15 +109,14 @@ def render_report(rows: list[dict], probes: dict[str, dict], k: int, seconds: di
         "## Training",
         "",
         f"| run | teacher acc. | student at start | after cold start | after OPD | gap recovery | "
-        f"overlap@{k} first -> last | entropy gap first -> last | steps | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"overlap@{k} first -> last | top-1 agreement | entropy gap | steps | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['run']} | {fmt(r['teacher'])} | {fmt(r['student_start'])} | {fmt(r['after_cold_start'])} | "
-            f"{fmt(r['after_opd'])} | {fmt(r['gap_recovery'])} | {fmt(r['overlap_first'])} -> "
-            f"{fmt(r['overlap_last'])} | {fmt(r['entropy_gap_first'])} -> {fmt(r['entropy_gap_last'])} | "
-            f"{r['steps']} | {fmt(r['wall_s'], 0)} |"
+            f"{fmt(r['after_opd'])} | {fmt(r['gap_recovery'])} | {trend(r, 'overlap')} | {trend(r, 'top1')} | "
+            f"{trend(r, 'entropy_gap')} | {r['steps']} | {fmt(r['wall_s'], 0)} |"
         )
     lines += [
         "",
@@ -118,6 +124,7 @@ def render_report(rows: list[dict], probes: dict[str, dict], k: int, seconds: di
         + ", ".join(f"{name} {value:.0f}" for name, value in seconds.items()),
         "",
         "![overlap ratio](overlap_ratio.png)",
+        "![top-1 agreement](top1_agreement.png)",
         "![entropy gap](entropy_gap.png)",
         "![accuracy](accuracy.png)",
         "",
