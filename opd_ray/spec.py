@@ -48,7 +48,7 @@ class TinyModelsSpec(Section):
         "reversed",
         description="the order the teacher learns to write the sum's digits; the student always learns reversed",
     )
-    student_sft_steps: int = Field(800, ge=0)
+    student_sft_steps: int = Field(600, ge=0)
     student_sft_lr: float = Field(1e-3, gt=0)
     sft_batch_size: int = Field(128, ge=1)
     train_size: int = Field(20000, ge=1)

@@ -163,7 +163,8 @@ def opd_spec(spec: ExperimentSpec) -> ExperimentSpec:
     if "sft" not in spec.stages:
         return spec
     student = spec.models.student.model_copy(update={"path": str(stage_dir(spec, "sft") / "student")})
-    return spec.model_copy(update={"models": spec.models.model_copy(update={"student": student})})
+    models = spec.models.model_copy(update={"student": student, "build_tiny": None})  # built before the stages
+    return spec.model_copy(update={"models": models})
 
 
 def run_stages(spec: ExperimentSpec, resume: bool = False) -> dict:

@@ -117,13 +117,15 @@ def ensure_tiny_models(spec: ExperimentSpec) -> None:
 
     The student always answers in reversed digit order; `build_tiny.teacher_digits: forward` trains a
     teacher that answers the same sums most significant digit first (the miniature's teacher with a
-    different thinking pattern).
+    different thinking pattern). Only models inside `build_tiny.directory` are built: a path elsewhere
+    (a user's model, the cold-started student of a run) is left as it is.
     """
     build = spec.models.build_tiny
     root = Path(build.directory)
     wanted = [
         (label, Path(model.path), model_recipe(spec, label))
         for label, model in (("teacher", spec.models.teacher), ("student", spec.models.student))
+        if Path(model.path).resolve().is_relative_to(root.resolve())  # a model elsewhere is not ours to write
     ]
     missing = [(label, directory, recipe) for label, directory, recipe in wanted if not is_built(directory, recipe)]
     if not missing:

@@ -150,23 +150,20 @@ def test_synchronous_steps_do_not_depend_on_how_shards_are_dispatched(
     tiny_dir: Path, tmp_path: Path, local_ray
 ) -> None:
     """max_staleness=0 on one rollout worker and one teacher vs two of each: the same shards and
-    seeds, so the same samples and losses step for step. And max_staleness=2's first step (still
-    on the initial weights) is the synchronous run's first step."""
+    seeds, so the same samples and losses step for step."""
     from opd_ray.driver import distill
 
-    def run(name: str, replicas: int, staleness: int) -> list[dict]:
+    def run(name: str, replicas: int) -> list[dict]:
         raw = tiny_spec_dict(tiny_dir, tmp_path / name)
         raw["rollout"]["num_workers"] = replicas
         raw["teacher"]["num_replicas"] = replicas
-        raw["trainer"].update(steps=4, max_staleness=staleness, prompts_per_shard=4, save_final=False)
+        raw["trainer"].update(steps=4, max_staleness=0, prompts_per_shard=4, save_final=False)
         distill(ExperimentSpec.model_validate(raw))
         return read_metrics(tmp_path / name)
 
-    one, two, ahead = run("one", 1, 0), run("two", 2, 0), run("ahead", 2, 2)
+    one, two = run("one", 1), run("two", 2)
     assert [m["prompts_digest"] for m in one] == [m["prompts_digest"] for m in two]
     for a, b in zip(one, two, strict=True):
         assert a["response_tokens"] == b["response_tokens"], a["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), a["step"]
         assert a["rollout_policy_version"] == b["rollout_policy_version"] == a["step"] - 1
-    assert ahead[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-4, abs=1e-6)
-    assert ahead[0]["response_tokens"] == one[0]["response_tokens"]

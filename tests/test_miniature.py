@@ -79,6 +79,10 @@ def test_a_second_teacher_is_built_beside_the_cached_student(tmp_path: Path, mon
     recipe = json.loads((tmp_path / "teacher-forward" / "build.json").read_text())
     assert recipe["digits"] == "forward"
 
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-cold-started-student"
+    tiny_models.ensure_tiny_models(load_spec(script.SPEC, [*common, f"models.student.path={elsewhere}"]))
+    assert len(trained) == 3 and not elsewhere.exists(), "a model outside the build directory is left alone"
+
 
 def write_run(run_dir: Path, steps: int, overlap_start: float, accuracies: tuple[float, float, float]) -> Path:
     """A finished run's files as the driver writes them: one metrics line a step, evals every 10."""

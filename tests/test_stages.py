@@ -9,7 +9,7 @@ import pytest
 
 from opd_ray.errors import SpecError
 from opd_ray.spec import ExperimentSpec, TeacherGenerationSpec
-from opd_ray.stages import drop_reason, most_repeated_ngram
+from opd_ray.stages import drop_reason, most_repeated_ngram, opd_spec
 from opd_ray.tasks.data import PromptSet
 from opd_ray.tasks.verifiers import resolve_verifier
 from opd_ray.vllm_engine import Completion
@@ -39,6 +39,18 @@ def test_teacher_answers_are_dropped_for_the_first_rule_they_break() -> None:
     assert drop_reason(completion([5, 7, 1], "13"), None, exact, rules) == "wrong"  # nothing to check against
     lenient = rules.model_copy(update={"drop_truncated": False, "require_correct": False})
     assert drop_reason(completion([5, 7], "13", finished=False), "12", exact, lenient) is None
+
+
+def test_opd_stage_distils_the_cold_started_student_and_builds_nothing(tmp_path: Path) -> None:
+    """The tiny-model build runs once before the stages; were it to see the OPD stage's student path it
+    would write a fresh tiny student over the cold-started one."""
+    raw = tiny_spec_dict(tmp_path, tmp_path / "run")
+    raw["models"]["build_tiny"] = {"directory": str(tmp_path)}
+    raw.update(stages=["teacher_generate", "sft", "opd"], cold_start=COLD_START)
+    spec = opd_spec(ExperimentSpec.model_validate(raw))
+    assert spec.models.student.path == str(tmp_path / "run" / "stages" / "sft" / "student")
+    assert spec.models.build_tiny is None
+    assert spec.models.teacher.path == raw["models"]["teacher"]["path"]
 
 
 def test_prompt_set_without_rows_keeps_the_rest_in_order() -> None:
