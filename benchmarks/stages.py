@@ -36,8 +36,9 @@ def main() -> None:
         "asynchronous (max_staleness 2), 1 rollout worker + 1 teacher": (2, 1),
         "asynchronous (max_staleness 2), 2 rollout workers + 2 teachers": (2, 2),
     }
-    if args.tiny:  # CI checks that the benchmark runs; the replicated run adds start-up time, not coverage
-        runs.pop("asynchronous (max_staleness 2), 2 rollout workers + 2 teachers")
+    if args.tiny:  # CI checks that the script runs: one run (each adds start-up time, not coverage), whose
+        # per-stage actor compute stands in for the stages alone; nothing is recorded at this size
+        runs = {name: runs[name] for name in ["asynchronous (max_staleness 2), 1 rollout worker + 1 teacher"]}
     with tempfile.TemporaryDirectory() as scratch:
         models = build_tiny_models(Path(scratch) / "models")
         results = {}

@@ -84,9 +84,9 @@ def first(prompts: PromptSet, count: int) -> PromptSet:
 
 def run_probe(spec: ExperimentSpec) -> dict:
     """Starts the roles, samples and scores `probe.prompts` prompts, measures, writes probe.json."""
-    started = time.perf_counter()
     if spec.models.build_tiny is not None:
         ensure_tiny_models(spec)
+    started = time.perf_counter()  # the probe's own time, not a first build's
     prepared = prepare(spec)
     k = spec.diagnostics.top_k
     connect(spec.ray)

@@ -132,10 +132,11 @@ def test_miniature_report_states_each_runs_gap_recovery_from_the_original_studen
         "teacher_accuracy": 1.0,
         "student_accuracy": 0.5,
         "verdict": {"likely_to_help": False},
+        "wall_seconds": 48.0,
     }
     probe["signals"].update({"diag/overlap_mass_teacher": 0.5, "diag/entropy_gap": 0.1})
-    text = script.render_report(rows, {"incompatible": probe}, k=4, seconds={"compatible": 12.0})
+    text = script.render_report(rows, {"incompatible": probe}, k=4)
     assert "| compatible | 1.000 | 0.500 | - | 0.900 | 0.800 |" in text
     assert "| cold_start | 1.000 | 0.500 | 0.200 | 0.750 | 0.500 |" in text
-    assert "| incompatible | 0.500 | 0.500 | 0.500 / 0.500 | 0.100 | 1.000 | 0.500 | unlikely to help |" in text
+    assert "| incompatible | 0.500 | 0.500 | 0.500 / 0.500 | 0.100 | 1.000 | 0.500 | unlikely to help | 48 |" in text
     assert "| 0.805 -> 1.005 | 0.700 -> 0.700 |" in text  # overlap and top-1 agreement, first and last 20 steps
