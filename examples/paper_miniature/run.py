@@ -6,7 +6,7 @@ Runs `opd-ray probe` against each teacher, then three trainings through `opd-ray
 miniature.yaml: OPD from the compatible teacher, OPD from the incompatible one, and
 teacher_generate -> sft -> opd from the incompatible one. Each is a subprocess, as a user
 would run it, and is skipped when its results exist, so an interrupted run picks up where it
-stopped. Writes PNG plots (overlap ratio, entropy gap, accuracy; the runs on one figure) and
+stopped. Writes PNG plots (overlap ratio, top-1 agreement, entropy gap, accuracy; the runs on one figure) and
 report.md with the measured numbers into the output directory. Extra key=value overrides go
 to every run (e.g. trainer.steps=100 for a quick look).
 """
@@ -22,6 +22,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from opd_ray.driver import gap_recovery
 from opd_ray.plots import plot_runs
 from opd_ray.report import read_run, window_mean
 
@@ -45,10 +46,6 @@ def opd_ray(command: str, name: str, output_dir: Path, overrides: list[str]) -> 
     """One `opd-ray` command in its own process (its own local Ray)."""
     args = [f"run.name={name}", f"run.output_dir={output_dir / name}", *overrides]
     subprocess.run([sys.executable, "-m", "opd_ray.cli", command, str(SPEC), *args], check=True)
-
-
-def gap_recovery(before: float, after: float, teacher: float) -> float | None:
-    return (after - before) / (teacher - before) if teacher > before else None
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
