@@ -112,8 +112,8 @@ def save_qwen2(tokenizer, directory: Path, hidden: int, layers: int, intermediat
 
 def build_tiny_models(directory: Path, teacher_layers: int = 4, student_layers: int = 2, hidden: int = 128) -> Path:
     """Random-init models (hidden 128: the quickstart's shapes) and the arithmetic task's files, built locally."""
-    from opd_ray.tasks.arithmetic import ALPHABET, write_task_files
-    from opd_ray.tiny_models import build_char_tokenizer, save_random_model
+    from opd_ray.data.arithmetic import ALPHABET, write_task_files
+    from opd_ray.recipe.tiny_models import build_char_tokenizer, save_random_model
 
     if (directory / "student" / "config.json").is_file():
         return directory
@@ -146,7 +146,7 @@ def spec_dict(models: Path, run_dir: Path, steps: int, prompts_per_step: int, ma
 
 def run_distill(raw: dict) -> list[dict]:
     """Runs opd-ray's own training loop; the per-step metrics it wrote."""
-    from opd_ray.driver import distill
+    from opd_ray.driver.loop import distill
     from opd_ray.spec import ExperimentSpec
 
     spec = ExperimentSpec.model_validate(raw)

@@ -1,7 +1,7 @@
 """Peak memory and time of a full-vocabulary KL loss + backward: opd-ray's chunked path vs the naive one.
 
 Naive: logits for all N response tokens at once (N x |V| for the student, again for the
-teacher, plus log-softmaxes and their gradients). Chunked: `opd_ray.objectives.chunked_loss`,
+teacher, plus log-softmaxes and their gradients). Chunked: `opd_ray.losses.objectives.chunked_loss`,
 which applies the output head to `chunk` tokens at a time under activation checkpointing.
 Both compute the same number; the table shows the loss ratio too.
 
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from opd_ray.objectives import ObjectiveInputs, TokenBatch, chunked_loss, full_vocab_divergence
+from opd_ray.losses.objectives import ObjectiveInputs, TokenBatch, chunked_loss, full_vocab_divergence
 from opd_ray.spec import AlgorithmSpec
 
 REVERSE_KL = AlgorithmSpec(objective="full_vocab", divergence="reverse_kl")

@@ -17,7 +17,7 @@ import pickle
 import torch
 from common import markdown_table, parse_args, report
 
-from opd_ray.batch import RolloutBatch
+from opd_ray.losses.batch import RolloutBatch
 
 
 def scored_batch(sequences: int, prompt_len: int, response_len: int, top_k: int) -> RolloutBatch:

@@ -2,7 +2,7 @@
 
 Real parts: a DeepSpeed learner rank (ZeRO-2) exports the student (gather, safetensors
 blob into the object store) and a vLLM rollout worker reloads it in place, exactly as
-`opd_ray.roles.sync_weights` does. Baseline in the same run: the object store alone moving
+`opd_ray.driver.roles.sync_weights` does. Baseline in the same run: the object store alone moving
 one blob of the same size to another process (`ray.put` of the bytes, then a task that
 receives them), what a sync that ships one serialized blob pays before any model work.
 The collective path (weight_sync.method = collective: a gloo group of the learner rank and
@@ -31,8 +31,8 @@ REPEATS = 3
 
 
 def save_model(directory: Path, hidden: int, layers: int, intermediate: int, vocab: int) -> int:
-    from opd_ray.tasks.arithmetic import ALPHABET
-    from opd_ray.tiny_models import build_char_tokenizer
+    from opd_ray.data.arithmetic import ALPHABET
+    from opd_ray.recipe.tiny_models import build_char_tokenizer
 
     tokenizer = build_char_tokenizer(ALPHABET, directory)
     return save_qwen2(tokenizer, directory, hidden, layers, intermediate, vocab, seed=0)
@@ -55,12 +55,12 @@ def blob_round_trip(size: int) -> float:
 
 
 def measure(path: Path) -> dict:
-    from opd_ray.collective_sync import WeightBroadcast
-    from opd_ray.learner import LearnerGroup
-    from opd_ray.ray_cluster import actor_env
-    from opd_ray.rollout import RolloutWorker
+    from opd_ray.actors.collective_sync import WeightBroadcast
+    from opd_ray.actors.learner import LearnerGroup
+    from opd_ray.actors.rollout import RolloutWorker
+    from opd_ray.actors.runtime import actor_env
+    from opd_ray.actors.vllm_engine import ENGINE_ENV
     from opd_ray.spec import EngineSpec, LearnerSpec, ModelSpec, RolloutSpec, WeightSyncSpec
-    from opd_ray.vllm_engine import ENGINE_ENV
 
     model = ModelSpec(path=str(path))
     env = actor_env()

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 def _print_summary(summary: dict) -> None:
     from rich.table import Table
 
-    from opd_ray.progress import console
+    from opd_ray.console import console
 
     table = Table(title=f"opd-ray: {summary['run']}")
     table.add_column("metric")
@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             print(spec_to_yaml(spec), end="")
             return 0
         if args.command == "probe":
-            from opd_ray.probe import print_probe, run_probe
+            from opd_ray.recipe.probe import print_probe, run_probe
 
             print_probe(run_probe(spec))
             return 0
-        from opd_ray.stages import run_stages
+        from opd_ray.recipe.stages import run_stages
 
         _print_summary(run_stages(spec, resume=args.resume))
         return 0

@@ -16,8 +16,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "opd-
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from opd_ray.tasks.arithmetic import ALPHABET, write_task_files
-    from opd_ray.tiny_models import build_char_tokenizer, save_random_model
+    from opd_ray.data.arithmetic import ALPHABET, write_task_files
+    from opd_ray.recipe.tiny_models import build_char_tokenizer, save_random_model
 
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = build_char_tokenizer(ALPHABET, root / "tokenizer")
@@ -57,6 +57,6 @@ def start_teacher_actor(scorer_class: type, model, teacher, seed: int):
     the environment the roles give their engines."""
     import ray
 
-    from opd_ray.vllm_engine import ENGINE_ENV
+    from opd_ray.actors.vllm_engine import ENGINE_ENV
 
     return ray.remote(scorer_class).options(runtime_env={"env_vars": ENGINE_ENV}).remote(model, teacher, seed)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opd_ray.advantages import (
+from opd_ray.losses.advantages import (
     centred_task_rewards,
     entropy_gate_keep,
     flatten_tokens,
     position_weights,
     reverse_kl_advantages,
 )
-from opd_ray.batch import RolloutBatch
-from opd_ray.objectives import aggregation_weights
+from opd_ray.losses.batch import RolloutBatch
+from opd_ray.losses.objectives import aggregation_weights
 from opd_ray.spec import EntropyGateSpec
 
 

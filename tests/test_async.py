@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from opd_ray.pipeline import ActorPool, Shard, shard_seed
+from opd_ray.actors.teacher import TeacherScorer
+from opd_ray.driver.pipeline import ActorPool, Shard, shard_seed
 from opd_ray.spec import ExperimentSpec
-from opd_ray.teacher import TeacherScorer
 from tests.conftest import start_teacher_actor, tiny_spec_dict
 
 
@@ -75,9 +75,9 @@ def test_slow_teacher_replica_takes_fewer_shards_and_no_prompt_is_lost(
 ) -> None:
     """Two teacher replicas, one slowed down: shards go to the free, faster replica, so the slow
     one scores far fewer of them, and every step's batches hold exactly its prompts, once each."""
-    from opd_ray.pipeline import Pipeline
-    from opd_ray.preflight import prepare
-    from opd_ray.roles import start_roles
+    from opd_ray.data.preflight import prepare
+    from opd_ray.driver.pipeline import Pipeline
+    from opd_ray.driver.roles import start_roles
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["rollout"]["num_workers"] = 2
@@ -113,8 +113,8 @@ def test_async_respects_staleness_and_trains_every_prompt_once(
     than 2 versions older than the learner, samples did run ahead, and each step trains its own
     prompts exactly once. With collective weight sync the broadcasts queue behind rollouts the
     same way, and must not deadlock with them."""
-    from opd_ray.driver import PromptSampler, distill, prompts_digest
-    from opd_ray.preflight import prepare
+    from opd_ray.data.preflight import prepare
+    from opd_ray.driver.loop import PromptSampler, distill, prompts_digest
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["rollout"]["num_workers"] = 2
@@ -151,7 +151,7 @@ def test_synchronous_steps_do_not_depend_on_how_shards_are_dispatched(
 ) -> None:
     """max_staleness=0 on one rollout worker and one teacher vs two of each: the same shards and
     seeds, so the same samples and losses step for step."""
-    from opd_ray.driver import distill
+    from opd_ray.driver.loop import distill
 
     def run(name: str, replicas: int) -> list[dict]:
         raw = tiny_spec_dict(tiny_dir, tmp_path / name)

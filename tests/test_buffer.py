@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from opd_ray.batch import RolloutBatch
-from opd_ray.buffer import BufferEntry, BufferFull, RolloutBuffer, StaleBatch
-from opd_ray.driver import PromptSampler
+from opd_ray.driver.buffer import BufferEntry, BufferFull, RolloutBuffer, StaleBatch
+from opd_ray.driver.loop import PromptSampler
+from opd_ray.losses.batch import RolloutBatch
 
 
 def entry(version: int, first_prompt: int) -> BufferEntry:
@@ -81,8 +81,8 @@ def test_batch_concat_pads_and_select_shards() -> None:
 
 
 def test_gap_recovery_and_split() -> None:
-    from opd_ray.driver import gap_recovery
-    from opd_ray.roles import split
+    from opd_ray.driver.loop import gap_recovery
+    from opd_ray.driver.roles import split
 
     assert gap_recovery(before=0.2, after=0.6, teacher=1.0) == pytest.approx(0.5)
     assert gap_recovery(before=0.5, after=0.4, teacher=0.5) is None  # no gap to recover

@@ -113,7 +113,7 @@ def test_real_model_specs_pass_opd_ray_validate(spec: Path) -> None:
 def test_real_model_specs_fit_their_nodes_and_no_fewer(spec: Path) -> None:
     """The placement plan against p5.48xlarge-like nodes (192 CPUs, 8 GPUs): it fits the nodes the
     spec is written for, and one node fewer is refused with the missing GPUs named."""
-    from opd_ray.placement import missing_resources, plan_pools
+    from opd_ray.driver.placement import missing_resources, plan_pools
     from opd_ray.spec import load_spec
 
     pools = plan_pools(load_spec(spec))

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from opd_ray.data.arithmetic import make_split, write_task_files
+from opd_ray.data.preflight import prepare
+from opd_ray.data.prompts import load_prompts
+from opd_ray.data.verifiers import boxed, exact, final_number, resolve_verifier
 from opd_ray.errors import UserError
-from opd_ray.preflight import prepare
 from opd_ray.spec import DatasetSpec, DataSpec, ExperimentSpec
-from opd_ray.tasks.arithmetic import make_split, write_task_files
-from opd_ray.tasks.data import load_prompts
-from opd_ray.tasks.verifiers import boxed, exact, final_number, resolve_verifier
 from tests.conftest import tiny_spec_dict
 
 
@@ -102,7 +102,7 @@ def test_preflight_rejects_missing_model_dir(tiny_dir: Path, tmp_path: Path) -> 
 
 
 def test_preflight_rejects_vocabulary_mismatch(tiny_dir: Path, tmp_path: Path) -> None:
-    from opd_ray.tiny_models import build_char_tokenizer, save_random_model
+    from opd_ray.recipe.tiny_models import build_char_tokenizer, save_random_model
 
     other = build_char_tokenizer("0123456789+=abc", tmp_path / "tok")
     save_random_model(other, 1, tmp_path / "teacher", seed=0)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from opd_ray.diagnostics import masked_sums, position_buckets, token_diagnostics
-from opd_ray.learner import combine_rank_metrics
+from opd_ray.actors.learner import combine_rank_metrics
+from opd_ray.losses.diagnostics import masked_sums, position_buckets, token_diagnostics
 
 
 def teacher_topk(probs_V: list[float], k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,9 +37,9 @@ def test_weight_sync_makes_rollout_engine_match_learner_zero3(
     ZeRO-3-partitioned student (it must not be partitioned itself)."""
     from ray.util.placement_group import placement_group_table
 
-    from opd_ray.pipeline import rollout_and_score
-    from opd_ray.preflight import prepare
-    from opd_ray.roles import start_roles, sync_weights
+    from opd_ray.data.preflight import prepare
+    from opd_ray.driver.pipeline import rollout_and_score
+    from opd_ray.driver.roles import start_roles, sync_weights
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["learner"]["zero_stage"] = 3
@@ -82,7 +82,7 @@ def test_weight_sync_makes_rollout_engine_match_learner_zero3(
 
 def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """Several OPD steps with ZeRO-2: the exact (k = |V|) reverse KL to the teacher falls."""
-    from opd_ray.driver import distill
+    from opd_ray.driver.loop import distill
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["trainer"].update(steps=24, prompts_per_step=32)
@@ -155,7 +155,7 @@ def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp
 
 def test_sft_control_raises_likelihood_of_reference_answers(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """The control arm trains on the dataset's answers through the same learner, without a teacher signal."""
-    from opd_ray.driver import distill
+    from opd_ray.driver.loop import distill
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["algorithm"] = {"objective": "sft", "aggregation": "sequence_mean"}

@@ -10,10 +10,10 @@ import pytest
 
 from opd_ray import tiny_models
 from opd_ray.cli import main
+from opd_ray.data.arithmetic import either_digit_order
+from opd_ray.data.verifiers import resolve_verifier
 from opd_ray.plots import accuracy_curve, moving_average, plot_runs
 from opd_ray.spec import load_spec
-from opd_ray.tasks.arithmetic import either_digit_order
-from opd_ray.tasks.verifiers import resolve_verifier
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "paper_miniature"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -27,7 +27,7 @@ def load_example_script():
 
 
 def test_either_digit_order_accepts_both_orders_and_nothing_else() -> None:
-    verifier = resolve_verifier("opd_ray.tasks.arithmetic:either_digit_order")
+    verifier = resolve_verifier("opd_ray.data.arithmetic:either_digit_order")
     assert verifier is either_digit_order
     assert verifier("234", "234") and verifier("432", "234") and verifier(" 432\n", "234")
     assert not verifier("243", "234") and not verifier("2345", "234") and not verifier("", "234")
@@ -47,7 +47,7 @@ def test_the_three_runs_resolve_to_one_student_and_the_named_teachers(tmp_path: 
     assert cold.models.teacher == incompatible.models.teacher
     assert compatible.stages == incompatible.stages == ["opd"]
     assert cold.stages == ["teacher_generate", "sft", "opd"]
-    assert {s.data.verifier for s in specs.values()} == {"opd_ray.tasks.arithmetic:either_digit_order"}
+    assert {s.data.verifier for s in specs.values()} == {"opd_ray.data.arithmetic:either_digit_order"}
 
 
 def test_a_second_teacher_is_built_beside_the_cached_student(tmp_path: Path, monkeypatch) -> None:

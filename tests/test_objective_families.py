@@ -16,10 +16,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
-    from opd_ray.pipeline import rollout_and_score
-    from opd_ray.preflight import prepare
-    from opd_ray.roles import start_roles
-    from opd_ray.teacher import TeacherScorer
+    from opd_ray.actors.teacher import TeacherScorer
+    from opd_ray.data.preflight import prepare
+    from opd_ray.driver.pipeline import rollout_and_score
+    from opd_ray.driver.roles import start_roles
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["teacher"]["backend"] = "transformers"
@@ -86,9 +86,9 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
 
 def test_full_vocab_on_learners_equals_topk_over_whole_vocabulary(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """Learner-side teacher + chunked full-vocabulary KL == the vLLM teacher's top-15 (all 15 ids) KL."""
-    from opd_ray.pipeline import rollout_and_score
-    from opd_ray.preflight import prepare
-    from opd_ray.roles import start_roles
+    from opd_ray.data.preflight import prepare
+    from opd_ray.driver.pipeline import rollout_and_score
+    from opd_ray.driver.roles import start_roles
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["algorithm"] = {"objective": "full_vocab"}
@@ -109,7 +109,7 @@ def test_full_vocab_on_learners_equals_topk_over_whole_vocabulary(tiny_dir: Path
 
 def test_gkd_mixes_student_and_dataset_batches(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """GKD from a spec change alone: JSD(0.5) on the full vocabulary, half the steps on dataset answers."""
-    from opd_ray.driver import distill
+    from opd_ray.driver.loop import distill
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["algorithm"] = {"objective": "full_vocab", "divergence": "jsd", "student_data_fraction": 0.5}

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from opd_ray.objectives import (
+from opd_ray.losses.objectives import (
     ObjectiveInputs,
     TokenBatch,
     chunked_loss,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from opd_ray.driver.placement import Pool, missing_resources, plan_pools, role_demands
 from opd_ray.errors import SpecError
-from opd_ray.placement import Pool, missing_resources, plan_pools, role_demands
 from opd_ray.spec import ExperimentSpec, ResourcesSpec
 from tests.conftest import tiny_spec_dict
 
@@ -108,7 +108,7 @@ def test_bad_placement_specs_are_refused(tiny_dir: Path, tmp_path: Path, overrid
 def test_gpu_spec_on_a_cpu_cluster_stops_before_any_actor(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     import time
 
-    from opd_ray.driver import distill
+    from opd_ray.driver.loop import distill
     from opd_ray.errors import UserError
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
@@ -126,7 +126,7 @@ def test_resources_held_by_someone_else_stop_after_the_timeout(tiny_dir: Path, t
     `placement.timeout_s`, then names the pool still waiting and removes what it reserved."""
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-    from opd_ray.driver import distill
+    from opd_ray.driver.loop import distill
     from opd_ray.errors import UserError
 
     squatter = placement_group([{"CPU": 7.5}])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from opd_ray.probe import judge
+from opd_ray.recipe.probe import judge
 from opd_ray.spec import ExperimentSpec, ProbeSpec
 from tests.conftest import tiny_spec_dict
 
@@ -49,7 +49,7 @@ def test_without_answers_only_the_overlap_decides_and_the_gap_is_said_unmeasured
 def test_probe_of_a_student_against_itself(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """Teacher = student: the top-k sets coincide (overlap 1, shared mass = top-k mass of each, the same),
     the entropy gap and advantage are ~0, accuracies are equal, and the verdict is "little to teach"."""
-    from opd_ray.probe import run_probe
+    from opd_ray.recipe.probe import run_probe
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["models"]["teacher"] = raw["models"]["student"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from opd_ray.data.selection import deduplicate, mix_order, outside_count
 from opd_ray.errors import UserError
-from opd_ray.prompt_selection import deduplicate, mix_order, outside_count
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
 
@@ -47,7 +47,7 @@ def write_jsonl(path: Path, prompts: list[str]) -> Path:
 
 
 def test_selection_in_the_spec_cleans_and_mixes_the_training_prompts(tiny_dir: Path, tmp_path: Path) -> None:
-    from opd_ray.preflight import prepare
+    from opd_ray.data.preflight import prepare
 
     train = ["12+34=", "12+34=", "56+78=", "90+12=", "11+22=", "33+44="]
     eval_prompts = ["90+12=", "99+1="]
@@ -78,7 +78,7 @@ def test_selection_in_the_spec_cleans_and_mixes_the_training_prompts(tiny_dir: P
 def test_prompts_wrapped_in_the_teachers_chat_template(tiny_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    from opd_ray.preflight import prepare
+    from opd_ray.data.preflight import prepare
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_dir / "teacher", teacher)
@@ -103,8 +103,8 @@ def test_prompts_wrapped_in_the_teachers_chat_template(tiny_dir: Path, tmp_path:
 def test_teacher_confidence_averages_response_tokens_per_sample_and_groups_by_prompt() -> None:
     import torch
 
-    from opd_ray.alignment import teacher_confidence
-    from opd_ray.batch import RolloutBatch
+    from opd_ray.driver.alignment import teacher_confidence
+    from opd_ray.losses.batch import RolloutBatch
 
     mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 0]], dtype=torch.float32)
     teacher = torch.tensor([[0.0, -1.0, -3.0, 0.0], [0.0, 0.0, -0.5, -0.5], [0.0, -4.0, 0.0, 0.0]]) * mask
@@ -122,7 +122,7 @@ def test_teacher_confidence_averages_response_tokens_per_sample_and_groups_by_pr
 
 
 def test_top_fraction_keeps_the_best_rounding_up_and_breaks_ties_by_row() -> None:
-    from opd_ray.alignment import top_fraction
+    from opd_ray.driver.alignment import top_fraction
 
     scores = {0: -1.0, 1: -0.2, 2: -0.2, 3: -3.0, 4: -0.1}
     assert top_fraction(scores, 0.4) == [1, 4]
@@ -131,7 +131,7 @@ def test_top_fraction_keeps_the_best_rounding_up_and_breaks_ties_by_row() -> Non
 
 
 def test_dropping_rows_renumbers_the_outside_rows() -> None:
-    from opd_ray.tasks.data import PromptSet
+    from opd_ray.data.prompts import PromptSet
 
     prompts = PromptSet([[1], [2], [3], [4]], ["a", "b", "c", "d"], "x", frozenset({1, 3}))
     assert prompts.without({0}).outside_rows == frozenset({0, 2})
@@ -142,7 +142,7 @@ def test_dropping_rows_renumbers_the_outside_rows() -> None:
 def test_training_on_the_prompts_the_teacher_agrees_with_most(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """keep_top_fraction 0.25 of 64 scored prompts, with outside prompts kept at a fifth of what remains:
     the kept prompts score higher on average than the pool, the choice is recorded, and training runs."""
-    from opd_ray.driver import distill
+    from opd_ray.driver.loop import distill
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["data"]["train"]["limit"] = 64

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opd_ray.checkpoint import TrainerState, complete_checkpoints, latest_checkpoint, write_checkpoint
+from opd_ray.driver.checkpoint import TrainerState, complete_checkpoints, latest_checkpoint, write_checkpoint
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
 
 WRITER = """
 import sys, time
 from pathlib import Path
-from opd_ray.checkpoint import TrainerState, write_checkpoint
+from opd_ray.driver.checkpoint import TrainerState, write_checkpoint
 
 run_dir, step = Path(sys.argv[1]), int(sys.argv[2])
 
@@ -70,7 +70,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def test_driver_killed_then_resumed_matches_uninterrupted_run(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """SIGKILL the whole training process after a checkpoint, resume with --resume: same steps, data
     order, losses and final weight version as a run that was never interrupted."""
-    from opd_ray.driver import distill
+    from opd_ray.driver.loop import distill
 
     def spec_dict(run_dir: Path) -> dict:
         raw = tiny_spec_dict(tiny_dir, run_dir)
@@ -120,7 +120,7 @@ def test_non_finite_loss_skips_updates_then_stops_without_poisoning(tiny_dir: Pa
     import torch
     from safetensors.torch import load_file, save_file
 
-    from opd_ray.driver import distill
+    from opd_ray.driver.loop import distill
     from opd_ray.errors import RunStopped
 
     broken = tmp_path / "broken-teacher"
@@ -154,8 +154,8 @@ def test_rollout_worker_killed_mid_run_loses_no_prompt(tiny_dir: Path, tmp_path:
     trains exactly its own prompts once."""
     import threading
 
-    from opd_ray.driver import PromptSampler, distill, prompts_digest
-    from opd_ray.preflight import prepare
+    from opd_ray.data.preflight import prepare
+    from opd_ray.driver.loop import PromptSampler, distill, prompts_digest
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["trainer"].update(steps=8, save_final=False)
@@ -201,9 +201,9 @@ def test_collective_sync_forms_its_group_again_after_an_engine_restart(
     the broadcast gives it exactly the learner's weights (an engine left out of the group would make
     the broadcast fail). The kill lands between calls on purpose: an engine dying during a broadcast
     stops the run instead (its peers wait out the group's timeout), see roles.sync_weights."""
-    from opd_ray.pipeline import rollout_and_score
-    from opd_ray.preflight import prepare
-    from opd_ray.roles import start_roles, sync_weights
+    from opd_ray.data.preflight import prepare
+    from opd_ray.driver.pipeline import rollout_and_score
+    from opd_ray.driver.roles import start_roles, sync_weights
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["weight_sync"] = {"method": "collective", "bucket_mb": 0.5}
@@ -236,7 +236,7 @@ def test_learner_rank_killed_stops_cleanly_and_points_at_resume(tiny_dir: Path, 
     promptly, not hang in the surviving rank's collective, and name the checkpoint to resume."""
     import threading
 
-    from opd_ray.driver import distill
+    from opd_ray.driver.loop import distill
     from opd_ray.errors import RunStopped
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
@@ -266,7 +266,7 @@ import os, sys, torch, deepspeed
 from deepspeed.runtime.zero import GatheredParameters
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
-from opd_ray.learner import apply_update, deepspeed_config
+from opd_ray.actors.learner import apply_update, deepspeed_config
 from opd_ray.spec import LearnerSpec, ModelSpec
 
 stage, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from opd_ray.actors.vllm_engine import Completion
+from opd_ray.data.prompts import PromptSet
+from opd_ray.data.verifiers import resolve_verifier
 from opd_ray.errors import SpecError
+from opd_ray.recipe.stages import drop_reason, most_repeated_ngram, opd_spec
 from opd_ray.spec import ExperimentSpec, TeacherGenerationSpec
-from opd_ray.stages import drop_reason, most_repeated_ngram, opd_spec
-from opd_ray.tasks.data import PromptSet
-from opd_ray.tasks.verifiers import resolve_verifier
-from opd_ray.vllm_engine import Completion
 from tests.conftest import tiny_spec_dict
 
 COLD_START = {"teacher_generate": {"prompts": 64, "drop_truncated": False, "max_ngram_repeats": 6}}
@@ -89,8 +89,8 @@ def test_stage_lists_that_cannot_run_are_refused(
 def test_cold_start_then_opd_in_one_spec_and_finished_stages_are_skipped(
     tiny_dir: Path, tmp_path: Path, local_ray
 ) -> None:
-    from opd_ray.preflight import prepare
-    from opd_ray.stages import cold_start_rows, run_stages, stage_dir
+    from opd_ray.data.preflight import prepare
+    from opd_ray.recipe.stages import cold_start_rows, run_stages, stage_dir
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["stages"] = ["teacher_generate", "sft", "opd"]

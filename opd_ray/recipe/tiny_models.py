@@ -15,11 +15,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from opd_ray.progress import console
-from opd_ray.ray_cluster import connect
-from opd_ray.sft import train_sft
+from opd_ray.actors.runtime import connect
+from opd_ray.console import console
+from opd_ray.data.arithmetic import ALPHABET, write_task_files
+from opd_ray.recipe.sft import train_sft
 from opd_ray.spec import ExperimentSpec, LearnerSpec, ModelSpec
-from opd_ray.tasks.arithmetic import ALPHABET, write_task_files
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 

@@ -109,7 +109,7 @@ def load_prompts(dataset: DatasetSpec, data: DataSpec, tokenizer, section: str) 
 def load_selected_prompts(data: DataSpec, tokenizer, seed: int) -> tuple[PromptSet, dict]:
     """The training prompts after `data.selection`: duplicates of reference/eval prompts and repeats
     dropped, outside prompts mixed in at `outside_fraction` in a seeded order; with the counts."""
-    from opd_ray.prompt_selection import deduplicate, mix_order, outside_count
+    from opd_ray.data.selection import deduplicate, mix_order, outside_count
 
     selection = data.selection
     rows = read_rows(data.train, "data.train")

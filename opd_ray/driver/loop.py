@@ -27,21 +27,21 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError
 
-from opd_ray.alignment import select_aligned
-from opd_ray.batch import supervised_batch
-from opd_ray.buffer import BufferEntry, RolloutBuffer
-from opd_ray.checkpoint import TrainerState, latest_checkpoint, write_checkpoint
+from opd_ray.actors.learner import get_or_raise_first
+from opd_ray.actors.runtime import connect
+from opd_ray.console import console, step_progress
+from opd_ray.data.preflight import Prepared, prepare
+from opd_ray.data.prompts import PromptSet
+from opd_ray.driver.alignment import select_aligned
+from opd_ray.driver.buffer import BufferEntry, RolloutBuffer
+from opd_ray.driver.checkpoint import TrainerState, latest_checkpoint, write_checkpoint
+from opd_ray.driver.metrics import MetricsWriter, timed
+from opd_ray.driver.pipeline import Pipeline, StepShards
+from opd_ray.driver.roles import Roles, call_restarting, split, start_roles, sync_weights
 from opd_ray.errors import RunStopped, UserError
-from opd_ray.learner import get_or_raise_first
-from opd_ray.metrics import MetricsWriter, timed
-from opd_ray.pipeline import Pipeline, StepShards
-from opd_ray.preflight import Prepared, prepare
-from opd_ray.progress import console, step_progress
-from opd_ray.ray_cluster import connect
-from opd_ray.roles import Roles, call_restarting, split, start_roles, sync_weights
+from opd_ray.losses.batch import supervised_batch
+from opd_ray.recipe.tiny_models import ensure_tiny_models
 from opd_ray.spec import ExperimentSpec, spec_to_yaml
-from opd_ray.tasks.data import PromptSet
-from opd_ray.tiny_models import ensure_tiny_models
 
 
 class PromptSampler:

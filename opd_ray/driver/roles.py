@@ -20,16 +20,16 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from opd_ray.collective_sync import WeightBroadcast, group_backend
+from opd_ray.actors.collective_sync import WeightBroadcast, group_backend
+from opd_ray.actors.learner import LearnerGroup, get_or_raise_first
+from opd_ray.actors.rollout import RolloutWorker
+from opd_ray.actors.runtime import actor_env
+from opd_ray.actors.teacher import TeacherScorer
+from opd_ray.actors.vllm_engine import ENGINE_ENV
+from opd_ray.console import console
+from opd_ray.driver.placement import Placement, reserve
 from opd_ray.errors import RunStopped
-from opd_ray.learner import LearnerGroup, get_or_raise_first
-from opd_ray.placement import Placement, reserve
-from opd_ray.progress import console
-from opd_ray.ray_cluster import actor_env
-from opd_ray.rollout import RolloutWorker
 from opd_ray.spec import ExperimentSpec
-from opd_ray.teacher import TeacherScorer
-from opd_ray.vllm_engine import ENGINE_ENV
 
 RESTART_TIMEOUT_S = 600  # a restarted engine loads its model again
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import ray
 
-from opd_ray.learner import LearnerGroup
-from opd_ray.progress import step_progress
-from opd_ray.ray_cluster import actor_env
+from opd_ray.actors.learner import LearnerGroup
+from opd_ray.actors.runtime import actor_env
+from opd_ray.console import step_progress
 from opd_ray.spec import LearnerSpec, ModelSpec
 
 Example = tuple[list[int], list[int]]  # (prompt ids, answer ids ending with end-of-sequence)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from opd_ray.data.prompts import PromptSet, load_prompts, load_selected_prompts
+from opd_ray.data.verifiers import Verifier, resolve_verifier
 from opd_ray.errors import UserError
 from opd_ray.spec import ExperimentSpec, ModelSpec
-from opd_ray.tasks.data import PromptSet, load_prompts, load_selected_prompts
-from opd_ray.tasks.verifiers import Verifier, resolve_verifier
 
 
 @dataclass

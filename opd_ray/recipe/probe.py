@@ -16,15 +16,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from opd_ray.driver import PromptSampler, evaluate
-from opd_ray.learner import combine_rank_metrics, get_or_raise_first
-from opd_ray.pipeline import rollout_and_score
-from opd_ray.preflight import prepare
-from opd_ray.ray_cluster import connect
-from opd_ray.roles import start_roles
+from opd_ray.actors.learner import combine_rank_metrics, get_or_raise_first
+from opd_ray.actors.runtime import connect
+from opd_ray.data.preflight import prepare
+from opd_ray.data.prompts import PromptSet
+from opd_ray.driver.loop import PromptSampler, evaluate
+from opd_ray.driver.pipeline import rollout_and_score
+from opd_ray.driver.roles import start_roles
+from opd_ray.recipe.tiny_models import ensure_tiny_models
 from opd_ray.spec import ExperimentSpec, ProbeSpec
-from opd_ray.tasks.data import PromptSet
-from opd_ray.tiny_models import ensure_tiny_models
 
 # (metric, what it means), in the order printed
 SIGNALS = (
@@ -123,7 +123,7 @@ def run_probe(spec: ExperimentSpec) -> dict:
 def print_probe(result: dict) -> None:
     from rich.table import Table
 
-    from opd_ray.progress import console
+    from opd_ray.console import console
 
     table = Table(title=f"opd-ray probe: {result['prompts']} prompts, {result['response_tokens']} student tokens")
     table.add_column("signal")

@@ -16,13 +16,13 @@ from collections import defaultdict
 import ray
 import torch
 
-from opd_ray.batch import RolloutBatch
-from opd_ray.pipeline import rollout_and_score
-from opd_ray.progress import step_progress
-from opd_ray.prompt_selection import outside_count
-from opd_ray.roles import Roles
+from opd_ray.console import step_progress
+from opd_ray.data.prompts import PromptSet
+from opd_ray.data.selection import outside_count
+from opd_ray.driver.pipeline import rollout_and_score
+from opd_ray.driver.roles import Roles
+from opd_ray.losses.batch import RolloutBatch
 from opd_ray.spec import ExperimentSpec
-from opd_ray.tasks.data import PromptSet
 
 
 def teacher_confidence(batch: RolloutBatch) -> dict[int, list[float]]:

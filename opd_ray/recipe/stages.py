@@ -23,16 +23,16 @@ from pathlib import Path
 
 import ray
 
-from opd_ray.driver import distill
+from opd_ray.actors.rollout import RolloutWorker
+from opd_ray.actors.runtime import actor_env, connect
+from opd_ray.actors.vllm_engine import ENGINE_ENV, Completion
+from opd_ray.console import console, step_progress
+from opd_ray.data.preflight import prepare
+from opd_ray.driver.loop import distill
 from opd_ray.errors import UserError
-from opd_ray.preflight import prepare
-from opd_ray.progress import console, step_progress
-from opd_ray.ray_cluster import actor_env, connect
-from opd_ray.rollout import RolloutWorker
-from opd_ray.sft import train_sft
+from opd_ray.recipe.sft import train_sft
+from opd_ray.recipe.tiny_models import ensure_tiny_models
 from opd_ray.spec import ExperimentSpec, TeacherGenerationSpec
-from opd_ray.tiny_models import ensure_tiny_models
-from opd_ray.vllm_engine import ENGINE_ENV, Completion
 
 GENERATION_CHUNK = 256  # prompts per generate call: progress and bounded memory
 

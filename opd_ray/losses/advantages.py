@@ -12,9 +12,9 @@ from dataclasses import replace
 
 import torch
 
-from opd_ray.batch import RolloutBatch
-from opd_ray.diagnostics import position_buckets
-from opd_ray.objectives import TokenBatch
+from opd_ray.losses.batch import RolloutBatch
+from opd_ray.losses.diagnostics import position_buckets
+from opd_ray.losses.objectives import TokenBatch
 from opd_ray.spec import AlgorithmSpec, EntropyGateSpec
 
 

@@ -20,19 +20,21 @@ from typing import Any
 import ray
 import torch
 
-from opd_ray.advantages import finish_token_batch, flatten_tokens, with_batch_statistics
-from opd_ray.batch import RolloutBatch, supervised_batch
-from opd_ray.collective_sync import BucketPlan, join_group, plan_buckets, send_bucket, weight_entries
-from opd_ray.diagnostics import masked_sums, student_entropy, support_entropy, token_diagnostics
-from opd_ray.errors import UserError
-from opd_ray.hf_model import (
+from opd_ray.actors.collective_sync import BucketPlan, join_group, plan_buckets, send_bucket, weight_entries
+from opd_ray.actors.hf_model import (
     DTYPES,
     check_head_reproduces_logits,
     final_hidden_states,
     load_causal_lm,
     response_hidden,
 )
-from opd_ray.objectives import (
+from opd_ray.actors.runtime import actor_location
+from opd_ray.actors.weight_sync import pack_state_dict
+from opd_ray.errors import UserError
+from opd_ray.losses.advantages import finish_token_batch, flatten_tokens, with_batch_statistics
+from opd_ray.losses.batch import RolloutBatch, supervised_batch
+from opd_ray.losses.diagnostics import masked_sums, student_entropy, support_entropy, token_diagnostics
+from opd_ray.losses.objectives import (
     ObjectiveInputs,
     TokenBatch,
     aggregation_weights,
@@ -41,9 +43,7 @@ from opd_ray.objectives import (
     token_logprobs,
     vopd_baseline,
 )
-from opd_ray.ray_cluster import actor_location
 from opd_ray.spec import AlgorithmSpec, LearnerSpec, ModelSpec
-from opd_ray.weight_sync import pack_state_dict
 
 LEARNER_ENV = {"DS_ACCELERATOR": "cpu"} if not torch.cuda.is_available() else {}
 

@@ -23,8 +23,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from opd_ray.roles import Roles, await_restart
-from opd_ray.tasks.data import PromptSet
+from opd_ray.data.prompts import PromptSet
+from opd_ray.driver.roles import Roles, await_restart
 
 SPEED_MEMORY = 0.5  # weight of the newest measurement in an actor's seconds-per-sequence estimate
 

@@ -11,13 +11,13 @@ import time
 import ray
 import torch
 
-from opd_ray.batch import RolloutBatch
-from opd_ray.collective_sync import BucketPlan
-from opd_ray.ray_cluster import actor_location
+from opd_ray.actors.collective_sync import BucketPlan
+from opd_ray.actors.runtime import actor_location
+from opd_ray.actors.vllm_engine import Completion, create_engine, generate, greedy, prompt_logprobs
+from opd_ray.actors.weight_sync import WORKER_EXTENSION
+from opd_ray.data.verifiers import resolve_verifier
+from opd_ray.losses.batch import RolloutBatch
 from opd_ray.spec import EngineSpec, ModelSpec, RolloutSpec
-from opd_ray.tasks.verifiers import resolve_verifier
-from opd_ray.vllm_engine import Completion, create_engine, generate, greedy, prompt_logprobs
-from opd_ray.weight_sync import WORKER_EXTENSION
 
 
 def completions_to_batch(

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from opd_ray.collective_sync import BucketPlan, join_group, receive_buckets
+from opd_ray.actors.collective_sync import BucketPlan, join_group, receive_buckets
 
 # numpy has no bfloat16: such tensors travel as int16 bit patterns and are viewed back.
 _BIT_VIEWS = {torch.bfloat16: torch.int16}
