@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from opd_ray.actors.learner import combine_rank_metrics
+from opd_ray.losses.step import combine_rank_metrics
 from opd_ray.losses.diagnostics import masked_sums, position_buckets, token_diagnostics
 
 

@@ -1,7 +1,8 @@
-"""transformers models the way opd-ray runs them outside vLLM: final hidden states, then the head in chunks.
+"""transformers models outside vLLM: loading a frozen one, and refusing one whose head cannot be applied in chunks.
 
 Every learner loss and the transformers teacher backend apply the output head to a few
-thousand response tokens at a time, so no B x T x |V| logits tensor is ever built.
+thousand response tokens at a time (losses/hidden.py), so no B x T x |V| logits tensor is
+ever built; that is only right when the logits are the head of the last hidden states.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from opd_ray.errors import UserError
+from opd_ray.losses.hidden import final_hidden_states
 from opd_ray.spec import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,19 +28,6 @@ def load_causal_lm(model: ModelSpec, device: torch.device | str = "cpu") -> Any:
     )
     module.to(device).eval().requires_grad_(False)
     return module
-
-
-def final_hidden_states(model: Callable[..., Any], input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor):
-    """Last layer's (normalised) hidden states; asks the model for the logits of one position only."""
-    output = model(
-        input_ids=input_ids_BL, attention_mask=attention_mask_BL, output_hidden_states=True, logits_to_keep=1
-    )
-    return output.hidden_states[-1]
-
-
-def response_hidden(hidden_BLH: torch.Tensor, response_mask_BL: torch.Tensor) -> torch.Tensor:
-    """Hidden states that predict the response tokens (position i-1 predicts token i), flattened to N."""
-    return hidden_BLH[:, :-1][response_mask_BL[:, 1:].bool()]
 
 
 def check_head_reproduces_logits(model: Callable[..., Any], head: Callable, vocab_size: int, device) -> None:

@@ -21,28 +21,13 @@ import ray
 import torch
 
 from opd_ray.actors.collective_sync import BucketPlan, join_group, plan_buckets, send_bucket, weight_entries
-from opd_ray.actors.hf_model import (
-    DTYPES,
-    check_head_reproduces_logits,
-    final_hidden_states,
-    load_causal_lm,
-    response_hidden,
-)
-from opd_ray.actors.runtime import actor_location
+from opd_ray.actors.hf_model import DTYPES, check_head_reproduces_logits, load_causal_lm
+from opd_ray.actors.runtime import actor_location, get_or_raise_first
 from opd_ray.actors.weight_sync import pack_state_dict
 from opd_ray.errors import UserError
-from opd_ray.losses.advantages import finish_token_batch, flatten_tokens, with_batch_statistics
 from opd_ray.losses.batch import RolloutBatch, supervised_batch
-from opd_ray.losses.diagnostics import masked_sums, student_entropy, support_entropy, token_diagnostics
-from opd_ray.losses.objectives import (
-    ObjectiveInputs,
-    TokenBatch,
-    aggregation_weights,
-    chunked_loss,
-    forward_to_reverse_weight,
-    token_logprobs,
-    vopd_baseline,
-)
+from opd_ray.losses.objectives import token_logprobs
+from opd_ray.losses.step import StepModels, combine_rank_metrics, diagnose, step_loss
 from opd_ray.spec import AlgorithmSpec, LearnerSpec, ModelSpec
 
 LEARNER_ENV = {"DS_ACCELERATOR": "cpu"} if not torch.cuda.is_available() else {}
@@ -155,42 +140,23 @@ class LearnerWorker:
                 )
             check_head_reproduces_logits(self.teacher, teacher_head, vocab, self.device)
 
+    def _models(self) -> StepModels:
+        return StepModels(
+            self.engine,
+            self.engine.module.get_output_embeddings(),
+            self.device,
+            self.chunk_tokens,
+            self.teacher,
+            None if self.teacher is None else self.teacher.get_output_embeddings(),
+        )
+
     def _train_on(
         self, full: RolloutBatch, algorithm: AlgorithmSpec, diagnostics_k: int | None = None, step: int = 1
     ) -> dict[str, Any]:
-        """One optimizer step on this rank's rows of `full`; returns shares the driver adds across ranks."""
-        batch, mask_BT, tokens = self._rank_tokens(full, algorithm)
+        """One optimizer step on this rank's rows of `full` (losses/step.py); returns shares the driver adds
+        across ranks."""
         self.engine.train()
-        hidden_NH = response_hidden(self._hidden(self.engine, batch), batch.response_mask_BL.to(self.device))
-        teacher_hidden_NH = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_hidden_NH = response_hidden(
-                    self._hidden(self.teacher, batch), batch.response_mask_BL.to(self.device)
-                )
-        on_student_samples = batch.source == "student"
-        if not on_student_samples:  # dataset answers have no sampling log-probs to correct against
-            algorithm = algorithm.model_copy(update={"importance_cap": None})
-        metrics, per_token = self._token_statistics(hidden_NH, tokens, algorithm, diagnostics_k, on_student_samples)
-        tokens = finish_token_batch(tokens, per_token, mask_BT, algorithm)
-        metrics["response_tokens"] = batch.num_response_tokens
-        metrics["sequences"] = batch.num_sequences
-        metrics["truncated_responses"] = int((~batch.finished_B).sum())
-        if tokens.keep_N is not None:
-            metrics["gate/kept_fraction"] = (float(tokens.keep_N.sum()), float(tokens.num_tokens))
-        if batch.task_rewards_B is not None:
-            metrics["sample_reward"] = (float(batch.task_rewards_B.sum()), float(batch.num_sequences))
-        reverse_weight = forward_to_reverse_weight(step, algorithm.anneal_steps)
-        loss = chunked_loss(
-            hidden_NH,
-            self.engine.module.get_output_embeddings(),
-            tokens,
-            algorithm,
-            self.chunk_tokens,
-            teacher_hidden_NH,
-            None if self.teacher is None else self.teacher.get_output_embeddings(),
-            reverse_weight,
-        )
+        loss, metrics = step_loss(self._models(), full, algorithm, self.rank, self.world_size, diagnostics_k, step)
         if self._any_rank(not bool(torch.isfinite(loss))):  # every rank skips together, or backward hangs
             metrics.update(loss=None, skipped_update=1, lr=float(self.engine.get_lr()[0]))
             return metrics
@@ -198,32 +164,14 @@ class LearnerWorker:
             metrics.update(skipped_update=1, gradient_fault=1)
         metrics["loss"] = float(loss.detach())
         metrics["lr"] = float(self.engine.get_lr()[0])
-        if algorithm.divergence == "forward_to_reverse":
-            metrics["reverse_kl_weight"] = (reverse_weight, 1.0)  # a (sum, count) pair: the same on every rank
         return metrics
-
-    def _rank_tokens(
-        self, full: RolloutBatch, algorithm: AlgorithmSpec
-    ) -> tuple[RolloutBatch, torch.Tensor, TokenBatch]:
-        """This rank's rows of `full`, their response mask and flat token batch, weighted for the global mean."""
-        global_tokens, global_sequences = full.num_response_tokens, full.num_sequences
-        full = with_batch_statistics(full, algorithm)  # these need every rank's rows
-        batch = full.select(slice(self.rank, None, self.world_size))
-        mask_BT = batch.response_mask_BL[:, 1:].to(self.device)
-        weights_BT = aggregation_weights(mask_BT, algorithm.aggregation, global_tokens, global_sequences)
-        return batch, mask_BT, flatten_tokens(batch, weights_BT, self.device)
 
     def diagnose(self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int) -> dict[str, Any]:
-        """A step's metrics and diagnostics without an update (`opd-ray probe`): the same numbers
-        step 1 of a run would log. All ranks must take part (ZeRO-3 forwards are collective)."""
-        batch, _, tokens = self._rank_tokens(RolloutBatch.concat(ray.get(batch_refs)), algorithm)
+        """A step's metrics and diagnostics without an update (`opd-ray probe`). All ranks must take
+        part (ZeRO-3 forwards are collective)."""
         self.engine.eval()
-        with torch.no_grad():
-            hidden_NH = response_hidden(self._hidden(self.engine, batch), batch.response_mask_BL.to(self.device))
-        metrics, _ = self._token_statistics(hidden_NH, tokens, algorithm, diagnostics_k, on_student_samples=True)
-        metrics["response_tokens"] = batch.num_response_tokens
-        metrics["sequences"] = batch.num_sequences
-        return metrics
+        full = RolloutBatch.concat(ray.get(batch_refs))
+        return diagnose(self._models(), full, algorithm, self.rank, self.world_size, diagnostics_k)
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any."""
@@ -250,63 +198,6 @@ class LearnerWorker:
         path, _ = self.engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
         if path is None:
             raise UserError(f"checkpoint {directory} has no DeepSpeed state for this learner layout")
-
-    def _hidden(self, model: Any, batch: RolloutBatch) -> torch.Tensor:
-        return final_hidden_states(model, batch.input_ids_BL.to(self.device), batch.attention_mask_BL.to(self.device))
-
-    def _token_statistics(
-        self,
-        hidden_NH: torch.Tensor,
-        tokens: TokenBatch,
-        algorithm: AlgorithmSpec,
-        diagnostics_k: int | None,
-        on_student_samples: bool,
-    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """A no-grad pass over the chunks: metrics, diagnostics (at student-visited states only),
-        and per-token values the loss needs from the current student (vOPD baseline, entropies)."""
-        head = self.engine.module.get_output_embeddings()
-        has_teacher = tokens.teacher_logprobs_N is not None
-        need_teacher_topk = has_teacher and tokens.teacher_topk_ids_NK is not None
-        per_token: dict[str, list[torch.Tensor]] = {}
-
-        def keep(name: str, values: torch.Tensor) -> None:
-            per_token.setdefault(name, []).append(values.double())
-
-        with torch.no_grad():
-            for start in range(0, tokens.num_tokens, self.chunk_tokens):
-                part = slice(start, start + self.chunk_tokens)
-                chunk = tokens.slice(part)
-                logits_NV = head(hidden_NH[part]).float()
-                student_logprob_N = token_logprobs(logits_NV, chunk.target_ids_N)
-                keep("student_logprob", student_logprob_N)
-                if need_teacher_topk and algorithm.baseline == "vopd":
-                    keep("vopd_baseline", vopd_baseline(ObjectiveInputs(logits_NV, chunk)))
-                if need_teacher_topk and algorithm.entropy_gate.enabled:
-                    keep("student_entropy", student_entropy(logits_NV))
-                    keep("teacher_entropy", support_entropy(chunk.teacher_topk_logprobs_NK))
-                if diagnostics_k and need_teacher_topk and on_student_samples:
-                    for name, values in token_diagnostics(
-                        logits_NV,
-                        chunk.teacher_topk_ids_NK,
-                        chunk.teacher_topk_logprobs_NK,
-                        student_logprob_N,
-                        chunk.teacher_logprobs_N,
-                        diagnostics_k,
-                    ).items():
-                        keep(f"diag:{name}", values)
-        joined = {name: torch.cat(values) for name, values in per_token.items()}
-        count = float(tokens.num_tokens)
-        metrics: dict[str, Any] = {"student_logprob": (float(joined["student_logprob"].sum()), count)}
-        if has_teacher:
-            metrics["teacher_logprob"] = (float(tokens.teacher_logprobs_N.double().sum()), count)
-            if on_student_samples:  # dataset answers have no sampling log-probs
-                sampled_kl = (tokens.rollout_logprobs_N - tokens.teacher_logprobs_N).double().sum()
-                metrics["sampled_reverse_kl"] = (float(sampled_kl), count)
-        diagnostics = {name.split(":", 1)[1]: values for name, values in joined.items() if name.startswith("diag:")}
-        if diagnostics:
-            metrics.update(masked_sums(diagnostics, tokens.bucket_N))
-        per_token = {name: values for name, values in joined.items() if not name.startswith("diag:")}
-        return metrics, per_token
 
     def train_step(
         self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None, step: int = 1
@@ -409,38 +300,6 @@ def apply_update(engine: Any, loss: torch.Tensor, any_rank: Any) -> bool:
     engine.step()
     norm = engine.get_global_grad_norm()
     return norm is None or math.isfinite(float(norm))
-
-
-def get_or_raise_first(refs: list[ray.ObjectRef]) -> list[Any]:
-    """Values of all ranks' calls, raising as soon as one fails: when a rank dies, the others wait
-    in a collective until a long timeout, so waiting for all of them would hang the driver."""
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)  # raises this rank's error now
-    return ray.get(refs)
-
-
-SAME_ON_EVERY_RANK = ("lr", "skipped_update")
-SLOWEST_RANK = ("time/learner_fetch", "time/learner_compute")  # the step waits for the slowest rank
-
-
-def combine_rank_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
-    """Ranks report shares of a global mean (added) or (sum, count) pairs (added, then divided)."""
-    totals: dict[str, float] = {}
-    for key in per_rank[0]:
-        values = [r[key] for r in per_rank]
-        if values[0] is None or key in SAME_ON_EVERY_RANK:
-            totals[key] = values[0]
-        elif key in SLOWEST_RANK:
-            totals[key] = max(values)
-        elif isinstance(values[0], tuple):
-            count = sum(v[1] for v in values)
-            if count:
-                totals[key] = sum(v[0] for v in values) / count
-        else:
-            totals[key] = sum(values)
-    return totals
 
 
 class LearnerGroup:

@@ -16,41 +16,19 @@ from opd_ray.actors.runtime import actor_location
 from opd_ray.actors.vllm_engine import Completion, create_engine, generate, greedy, prompt_logprobs
 from opd_ray.actors.weight_sync import WORKER_EXTENSION
 from opd_ray.data.verifiers import resolve_verifier
-from opd_ray.losses.batch import RolloutBatch
+from opd_ray.losses.batch import ResponseRow, RolloutBatch, batch_from_rows
 from opd_ray.spec import EngineSpec, ModelSpec, RolloutSpec
 
 
 def completions_to_batch(
     prompts_P: dict[int, list[int]], completions: list[Completion], policy_version: int, top_k_ids: int = 0
 ) -> RolloutBatch:
-    """Lays sequences out right-padded, with per-token tensors aligned to input positions."""
-    sequences = [prompts_P[c.prompt_index] + c.token_ids for c in completions]
-    length = max(len(s) for s in sequences)
-    batch_size = len(sequences)
-    input_ids_BL = torch.zeros(batch_size, length, dtype=torch.long)
-    attention_mask_BL = torch.zeros(batch_size, length, dtype=torch.long)
-    response_mask_BL = torch.zeros(batch_size, length, dtype=torch.float32)
-    rollout_logprobs_BL = torch.zeros(batch_size, length, dtype=torch.float32)
-    student_topk_ids_BLK = torch.zeros(batch_size, length, top_k_ids, dtype=torch.long) if top_k_ids else None
-    for b, (sequence, completion) in enumerate(zip(sequences, completions, strict=True)):
-        start = len(sequence) - len(completion.token_ids)
-        input_ids_BL[b, : len(sequence)] = torch.tensor(sequence)
-        attention_mask_BL[b, : len(sequence)] = 1
-        response_mask_BL[b, start : len(sequence)] = 1
-        if completion.logprobs:
-            rollout_logprobs_BL[b, start : len(sequence)] = torch.tensor(completion.logprobs)
-        if student_topk_ids_BLK is not None and completion.topk_ids:
-            student_topk_ids_BLK[b, start : len(sequence)] = torch.tensor(completion.topk_ids)
-    return RolloutBatch(
-        student_topk_ids_BLK=student_topk_ids_BLK,
-        input_ids_BL=input_ids_BL,
-        attention_mask_BL=attention_mask_BL,
-        response_mask_BL=response_mask_BL,
-        rollout_logprobs_BL=rollout_logprobs_BL,
-        prompt_index_B=torch.tensor([c.prompt_index for c in completions], dtype=torch.long),
-        finished_B=torch.tensor([c.finished for c in completions], dtype=torch.bool),
-        policy_version=policy_version,
-    )
+    """The engine's completions as a batch, tagged with the weights that sampled them."""
+    rows = [
+        ResponseRow(prompts_P[c.prompt_index], c.token_ids, c.prompt_index, c.finished, c.logprobs, c.topk_ids)
+        for c in completions
+    ]
+    return batch_from_rows(rows, policy_version, top_k_ids=top_k_ids)
 
 
 @ray.remote

@@ -1,32 +1,11 @@
-"""Connecting to Ray and the environment every actor starts with."""
+"""What every actor shares: the environment it starts with, where it runs, and how its calls are collected."""
 
 from __future__ import annotations
 
 import os
-import warnings
+from typing import Any
 
 import ray
-
-from opd_ray.errors import UserError
-from opd_ray.spec import RaySpec
-
-
-def connect(spec: RaySpec) -> None:
-    """Joins the cluster named by `address` (or the one `ray job submit` runs us in), else starts a local one."""
-    if ray.is_initialized():
-        return
-    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-    kwargs: dict = {"log_to_driver": True, "logging_level": "WARNING"}
-    if spec.address is None and "RAY_ADDRESS" not in os.environ:
-        kwargs.update(
-            num_cpus=spec.num_cpus,
-            include_dashboard=spec.include_dashboard,
-            dashboard_host=spec.dashboard_host,
-        )
-    try:
-        ray.init(address=spec.address, **kwargs)
-    except ConnectionError as exc:
-        raise UserError(f"ray.address: cannot connect to Ray at {spec.address!r}: {exc}") from None
 
 
 def actor_env(stages_overlap: bool = False) -> dict:
@@ -54,3 +33,13 @@ def actor_location() -> dict:
     """Where the calling actor runs: a run records this for every actor (placement.json)."""
     context = ray.get_runtime_context()
     return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
+
+
+def get_or_raise_first(refs: list[ray.ObjectRef]) -> list[Any]:
+    """Values of all ranks' calls, raising as soon as one fails: when a rank dies, the others wait
+    in a collective until a long timeout, so waiting for all of them would hang the driver."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # raises this rank's error now
+    return ray.get(refs)

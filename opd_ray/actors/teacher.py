@@ -15,10 +15,11 @@ from dataclasses import replace
 import ray
 import torch
 
-from opd_ray.actors.hf_model import final_hidden_states, load_causal_lm, response_hidden
+from opd_ray.actors.hf_model import load_causal_lm
 from opd_ray.actors.runtime import actor_location
 from opd_ray.actors.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
 from opd_ray.losses.batch import RolloutBatch
+from opd_ray.losses.hidden import final_hidden_states, response_hidden
 from opd_ray.spec import ModelSpec, TeacherSpec
 
 

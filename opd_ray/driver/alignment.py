@@ -10,13 +10,15 @@ purpose, and their share is kept at `outside_fraction` of what remains.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import ray
 import torch
 
-from opd_ray.console import step_progress
+from opd_ray.console import console, step_progress
 from opd_ray.data.prompts import PromptSet
 from opd_ray.data.selection import outside_count
 from opd_ray.driver.pipeline import rollout_and_score
@@ -71,3 +73,18 @@ def select_aligned(roles: Roles, train: PromptSet, spec: ExperimentSpec) -> tupl
         "teacher_logprob_threshold": float(kept_scores.min()),
     }
     return dropped, stats
+
+
+def keep_aligned_prompts(
+    spec: ExperimentSpec, roles: Roles, train: PromptSet, run_dir: Path, resume: bool
+) -> PromptSet:
+    """data.selection.keep_top_fraction: the prompts the teacher agrees with most. Scored once with the
+    initial student; a resumed run reuses the recorded choice (alignment.json), so its data order holds."""
+    record = run_dir / "alignment.json"
+    if resume and record.is_file():
+        dropped = set(json.loads(record.read_text())["dropped_rows"])
+    else:
+        dropped, stats = select_aligned(roles, train, spec)
+        console.print(f"alignment selection: {stats}")
+        record.write_text(json.dumps({**stats, "dropped_rows": sorted(dropped)}, indent=2))
+    return train.without(dropped)

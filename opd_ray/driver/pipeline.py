@@ -23,20 +23,16 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from opd_ray.data.order import mix_seed
 from opd_ray.data.prompts import PromptSet
 from opd_ray.driver.roles import Roles, await_restart
 
 SPEED_MEMORY = 0.5  # weight of the newest measurement in an actor's seconds-per-sequence estimate
 
 
-def shard_seed(run_seed: int, step: int, shard: int) -> int:
-    """Reproducible, distinct across runs, steps and shards; independent of the worker."""
-    return ((run_seed * 1_000_003 + step) * 10_007 + shard) % 2**62
-
-
 @dataclass
 class Shard:
-    """One shard of one step on its way through the stages."""
+    """One shard of one step on its way through the roles: sampled, then scored."""
 
     step: int
     index: int
@@ -46,11 +42,11 @@ class Shard:
     seed: int = 0
     batch_ref: ray.ObjectRef | None = None  # the rollout's output, the teacher's input
     scored_ref: ray.ObjectRef | None = None
-    stage_info: dict[str, dict] = field(default_factory=dict)  # "rollout"/"teacher" -> the actor's report
+    reports: dict[str, dict] = field(default_factory=dict)  # "rollout"/"teacher" -> the actor's report
 
     @property
     def scored(self) -> bool:
-        return "teacher" in self.stage_info
+        return "teacher" in self.reports
 
 
 class ActorPool:
@@ -96,12 +92,12 @@ class StepShards:
     @property
     def policy_version(self) -> int:
         """The oldest weights any shard was sampled with (what the staleness bound is about)."""
-        versions = [s.stage_info["rollout"]["policy_version"] for s in self.shards if "rollout" in s.stage_info]
+        versions = [s.reports["rollout"]["policy_version"] for s in self.shards if "rollout" in s.reports]
         return min(versions) if versions else -1
 
-    def stage_seconds(self, kind: str) -> float | None:
-        """Compute time the `kind` actors spent on this step; None when the step had no such stage."""
-        seconds = [s.stage_info[kind]["seconds"] for s in self.shards if kind in s.stage_info]
+    def role_seconds(self, kind: str) -> float | None:
+        """Compute time the `kind` actors spent on this step; None when no shard went through that role."""
+        seconds = [s.reports[kind]["seconds"] for s in self.shards if kind in s.reports]
         return sum(seconds) if seconds else None
 
     @property
@@ -131,7 +127,7 @@ class Pipeline:
                     len(rows) * samples_per_prompt,
                     prompts_P=self.prompts.subset(rows),
                     answers_P={i: self.prompts.answers[i] for i in rows},
-                    seed=shard_seed(self.run_seed, step, index),
+                    seed=mix_seed(self.run_seed, step, index),
                 )
             )
         self.rollout.queue.extend(shards)
@@ -173,7 +169,7 @@ class Pipeline:
             pool.queue.appendleft(shard)  # the same prompts and seed, first in line
             return
         pool.record(actor, shard, info)
-        shard.stage_info[pool.kind] = info
+        shard.reports[pool.kind] = info
         if pool.kind == "rollout":
             self.teacher.queue.append(shard)
 
@@ -214,6 +210,19 @@ class Pipeline:
     @property
     def busy_seconds(self) -> dict[str, float]:
         return {"rollout": self.rollout.busy_seconds, "teacher": self.teacher.busy_seconds}
+
+    def utilisation(self, step_s: float, busy_before: dict[str, float], learn_s: float) -> dict[str, float]:
+        """Share of the step each role's actors spent computing (compute finished during the step, over
+        step time x actors) and the idle seconds that leaves: where the pipeline waits."""
+        out = {}
+        for pool in (self.rollout, self.teacher):
+            capacity = step_s * len(pool.actors)
+            busy = pool.busy_seconds - busy_before[pool.kind]
+            out[f"busy/{pool.kind}"] = min(1.0, busy / capacity)  # shards may span steps
+            out[f"idle_s/{pool.kind}"] = max(0.0, capacity - busy)
+        out["busy/learner"] = learn_s / step_s
+        out["idle_s/learner"] = step_s - learn_s
+        return out
 
 
 def rollout_and_score(roles: Roles, prompts: PromptSet, indices: list[int], step: int, seed: int = 0) -> list:

@@ -11,19 +11,21 @@ points at --resume.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from opd_ray.actors.collective_sync import WeightBroadcast, group_backend
-from opd_ray.actors.learner import LearnerGroup, get_or_raise_first
+from opd_ray.actors.learner import LearnerGroup
 from opd_ray.actors.rollout import RolloutWorker
-from opd_ray.actors.runtime import actor_env
+from opd_ray.actors.runtime import actor_env, get_or_raise_first
 from opd_ray.actors.teacher import TeacherScorer
 from opd_ray.actors.vllm_engine import ENGINE_ENV
 from opd_ray.console import console
@@ -105,6 +107,15 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     if spec.weight_sync.method == "collective":
         broadcast = WeightBroadcast(spec.weight_sync, group_backend(spec), learners.workers, rollout_workers)
     return Roles(rollout_workers, teachers, learners, placement, broadcast, spec.trainer.max_actor_restarts)
+
+
+def record_placement(roles: Roles, run_dir: Path) -> None:
+    """placement.json: the node (and GPUs) of every actor, and one line per role on the console."""
+    locations = roles.locations()
+    (run_dir / "placement.json").write_text(json.dumps(locations, indent=2))
+    for role, actors in locations.items():
+        nodes = Counter(actor["node_id"][:8] + "@" + actor["node_ip"] for actor in actors)
+        console.print(f"  {role}: " + ", ".join(f"{count} on node {node}" for node, count in nodes.items()))
 
 
 def split(items: list[int], parts: int) -> list[list[int]]:

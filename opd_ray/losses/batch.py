@@ -84,24 +84,57 @@ def _pad_positions(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=1)
 
 
-def supervised_batch(rows: list[tuple[list[int], list[int]]], prompt_index: list[int] | None = None) -> RolloutBatch:
-    """Prompt + reference answer (end-of-sequence included in the answer ids); loss on the answer only."""
-    length = max(len(p) + len(a) for p, a in rows)
-    input_ids_BL = torch.zeros(len(rows), length, dtype=torch.long)
-    attention_mask_BL = torch.zeros(len(rows), length, dtype=torch.long)
-    response_mask_BL = torch.zeros(len(rows), length)
-    for b, (prompt, answer) in enumerate(rows):
-        n = len(prompt) + len(answer)
-        input_ids_BL[b, :n] = torch.tensor(prompt + answer)
-        attention_mask_BL[b, :n] = 1
-        response_mask_BL[b, len(prompt) : n] = 1
+@dataclass
+class ResponseRow:
+    """One prompt and one response, before layout: a student sample or a dataset's reference answer."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]  # end-of-sequence included when the response finished
+    prompt_index: int = -1  # row of the prompt in the dataset
+    finished: bool = True
+    logprobs: list[float] | None = None  # sampling-time log-probs of the response tokens
+    topk_ids: list[list[int]] | None = None  # sampling-time student top-k ids per response token
+
+
+def batch_from_rows(
+    rows: list[ResponseRow], policy_version: int = 0, source: str = "student", top_k_ids: int = 0
+) -> RolloutBatch:
+    """Lays rows out right-padded, per-token values aligned to input positions; zeros where a row has none.
+
+    `top_k_ids` > 0 adds the student's sampling-time top-k ids (topk objectives on the student's support)."""
+    length = max(len(r.prompt_ids) + len(r.response_ids) for r in rows)
+    batch_size = len(rows)
+    input_ids_BL = torch.zeros(batch_size, length, dtype=torch.long)
+    attention_mask_BL = torch.zeros(batch_size, length, dtype=torch.long)
+    response_mask_BL = torch.zeros(batch_size, length)
+    rollout_logprobs_BL = torch.zeros(batch_size, length)
+    student_topk_ids_BLK = torch.zeros(batch_size, length, top_k_ids, dtype=torch.long) if top_k_ids else None
+    for b, row in enumerate(rows):
+        start, end = len(row.prompt_ids), len(row.prompt_ids) + len(row.response_ids)
+        input_ids_BL[b, :end] = torch.tensor(row.prompt_ids + row.response_ids)
+        attention_mask_BL[b, :end] = 1
+        response_mask_BL[b, start:end] = 1
+        if row.logprobs:
+            rollout_logprobs_BL[b, start:end] = torch.tensor(row.logprobs)
+        if student_topk_ids_BLK is not None and row.topk_ids:
+            student_topk_ids_BLK[b, start:end] = torch.tensor(row.topk_ids)
     return RolloutBatch(
         input_ids_BL=input_ids_BL,
         attention_mask_BL=attention_mask_BL,
         response_mask_BL=response_mask_BL,
-        rollout_logprobs_BL=torch.zeros(len(rows), length),
-        prompt_index_B=torch.tensor(prompt_index) if prompt_index else torch.full((len(rows),), -1),
-        finished_B=torch.ones(len(rows), dtype=torch.bool),
-        policy_version=0,
+        rollout_logprobs_BL=rollout_logprobs_BL,
+        prompt_index_B=torch.tensor([r.prompt_index for r in rows], dtype=torch.long),
+        finished_B=torch.tensor([r.finished for r in rows], dtype=torch.bool),
+        policy_version=policy_version,
+        student_topk_ids_BLK=student_topk_ids_BLK,
+        source=source,
+    )
+
+
+def supervised_batch(rows: list[tuple[list[int], list[int]]], prompt_index: list[int] | None = None) -> RolloutBatch:
+    """Prompt + reference answer (end-of-sequence included in the answer ids); loss on the answer only."""
+    indices = prompt_index or [-1] * len(rows)
+    return batch_from_rows(
+        [ResponseRow(prompt, answer, index) for (prompt, answer), index in zip(rows, indices, strict=True)],
         source="dataset",
     )

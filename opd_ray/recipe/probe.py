@@ -16,14 +16,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from opd_ray.actors.learner import combine_rank_metrics, get_or_raise_first
-from opd_ray.actors.runtime import connect
-from opd_ray.data.preflight import prepare
+from opd_ray.actors.runtime import get_or_raise_first
+from opd_ray.data.order import PromptSampler
 from opd_ray.data.prompts import PromptSet
-from opd_ray.driver.loop import PromptSampler, evaluate
+from opd_ray.driver.evaluation import evaluate
 from opd_ray.driver.pipeline import rollout_and_score
 from opd_ray.driver.roles import start_roles
-from opd_ray.recipe.tiny_models import ensure_tiny_models
+from opd_ray.losses.step import combine_rank_metrics
+from opd_ray.recipe.startup import start
 from opd_ray.spec import ExperimentSpec, ProbeSpec
 
 # (metric, what it means), in the order printed
@@ -84,12 +84,9 @@ def first(prompts: PromptSet, count: int) -> PromptSet:
 
 def run_probe(spec: ExperimentSpec) -> dict:
     """Starts the roles, samples and scores `probe.prompts` prompts, measures, writes probe.json."""
-    if spec.models.build_tiny is not None:
-        ensure_tiny_models(spec)
-    started = time.perf_counter()  # the probe's own time, not a first build's
-    prepared = prepare(spec)
+    prepared = start(spec)
+    started = time.perf_counter()  # the probe's own time, not start-up's (which may build tiny models)
     k = spec.diagnostics.top_k
-    connect(spec.ray)
     roles = start_roles(spec)
     try:
         indices = PromptSampler(len(prepared.train), spec.run.seed).next(min(spec.probe.prompts, len(prepared.train)))

@@ -7,7 +7,6 @@ so an interrupted SFT never leaves a half-written model where a later stage woul
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import ray
@@ -15,6 +14,7 @@ import ray
 from opd_ray.actors.learner import LearnerGroup
 from opd_ray.actors.runtime import actor_env
 from opd_ray.console import step_progress
+from opd_ray.files import written_aside
 from opd_ray.spec import LearnerSpec, ModelSpec
 
 Example = tuple[list[int], list[int]]  # (prompt ids, answer ids ending with end-of-sequence)
@@ -43,11 +43,8 @@ def train_sft(
                 loss = sum(per_rank[-1] for per_rank in losses)
                 done += count
                 progress.advance(done, f"loss {loss:.3f}")
-        staging = output_dir.with_name(output_dir.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        ray.get(group.call("save_pretrained", str(staging), init.path))
-        shutil.rmtree(output_dir, ignore_errors=True)
-        staging.rename(output_dir)
+        with written_aside(output_dir) as staging:
+            ray.get(group.call("save_pretrained", str(staging), init.path))
     finally:
         group.shutdown()
     return loss

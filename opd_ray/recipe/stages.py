@@ -19,19 +19,22 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+from typing import TextIO
 
 import ray
 
 from opd_ray.actors.rollout import RolloutWorker
-from opd_ray.actors.runtime import actor_env, connect
+from opd_ray.actors.runtime import actor_env
 from opd_ray.actors.vllm_engine import ENGINE_ENV, Completion
 from opd_ray.console import console, step_progress
-from opd_ray.data.preflight import prepare
+from opd_ray.data.preflight import Prepared
 from opd_ray.driver.loop import distill
 from opd_ray.errors import UserError
+from opd_ray.files import written_aside
 from opd_ray.recipe.sft import train_sft
-from opd_ray.recipe.tiny_models import ensure_tiny_models
+from opd_ray.recipe.startup import start
 from opd_ray.spec import ExperimentSpec, TeacherGenerationSpec
 
 GENERATION_CHUNK = 256  # prompts per generate call: progress and bounded memory
@@ -48,10 +51,8 @@ def finished(spec: ExperimentSpec, stage: str) -> dict | None:
 
 
 def mark_done(spec: ExperimentSpec, stage: str, record: dict) -> None:
-    directory = stage_dir(spec, stage)
-    partial = directory / "done.json.partial"
-    partial.write_text(json.dumps(record, indent=2))
-    partial.rename(directory / "done.json")
+    with written_aside(stage_dir(spec, stage) / "done.json") as partial:
+        partial.write_text(json.dumps(record, indent=2))
 
 
 def most_repeated_ngram(tokens: list[int], n: int) -> int:
@@ -78,10 +79,9 @@ def cold_start_rows(spec: ExperimentSpec, train_size: int) -> list[int]:
     return sorted(random.Random(spec.run.seed).sample(range(train_size), min(count, train_size)))
 
 
-def teacher_generate(spec: ExperimentSpec) -> dict:
+def teacher_engine(spec: ExperimentSpec) -> ray.actor.ActorHandle:
+    """The teacher in a rollout engine, sampling with the stage's settings instead of the rollout's."""
     settings = spec.cold_start.teacher_generate
-    prepared = prepare(spec)
-    rows = cold_start_rows(spec, len(prepared.train))
     rollout = spec.rollout.model_copy(
         update={
             "samples_per_prompt": settings.samples_per_prompt,
@@ -90,52 +90,55 @@ def teacher_generate(spec: ExperimentSpec) -> dict:
             "max_new_tokens": settings.max_new_tokens or spec.rollout.max_new_tokens,
         }
     )
-    connect(spec.ray)
     options = {
         **spec.teacher.resources.actor_options(),
         "runtime_env": {"env_vars": {**actor_env()["env_vars"], **ENGINE_ENV}},
     }
-    engine = RolloutWorker.options(**options).remote(spec.models.teacher, spec.teacher.engine, rollout, spec.run.seed)
-    directory = stage_dir(spec, "teacher_generate")
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / "data.jsonl.partial"
-    dropped: Counter = Counter()
-    kept = 0
+    return RolloutWorker.options(**options).remote(spec.models.teacher, spec.teacher.engine, rollout, spec.run.seed)
+
+
+def write_teacher_answers(
+    spec: ExperimentSpec, prepared: Prepared, engine: ray.actor.ActorHandle, rows: list[int], out: TextIO
+) -> Counter:
+    """Generates answers for `rows` chunk by chunk and writes the kept ones as jsonl; returns the counts
+    of kept (`kept`) and of each drop reason."""
+    settings, counts = spec.cold_start.teacher_generate, Counter()
+    with step_progress("teacher_generate", len(rows)) as progress:
+        for start in range(0, len(rows), GENERATION_CHUNK):
+            chunk = rows[start : start + GENERATION_CHUNK]
+            completions = ray.get(engine.complete.remote(prepared.train.subset(chunk), spec.run.seed + start))
+            for completion in completions:
+                row = completion.prompt_index
+                reason = drop_reason(completion, prepared.train.answers[row], prepared.verifier, settings)
+                counts[reason or "kept"] += 1
+                if reason is None:
+                    record = {
+                        "row": row,
+                        "prompt_ids": prepared.train.prompt_ids[row],
+                        "response_ids": completion.token_ids,
+                        "response": completion.text,
+                    }
+                    out.write(json.dumps(record) + "\n")
+            progress.advance(start + len(chunk), f"kept {counts['kept']}")
+    return counts
+
+
+def teacher_generate(spec: ExperimentSpec, prepared: Prepared) -> dict:
+    rows = cold_start_rows(spec, len(prepared.train))
+    engine = teacher_engine(spec)
     try:
-        with partial.open("w") as out, step_progress("teacher_generate", len(rows)) as progress:
-            for start in range(0, len(rows), GENERATION_CHUNK):
-                chunk = rows[start : start + GENERATION_CHUNK]
-                completions = ray.get(engine.complete.remote(prepared.train.subset(chunk), spec.run.seed + start))
-                for completion in completions:
-                    answer = prepared.train.answers[completion.prompt_index]
-                    reason = drop_reason(completion, answer, prepared.verifier, settings)
-                    if reason is not None:
-                        dropped[reason] += 1
-                        continue
-                    kept += 1
-                    out.write(
-                        json.dumps(
-                            {
-                                "row": completion.prompt_index,
-                                "prompt_ids": prepared.train.prompt_ids[completion.prompt_index],
-                                "response_ids": completion.token_ids,
-                                "response": completion.text,
-                            }
-                        )
-                        + "\n"
-                    )
-                progress.advance(start + len(chunk), f"kept {kept}")
+        with written_aside(stage_dir(spec, "teacher_generate") / "data.jsonl") as partial, partial.open("w") as out:
+            counts = write_teacher_answers(spec, prepared, engine, rows, out)
+            kept = counts.pop("kept", 0)
+            if kept == 0:
+                raise UserError(
+                    f"teacher_generate: all {sum(counts.values())} teacher answers were dropped ({dict(counts)}); "
+                    "raise cold_start.teacher_generate.max_new_tokens or relax its filters"
+                )
     finally:
         ray.kill(engine)
-    generated = kept + sum(dropped.values())
-    if kept == 0:
-        raise UserError(
-            f"teacher_generate: all {generated} teacher answers were dropped ({dict(dropped)}); raise "
-            "cold_start.teacher_generate.max_new_tokens or relax its filters"
-        )
-    partial.rename(directory / "data.jsonl")
-    record = {"rows": rows, "generated": generated, "kept": kept, "dropped": dict(dropped)}
-    console.print(f"teacher_generate: kept {kept} of {generated} answers; dropped {dict(dropped) or 'none'}")
+    record = {"rows": rows, "generated": kept + sum(counts.values()), "kept": kept, "dropped": dict(counts)}
+    console.print(f"teacher_generate: kept {kept} of {record['generated']} answers; dropped {dict(counts) or 'none'}")
     mark_done(spec, "teacher_generate", record)
     return record
 
@@ -147,9 +150,7 @@ def sft(spec: ExperimentSpec) -> dict:
     learner = spec.learner.model_copy(
         update={"lr": settings.lr, "lr_schedule": settings.lr_schedule, "warmup_steps": settings.warmup_steps}
     )
-    connect(spec.ray)
     output = stage_dir(spec, "sft") / "student"
-    output.parent.mkdir(parents=True, exist_ok=True)
     loss = train_sft(
         spec.models.student, output, examples, learner, settings.steps, settings.batch_size, spec.run.seed, "student"
     )
@@ -168,10 +169,24 @@ def opd_spec(spec: ExperimentSpec) -> ExperimentSpec:
 
 
 def run_stages(spec: ExperimentSpec, resume: bool = False) -> dict:
-    """Runs the spec's stages in order; the summary is OPD's, with what the cold start did."""
+    """`opd-ray train`: the spec's stages in order; the summary is OPD's, with what the cold start did."""
+    prepared = start(spec)
+    records = run_cold_start(spec, prepared)
+    if "opd" not in spec.stages:
+        return {"run": spec.run.name, "objective": "cold start only", "stages": records}
+    if "teacher_generate" in records:  # OPD trains on the prompts the cold start did not answer
+        prepared = replace(prepared, train=prepared.train.without(set(records["teacher_generate"]["rows"])))
+    summary = distill(opd_spec(spec), prepared, resume=resume)
+    if records:
+        summary["cold_start"] = {
+            stage: {k: v for k, v in record.items() if k != "rows"} for stage, record in records.items()
+        }
+    return summary
+
+
+def run_cold_start(spec: ExperimentSpec, prepared: Prepared) -> dict[str, dict]:
+    """The stages before OPD, each skipped when its done.json exists; their records by stage."""
     records: dict[str, dict] = {}
-    if spec.models.build_tiny is not None:
-        ensure_tiny_models(spec)
     for stage in spec.stages:
         if stage == "opd":
             break
@@ -181,13 +196,5 @@ def run_stages(spec: ExperimentSpec, resume: bool = False) -> dict:
             records[stage] = done
             continue
         console.print(f"[bold]stage {stage}[/]")
-        records[stage] = teacher_generate(spec) if stage == "teacher_generate" else sft(spec)
-    if "opd" not in spec.stages:
-        return {"run": spec.run.name, "objective": "cold start only", "stages": records}
-    used = set(records["teacher_generate"]["rows"]) if "teacher_generate" in records else set()
-    summary = distill(opd_spec(spec), resume=resume, exclude_train=used)
-    if records:
-        summary["cold_start"] = {
-            stage: {k: v for k, v in record.items() if k != "rows"} for stage, record in records.items()
-        }
-    return summary
+        records[stage] = teacher_generate(spec, prepared) if stage == "teacher_generate" else sft(spec)
+    return records

@@ -15,9 +15,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from opd_ray.actors.runtime import connect
 from opd_ray.console import console
 from opd_ray.data.arithmetic import ALPHABET, write_task_files
+from opd_ray.driver.cluster import connect
 from opd_ray.recipe.sft import train_sft
 from opd_ray.spec import ExperimentSpec, LearnerSpec, ModelSpec
 
