@@ -146,11 +146,11 @@ def spec_dict(models: Path, run_dir: Path, steps: int, prompts_per_step: int, ma
 
 def run_distill(raw: dict) -> list[dict]:
     """Runs opd-ray's own training loop; the per-step metrics it wrote."""
-    from opd_ray.driver.loop import distill
+    from opd_ray.recipe.stages import run_stages
     from opd_ray.spec import ExperimentSpec
 
     spec = ExperimentSpec.model_validate(raw)
-    distill(spec)
+    run_stages(spec)
     return [json.loads(line) for line in (Path(spec.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 

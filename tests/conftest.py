@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout: examples/, benchmarks/, cluster_configs/
+
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "opd-ray" / "torch_extensions"))
 
 

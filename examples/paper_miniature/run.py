@@ -22,7 +22,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from opd_ray.driver.loop import gap_recovery
+from opd_ray.driver.evaluation import gap_recovery
 from opd_ray.plots import plot_runs
 from opd_ray.report import read_run, window_mean
 

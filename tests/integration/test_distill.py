@@ -82,12 +82,12 @@ def test_weight_sync_makes_rollout_engine_match_learner_zero3(
 
 def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """Several OPD steps with ZeRO-2: the exact (k = |V|) reverse KL to the teacher falls."""
-    from opd_ray.driver.loop import distill
+    from opd_ray.recipe.stages import run_stages
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["trainer"].update(steps=24, prompts_per_step=32)
     raw["learner"].update(lr=3e-3, warmup_steps=2)
-    summary = distill(ExperimentSpec.model_validate(raw))
+    summary = run_stages(ExperimentSpec.model_validate(raw))
 
     run_dir = tmp_path / "run"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -155,13 +155,13 @@ def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp
 
 def test_sft_control_raises_likelihood_of_reference_answers(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """The control arm trains on the dataset's answers through the same learner, without a teacher signal."""
-    from opd_ray.driver.loop import distill
+    from opd_ray.recipe.stages import run_stages
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["algorithm"] = {"objective": "sft", "aggregation": "sequence_mean"}
     raw["trainer"].update(steps=16, prompts_per_step=32, save_final=False)
     raw["learner"].update(lr=3e-3, warmup_steps=1)
-    distill(ExperimentSpec.model_validate(raw))
+    run_stages(ExperimentSpec.model_validate(raw))
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("sampled_reverse_kl" not in m for m in metrics)  # no teacher was asked
     assert "time/teacher" not in metrics[0]

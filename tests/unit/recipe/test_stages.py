@@ -1,8 +1,7 @@
-"""The recipe's stages: spec rules, the teacher-answer filters, and cold start -> OPD end to end."""
+"""The recipe's stages: spec rules, the teacher-answer filters, what the OPD stage trains."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,12 @@ from opd_ray.recipe.stages import drop_reason, most_repeated_ngram, opd_spec
 from opd_ray.spec import ExperimentSpec, TeacherGenerationSpec
 from tests.conftest import tiny_spec_dict
 
-COLD_START = {"teacher_generate": {"prompts": 64, "drop_truncated": False, "max_ngram_repeats": 6}}
-
 
 def completion(ids: list[int], text: str, finished: bool = True) -> Completion:
     return Completion(0, ids, [], None, finished=finished, text=text)
+
+
+COLD_START = {"teacher_generate": {"prompts": 64, "drop_truncated": False, "max_ngram_repeats": 6}}
 
 
 def test_most_repeated_ngram_counts_overlapping_occurrences() -> None:
@@ -83,40 +83,3 @@ def test_stage_lists_that_cannot_run_are_refused(
     OmegaConf.save(OmegaConf.create(raw), path)
     with pytest.raises(SpecError, match=message):
         load_spec(path)
-
-
-@pytest.mark.integration
-def test_cold_start_then_opd_in_one_spec_and_finished_stages_are_skipped(
-    tiny_dir: Path, tmp_path: Path, local_ray
-) -> None:
-    from opd_ray.data.preflight import prepare
-    from opd_ray.recipe.stages import cold_start_rows, run_stages, stage_dir
-
-    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
-    raw["stages"] = ["teacher_generate", "sft", "opd"]
-    raw["cold_start"] = {**COLD_START, "sft": {"steps": 20, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2}}
-    raw["trainer"].update(steps=2, save_final=False)
-    spec = ExperimentSpec.model_validate(raw)
-    summary = run_stages(spec)
-
-    generated = json.loads((stage_dir(spec, "teacher_generate") / "done.json").read_text())
-    rows = [json.loads(line) for line in (stage_dir(spec, "teacher_generate") / "data.jsonl").read_text().splitlines()]
-    assert generated["generated"] == 64 and generated["kept"] == len(rows) > 0
-    assert generated["kept"] + sum(generated["dropped"].values()) == 64
-    train = prepare(spec).train
-    used = cold_start_rows(spec, len(train))
-    assert {row["row"] for row in rows} <= set(used) and len(used) == 64
-    assert all(row["prompt_ids"] == train.prompt_ids[row["row"]] for row in rows)
-    sft_student = stage_dir(spec, "sft") / "student"
-    assert (sft_student / "config.json").is_file() and any(sft_student.glob("*.safetensors"))
-    assert summary["cold_start"]["sft"]["examples"] == len(rows)
-    assert summary["cold_start"]["teacher_generate"]["kept"] == len(rows)
-    run_spec = (tmp_path / "run" / "spec.yaml").read_text()
-    assert str(sft_student) in run_spec  # OPD started from the cold-started student
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2]
-
-    stamps = {p: p.stat().st_mtime_ns for p in (stage_dir(spec, "teacher_generate") / "data.jsonl", sft_student)}
-    second = run_stages(spec)
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # neither finished stage ran again
-    assert second["cold_start"]["sft"] == summary["cold_start"]["sft"]

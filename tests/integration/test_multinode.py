@@ -5,8 +5,7 @@ A head node (advertising `learner_node`) and a second node joined with `ray star
 first and the rollout engine and teacher to the second through `resources.custom`. The
 test reads where every actor ran from the run's placement.json and checks it against the
 nodes' resources as the cluster reports them. It stops only the processes of this cluster
-(found by its own temp dir), never other Ray instances on the machine.
-"""
+(found by its own temp dir), never other Ray instances on the machine."""
 
 from __future__ import annotations
 
@@ -23,8 +22,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 RAY = str(Path(sys.executable).parent / "ray")
+
+
 pytestmark = pytest.mark.integration
 
 

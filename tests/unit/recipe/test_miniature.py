@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from opd_ray import tiny_models
 from opd_ray.cli import main
 from opd_ray.data.arithmetic import either_digit_order
 from opd_ray.data.verifiers import resolve_verifier
 from opd_ray.plots import accuracy_curve, moving_average, plot_runs
+from opd_ray.recipe import tiny_models
 from opd_ray.spec import load_spec
+from tests.conftest import REPO
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "paper_miniature"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EXAMPLE = REPO / "examples" / "paper_miniature"
 
 
 def load_example_script():
@@ -24,6 +24,25 @@ def load_example_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(run_dir: Path, steps: int, overlap_start: float, accuracies: tuple[float, float, float]) -> Path:
+    """A finished run's files as the driver writes them: one metrics line a step, evals every 10."""
+    run_dir.mkdir(parents=True)
+    with (run_dir / "metrics.jsonl").open("w") as f:
+        for step in range(1, steps + 1):
+            row = {"step": step, "diag/overlap_ratio": overlap_start + step / 100, "diag/entropy_gap": 1 / step}
+            row["diag/top1_agreement"] = overlap_start
+            if step % 10 == 0 and step < steps:
+                row["eval/student_accuracy"] = 0.5
+            f.write(json.dumps(row) + "\n")
+    before, after, teacher = accuracies
+    summary = {"student_accuracy_before": before, "student_accuracy_after": after, "teacher_accuracy": teacher}
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "objective": "topk", "wall_seconds": 9.0}))
+    return run_dir
 
 
 def test_either_digit_order_accepts_both_orders_and_nothing_else() -> None:
@@ -82,22 +101,6 @@ def test_a_second_teacher_is_built_beside_the_cached_student(tmp_path: Path, mon
     elsewhere = tmp_path.parent / f"{tmp_path.name}-cold-started-student"
     tiny_models.ensure_tiny_models(load_spec(script.SPEC, [*common, f"models.student.path={elsewhere}"]))
     assert len(trained) == 3 and not elsewhere.exists(), "a model outside the build directory is left alone"
-
-
-def write_run(run_dir: Path, steps: int, overlap_start: float, accuracies: tuple[float, float, float]) -> Path:
-    """A finished run's files as the driver writes them: one metrics line a step, evals every 10."""
-    run_dir.mkdir(parents=True)
-    with (run_dir / "metrics.jsonl").open("w") as f:
-        for step in range(1, steps + 1):
-            row = {"step": step, "diag/overlap_ratio": overlap_start + step / 100, "diag/entropy_gap": 1 / step}
-            row["diag/top1_agreement"] = overlap_start
-            if step % 10 == 0 and step < steps:
-                row["eval/student_accuracy"] = 0.5
-            f.write(json.dumps(row) + "\n")
-    before, after, teacher = accuracies
-    summary = {"student_accuracy_before": before, "student_accuracy_after": after, "teacher_accuracy": teacher}
-    (run_dir / "summary.json").write_text(json.dumps({**summary, "objective": "topk", "wall_seconds": 9.0}))
-    return run_dir
 
 
 def test_moving_average_and_accuracy_curve() -> None:

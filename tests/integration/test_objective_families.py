@@ -109,12 +109,12 @@ def test_full_vocab_on_learners_equals_topk_over_whole_vocabulary(tiny_dir: Path
 
 def test_gkd_mixes_student_and_dataset_batches(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """GKD from a spec change alone: JSD(0.5) on the full vocabulary, half the steps on dataset answers."""
-    from opd_ray.driver.loop import distill
+    from opd_ray.recipe.stages import run_stages
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["algorithm"] = {"objective": "full_vocab", "divergence": "jsd", "student_data_fraction": 0.5}
     raw["trainer"].update(steps=8, save_final=False)
-    distill(ExperimentSpec.model_validate(raw))
+    run_stages(ExperimentSpec.model_validate(raw))
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     on_dataset = [m for m in metrics if m.get("dataset_batch")]
     on_student = [m for m in metrics if not m.get("dataset_batch")]

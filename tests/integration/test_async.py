@@ -11,49 +11,8 @@ import pytest
 import ray
 
 from opd_ray.actors.teacher import TeacherScorer
-from opd_ray.driver.pipeline import ActorPool, Shard, shard_seed
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import start_teacher_actor, tiny_spec_dict
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-# ---- the dispatch rule, without Ray ----
-
-
-def test_pool_tries_unmeasured_actors_first_then_the_fastest_free_one() -> None:
-    pool = ActorPool("teacher", ["a", "b", "c"])
-    assert pool.free_actor() == 0
-    pool.running[0] = Shard(1, 0, 4)
-    assert pool.free_actor() == 1  # never measured beats measured
-    pool.record(0, Shard(1, 0, 4), {"seconds": 4.0})  # a: 1.0 s / sequence
-    pool.running[1] = Shard(1, 1, 4)
-    pool.record(1, Shard(1, 1, 4), {"seconds": 0.4})  # b: 0.1 s / sequence
-    pool.running[2] = Shard(1, 2, 4)
-    assert pool.free_actor() == 1  # the fastest of the free ones
-    pool.running[1] = Shard(1, 3, 4)
-    assert pool.free_actor() == 0  # b busy: the slow one rather than waiting
-    pool.running[0] = Shard(1, 4, 4)
-    assert pool.free_actor() is None
-    assert pool.busy_seconds == pytest.approx(4.4) and pool.shards_done == [1, 1, 0]
-
-
-def test_pool_speed_estimate_follows_recent_measurements() -> None:
-    pool = ActorPool("rollout", ["a"])
-    for seconds in (1.0, 1.0, 0.2, 0.2, 0.2):
-        pool.record(0, Shard(1, 0, 1), {"seconds": seconds})
-    assert 0.2 < pool.seconds_per_sequence[0] < 0.35  # a replica that got faster is trusted again
-
-
-def test_shard_seed_depends_on_run_step_and_shard_only() -> None:
-    seeds = {shard_seed(run, step, shard) for run in range(3) for step in range(1, 50) for shard in range(8)}
-    assert len(seeds) == 3 * 49 * 8
-    assert shard_seed(0, 5, 2) == shard_seed(0, 5, 2)
-
-
-# ---- the real pipeline ----
 
 
 class SlowTeacherScorer(TeacherScorer):
@@ -67,6 +26,10 @@ class SlowTeacherScorer(TeacherScorer):
         time.sleep(self.DELAY_PER_SEQUENCE_S * batch.num_sequences)
         report["seconds"] += self.DELAY_PER_SEQUENCE_S * batch.num_sequences  # what the replica measures
         return scored, report
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.integration
@@ -113,8 +76,10 @@ def test_async_respects_staleness_and_trains_every_prompt_once(
     than 2 versions older than the learner, samples did run ahead, and each step trains its own
     prompts exactly once. With collective weight sync the broadcasts queue behind rollouts the
     same way, and must not deadlock with them."""
+    from opd_ray.data.order import PromptSampler
     from opd_ray.data.preflight import prepare
-    from opd_ray.driver.loop import PromptSampler, distill, prompts_digest
+    from opd_ray.driver.steps import prompts_digest
+    from opd_ray.recipe.stages import run_stages
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["rollout"]["num_workers"] = 2
@@ -123,7 +88,7 @@ def test_async_respects_staleness_and_trains_every_prompt_once(
     raw["algorithm"]["importance_cap"] = 2.0
     raw["weight_sync"] = {"method": weight_sync}
     spec = ExperimentSpec.model_validate(raw)
-    distill(spec)
+    run_stages(spec)
 
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == list(range(1, 7))
@@ -151,14 +116,14 @@ def test_synchronous_steps_do_not_depend_on_how_shards_are_dispatched(
 ) -> None:
     """max_staleness=0 on one rollout worker and one teacher vs two of each: the same shards and
     seeds, so the same samples and losses step for step."""
-    from opd_ray.driver.loop import distill
+    from opd_ray.recipe.stages import run_stages
 
     def run(name: str, replicas: int) -> list[dict]:
         raw = tiny_spec_dict(tiny_dir, tmp_path / name)
         raw["rollout"]["num_workers"] = replicas
         raw["teacher"]["num_replicas"] = replicas
         raw["trainer"].update(steps=4, max_staleness=0, prompts_per_shard=4, save_final=False)
-        distill(ExperimentSpec.model_validate(raw))
+        run_stages(ExperimentSpec.model_validate(raw))
         return read_metrics(tmp_path / name)
 
     one, two = run("one", 1), run("two", 2)

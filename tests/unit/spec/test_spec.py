@@ -11,8 +11,9 @@ import yaml
 
 from opd_ray.errors import SpecError
 from opd_ray.spec import load_spec
+from tests.conftest import REPO
 
-QUICKSTART = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
+QUICKSTART = REPO / "examples" / "quickstart.yaml"
 
 
 def write(tmp_path: Path, text: str) -> Path:

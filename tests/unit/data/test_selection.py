@@ -1,4 +1,4 @@
-"""Teacher-aligned prompts: dedup against reference and eval prompts, mixing, the teacher's template."""
+"""Cleaning and mixing the training prompts: dedup against reference prompts, outside mixing, the teacher's template."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from opd_ray.data.selection import deduplicate, mix_order, outside_count
 from opd_ray.errors import UserError
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
+
+
+def write_jsonl(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in prompts))
+    return path
 
 
 def test_exact_duplicates_ignore_case_and_spacing_and_reference_prompts_go_first() -> None:
@@ -39,11 +44,6 @@ def test_outside_share_and_a_seeded_interleaving() -> None:
     order = mix_order(6, 2, seed=3)
     assert sorted(order) == sorted([("aligned", i) for i in range(6)] + [("outside", 0), ("outside", 1)])
     assert order == mix_order(6, 2, seed=3) != mix_order(6, 2, seed=4)
-
-
-def write_jsonl(path: Path, prompts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in prompts))
-    return path
 
 
 def test_selection_in_the_spec_cleans_and_mixes_the_training_prompts(tiny_dir: Path, tmp_path: Path) -> None:
@@ -100,66 +100,9 @@ def test_prompts_wrapped_in_the_teachers_chat_template(tiny_dir: Path, tmp_path:
         prepare(ExperimentSpec.model_validate(raw))
 
 
-def test_teacher_confidence_averages_response_tokens_per_sample_and_groups_by_prompt() -> None:
-    import torch
-
-    from opd_ray.driver.alignment import teacher_confidence
-    from opd_ray.losses.batch import RolloutBatch
-
-    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 0]], dtype=torch.float32)
-    teacher = torch.tensor([[0.0, -1.0, -3.0, 0.0], [0.0, 0.0, -0.5, -0.5], [0.0, -4.0, 0.0, 0.0]]) * mask
-    batch = RolloutBatch(
-        input_ids_BL=torch.zeros(3, 4, dtype=torch.long),
-        attention_mask_BL=torch.ones(3, 4, dtype=torch.long),
-        response_mask_BL=mask,
-        rollout_logprobs_BL=torch.zeros(3, 4),
-        prompt_index_B=torch.tensor([7, 7, 2]),
-        finished_B=torch.ones(3, dtype=torch.bool),
-        policy_version=0,
-        teacher_logprobs_BL=teacher,
-    )
-    assert teacher_confidence(batch) == {7: [-2.0, -0.5], 2: [-4.0]}
-
-
-def test_top_fraction_keeps_the_best_rounding_up_and_breaks_ties_by_row() -> None:
-    from opd_ray.driver.alignment import top_fraction
-
-    scores = {0: -1.0, 1: -0.2, 2: -0.2, 3: -3.0, 4: -0.1}
-    assert top_fraction(scores, 0.4) == [1, 4]
-    assert top_fraction(scores, 0.5) == [1, 2, 4]  # ceil(2.5) = 3
-    assert top_fraction(scores, 1.0) == [0, 1, 2, 3, 4]
-
-
 def test_dropping_rows_renumbers_the_outside_rows() -> None:
     from opd_ray.data.prompts import PromptSet
 
     prompts = PromptSet([[1], [2], [3], [4]], ["a", "b", "c", "d"], "x", frozenset({1, 3}))
     assert prompts.without({0}).outside_rows == frozenset({0, 2})
     assert prompts.without({1}).outside_rows == frozenset({2})
-
-
-@pytest.mark.integration
-def test_training_on_the_prompts_the_teacher_agrees_with_most(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
-    """keep_top_fraction 0.25 of 64 scored prompts, with outside prompts kept at a fifth of what remains:
-    the kept prompts score higher on average than the pool, the choice is recorded, and training runs."""
-    from opd_ray.driver.loop import distill
-
-    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
-    raw["data"]["train"]["limit"] = 64
-    raw["data"]["eval"] = None  # accuracy is not what this test is about
-    raw["data"]["selection"] = {
-        "near_duplicate_jaccard": None,
-        "outside": {"path": str(write_jsonl(tmp_path / "outside.jsonl", [f"{a}+{a}=" for a in range(10, 40)]))},
-        "outside_fraction": 0.2,
-        "keep_top_fraction": 0.25,
-    }
-    raw["trainer"].update(steps=2, prompts_per_step=8, save_final=False)
-    summary = distill(ExperimentSpec.model_validate(raw))
-
-    record = json.loads((tmp_path / "run" / "alignment.json").read_text())
-    assert summary["prompt_selection"]["outside"] == 16  # 16 of 80 = 20%, before scoring
-    assert record["scored"] == 64 and record["kept"] == 16 and record["outside_kept"] == 4  # 4 of 20
-    assert len(record["dropped_rows"]) == 80 - 16 - 4
-    assert record["teacher_logprob_mean_kept"] > record["teacher_logprob_mean_all"]
-    assert record["teacher_logprob_threshold"] <= record["teacher_logprob_mean_kept"]
-    assert summary["steps"] == 2

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from opd_ray.losses.step import combine_rank_metrics
 from opd_ray.losses.diagnostics import masked_sums, position_buckets, token_diagnostics
+from opd_ray.losses.step import combine_rank_metrics
 
 
 def teacher_topk(probs_V: list[float], k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,19 +91,3 @@ def test_masked_sums_combine_to_exact_means_across_ranks() -> None:
     assert combined["diag/x"] == pytest.approx((1 + 2 + 3 + 5) / 4)
     assert combined["diag/x/start"] == pytest.approx((1 + 5) / 2)
     assert combined["lr"] == 0.1
-
-
-def test_report_compares_first_and_last_steps(tmp_path) -> None:
-    import json
-
-    from opd_ray.report import render
-
-    run = tmp_path / "run-a"
-    run.mkdir()
-    rows = [{"step": s, "diag/overlap_ratio": 0.5 + 0.1 * (s > 2), "eval/student_accuracy": 0.7} for s in (1, 2, 3, 4)]
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (run / "summary.json").write_text(json.dumps({"objective": "topk", "gap_recovery": 0.25}))
-    table = render([run], window=2)
-    assert "| diag/overlap_ratio (first -> last 2 steps) | 0.500 -> 0.600 |" in table
-    assert "| gap_recovery | 0.250 |" in table
-    assert "0.70@1" in table

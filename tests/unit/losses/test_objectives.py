@@ -104,6 +104,24 @@ def value_and_grad(loss: torch.Tensor, inputs: ObjectiveInputs) -> tuple[torch.T
     return loss.detach(), grad
 
 
+def replace_weight(inputs: ObjectiveInputs, reverse_weight: float) -> ObjectiveInputs:
+    return ObjectiveInputs(inputs.student_logits_NV, inputs.tokens, inputs.teacher_logits_NV, reverse_weight)
+
+
+def brute_sampled_token(inputs: ObjectiveInputs, clip_eps: float) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64)
+    t = inputs.tokens
+    for n in range(N):
+        logits = inputs.student_logits_NV[n]
+        y = int(t.target_ids_N[n])
+        logp = logits[y] - torch.log(torch.exp(logits).sum())
+        advantage = float(t.advantage_N[n])
+        ratio = torch.exp(logp - t.rollout_logprobs_N[n])
+        clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+        total = total - torch.minimum(ratio * advantage, clipped * advantage)
+    return total
+
+
 @pytest.mark.parametrize("support", ["student", "teacher", "intersection", "union"])
 @pytest.mark.parametrize("tail", [False, True])
 @pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
@@ -142,10 +160,6 @@ def test_full_vocab_matches_brute_force(kind: str) -> None:
     assert torch.allclose(grad_got, grad_want, atol=1e-10)
 
 
-def replace_weight(inputs: ObjectiveInputs, reverse_weight: float) -> ObjectiveInputs:
-    return ObjectiveInputs(inputs.student_logits_NV, inputs.tokens, inputs.teacher_logits_NV, reverse_weight)
-
-
 def test_jsd_ends_are_forward_and_reverse_kl() -> None:
     inputs = make_inputs(5)
     for beta, kind in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
@@ -177,20 +191,6 @@ def test_forward_to_reverse_weight_ramps_from_forward_to_reverse() -> None:
     assert weights[0] == 0.0 and weights[4] == pytest.approx(1.0) and weights[6] == 1.0
     assert all(a <= b for a, b in itertools.pairwise(weights))
     assert weights[2] == pytest.approx(0.5)
-
-
-def brute_sampled_token(inputs: ObjectiveInputs, clip_eps: float) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64)
-    t = inputs.tokens
-    for n in range(N):
-        logits = inputs.student_logits_NV[n]
-        y = int(t.target_ids_N[n])
-        logp = logits[y] - torch.log(torch.exp(logits).sum())
-        advantage = float(t.advantage_N[n])
-        ratio = torch.exp(logp - t.rollout_logprobs_N[n])
-        clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-        total = total - torch.minimum(ratio * advantage, clipped * advantage)
-    return total
 
 
 @pytest.mark.parametrize("clip_eps", [0.2, 0.05, None])

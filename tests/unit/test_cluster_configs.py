@@ -12,13 +12,34 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
+
+ROOT = REPO
+
+
 CONFIGS = ROOT / "cluster_configs"
-REAL_MODEL_SPECS = sorted((ROOT / "examples").glob("qwen3_*.yaml"))
 
 
 def load(name: str) -> dict:
     return yaml.safe_load((CONFIGS / name).read_text())
+
+
+def pod_templates(ray_cluster_spec: dict) -> list[dict]:
+    groups = [ray_cluster_spec["headGroupSpec"], *ray_cluster_spec["workerGroupSpecs"]]
+    return [group["template"] for group in groups]
+
+
+def validate_pod_template(template: dict) -> None:
+    import kubernetes_validate
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "opd-ray"}, **template}
+    kubernetes_validate.validate(pod, "1.33", strict=True)
+
+
+REAL_MODEL_SPECS = sorted((ROOT / "examples").glob("qwen3_*.yaml"))
+
+
+DOCKERFILE_INSTRUCTIONS = {"FROM", "ENV", "WORKDIR", "COPY", "RUN", "ENTRYPOINT", "CMD", "ARG", "LABEL", "EXPOSE"}
 
 
 def test_ray_cluster_launcher_config_passes_rays_schema() -> None:
@@ -33,18 +54,6 @@ def test_ray_cluster_launcher_config_passes_rays_schema() -> None:
     broken["available_node_types"]["gpu_worker"]["min_workerz"] = 2
     with pytest.raises(jsonschema.ValidationError, match="min_workerz"):  # the schema rejects what it should
         validate_config(prepare_config(broken))
-
-
-def pod_templates(ray_cluster_spec: dict) -> list[dict]:
-    groups = [ray_cluster_spec["headGroupSpec"], *ray_cluster_spec["workerGroupSpecs"]]
-    return [group["template"] for group in groups]
-
-
-def validate_pod_template(template: dict) -> None:
-    import kubernetes_validate
-
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "opd-ray"}, **template}
-    kubernetes_validate.validate(pod, "1.33", strict=True)
 
 
 @pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"])
@@ -128,9 +137,6 @@ def test_real_model_specs_fit_their_nodes_and_no_fewer(spec: Path) -> None:
 
 def test_there_are_one_and_two_node_real_model_specs() -> None:
     assert [p.name for p in REAL_MODEL_SPECS] == ["qwen3_1p7b_from_8b_1node.yaml", "qwen3_1p7b_from_8b_2nodes.yaml"]
-
-
-DOCKERFILE_INSTRUCTIONS = {"FROM", "ENV", "WORKDIR", "COPY", "RUN", "ENTRYPOINT", "CMD", "ARG", "LABEL", "EXPOSE"}
 
 
 def test_dockerfile_parses_and_its_base_matches_the_gpu_extra() -> None:

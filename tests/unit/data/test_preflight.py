@@ -1,0 +1,70 @@
+"""The pre-flight checks: one clear line for a missing model, a vocabulary mismatch, an empty dataset."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from opd_ray.data.preflight import prepare
+from opd_ray.errors import UserError
+from opd_ray.spec import ExperimentSpec
+from tests.conftest import tiny_spec_dict
+
+
+def test_preflight_rejects_missing_model_dir(tiny_dir: Path, tmp_path: Path) -> None:
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["models"]["student"]["path"] = str(tmp_path / "absent")
+    with pytest.raises(UserError, match=r"models\.student\.path: model directory not found"):
+        prepare(ExperimentSpec.model_validate(raw))
+
+
+def test_preflight_rejects_vocabulary_mismatch(tiny_dir: Path, tmp_path: Path) -> None:
+    from opd_ray.recipe.tiny_models import build_char_tokenizer, save_random_model
+
+    other = build_char_tokenizer("0123456789+=abc", tmp_path / "tok")
+    save_random_model(other, 1, tmp_path / "teacher", seed=0)
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["models"]["teacher"]["path"] = str(tmp_path / "teacher")
+    with pytest.raises(UserError, match="student and teacher tokenizers differ"):
+        prepare(ExperimentSpec.model_validate(raw))
+
+
+def test_preflight_rejects_empty_dataset(tiny_dir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["data"]["train"]["path"] = str(empty)
+    with pytest.raises(UserError, match=r"data\.train\.path: .*has no rows"):
+        prepare(ExperimentSpec.model_validate(raw))
+
+
+def test_preflight_rejects_model_dir_without_safetensors(tiny_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "student"
+    shutil.copytree(tiny_dir / "student", broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["models"]["student"]["path"] = str(broken)
+    with pytest.raises(UserError, match=r"no \*\.safetensors"):
+        prepare(ExperimentSpec.model_validate(raw))
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "reason"),
+    [
+        ({"objective": "topk", "task_reward_coef": 0.5}, "algorithm.task_reward_coef > 0"),
+        ({"objective": "full_vocab", "student_data_fraction": 0.5}, "algorithm.student_data_fraction < 1"),
+    ],
+)
+def test_preflight_names_options_that_need_reference_answers(
+    tiny_dir: Path, tmp_path: Path, algorithm: dict, reason: str
+) -> None:
+    prompts_only = tmp_path / "prompts.jsonl"
+    prompts_only.write_text('{"prompt": "12+34="}\n{"prompt": "5+6="}\n')
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["data"]["train"] = {"path": str(prompts_only), "answer_field": None}
+    raw["algorithm"] = algorithm
+    with pytest.raises(UserError, match=reason.replace("+", r"\+")):
+        prepare(ExperimentSpec.model_validate(raw))

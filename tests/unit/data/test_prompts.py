@@ -1,0 +1,72 @@
+"""Prompt files and templates: jsonl and parquet, bad files named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from opd_ray.data.arithmetic import make_split, write_task_files
+from opd_ray.data.prompts import load_prompts
+from opd_ray.errors import UserError
+from opd_ray.spec import DatasetSpec, DataSpec
+
+
+@pytest.fixture
+def tokenizer(tiny_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir / "student")
+
+
+def test_task_splits_are_disjoint(tmp_path: Path) -> None:
+    train, held_out = write_task_files(tmp_path, seed=0, train_size=300, eval_size=50)
+    train_prompts = {json.loads(line)["prompt"] for line in train.read_text().splitlines()}
+    eval_prompts = {json.loads(line)["prompt"] for line in held_out.read_text().splitlines()}
+    assert len(train_prompts) == 300 and len(eval_prompts) == 50
+    assert not train_prompts & eval_prompts
+    row = make_split(1, 1)[0]
+    a, b = row["prompt"].rstrip("=").split("+")
+    assert row["answer"] == str(int(a) + int(b))[::-1]
+
+
+def test_jsonl_and_parquet_read_the_same(tmp_path: Path, tokenizer) -> None:
+    import datasets
+
+    rows = [{"question": "12+34=", "solution": "64"}, {"question": "5+5=", "solution": "01"}]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    parquet = tmp_path / "p.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet))
+    data = DataSpec(train=DatasetSpec(path=str(jsonl)), prompt_template="{prompt}")
+    for path in (jsonl, parquet):
+        spec = DatasetSpec(path=str(path), prompt_field="question", answer_field="solution")
+        prompts = load_prompts(spec, data, tokenizer, "data.train")
+        assert prompts.answers == ["64", "01"]
+        assert tokenizer.decode(prompts.prompt_ids[0]) == "12+34="
+
+
+def test_prompt_template_is_applied(tmp_path: Path, tokenizer) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "1+2", "answer": "3"}))
+    data = DataSpec(train=DatasetSpec(path=str(path)), prompt_template="{prompt}=")
+    prompts = load_prompts(data.train, data, tokenizer, "data.train")
+    assert tokenizer.decode(prompts.prompt_ids[0]) == "1+2="
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("", "has no rows"),
+        ('{"text": "1+1="}\n', "field 'prompt' not in"),
+        ('{"prompt": ""}\n', "row 1: 'prompt' is empty"),
+        ("not json at all\n", "cannot read"),
+    ],
+)
+def test_bad_prompt_files_are_named(tmp_path: Path, tokenizer, content: str, fragment: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    data = DataSpec(train=DatasetSpec(path=str(path), answer_field=None))
+    with pytest.raises(UserError, match=fragment):
+        load_prompts(data.train, data, tokenizer, "data.train")

@@ -1,0 +1,55 @@
+"""A checkpoint write killed midway (a real SIGKILL) leaves the previous one the latest and loadable."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from opd_ray.driver.checkpoint import TrainerState, complete_checkpoints, latest_checkpoint, write_checkpoint
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from opd_ray.driver.checkpoint import TrainerState, write_checkpoint
+
+run_dir, step = Path(sys.argv[1]), int(sys.argv[2])
+
+def slow_contents(directory):
+    (directory / "weights.bin").write_bytes(b"x" * 1000)
+    (run_dir / "writing").touch()  # tells the test to kill us now, mid-write
+    time.sleep(60)
+
+write_checkpoint(run_dir, TrainerState(step, step, 0, 0), slow_contents, keep=2)
+"""
+
+
+def write_quickly(run_dir: Path, step: int) -> Path:
+    def contents(directory: Path) -> None:
+        (directory / "weights.bin").write_bytes(step.to_bytes(4, "little"))
+
+    return write_checkpoint(run_dir, TrainerState(step, step, 0, step * 10), contents, keep=2)
+
+
+def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path: Path) -> None:
+    write_quickly(tmp_path, 1)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "2"])
+    deadline = time.time() + 60
+    while not (tmp_path / "writing").exists():
+        assert time.time() < deadline and writer.poll() is None, "the writer never started writing"
+        time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "step_00000001"
+    assert TrainerState.read(latest).sampler_position == 10
+    assert (latest / "weights.bin").read_bytes() == (1).to_bytes(4, "little")
+    assert (tmp_path / "checkpoints" / ".partial-step_00000002").is_dir()  # the torn write, ignored
+
+    for step in (2, 3, 4):  # a later write replaces the torn one; only the newest two are kept
+        write_quickly(tmp_path, step)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    assert not (tmp_path / "checkpoints" / ".partial-step_00000002").exists()

@@ -1,0 +1,15 @@
+"""Gap recovery and how evaluation prompts are split across actors."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_gap_recovery_and_split() -> None:
+    from opd_ray.driver.evaluation import gap_recovery
+    from opd_ray.driver.roles import split
+
+    assert gap_recovery(before=0.2, after=0.6, teacher=1.0) == pytest.approx(0.5)
+    assert gap_recovery(before=0.5, after=0.4, teacher=0.5) is None  # no gap to recover
+    assert split(list(range(5)), 2) == [[0, 2, 4], [1, 3]]
+    assert split([7], 3) == [[7]]  # idle workers get nothing rather than an empty request

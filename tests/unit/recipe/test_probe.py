@@ -1,0 +1,41 @@
+"""`opd-ray probe`: the verdict's rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from opd_ray.recipe.probe import judge
+from opd_ray.spec import ProbeSpec
+
+RULES = ProbeSpec(min_overlap=0.6, min_accuracy_gap=0.05)
+
+
+def test_both_conditions_met_is_likely_to_help() -> None:
+    verdict = judge(0.8, 0.9, 0.5, RULES, k=16)
+    assert verdict.likely_to_help
+    assert verdict.reasons == [
+        "they think alike: overlap ratio@16 0.80 >= 0.6",
+        "the teacher knows more: accuracy 0.900 vs the student's 0.500 (gap +0.400 >= 0.05)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overlap", "teacher", "student", "failing"),
+    [(0.4, 0.9, 0.5, "they think differently"), (0.9, 0.52, 0.5, "little to teach"), (0.3, 0.5, 0.6, "both")],
+)
+def test_either_condition_failing_says_which_and_what_to_do(
+    overlap: float, teacher: float, student: float, failing: str
+) -> None:
+    verdict = judge(overlap, teacher, student, RULES, k=4)
+    assert not verdict.likely_to_help
+    text = " ".join(verdict.reasons)
+    if failing in ("they think differently", "both"):
+        assert "they think differently: overlap ratio@4" in text and "cold start" in text
+    if failing in ("little to teach", "both"):
+        assert "little to teach" in text and "stronger teacher" in text
+
+
+def test_without_answers_only_the_overlap_decides_and_the_gap_is_said_unmeasured() -> None:
+    verdict = judge(0.7, None, None, RULES, k=16)
+    assert verdict.likely_to_help
+    assert "not measured" in verdict.reasons[1]
