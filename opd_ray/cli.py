@@ -1,4 +1,4 @@
-"""`opd-ray validate|train|probe SPEC [key=value ...]` and `opd-ray report RUN_DIR...`.
+"""`opd-ray validate|train|probe|build-tiny SPEC [key=value ...]` and `opd-ray report RUN_DIR...`.
 
 User errors (bad spec, missing files, mismatched vocabularies) print one line and exit 2;
 anything else is a bug and keeps its traceback.
@@ -21,12 +21,15 @@ def _parser() -> argparse.ArgumentParser:
         ("validate", "check a spec and print the resolved config"),
         ("train", "run on-policy distillation from a spec"),
         ("probe", "before training: overlap, masses, entropy gap, accuracies, and whether OPD is likely to help"),
+        ("build-tiny", "build the tiny models models.build_tiny names (shipped copies are used when they match)"),
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("spec", help="experiment spec (YAML)")
         sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.steps=10")
         if name == "train":
             sub.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+        if name == "build-tiny":
+            sub.add_argument("--from-scratch", action="store_true", help="train even when a shipped copy matches")
     report = commands.add_parser("report", help="accuracies and diagnostics, early vs late, of finished runs")
     report.add_argument("runs", nargs="+", help="run directories (run.output_dir)")
     report.add_argument("--window", type=int, default=50, help="steps averaged at the start and at the end")
@@ -58,6 +61,16 @@ def _print_summary(summary: dict) -> None:
     console.print(table)
 
 
+def _build_tiny(spec, from_scratch: bool) -> int:
+    from opd_ray.recipe.tiny_models import ensure_tiny_models
+
+    if spec.models.build_tiny is None:
+        raise UserError("models.build_tiny: the spec names no tiny models to build")
+    ensure_tiny_models(spec, from_scratch=from_scratch)
+    print(f"tiny models ready in {spec.models.build_tiny.directory}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -76,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(spec_to_yaml(spec), end="")
             return 0
+        if args.command == "build-tiny":
+            return _build_tiny(spec, args.from_scratch)
         if args.command == "probe":
             from opd_ray.recipe.probe import print_probe, run_probe
 

@@ -8,10 +8,10 @@ from typing import Any
 import ray
 
 
-def actor_env(stages_overlap: bool = False) -> dict:
+def actor_env(roles_overlap: bool = False) -> dict:
     """Threads for torch inside actors (Ray would pin them to 1, halving CPU throughput here); quiet libraries.
 
-    `stages_overlap`: several actors compute at once (asynchronous mode, several replicas).
+    `roles_overlap`: several actors compute at once (asynchronous mode, several replicas).
     OpenMP threads then wait passively: spinning between parallel regions took the cores
     from the other stages, and an asynchronous step on 2 cores ran 2.5x slower than a
     synchronous one (0.44 s vs 0.18 s; passive: 0.14 s).
@@ -24,7 +24,7 @@ def actor_env(stages_overlap: bool = False) -> dict:
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
     }
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **quiet}
-    if stages_overlap:
+    if roles_overlap:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     return {"env_vars": env}
 

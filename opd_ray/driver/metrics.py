@@ -11,13 +11,13 @@ from typing import Any
 
 
 @contextmanager
-def timed(stage: str, metrics: dict[str, Any]) -> Iterator[None]:
-    """Fills `metrics["time/<stage>"]` so timing is part of every stage, not an afterthought."""
+def timed(phase: str, metrics: dict[str, Any]) -> Iterator[None]:
+    """Fills `metrics["time/<phase>"]` so timing is part of every phase of a step, not an afterthought."""
     start = time.perf_counter()
     try:
         yield
     finally:
-        metrics[f"time/{stage}"] = time.perf_counter() - start
+        metrics[f"time/{phase}"] = time.perf_counter() - start
 
 
 class MetricsWriter:

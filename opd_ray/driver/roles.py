@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -72,7 +70,7 @@ def start_roles(spec: ExperimentSpec) -> Roles:
 
 def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     overlap = spec.trainer.max_staleness > 0 or spec.rollout.num_workers > 1 or spec.teacher.num_replicas > 1
-    env = actor_env(stages_overlap=overlap)
+    env = actor_env(roles_overlap=overlap)
     engine_env = {"env_vars": {**env["env_vars"], **ENGINE_ENV}}
     restartable = {"max_restarts": spec.trainer.max_actor_restarts, "max_task_retries": 0}
     rollout_options = {**spec.rollout.resources.actor_options(), "runtime_env": engine_env, **restartable}
@@ -145,41 +143,6 @@ def await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> None
         ray.get(actor.load_weights.remote(roles.learners.export_weights(), roles.weight_version))
 
 
-class Pending:
-    """Calls launched on actors now and awaited later; `resolve` re-issues the parts whose actor died.
-
-    `issue(i)` -> (result ref, small done ref) for part i on actors[i].
-    """
-
-    def __init__(self, roles: Roles, kind: str, actors: list, issue: Callable[[int], Any]) -> None:
-        self.roles, self.kind, self.actors, self.issue = roles, kind, actors, issue
-        self.calls = [issue(i) for i in range(len(actors))]
-
-    def resolve(self) -> set[int]:
-        """Waits for every part; returns the indices of the parts that had to be re-issued."""
-        reissued = set()
-        for i in range(len(self.actors)):
-            while True:
-                try:
-                    ray.get(self.calls[i][1])
-                    break
-                except RayActorError:
-                    await_restart(self.roles, self.kind, self.actors[i])
-                    self.calls[i] = self.issue(i)
-                    reissued.add(i)
-        return reissued
-
-    @property
-    def results(self) -> list[ray.ObjectRef]:
-        return [result for result, _ in self.calls]
-
-
-def _until_done(roles: Roles, kind: str, actors: list, issue: Callable[[int], Any]) -> list[ray.ObjectRef]:
-    pending = Pending(roles, kind, actors, issue)
-    pending.resolve()
-    return pending.results
-
-
 def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
     """New weights to every rollout engine. `wait=False` (asynchronous mode) only queues the reload:
     each engine applies it after the rollouts already launched on it, and every rollout launched
@@ -218,10 +181,16 @@ def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
 
 
 def call_restarting(roles: Roles, kind: str, actors: list, method: str, args: list[tuple]) -> list:
-    """Values of actors[i].method(*args[i]), each re-issued if its actor died (evaluation)."""
-
-    def issue(i: int) -> tuple[ray.ObjectRef, ray.ObjectRef]:
-        ref = getattr(actors[i], method).remote(*args[i])
-        return ref, ref
-
-    return ray.get(_until_done(roles, kind, actors, issue))
+    """Values of actors[i].method(*args[i]), each re-issued with the same arguments if its actor died
+    (evaluation): all calls run at once, and a restart only repeats the lost one."""
+    refs = [getattr(actor, method).remote(*call_args) for actor, call_args in zip(actors, args, strict=True)]
+    values = []
+    for i, actor in enumerate(actors):
+        while True:
+            try:
+                values.append(ray.get(refs[i]))
+                break
+            except RayActorError:
+                await_restart(roles, kind, actor)
+                refs[i] = getattr(actor, method).remote(*args[i])
+    return values

@@ -17,6 +17,7 @@ from opd_ray.console import step_progress
 from opd_ray.files import written_aside
 from opd_ray.spec import LearnerSpec, ModelSpec
 
+SFT_CHUNK = 50  # steps per call to the learner ranks: progress and a loss every 50 steps
 Example = tuple[list[int], list[int]]  # (prompt ids, answer ids ending with end-of-sequence)
 
 
@@ -29,22 +30,23 @@ def train_sft(
     batch_size: int,
     seed: int,
     label: str,
-) -> float:
-    """`steps` optimizer steps of `batch_size` rows drawn from `examples`; returns the last loss."""
+) -> list[float]:
+    """`steps` optimizer steps of `batch_size` rows drawn from `examples`; returns the loss at the end of
+    every chunk of `SFT_CHUNK` steps (the last one last)."""
     group = LearnerGroup(init, learner, batch_size // learner.num_ranks, steps, actor_env())
     examples_ref = ray.put(examples)
-    loss = float("nan")
+    chunk_losses: list[float] = []
     try:
         with step_progress(f"sft {label}", steps) as progress:
-            done, chunk = 0, 50
+            done = 0
             while done < steps:
-                count = min(chunk, steps - done)
+                count = min(SFT_CHUNK, steps - done)
                 losses = ray.get(group.call("sft", examples_ref, count, batch_size, seed + done))
-                loss = sum(per_rank[-1] for per_rank in losses)
+                chunk_losses.append(sum(per_rank[-1] for per_rank in losses))  # ranks' shares of the mean
                 done += count
-                progress.advance(done, f"loss {loss:.3f}")
+                progress.advance(done, f"loss {chunk_losses[-1]:.3f}")
         with written_aside(output_dir) as staging:
             ray.get(group.call("save_pretrained", str(staging), init.path))
     finally:
         group.shutdown()
-    return loss
+    return chunk_losses

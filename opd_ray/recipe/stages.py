@@ -151,10 +151,10 @@ def sft(spec: ExperimentSpec) -> dict:
         update={"lr": settings.lr, "lr_schedule": settings.lr_schedule, "warmup_steps": settings.warmup_steps}
     )
     output = stage_dir(spec, "sft") / "student"
-    loss = train_sft(
+    losses = train_sft(
         spec.models.student, output, examples, learner, settings.steps, settings.batch_size, spec.run.seed, "student"
     )
-    record = {"examples": len(examples), "steps": settings.steps, "final_loss": loss, "student_path": str(output)}
+    record = {"examples": len(examples), "steps": settings.steps, "final_loss": losses[-1], "student_path": str(output)}
     mark_done(spec, "sft", record)
     return record
 

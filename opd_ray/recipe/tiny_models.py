@@ -9,6 +9,7 @@ needs head_dim >= 32, hence hidden 128 with 4 heads.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,10 +19,12 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from opd_ray.console import console
 from opd_ray.data.arithmetic import ALPHABET, write_task_files
 from opd_ray.driver.cluster import connect
+from opd_ray.files import written_aside
 from opd_ray.recipe.sft import train_sft
 from opd_ray.spec import ExperimentSpec, LearnerSpec, ModelSpec
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+SHIPPED = Path(__file__).parent / "shipped"  # the quickstart's teacher and student, as its recipe builds them
 
 
 def build_char_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerFast:
@@ -76,8 +79,8 @@ def _train_by_sft(
     steps: int,
     lr: float,
     label: str,
-) -> float:
-    """SFT through the same DeepSpeed learner the distillation uses; returns the last loss."""
+) -> list[float]:
+    """SFT through the same DeepSpeed learner the distillation uses; returns the loss every 50 steps."""
     build = spec.models.build_tiny
     learner = LearnerSpec(
         num_ranks=spec.learner.num_ranks,
@@ -112,13 +115,21 @@ def is_built(directory: Path, recipe: dict) -> bool:
     return marker.is_file() and json.loads(marker.read_text()) == recipe
 
 
-def ensure_tiny_models(spec: ExperimentSpec) -> None:
-    """Builds the arithmetic task files and a trained teacher and student once; later runs reuse them.
+def shipped_model(label: str, recipe: dict) -> Path | None:
+    """The committed copy of a tiny model, if it was built by exactly this recipe (the quickstart's)."""
+    candidate = SHIPPED / label
+    return candidate if is_built(candidate, recipe) else None
 
-    The student always answers in reversed digit order; `build_tiny.teacher_digits: forward` trains a
-    teacher that answers the same sums most significant digit first (the miniature's teacher with a
-    different thinking pattern). Only models inside `build_tiny.directory` are built: a path elsewhere
-    (a user's model, the cold-started student of a run) is left as it is.
+
+def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None:
+    """Writes the arithmetic task files and makes sure a trained teacher and student exist; later runs reuse them.
+
+    A model whose recipe matches a shipped one (the quickstart's) is copied from `SHIPPED` in seconds
+    unless `from_scratch`; any other is trained, once. The student always answers in reversed digit
+    order; `build_tiny.teacher_digits: forward` trains a teacher that answers the same sums most
+    significant digit first (the miniature's teacher with a different thinking pattern). Only models
+    inside `build_tiny.directory` are written: a path elsewhere (a user's model, the cold-started
+    student of a run) is left as it is.
     """
     build = spec.models.build_tiny
     root = Path(build.directory)
@@ -130,15 +141,31 @@ def ensure_tiny_models(spec: ExperimentSpec) -> None:
     missing = [(label, directory, recipe) for label, directory, recipe in wanted if not is_built(directory, recipe)]
     if not missing:
         return
-    console.print(f"building tiny {' and '.join(m[0] for m in missing)} in {root} (once; cached for later runs)")
     tokenizer = build_char_tokenizer(ALPHABET, root / "tokenizer")
     train_path, _ = write_task_files(root, spec.run.seed, build.train_size, build.eval_size)
-    rows = [json.loads(line) for line in train_path.read_text().splitlines()]
-    eos = [tokenizer.eos_token_id]
-    connect(spec.ray)
     for label, output_dir, recipe in missing:
-        order = -1 if recipe["digits"] == "forward" else 1  # the task files hold the reversed answer
-        examples = [(tokenizer(r["prompt"]).input_ids, tokenizer(r["answer"][::order]).input_ids + eos) for r in rows]
-        init_dir = save_random_model(tokenizer, recipe["layers"], root / f"init-{label}", seed=spec.run.seed)
-        _train_by_sft(spec, init_dir, output_dir, examples, recipe["steps"], recipe["lr"], label)
-        (output_dir / "build.json").write_text(json.dumps(recipe, indent=2))
+        shipped = None if from_scratch else shipped_model(label, recipe)
+        if shipped is not None:
+            console.print(f"tiny {label}: copying the shipped build of this recipe into {output_dir}")
+            with written_aside(output_dir) as partial:
+                shutil.copytree(shipped, partial)
+            continue
+        console.print(f"building tiny {label} in {output_dir} (once; cached for later runs)")
+        connect(spec.ray)
+        rows = [json.loads(line) for line in train_path.read_text().splitlines()]
+        build_model(spec, label, output_dir, recipe, tokenizer, rows)
+
+
+def build_model(
+    spec: ExperimentSpec, label: str, output_dir: Path, recipe: dict, tokenizer: PreTrainedTokenizerFast, rows: list
+) -> None:
+    """Random init, then SFT on the task's answers; `build.json` (the recipe) last, `build_log.json` with the
+    loss every 50 steps (what a rebuild is checked against)."""
+    order = -1 if recipe["digits"] == "forward" else 1  # the task files hold the reversed answer
+    eos = [tokenizer.eos_token_id]
+    examples = [(tokenizer(r["prompt"]).input_ids, tokenizer(r["answer"][::order]).input_ids + eos) for r in rows]
+    root = Path(spec.models.build_tiny.directory)
+    init_dir = save_random_model(tokenizer, recipe["layers"], root / f"init-{label}", seed=spec.run.seed)
+    losses = _train_by_sft(spec, init_dir, output_dir, examples, recipe["steps"], recipe["lr"], label)
+    (output_dir / "build_log.json").write_text(json.dumps({"loss_every_50_steps": losses}, indent=2))
+    (output_dir / "build.json").write_text(json.dumps(recipe, indent=2))

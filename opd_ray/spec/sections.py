@@ -295,7 +295,7 @@ class TrainerSpec(Section):
         0,
         ge=0,
         description="asynchronous mode: rollouts of up to this many later steps run while the learners "
-        "train; 0 = synchronous, fully on-policy",
+        "train; 0 = synchronous, fully on-policy. The rollout buffer holds at most max_staleness + 1 launched steps",
     )
     prompts_per_shard: int | None = Field(
         None,
@@ -304,7 +304,6 @@ class TrainerSpec(Section):
         "null = prompts_per_step / rollout.num_workers (one shard per worker)",
     )
     eval_every: int = Field(0, ge=0, description="0 = only before and after training")
-    buffer_capacity: int = Field(2, ge=1)
     save_final: bool = True
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
