@@ -78,7 +78,8 @@ def test_two_ranks_shares_add_up_to_the_one_rank_loss_and_metrics(student, objec
     algorithm = AlgorithmSpec(objective=objective)
     whole_loss, whole = step_loss(models(student), batch, algorithm, 0, 1, diagnostics_k=4)
     shares = [step_loss(models(student, chunk_tokens=3), batch, algorithm, rank, 2, diagnostics_k=4) for rank in (0, 1)]
-    assert float(sum(loss.detach() for loss, _ in shares)) == pytest.approx(float(whole_loss.detach()), rel=1e-5, abs=1e-7)
+    summed = float(sum(loss.detach() for loss, _ in shares))
+    assert summed == pytest.approx(float(whole_loss.detach()), rel=1e-5, abs=1e-7)
     combined = combine_rank_metrics([metrics for _, metrics in shares])
     single = combine_rank_metrics([whole])
     assert combined.keys() == single.keys()
