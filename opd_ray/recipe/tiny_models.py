@@ -20,7 +20,7 @@ from opd_ray.console import console
 from opd_ray.data.arithmetic import ALPHABET, write_task_files
 from opd_ray.driver.cluster import connect
 from opd_ray.files import written_aside
-from opd_ray.recipe.sft import train_sft
+from opd_ray.recipe.sft import Example, train_sft
 from opd_ray.spec import ExperimentSpec, LearnerSpec, ModelSpec
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -71,18 +71,9 @@ def save_random_model(tokenizer: PreTrainedTokenizerFast, num_layers: int, direc
     return directory
 
 
-def _train_by_sft(
-    spec: ExperimentSpec,
-    init_dir: Path,
-    output_dir: Path,
-    examples: list[tuple[list[int], list[int]]],
-    steps: int,
-    lr: float,
-    label: str,
-) -> list[float]:
-    """SFT through the same DeepSpeed learner the distillation uses; returns the loss every 50 steps."""
-    build = spec.models.build_tiny
-    learner = LearnerSpec(
+def sft_learner(spec: ExperimentSpec, steps: int, lr: float) -> LearnerSpec:
+    """The learner settings a tiny model is trained with: the spec's ranks and ZeRO stage, warmup, cosine decay."""
+    return LearnerSpec(
         num_ranks=spec.learner.num_ranks,
         zero_stage=spec.learner.zero_stage,
         lr=lr,
@@ -91,8 +82,13 @@ def _train_by_sft(
         min_lr_ratio=0.05,
         resources=spec.learner.resources,
     )
-    init = ModelSpec(path=str(init_dir))
-    return train_sft(init, output_dir, examples, learner, steps, build.sft_batch_size, spec.run.seed, label)
+
+
+def sft_examples(tokenizer: PreTrainedTokenizerFast, rows: list[dict], digits: str) -> list[Example]:
+    """(prompt ids, answer ids + end-of-sequence); the task files hold the reversed answer."""
+    order = -1 if digits == "forward" else 1
+    eos = [tokenizer.eos_token_id]
+    return [(tokenizer(r["prompt"]).input_ids, tokenizer(r["answer"][::order]).input_ids + eos) for r in rows]
 
 
 def model_recipe(spec: ExperimentSpec, label: str) -> dict:
@@ -161,11 +157,12 @@ def build_model(
 ) -> None:
     """Random init, then SFT on the task's answers; `build.json` (the recipe) last, `build_log.json` with the
     loss every 50 steps (what a rebuild is checked against)."""
-    order = -1 if recipe["digits"] == "forward" else 1  # the task files hold the reversed answer
-    eos = [tokenizer.eos_token_id]
-    examples = [(tokenizer(r["prompt"]).input_ids, tokenizer(r["answer"][::order]).input_ids + eos) for r in rows]
+    examples = sft_examples(tokenizer, rows, recipe["digits"])
     root = Path(spec.models.build_tiny.directory)
     init_dir = save_random_model(tokenizer, recipe["layers"], root / f"init-{label}", seed=spec.run.seed)
-    losses = _train_by_sft(spec, init_dir, output_dir, examples, recipe["steps"], recipe["lr"], label)
+    learner = sft_learner(spec, recipe["steps"], recipe["lr"])
+    init = ModelSpec(path=str(init_dir))
+    batch_size, seed = spec.models.build_tiny.sft_batch_size, spec.run.seed
+    losses = train_sft(init, output_dir, examples, learner, recipe["steps"], batch_size, seed, label)
     (output_dir / "build_log.json").write_text(json.dumps({"loss_every_50_steps": losses}, indent=2))
     (output_dir / "build.json").write_text(json.dumps(recipe, indent=2))

@@ -73,12 +73,12 @@ def test_a_second_teacher_is_built_beside_the_cached_student(tmp_path: Path, mon
     """Training is replaced by a recording fake (what is trained on, not how, is under test here)."""
     trained: list[tuple[str, Path, list]] = []
 
-    def fake_train(spec, init_dir, output_dir, examples, steps, lr, label):
+    def fake_train(init, output_dir, examples, learner, steps, batch_size, seed, label):
         trained.append((label, output_dir, examples))
         output_dir.mkdir(parents=True)
-        return 0.0
+        return [0.0]
 
-    monkeypatch.setattr(tiny_models, "_train_by_sft", fake_train)
+    monkeypatch.setattr(tiny_models, "train_sft", fake_train)
     monkeypatch.setattr(tiny_models, "connect", lambda ray_spec: None)
     script = load_example_script()
     common = [f"models.build_tiny.directory={tmp_path}", "models.build_tiny.train_size=16"]
