@@ -10,7 +10,20 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "opd_ray"
 # lowest first; a module may import from its own layer and any earlier one
-LAYERS = ["errors", "console", "files", "spec", "data", "losses", "actors", "driver", "recipe", "report", "plots", "cli"]
+LAYERS = [
+    "errors",
+    "console",
+    "files",
+    "spec",
+    "data",
+    "losses",
+    "actors",
+    "driver",
+    "recipe",
+    "report",
+    "plots",
+    "cli",
+]
 
 
 def layer_of(module: str) -> str:
