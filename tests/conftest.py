@@ -7,6 +7,8 @@ falling); nothing here downloads anything.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,26 @@ def start_teacher_actor(scorer_class: type, model, teacher, seed: int):
     from opd_ray.actors.vllm_engine import ENGINE_ENV
 
     return ray.remote(scorer_class).options(runtime_env={"env_vars": ENGINE_ENV}).remote(model, teacher, seed)
+
+
+BENCHMARKS = REPO / "benchmarks"
+
+
+def run_benchmark(name: str) -> str:
+    """Runs `benchmarks/<name>.py --tiny` and returns what it printed."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        cwd=BENCHMARKS.parent,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The cells of every markdown table row a benchmark printed, headers and rules left out."""
+    lines = [line for line in output.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]

@@ -88,7 +88,15 @@ def token_statistics(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A no-grad pass over the chunks: metrics, diagnostics (at student-visited states only),
     and per-token values the loss needs from the current student (vOPD baseline, entropies)."""
-    per_token = _per_token_values(models, hidden_NH, tokens, algorithm, diagnostics_k, on_student_samples)
+    has_teacher_topk = tokens.teacher_logprobs_N is not None and tokens.teacher_topk_ids_NK is not None
+    per_token = _per_token_values(
+        models,
+        hidden_NH,
+        tokens,
+        vopd=has_teacher_topk and algorithm.baseline == "vopd",
+        entropies=has_teacher_topk and algorithm.entropy_gate.enabled,
+        diagnostics_k=diagnostics_k if has_teacher_topk and on_student_samples else None,
+    )
     count = float(tokens.num_tokens)
     metrics: dict[str, Any] = {"student_logprob": (float(per_token["student_logprob"].sum()), count)}
     if tokens.teacher_logprobs_N is not None:
@@ -106,12 +114,11 @@ def _per_token_values(
     models: StepModels,
     hidden_NH: torch.Tensor,
     tokens: TokenBatch,
-    algorithm: AlgorithmSpec,
+    vopd: bool,
+    entropies: bool,
     diagnostics_k: int | None,
-    on_student_samples: bool,
 ) -> dict[str, torch.Tensor]:
     """name -> one value per token, computed one chunk of logits at a time; diagnostics as `diag:<name>`."""
-    need_teacher_topk = tokens.teacher_logprobs_N is not None and tokens.teacher_topk_ids_NK is not None
     pieces: dict[str, list[torch.Tensor]] = {}
 
     def keep(name: str, values: torch.Tensor) -> None:
@@ -124,12 +131,12 @@ def _per_token_values(
             logits_NV = models.student_head(hidden_NH[part]).float()
             student_logprob_N = token_logprobs(logits_NV, chunk.target_ids_N)
             keep("student_logprob", student_logprob_N)
-            if need_teacher_topk and algorithm.baseline == "vopd":
+            if vopd:
                 keep("vopd_baseline", vopd_baseline(ObjectiveInputs(logits_NV, chunk)))
-            if need_teacher_topk and algorithm.entropy_gate.enabled:
+            if entropies:
                 keep("student_entropy", student_entropy(logits_NV))
                 keep("teacher_entropy", support_entropy(chunk.teacher_topk_logprobs_NK))
-            if diagnostics_k and need_teacher_topk and on_student_samples:
+            if diagnostics_k:
                 found = token_diagnostics(
                     logits_NV,
                     chunk.teacher_topk_ids_NK,

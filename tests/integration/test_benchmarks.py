@@ -2,32 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import REPO
-
-BENCHMARKS = REPO / "benchmarks"
-
-
-def run_benchmark(name: str) -> str:
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--tiny"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-        cwd=BENCHMARKS.parent,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout
-
-
-def table_rows(output: str) -> list[list[str]]:
-    lines = [line for line in output.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+from tests.conftest import BENCHMARKS, run_benchmark, table_rows
 
 
 @pytest.mark.integration

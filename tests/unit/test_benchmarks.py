@@ -2,30 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from tests.conftest import REPO
-
-BENCHMARKS = REPO / "benchmarks"
-
-
-def run_benchmark(name: str) -> str:
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--tiny"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-        cwd=BENCHMARKS.parent,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout
-
-
-def table_rows(output: str) -> list[list[str]]:
-    lines = [line for line in output.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+from tests.conftest import run_benchmark, table_rows
 
 
 def test_teacher_payload_top_k_is_smaller_than_the_full_distribution() -> None:
