@@ -20,15 +20,18 @@ import torch
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def parse_args(doc: str | None, steps: int | None = None, sizes: list[str] | None = None) -> argparse.Namespace:
-    """`--tiny` (the CI size: prints, records nothing) and, for loop benchmarks, `--steps` and `--size`."""
+def parse_args(
+    doc: str | None, argv: list[str] | None, steps: int | None = None, sizes: list[str] | None = None
+) -> argparse.Namespace:
+    """`--tiny` (the CI size: prints, records nothing) and, for loop benchmarks, `--steps` and `--size`;
+    `argv` None reads the command line (the tests call `main(["--tiny"])` in their own process)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CI size; prints, records nothing")
     if steps is not None:
         parser.add_argument("--steps", type=int, default=steps)
     if sizes:
         parser.add_argument("--size", choices=sizes, default=sizes[0])
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def machine() -> str:

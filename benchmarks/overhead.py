@@ -21,8 +21,8 @@ from common import build_tiny_models, markdown_table, mean, parse_args, report, 
 PROMPTS_PER_STEP, MAX_NEW_TOKENS = 64, 8
 
 
-def main() -> None:
-    args = parse_args(__doc__, steps=60)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__, argv, steps=60)
     steps, warmup = (3, 1) if args.tiny else (args.steps, 5)
     with tempfile.TemporaryDirectory() as scratch:
         models = build_tiny_models(Path(scratch) / "models")

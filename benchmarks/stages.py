@@ -27,8 +27,8 @@ def stage_means(metrics: list[dict], warmup: int) -> dict[str, float]:
     return {key: mean([m.get(key, 0.0) for m in steady]) for key in keys}
 
 
-def main() -> None:
-    args = parse_args(__doc__, steps=60)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__, argv, steps=60)
     steps, warmup = (3, 1) if args.tiny else (args.steps, 5)
 
     runs = {

@@ -52,8 +52,8 @@ def full_distribution_bytes_per_token(batch: RolloutBatch, vocab: int) -> float:
     ) / batch.num_response_tokens
 
 
-def main() -> None:
-    args = parse_args(__doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__, argv)
     sequences, prompt_len, response_len = (4, 8, 8) if args.tiny else (4, 128, 512)  # bytes per token: 4 suffice
     ks, vocabs = ((4,), (1000,)) if args.tiny else ((16, 32), (32000, 151936))
 

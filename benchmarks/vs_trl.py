@@ -144,8 +144,8 @@ def run_opd_ray(models: Path, scratch: Path, steps: int, max_new_tokens: int, st
     }
 
 
-def main() -> None:
-    args = parse_args(__doc__, steps=30, sizes=list(SIZES))
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__, argv, steps=30, sizes=list(SIZES))
     steps = 2 if args.tiny else args.steps
     hidden, student_layers, teacher_layers, max_new_tokens = SIZES[args.size]
     with tempfile.TemporaryDirectory() as tmp:

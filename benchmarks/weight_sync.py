@@ -98,10 +98,12 @@ def measure(path: Path) -> dict:
     return {"bytes": size, **best}
 
 
-def main() -> None:
-    args = parse_args(__doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__, argv)
     sizes = ["~1M"] if args.tiny else list(SIZES)
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
+    own_ray = not ray.is_initialized()  # the tests run it inside their Ray
+    if own_ray:
+        ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
     rows, rates = [], []
     with tempfile.TemporaryDirectory() as scratch:
         for name in sizes:
@@ -127,7 +129,8 @@ def main() -> None:
                     result["collective"] / total,
                 ]
             )
-    ray.shutdown()
+    if own_ray:
+        ray.shutdown()
     table = markdown_table(
         [
             "model",

@@ -1,4 +1,5 @@
-"""Every benchmark runs once at its tiny size, so the scripts keep working (CI); speed is not asserted here."""
+"""Every benchmark runs once at its tiny size, all inside the tests' one Ray, so the scripts keep working;
+speed is not asserted here."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from tests.conftest import BENCHMARKS, run_benchmark, table_rows
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ["weight_sync", "stages", "overhead", "vs_trl"])
-def test_benchmark_runs_at_tiny_size_and_reports_against_its_target(name: str) -> None:
+def test_benchmark_runs_at_tiny_size_and_reports_against_its_target(name: str, local_ray) -> None:
     results = BENCHMARKS / "RESULTS.md"
     recorded_before = results.read_text() if results.is_file() else None
     output = run_benchmark(name)
