@@ -102,16 +102,15 @@ class RolloutWorker:
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
         return greedy(self.llm, prompts_P, max_new_tokens)
 
-    def load_weights(self, payload: dict, policy_version: int) -> int:
+    def load_weights(self, payload: dict, policy_version: int) -> None:
         """In place, without restarting the engine; cached prefixes of the old weights are dropped."""
-        return self._reload("load_packed_weights", payload, policy_version)
+        self._reload("load_packed_weights", payload, policy_version)
 
-    def _reload(self, extension_method: str, argument: object, policy_version: int) -> int:
+    def _reload(self, extension_method: str, argument: object, policy_version: int) -> None:
         """Runs a weight-receiving method of the engine's worker extension (weight_sync.py)."""
-        loaded = self.llm.collective_rpc(extension_method, args=(argument,))[0]
+        self.llm.collective_rpc(extension_method, args=(argument,))
         self.llm.reset_prefix_cache()
         self.policy_version = policy_version
-        return loaded
 
     def join_weight_group(
         self, address: tuple[str, int], rank: int, world_size: int, backend: str, timeout_s: float
@@ -119,9 +118,9 @@ class RolloutWorker:
         """The engine's worker joins learner rank 0's broadcast group (weight_sync.method = collective)."""
         self.llm.collective_rpc("join_weight_group", args=(address, rank, world_size, backend, timeout_s))
 
-    def receive_weights(self, plan: BucketPlan, policy_version: int) -> int:
+    def receive_weights(self, plan: BucketPlan, policy_version: int) -> None:
         """Takes part in one broadcast; the engine loads each bucket as it arrives."""
-        return self._reload("receive_weight_buckets", plan, policy_version)
+        self._reload("receive_weight_buckets", plan, policy_version)
 
     def sequence_logprobs(self, sequence: list[int]) -> list[float]:
         """log p(token_i | tokens_<i) for i >= 1 under the engine's current weights."""

@@ -57,10 +57,8 @@ def unpack_state_dict(packed: dict[str, tuple[str, np.ndarray]]) -> dict[str, to
 class VllmWeightReceiver:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the engine."""
 
-    def load_packed_weights(self, packed: dict[str, tuple[str, np.ndarray]]) -> int:
-        state_dict = unpack_state_dict(packed)
-        self._reload(iter(state_dict.items()))
-        return len(state_dict)
+    def load_packed_weights(self, packed: dict[str, tuple[str, np.ndarray]]) -> None:
+        self._reload(iter(unpack_state_dict(packed).items()))
 
     def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         """In place; the tied output head is re-derived afterwards (see refresh_tied_lm_head)."""
@@ -73,10 +71,9 @@ class VllmWeightReceiver:
         """Collective path (collective_sync.py): the group lives in the worker, where the weights are."""
         self.weight_group = join_group(address, rank, world_size, backend, timeout_s)
 
-    def receive_weight_buckets(self, plan: BucketPlan) -> int:
+    def receive_weight_buckets(self, plan: BucketPlan) -> None:
         device = next(self.model_runner.get_model().parameters()).device  # type: ignore[attr-defined]
         self._reload(receive_buckets(self.weight_group, plan, device))
-        return sum(len(bucket) for bucket in plan)
 
 
 def refresh_tied_lm_head(model: torch.nn.Module) -> None:

@@ -95,7 +95,7 @@ def resume_point(run_dir: Path, resume: bool) -> tuple[Path | None, TrainerState
     return latest, TrainerState.read(latest) if latest is not None else None
 
 
-def save_checkpoint(spec: ExperimentSpec, roles, run_dir: Path, state: TrainerState) -> Path:
+def save_checkpoint(spec: ExperimentSpec, roles, run_dir: Path, state: TrainerState) -> None:
     """Only finite weights are checkpointed: a poisoned model must never replace a good checkpoint."""
     if not all(ray.get(roles.learners.call("parameters_finite"))):
         raise RunStopped(f"the student's weights are not finite at step {state.step}; no checkpoint written")
@@ -103,7 +103,7 @@ def save_checkpoint(spec: ExperimentSpec, roles, run_dir: Path, state: TrainerSt
     def learners_write(directory: Path) -> None:
         get_or_raise_first(roles.learners.call("save_checkpoint", str(directory), spec.models.student.path))
 
-    return write_checkpoint(run_dir, state, learners_write, spec.trainer.keep_checkpoints)
+    write_checkpoint(run_dir, state, learners_write, spec.trainer.keep_checkpoints)
 
 
 @contextmanager
