@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,12 +24,12 @@ COLLECTIVE = {  # two engines colocated with the two learner ranks; ~40 buckets 
 }
 
 
-@pytest.mark.parametrize("sync", ["object_store", "collective"])
-def test_weight_sync_makes_rollout_engine_match_learner_zero3(
-    tiny_dir: Path, tmp_path: Path, local_ray, sync: str
+def test_both_weight_sync_paths_make_rollout_engines_match_zero3_learners(
+    tiny_dir: Path, tmp_path: Path, local_ray
 ) -> None:
-    """After a ZeRO-3 gather and an in-place vLLM reload, both sides give the same log-probs: through
-    the object store, or broadcast bucket by bucket (each bucket gathered alone) to two engines.
+    """After ZeRO-3 gathers and in-place vLLM reloads, engines and learner ranks give the same log-probs:
+    first broadcast bucket by bucket (each bucket gathered alone) to two engines colocated with the
+    ranks, then through the object store.
 
     Trains with the full-vocabulary objective, so the frozen teacher copy is loaded beside a
     ZeRO-3-partitioned student (it must not be partitioned itself)."""
@@ -44,9 +42,8 @@ def test_weight_sync_makes_rollout_engine_match_learner_zero3(
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["learner"]["zero_stage"] = 3
     raw["algorithm"] = {"objective": "full_vocab", "divergence": "jsd"}
-    if sync == "collective":
-        for section, values in COLLECTIVE.items():
-            raw[section] = {**raw.get(section, {}), **values}
+    for section, values in COLLECTIVE.items():
+        raw[section] = {**raw.get(section, {}), **values}
     spec = ExperimentSpec.model_validate(raw)
     prepared = prepare(spec)
     roles = start_roles(spec)
@@ -58,24 +55,30 @@ def test_weight_sync_makes_rollout_engine_match_learner_zero3(
         learner_before = local_ray.get(learners.call("sequence_logprobs", sequence))[0]
         assert max_abs_diff(engine_before, learner_before) < 1e-5
         bundles = sorted(len(placement_group_table(group)["bundles"]) for group in roles.placement.groups)
-        assert bundles == ([1, 2] if sync == "collective" else [1, 1, 2])  # rollout+learner share a pool
+        assert bundles == [1, 2]  # rollout+learner share a pool
 
-        for step in range(3):
-            indices = list(range(16 * step, 16 * step + 16))
-            refs = rollout_and_score(roles, prepared.train, indices, step)
-            learners.train_step(refs, spec.algorithm)
-        sync_weights(roles, version=3)
+        def train_then_check_engines(steps: range, sync, engine_before: list[float]) -> list[float]:
+            for step in steps:
+                refs = rollout_and_score(roles, prepared.train, list(range(16 * step, 16 * step + 16)), step)
+                learners.train_step(refs, spec.algorithm)
+            sync(steps[-1] + 1)
+            learner_after = local_ray.get(learners.call("sequence_logprobs", sequence))
+            for rollout in roles.rollout_workers:
+                engine_after = local_ray.get(rollout.sequence_logprobs.remote(sequence))
+                assert max_abs_diff(engine_before, engine_after) > 1e-2, "training did not change the engine"
+                for rank_logprobs in learner_after:  # ZeRO-3 ranks agree with each other and with the engine
+                    assert max_abs_diff(engine_after, rank_logprobs) < 1e-5
+                assert local_ray.get(rollout.version.remote()) == steps[-1] + 1
+            return engine_after
 
-        if sync == "collective":
-            assert len(roles.broadcast.plan) > 10  # the student really went in many buckets
-        learner_after = local_ray.get(learners.call("sequence_logprobs", sequence))
-        for rollout in roles.rollout_workers:
-            engine_after = local_ray.get(rollout.sequence_logprobs.remote(sequence))
-            moved = max_abs_diff(engine_before, engine_after)
-            assert moved > 1e-2, "training did not change the rollout engine's log-probs"
-            for rank_logprobs in learner_after:  # ZeRO-3 ranks agree with each other and with the engine
-                assert max_abs_diff(engine_after, rank_logprobs) < 1e-5
-            assert local_ray.get(rollout.version.remote()) == 3
+        synced = train_then_check_engines(range(3), lambda version: sync_weights(roles, version), engine_before)
+        assert len(roles.broadcast.plan) > 10  # the student really went in many buckets
+
+        def through_object_store(version: int) -> None:
+            weights = learners.export_weights()
+            local_ray.get([worker.load_weights.remote(weights, version) for worker in roles.rollout_workers])
+
+        train_then_check_engines(range(3, 5), through_object_store, synced)
     finally:
         roles.shutdown()
 
@@ -115,10 +118,13 @@ def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: 
     assert (run_dir / "student" / "tokenizer.json").is_file()
 
 
-def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp_path: Path) -> None:
-    """A user's own prompt file, a template, a named verifier and sampled-token OPD with vOPD + IW-OPD, via the CLI.
-    The eval rows are the file's first 8, so prompt selection takes them out of training."""
+def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp_path: Path, local_ray, capsys) -> None:
+    """A user's own prompt file, a template, a named verifier and sampled-token OPD with vOPD + IW-OPD, via the CLI
+    (its `main`, inside the tests' Ray). The eval rows are the file's first 8, so prompt selection takes them
+    out of training."""
     import yaml
+
+    from opd_ray.cli import main
 
     prompts = tmp_path / "mine.jsonl"
     rows = [{"question": f"{a}+{a + 1}", "final": str(2 * a + 1)} for a in range(10, 42)]
@@ -136,21 +142,15 @@ def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp
     raw["algorithm"] = {"objective": "sampled_token", "clip_eps": 0.2, "baseline": "vopd", "position_gamma": 0.5}
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
-    done = subprocess.run(
-        [sys.executable, "-m", "opd_ray.cli", "train", str(spec_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["train", str(spec_path)]) == 0
+    printed = capsys.readouterr()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2
     assert 0.0 <= summary["student_accuracy_after"] <= 1.0
     selection = {"pool": 32, "kept": 24, "dropped": {"exact_reference": 8}, "outside": 0}
     assert summary["prompt_selection"] == selection
     assert json.loads((tmp_path / "run" / "selection.json").read_text()) == selection
-    assert "student_accuracy_after" in done.stdout + done.stderr
+    assert "student_accuracy_after" in printed.out + printed.err
 
 
 def test_sft_control_raises_likelihood_of_reference_answers(tiny_dir: Path, tmp_path: Path, local_ray) -> None:

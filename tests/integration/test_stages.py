@@ -18,7 +18,7 @@ def test_cold_start_then_opd_in_one_spec_and_finished_stages_are_skipped(
     tiny_dir: Path, tmp_path: Path, local_ray
 ) -> None:
     from opd_ray.data.preflight import prepare
-    from opd_ray.recipe.stages import cold_start_rows, run_stages, stage_dir
+    from opd_ray.recipe.stages import cold_start_rows, run_cold_start, run_stages, stage_dir
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["stages"] = ["teacher_generate", "sft", "opd"]
@@ -44,7 +44,9 @@ def test_cold_start_then_opd_in_one_spec_and_finished_stages_are_skipped(
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
 
+    # the same command again: the finished stages are skipped (the OPD stage would need --resume)
     stamps = {p: p.stat().st_mtime_ns for p in (stage_dir(spec, "teacher_generate") / "data.jsonl", sft_student)}
-    second = run_stages(spec)
+    again = run_cold_start(spec, prepare(spec))
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # neither finished stage ran again
-    assert second["cold_start"]["sft"] == summary["cold_start"]["sft"]
+    assert again["sft"] == {k: v for k, v in summary["cold_start"]["sft"].items()}
+    assert again["teacher_generate"]["rows"] == used
