@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         results = {
             "TRL GKDTrainer (lmbda 1, beta 1)": trl,
             "opd-ray synchronous": run_opd_ray(models, scratch, steps, max_new_tokens, 0),
-            "opd-ray asynchronous (max_staleness 2)": run_opd_ray(models, scratch, steps, max_new_tokens, 2),
         }
+        if not args.tiny:  # CI checks that the script runs; the asynchronous loop is the stages benchmark's
+            results["opd-ray asynchronous (max_staleness 2)"] = run_opd_ray(models, scratch, steps, max_new_tokens, 2)
     rows = []
     for name, r in results.items():
         loop_rate, e2e_rate = r["tokens"] / r["loop_s"], r["tokens"] / r["end_to_end_s"]

@@ -151,44 +151,6 @@ def test_rollout_worker_killed_mid_run_loses_no_prompt(tiny_dir: Path, tmp_path:
 
 
 @pytest.mark.integration
-def test_collective_sync_forms_its_group_again_after_an_engine_restart(
-    tiny_dir: Path, tmp_path: Path, local_ray
-) -> None:
-    """weight_sync.method=collective: SIGKILL the (idle) rollout engine, let the next rollout find it
-    dead and Ray restart it, train, sync: the group is formed again with the new engine process and
-    the broadcast gives it exactly the learner's weights (an engine left out of the group would make
-    the broadcast fail). The kill lands between calls on purpose: an engine dying during a broadcast
-    stops the run instead (its peers wait out the group's timeout), see roles.sync_weights."""
-    from opd_ray.data.preflight import prepare
-    from opd_ray.driver.pipeline import rollout_and_score
-    from opd_ray.driver.roles import start_roles, sync_weights
-
-    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
-    raw["weight_sync"] = {"method": "collective", "bucket_mb": 0.5}
-    spec = ExperimentSpec.model_validate(raw)
-    prepared = prepare(spec)
-    roles = start_roles(spec)
-    try:
-        rollout, learners = roles.rollout_workers[0], roles.learners
-        learners.train_step(rollout_and_score(roles, prepared.train, list(range(16)), 1), spec.algorithm)
-        sync_weights(roles, version=1)
-        found = subprocess.run(["pgrep", "-f", "ray::RolloutWorker"], capture_output=True, text=True, check=False)
-        pids = list(map(int, found.stdout.split()))
-        assert len(pids) == 1
-        os.kill(pids[0], signal.SIGKILL)
-        learners.train_step(rollout_and_score(roles, prepared.train, list(range(16, 32)), 2), spec.algorithm)
-        assert roles.restarts["rollout"] == 1
-        sync_weights(roles, version=2)
-        sequence = prepared.train.prompt_ids[0] + prepared.tokenizer("4321").input_ids
-        engine = local_ray.get(rollout.sequence_logprobs.remote(sequence))
-        learner = local_ray.get(learners.call("sequence_logprobs", sequence))[0]
-        assert max(abs(a - b) for a, b in zip(engine, learner, strict=True)) < 1e-5
-        assert local_ray.get(rollout.version.remote()) == 2
-    finally:
-        roles.shutdown()
-
-
-@pytest.mark.integration
 def test_learner_rank_killed_stops_cleanly_and_points_at_resume(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """A dead learner rank cannot be rebuilt (its optimizer shard is gone): the run must stop
     promptly, not hang in the surviving rank's collective, and name the checkpoint to resume."""
