@@ -22,22 +22,81 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.integration
-def test_driver_killed_then_resumed_matches_uninterrupted_run(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
-    """SIGKILL the whole training process after a checkpoint, resume with --resume: same steps, data
-    order, losses and final weight version as a run that was never interrupted."""
+def resumable_spec(tiny_dir: Path, run_dir: Path) -> dict:
+    """10 synchronous steps, a checkpoint every 2: the run killed and resumed, and the one it must match."""
+    raw = tiny_spec_dict(tiny_dir, run_dir)
+    raw["trainer"].update(steps=10, checkpoint_every=2, keep_checkpoints=2, save_final=False)
+    return raw
+
+
+def kill_actor_after(run_dir: Path, step: int, actor_class: str) -> list[int]:
+    """SIGKILLs every process of `actor_class` once the run has logged `step` steps; their pids."""
+    deadline = time.time() + 300
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= step) and time.time() < deadline:
+        time.sleep(0.05)
+    found = subprocess.run(["pgrep", "-f", f"ray::{actor_class}"], capture_output=True, text=True, check=False)
+    pids = list(map(int, found.stdout.split()))
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+@pytest.fixture(scope="module")
+def run_with_actor_kills(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray) -> dict:
+    """A run whose rollout worker is SIGKILLed after step 2 and teacher after step 4 (Ray restarts them);
+    it is also the uninterrupted reference a resumed run must match step for step."""
+    import threading
+
     from opd_ray.recipe.stages import run_stages
 
-    def spec_dict(run_dir: Path) -> dict:
-        raw = tiny_spec_dict(tiny_dir, run_dir)
-        raw["trainer"].update(steps=10, checkpoint_every=2, keep_checkpoints=2, save_final=False)
-        return raw
+    run_dir = tmp_path_factory.mktemp("actor-kills") / "run"
+    spec = ExperimentSpec.model_validate(resumable_spec(tiny_dir, run_dir))
+    killed: dict[str, list[int]] = {}
 
-    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    run_stages(ExperimentSpec.model_validate(spec_dict(reference_dir)))
+    def kill_rollout_worker_then_teacher() -> None:
+        killed["RolloutWorker"] = kill_actor_after(run_dir, 2, "RolloutWorker")
+        killed["TeacherScorer"] = kill_actor_after(run_dir, 4, "TeacherScorer")
 
+    killer = threading.Thread(target=kill_rollout_worker_then_teacher)
+    killer.start()
+    run_stages(spec)
+    killer.join()
+    return {"spec": spec, "run_dir": run_dir, "killed": killed}
+
+
+@pytest.mark.integration
+def test_rollout_worker_and_teacher_killed_mid_run_lose_no_prompt(run_with_actor_kills: dict) -> None:
+    """Ray restarts both, the rollout worker gets the current weights, lost shards are re-issued, and
+    every step trains exactly its own prompts once."""
+    from opd_ray.data.order import PromptSampler
+    from opd_ray.data.preflight import prepare
+    from opd_ray.driver.steps import prompts_digest
+
+    spec, killed = run_with_actor_kills["spec"], run_with_actor_kills["killed"]
+    assert [len(killed[actor]) for actor in ("RolloutWorker", "TeacherScorer")] == [1, 1], killed
+    metrics = read_metrics(run_with_actor_kills["run_dir"])
+    sampler = PromptSampler(len(prepare(spec).train), spec.run.seed)
+    expected = [prompts_digest(sampler.next(spec.trainer.prompts_per_step)) for _ in range(10)]
+    assert [m["prompts_digest"] for m in metrics] == expected  # each step trained its own prompts...
+    assert all(m["sequences"] == spec.trainer.prompts_per_step for m in metrics)  # ...each exactly once
+    assert [m["weight_version"] for m in metrics] == list(range(1, 11))
+    assert metrics[-1]["restarts/rollout"] >= 1 and metrics[-1]["restarts/teacher"] >= 1
+    assert all(m["rollout_policy_version"] == m["weight_version"] - 1 for m in metrics)  # weights were reloaded
+
+
+@pytest.mark.integration
+def test_driver_killed_then_resumed_matches_the_run_it_continues(
+    run_with_actor_kills: dict, tiny_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the whole training process after a checkpoint, resume with --resume: the same steps, data
+    order, losses and final weight version as the reference run (whose restarted actors, in turn, changed
+    nothing: a re-issued shard samples with its own seed)."""
+    from opd_ray.recipe.stages import run_stages
+
+    reference_dir, killed_dir = run_with_actor_kills["run_dir"], tmp_path / "killed"
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec_dict(killed_dir)))
+    spec_path.write_text(yaml.safe_dump(resumable_spec(tiny_dir, killed_dir)))
     command = [sys.executable, "-m", "opd_ray.cli", "train", str(spec_path)]
     run = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -52,8 +111,8 @@ def test_driver_killed_then_resumed_matches_uninterrupted_run(tiny_dir: Path, tm
     assert interrupted_at in (2, 4, 6, 8)
 
     with pytest.raises(Exception, match="pass --resume"):
-        run_stages(ExperimentSpec.model_validate(spec_dict(killed_dir)))
-    run_stages(ExperimentSpec.model_validate(spec_dict(killed_dir)), resume=True)
+        run_stages(ExperimentSpec.model_validate(resumable_spec(tiny_dir, killed_dir)))
+    run_stages(ExperimentSpec.model_validate(resumable_spec(tiny_dir, killed_dir)), resume=True)
 
     reference, resumed = read_metrics(reference_dir), read_metrics(killed_dir)
     assert [m["step"] for m in resumed] == list(range(1, 11))  # every step once, the file continued
@@ -63,10 +122,8 @@ def test_driver_killed_then_resumed_matches_uninterrupted_run(tiny_dir: Path, tm
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), a["step"]
     assert [p.name for p in complete_checkpoints(killed_dir)] == ["step_00000008", "step_00000010"]
     summary = json.loads((killed_dir / "summary.json").read_text())
-    assert (
-        summary["student_accuracy_before"]
-        == json.loads((reference_dir / "summary.json").read_text())["student_accuracy_before"]
-    )
+    reference_summary = json.loads((reference_dir / "summary.json").read_text())
+    assert summary["student_accuracy_before"] == reference_summary["student_accuracy_before"]
 
 
 @pytest.mark.integration
@@ -101,53 +158,6 @@ def test_non_finite_loss_skips_updates_then_stops_without_poisoning(tiny_dir: Pa
     saved = load_file(next((latest_checkpoint(tmp_path / "run") / "student").glob("*.safetensors")))
     original = load_file(next((tiny_dir / "student").glob("*.safetensors")))
     assert all(torch.equal(saved[k], original[k]) for k in original)  # untouched by the skipped updates
-
-
-@pytest.mark.integration
-def test_rollout_worker_killed_mid_run_loses_no_prompt(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
-    """SIGKILL the rollout worker's process after step 2 and the teacher's after step 4: Ray restarts
-    them, the rollout worker gets the current weights, lost shards are re-issued, and every step
-    trains exactly its own prompts once."""
-    import threading
-
-    from opd_ray.data.order import PromptSampler
-    from opd_ray.data.preflight import prepare
-    from opd_ray.driver.steps import prompts_digest
-    from opd_ray.recipe.stages import run_stages
-
-    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
-    raw["trainer"].update(steps=8, save_final=False)
-    spec = ExperimentSpec.model_validate(raw)
-    killed: list[int] = []
-
-    def kill_after(step: int, actor_class: str) -> None:
-        deadline = time.time() + 300
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= step) and time.time() < deadline:
-            time.sleep(0.05)
-        found = subprocess.run(["pgrep", "-f", f"ray::{actor_class}"], capture_output=True, text=True, check=False)
-        for pid in map(int, found.stdout.split()):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(actor_class)
-
-    def kill_rollout_worker_then_teacher() -> None:
-        kill_after(2, "RolloutWorker")
-        kill_after(4, "TeacherScorer")
-
-    killer = threading.Thread(target=kill_rollout_worker_then_teacher)
-    killer.start()
-    run_stages(spec)
-    killer.join()
-    assert killed == ["RolloutWorker", "TeacherScorer"], killed
-
-    metrics = read_metrics(tmp_path / "run")
-    sampler = PromptSampler(len(prepare(spec).train), spec.run.seed)
-    expected = [prompts_digest(sampler.next(spec.trainer.prompts_per_step)) for _ in range(8)]
-    assert [m["prompts_digest"] for m in metrics] == expected  # each step trained its own prompts...
-    assert all(m["sequences"] == spec.trainer.prompts_per_step for m in metrics)  # ...each exactly once
-    assert [m["weight_version"] for m in metrics] == list(range(1, 9))
-    assert metrics[-1]["restarts/rollout"] >= 1 and metrics[-1]["restarts/teacher"] >= 1
-    assert all(m["rollout_policy_version"] == m["weight_version"] - 1 for m in metrics)  # weights were reloaded
 
 
 @pytest.mark.integration
