@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from opd_ray.actors.teacher import TeacherScorer
 from opd_ray.spec import ExperimentSpec
@@ -32,39 +33,69 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.integration
-def test_slow_teacher_replica_takes_fewer_shards_and_no_prompt_is_lost(
-    tiny_dir: Path, tmp_path: Path, local_ray
-) -> None:
-    """Two teacher replicas, one slowed down: shards go to the free, faster replica, so the slow
-    one scores far fewer of them, and every step's batches hold exactly its prompts, once each."""
+@pytest.fixture(scope="module")
+def two_of_each(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray):
+    """Two rollout workers and two teacher replicas, the second of them deliberately slow."""
     from opd_ray.data.preflight import prepare
-    from opd_ray.driver.pipeline import Pipeline
     from opd_ray.driver.roles import start_roles
 
-    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw = tiny_spec_dict(tiny_dir, tmp_path_factory.mktemp("replicas") / "run")
     raw["rollout"]["num_workers"] = 2
+    raw["learner"]["num_ranks"] = 1  # the learners are not what these tests are about
     spec = ExperimentSpec.model_validate(raw)
-    prepared = prepare(spec)
+    slow = start_teacher_actor(SlowTeacherScorer, spec.models.teacher, spec.teacher, 7)  # starts beside the roles
     roles = start_roles(spec)
-    slow = start_teacher_actor(SlowTeacherScorer, spec.models.teacher, spec.teacher, 7)
     local_ray.get(slow.ready.remote())
-    roles.teachers.append(slow)  # the second replica
+    roles.teachers.append(slow)
     try:
-        pipeline = Pipeline(roles, prepared.train, run_seed=0, prompts_per_shard=2)
-        steps = {step: list(range(16 * step, 16 * step + 16)) for step in (1, 2, 3)}
-        launched = {step: pipeline.launch_rollouts(step, indices, 1) for step, indices in steps.items()}
-        for step, shards in launched.items():
-            batches = local_ray.get(pipeline.wait_step(shards))
-            rows = [i for b in batches for i in b.prompt_index_B.tolist()]
-            assert rows == steps[step]  # every prompt of the step once, in order, whoever scored it
-            assert all(b.teacher_logprobs_BL is not None for b in batches)
-        fast_shards, slow_shards = pipeline.teacher.shards_done
-        assert fast_shards + slow_shards == 24
-        assert slow_shards <= 24 / 4, pipeline.teacher.shards_done  # round-robin would give it 12
-        assert pipeline.teacher.seconds_per_sequence[1] > 3 * pipeline.teacher.seconds_per_sequence[0]
+        yield roles, prepare(spec)
     finally:
         roles.shutdown()
+
+
+@pytest.mark.integration
+def test_slow_teacher_replica_takes_fewer_shards_and_no_prompt_is_lost(two_of_each, local_ray) -> None:
+    """Shards go to the free, faster replica, so the slow one scores far fewer of them, and every step's
+    batches hold exactly its prompts, once each."""
+    from opd_ray.driver.pipeline import Pipeline
+
+    roles, prepared = two_of_each
+    pipeline = Pipeline(roles, prepared.train, run_seed=0, prompts_per_shard=2)
+    steps = {step: list(range(16 * step, 16 * step + 16)) for step in (1, 2, 3)}
+    launched = {step: pipeline.launch_rollouts(step, indices, 1) for step, indices in steps.items()}
+    for step, shards in launched.items():
+        batches = local_ray.get(pipeline.wait_step(shards))
+        rows = [i for b in batches for i in b.prompt_index_B.tolist()]
+        assert rows == steps[step]  # every prompt of the step once, in order, whoever scored it
+        assert all(b.teacher_logprobs_BL is not None for b in batches)
+    fast_shards, slow_shards = pipeline.teacher.shards_done
+    assert fast_shards + slow_shards == 24
+    assert slow_shards <= 24 / 4, pipeline.teacher.shards_done  # round-robin would give it 12
+    assert pipeline.teacher.seconds_per_sequence[1] > 3 * pipeline.teacher.seconds_per_sequence[0]
+
+
+@pytest.mark.integration
+def test_which_actors_sample_and_score_a_shard_changes_nothing(two_of_each, local_ray) -> None:
+    """The same steps through one rollout worker and one teacher, and through two of each (dispatched by
+    load): a shard's seed comes from the run, step and shard, so every batch is the same to the bit, and
+    a synchronous run trains on the same samples whatever the number of replicas."""
+    from dataclasses import replace
+
+    from opd_ray.driver.pipeline import Pipeline
+    from opd_ray.losses.batch import RolloutBatch
+
+    roles, prepared = two_of_each
+    one = replace(roles, rollout_workers=roles.rollout_workers[:1], teachers=roles.teachers[:1])
+    batches = {}
+    for name, subset in (("one of each", one), ("two of each", roles)):
+        pipeline = Pipeline(subset, prepared.train, run_seed=3, prompts_per_shard=4)
+        batches[name] = [
+            RolloutBatch.concat(local_ray.get(pipeline.wait_step(pipeline.launch_rollouts(step, indices, 1))))
+            for step, indices in ((1, list(range(16))), (2, list(range(16, 32))))
+        ]
+    for a, b in zip(batches["one of each"], batches["two of each"], strict=True):
+        for name in ("input_ids_BL", "rollout_logprobs_BL", "teacher_logprobs_BL", "teacher_topk_ids_BLK"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 @pytest.mark.integration
@@ -82,6 +113,8 @@ def test_async_respects_staleness_and_trains_every_prompt_once(
     from opd_ray.recipe.stages import run_stages
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+
+    raw["learner"]["num_ranks"] = 1  # one rank: nothing here depends on how many
     raw["rollout"]["num_workers"] = 2
     raw["teacher"]["num_replicas"] = 2
     raw["trainer"].update(steps=6, max_staleness=2, prompts_per_shard=4, save_final=False)
@@ -108,27 +141,3 @@ def test_async_respects_staleness_and_trains_every_prompt_once(
     for m in metrics:  # per-stage utilisation is logged every step
         for stage in ("rollout", "teacher", "learner"):
             assert 0.0 <= m[f"busy/{stage}"] <= 1.0 and m[f"idle_s/{stage}"] >= 0.0
-
-
-@pytest.mark.integration
-def test_synchronous_steps_do_not_depend_on_how_shards_are_dispatched(
-    tiny_dir: Path, tmp_path: Path, local_ray
-) -> None:
-    """max_staleness=0 on one rollout worker and one teacher vs two of each: the same shards and
-    seeds, so the same samples and losses step for step."""
-    from opd_ray.recipe.stages import run_stages
-
-    def run(name: str, replicas: int) -> list[dict]:
-        raw = tiny_spec_dict(tiny_dir, tmp_path / name)
-        raw["rollout"]["num_workers"] = replicas
-        raw["teacher"]["num_replicas"] = replicas
-        raw["trainer"].update(steps=4, max_staleness=0, prompts_per_shard=4, save_final=False)
-        run_stages(ExperimentSpec.model_validate(raw))
-        return read_metrics(tmp_path / name)
-
-    one, two = run("one", 1), run("two", 2)
-    assert [m["prompts_digest"] for m in one] == [m["prompts_digest"] for m in two]
-    for a, b in zip(one, two, strict=True):
-        assert a["response_tokens"] == b["response_tokens"], a["step"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), a["step"]
-        assert a["rollout_policy_version"] == b["rollout_policy_version"] == a["step"] - 1

@@ -60,6 +60,7 @@ def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp
     rows = [{"question": f"{a}+{a + 1}", "final": str(2 * a + 1)} for a in range(10, 42)]
     prompts.write_text("\n".join(json.dumps(r) for r in rows))
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["learner"]["num_ranks"] = 1  # one rank: nothing here depends on how many
     dataset = {"path": str(prompts), "prompt_field": "question", "answer_field": "final"}
     raw["data"] = {
         "train": dataset,
@@ -88,6 +89,8 @@ def test_sft_control_raises_likelihood_of_reference_answers(tiny_dir: Path, tmp_
     from opd_ray.recipe.stages import run_stages
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+
+    raw["learner"]["num_ranks"] = 1  # one rank: nothing here depends on how many
     raw["algorithm"] = {"objective": "sft", "aggregation": "sequence_mean"}
     raw["trainer"].update(steps=16, prompts_per_step=32, save_final=False)
     raw["learner"].update(lr=3e-3, warmup_steps=1)

@@ -22,15 +22,17 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
     from opd_ray.driver.roles import start_roles
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+
+    raw["learner"]["num_ranks"] = 1  # one rank: nothing here depends on how many
     raw["teacher"]["backend"] = "transformers"
     raw["algorithm"] = {"objective": "topk", "topk_support": "union", "top_k": 4}
     raw["data"]["verifier"] = "exact"
     spec = ExperimentSpec.model_validate(raw)
     prepared = prepare(spec)
-    roles = start_roles(spec)
-    vllm_teacher = start_teacher_actor(
+    vllm_teacher = start_teacher_actor(  # starts while the roles do
         TeacherScorer, spec.models.teacher, spec.teacher.model_copy(update={"backend": "vllm"}), 0
     )
+    roles = start_roles(spec)
     try:
         refs = rollout_and_score(roles, prepared.train, list(range(16)), 1)
         by_transformers = local_ray.get(refs[0])
@@ -112,6 +114,8 @@ def test_gkd_mixes_student_and_dataset_batches(tiny_dir: Path, tmp_path: Path, l
     from opd_ray.recipe.stages import run_stages
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+
+    raw["learner"]["num_ranks"] = 1  # one rank: nothing here depends on how many
     raw["algorithm"] = {"objective": "full_vocab", "divergence": "jsd", "student_data_fraction": 0.5}
     raw["trainer"].update(steps=8, save_final=False)
     run_stages(ExperimentSpec.model_validate(raw))

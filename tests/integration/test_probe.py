@@ -18,6 +18,8 @@ def test_probe_of_a_student_against_itself(tiny_dir: Path, tmp_path: Path, local
     from opd_ray.recipe.probe import run_probe
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+
+    raw["learner"]["num_ranks"] = 1  # one rank: nothing here depends on how many
     raw["models"]["teacher"] = raw["models"]["student"]
     raw["probe"] = {"prompts": 32, "eval_prompts": 16}
     result = run_probe(ExperimentSpec.model_validate(raw))

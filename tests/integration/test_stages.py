@@ -21,6 +21,8 @@ def test_cold_start_then_opd_in_one_spec_and_finished_stages_are_skipped(
     from opd_ray.recipe.stages import cold_start_rows, run_cold_start, run_stages, stage_dir
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+
+    raw["learner"]["num_ranks"] = 1  # one rank: nothing here depends on how many
     raw["stages"] = ["teacher_generate", "sft", "opd"]
     raw["cold_start"] = {**COLD_START, "sft": {"steps": 20, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2}}
     raw["trainer"].update(steps=2, save_final=False)
