@@ -19,7 +19,7 @@ from opd_ray.actors.hf_model import load_causal_lm
 from opd_ray.actors.runtime import actor_location
 from opd_ray.actors.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
 from opd_ray.losses.batch import RolloutBatch
-from opd_ray.losses.hidden import final_hidden_states, response_hidden
+from opd_ray.losses.hidden import response_hidden_states
 from opd_ray.spec import ModelSpec, TeacherSpec
 
 
@@ -58,8 +58,7 @@ def score_with_transformers(model, batch: RolloutBatch, top_k: int, chunk_tokens
     device = next(model.parameters()).device
     response_BL = batch.response_mask_BL.bool()
     with torch.no_grad():
-        hidden_BLH = final_hidden_states(model, batch.input_ids_BL.to(device), batch.attention_mask_BL.to(device))
-        hidden_NH = response_hidden(hidden_BLH, batch.response_mask_BL.to(device))
+        hidden_NH = response_hidden_states(model, batch, device)
         targets_N = batch.input_ids_BL[:, 1:][response_BL[:, 1:]].to(device)
         student_ids_NK = None
         if batch.student_topk_ids_BLK is not None:

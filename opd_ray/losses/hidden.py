@@ -23,3 +23,9 @@ def final_hidden_states(model: Callable[..., Any], input_ids_BL: torch.Tensor, a
 def response_hidden(hidden_BLH: torch.Tensor, response_mask_BL: torch.Tensor) -> torch.Tensor:
     """Hidden states that predict the response tokens (position i-1 predicts token i), flattened to N."""
     return hidden_BLH[:, :-1][response_mask_BL[:, 1:].bool()]
+
+
+def response_hidden_states(model: Callable[..., Any], batch, device: torch.device | str) -> torch.Tensor:
+    """Final hidden states at the positions that predict a batch's response tokens, flattened to N."""
+    hidden_BLH = final_hidden_states(model, batch.input_ids_BL.to(device), batch.attention_mask_BL.to(device))
+    return response_hidden(hidden_BLH, batch.response_mask_BL.to(device))

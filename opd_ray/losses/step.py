@@ -21,7 +21,7 @@ import torch
 from opd_ray.losses.advantages import finish_token_batch, flatten_tokens, with_batch_statistics
 from opd_ray.losses.batch import RolloutBatch
 from opd_ray.losses.diagnostics import masked_sums, student_entropy, support_entropy, token_diagnostics
-from opd_ray.losses.hidden import final_hidden_states, response_hidden
+from opd_ray.losses.hidden import response_hidden_states
 from opd_ray.losses.objectives import (
     ObjectiveInputs,
     TokenBatch,
@@ -70,12 +70,6 @@ def rank_share(
     mask_BT = batch.response_mask_BL[:, 1:].to(device)
     weights_BT = aggregation_weights(mask_BT, algorithm.aggregation, global_tokens, global_sequences)
     return RankShare(batch, mask_BT, flatten_tokens(batch, weights_BT, device))
-
-
-def response_hidden_states(model: Callable[..., Any], batch: RolloutBatch, device: torch.device | str):
-    """Final hidden states at the positions that predict response tokens, flattened to N."""
-    hidden_BLH = final_hidden_states(model, batch.input_ids_BL.to(device), batch.attention_mask_BL.to(device))
-    return response_hidden(hidden_BLH, batch.response_mask_BL.to(device))
 
 
 def token_statistics(

@@ -139,6 +139,7 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
         return
     tokenizer = build_char_tokenizer(ALPHABET, root / "tokenizer")
     train_path, _ = write_task_files(root, spec.run.seed, build.train_size, build.eval_size)
+    rows: list[dict] | None = None  # read once, and only if a model is trained
     for label, output_dir, recipe in missing:
         shipped = None if from_scratch else shipped_model(label, recipe)
         if shipped is not None:
@@ -148,7 +149,8 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
             continue
         console.print(f"building tiny {label} in {output_dir} (once; cached for later runs)")
         connect(spec.ray)
-        rows = [json.loads(line) for line in train_path.read_text().splitlines()]
+        if rows is None:
+            rows = [json.loads(line) for line in train_path.read_text().splitlines()]
         build_model(spec, label, output_dir, recipe, tokenizer, rows)
 
 

@@ -69,17 +69,9 @@ def test_the_three_runs_resolve_to_one_student_and_the_named_teachers(tmp_path: 
     assert {s.data.verifier for s in specs.values()} == {"opd_ray.data.arithmetic:either_digit_order"}
 
 
-def test_a_second_teacher_is_built_beside_the_cached_student(tmp_path: Path, monkeypatch) -> None:
+def test_a_second_teacher_is_built_beside_the_cached_student(tmp_path: Path, recorded_training: list) -> None:
     """Training is replaced by a recording fake (what is trained on, not how, is under test here)."""
-    trained: list[tuple[str, Path, list]] = []
-
-    def fake_train(init, output_dir, examples, learner, steps, batch_size, seed, label):
-        trained.append((label, output_dir, examples))
-        output_dir.mkdir(parents=True)
-        return [0.0]
-
-    monkeypatch.setattr(tiny_models, "train_sft", fake_train)
-    monkeypatch.setattr(tiny_models, "connect", lambda ray_spec: None)
+    trained = recorded_training
     script = load_example_script()
     common = [f"models.build_tiny.directory={tmp_path}", "models.build_tiny.train_size=16"]
     tiny_models.ensure_tiny_models(load_spec(script.SPEC, common))
