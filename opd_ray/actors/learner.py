@@ -9,6 +9,7 @@ though DeepSpeed averages gradients.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import random
@@ -67,6 +68,23 @@ def warmup_cosine(learner: LearnerSpec, total_steps: int) -> Any:
     return factor
 
 
+def attention_implementation(choice: str, on_gpu: bool) -> str:
+    """`auto`: flash-attention where it can run (CUDA, package installed), else PyTorch's sdpa."""
+    if choice != "auto":
+        return choice
+    if on_gpu and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def prepare_for_training(module: Any, gradient_checkpointing: bool) -> None:
+    """No KV cache in training forwards (nothing reads it; it only holds memory), and optionally
+    activation checkpointing of every decoder layer (non-reentrant: works with ZeRO-3 and frozen inputs)."""
+    module.config.use_cache = False
+    if gradient_checkpointing:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -118,8 +136,13 @@ class LearnerWorker:
         # Must be alive while the model is built, or ZeRO-3 skips transformers' weight init.
         self._hf_ds_config = HfDeepSpeedConfig(config) if learner.zero_stage == 3 else None
         module = AutoModelForCausalLM.from_pretrained(
-            model.path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code, use_safetensors=True
+            model.path,
+            dtype=DTYPES[model.dtype],
+            trust_remote_code=model.trust_remote_code,
+            use_safetensors=True,
+            attn_implementation=attention_implementation(learner.attn_implementation, on_gpu),
         )
+        prepare_for_training(module, bool(learner.gradient_checkpointing))
         optimizer = torch.optim.AdamW(module.parameters(), lr=learner.lr, weight_decay=learner.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(learner, total_steps))
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config)

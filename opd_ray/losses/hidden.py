@@ -13,9 +13,14 @@ import torch
 
 
 def final_hidden_states(model: Callable[..., Any], input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor):
-    """Last layer's (normalised) hidden states; asks the model for the logits of one position only."""
+    """Last layer's (normalised) hidden states; asks the model for the logits of one position only
+    and for no KV cache (a scoring or training forward never reads one)."""
     output = model(
-        input_ids=input_ids_BL, attention_mask=attention_mask_BL, output_hidden_states=True, logits_to_keep=1
+        input_ids=input_ids_BL,
+        attention_mask=attention_mask_BL,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
     )
     return output.hidden_states[-1]
 

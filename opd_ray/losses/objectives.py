@@ -295,6 +295,9 @@ def aggregation_weights(mask_BT: torch.Tensor, mode: str, global_tokens: int, gl
     return mask_BT / tokens_B1 / max(1, global_sequences)
 
 
+Observer = Callable[[torch.Tensor, TokenBatch], None]
+
+
 def chunked_loss(
     hidden_NH: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
@@ -304,20 +307,44 @@ def chunked_loss(
     teacher_hidden_NH: torch.Tensor | None = None,
     teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     reverse_weight: float = 1.0,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
     """Weighted sum of per-token losses, computing logits `chunk_tokens` rows at a time.
 
-    Each chunk runs under activation checkpointing: its N_c x |V| logits are freed after the
-    forward and recomputed in the backward, so peak memory holds one chunk's logits instead
-    of all N x |V| (the benchmark in benchmarks/full_vocab_memory.py measures it).
+    With more than one chunk, each runs under activation checkpointing: its N_c x |V| logits
+    are freed after the forward and recomputed in the backward, so peak memory holds one
+    chunk's logits instead of all N x |V| (benchmarks/full_vocab_memory.py measures it). When
+    one chunk holds every token the logits fit by definition, and the recompute would only
+    cost a third application of the output head, so it is skipped.
+
+    `observe(logits_NV, chunk)` sees each chunk's detached logits once (not again in a
+    recompute): the step's statistics and diagnostics come from the same head pass as the loss.
     """
+    checkpointed = tokens.num_tokens > chunk_tokens
     total = hidden_NH.new_zeros((), dtype=torch.float32)
     for start in range(0, tokens.num_tokens, chunk_tokens):
         part = slice(start, start + chunk_tokens)
+        chunk = tokens.slice(part)
         teacher_part = None if teacher_hidden_NH is None else teacher_hidden_NH[part]
-        piece = partial(_chunk_loss, head, tokens.slice(part), algorithm, teacher_part, teacher_head, reverse_weight)
-        total = total + checkpoint(piece, hidden_NH[part], use_reentrant=False)
+        watch = _FirstPass(observe, chunk) if observe is not None else None
+        piece = partial(_chunk_loss, head, chunk, algorithm, teacher_part, teacher_head, reverse_weight, watch)
+        chunk_loss = checkpoint(piece, hidden_NH[part], use_reentrant=False) if checkpointed else piece(hidden_NH[part])
+        total = total + chunk_loss
     return total
+
+
+class _FirstPass:
+    """Calls an observer on a chunk's logits the first time they are computed, not in the backward's recompute."""
+
+    def __init__(self, observe: Observer, chunk: TokenBatch) -> None:
+        self.observe, self.chunk, self.done = observe, chunk, False
+
+    def __call__(self, logits_NV: torch.Tensor) -> None:
+        if self.done:
+            return
+        self.done = True
+        with torch.no_grad():
+            self.observe(logits_NV.detach(), self.chunk)
 
 
 def _chunk_loss(
@@ -327,11 +354,15 @@ def _chunk_loss(
     teacher_hidden_NH: torch.Tensor | None,
     teacher_head: Callable[[torch.Tensor], torch.Tensor] | None,
     reverse_weight: float,
+    watch: _FirstPass | None,
     hidden_NH: torch.Tensor,
 ) -> torch.Tensor:
     teacher_logits_NV = None
     if teacher_hidden_NH is not None:
         with torch.no_grad():
             teacher_logits_NV = teacher_head(teacher_hidden_NH)
-    inputs = ObjectiveInputs(head(hidden_NH), tokens, teacher_logits_NV, reverse_weight)
+    student_logits_NV = head(hidden_NH)
+    if watch is not None:
+        watch(student_logits_NV)
+    inputs = ObjectiveInputs(student_logits_NV, tokens, teacher_logits_NV, reverse_weight)
     return (token_loss(inputs, algorithm) * tokens.token_weight_N).sum()

@@ -72,25 +72,83 @@ def rank_share(
     return RankShare(batch, mask_BT, flatten_tokens(batch, weights_BT, device))
 
 
-def token_statistics(
-    models: StepModels,
-    hidden_NH: torch.Tensor,
-    tokens: TokenBatch,
-    algorithm: AlgorithmSpec,
-    diagnostics_k: int | None,
-    on_student_samples: bool,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A no-grad pass over the chunks: metrics, diagnostics (at student-visited states only),
-    and per-token values the loss needs from the current student (vOPD baseline, entropies)."""
+@dataclass(frozen=True)
+class WantedValues:
+    """Which per-token values a step computes from the student's logits, chunk by chunk."""
+
+    vopd: bool  # sampled_token's vOPD baseline: changes the loss, so needed before it
+    entropies: bool  # the entropy gate: needs every token's entropy before any loss
+    diagnostics_k: int | None  # the paper's diagnostics at k (student-visited states only)
+
+    @property
+    def before_loss(self) -> bool:
+        """True when the loss itself depends on them: then a separate no-grad pass comes first.
+        Otherwise they are read off the loss's own head pass (`chunked_loss(observe=...)`)."""
+        return self.vopd or self.entropies
+
+
+def wanted_values(
+    tokens: TokenBatch, algorithm: AlgorithmSpec, diagnostics_k: int | None, on_student_samples: bool
+) -> WantedValues:
     has_teacher_topk = tokens.teacher_logprobs_N is not None and tokens.teacher_topk_ids_NK is not None
-    per_token = _per_token_values(
-        models,
-        hidden_NH,
-        tokens,
-        vopd=has_teacher_topk and algorithm.baseline == "vopd",
+    return WantedValues(
+        vopd=has_teacher_topk and algorithm.objective == "sampled_token" and algorithm.baseline == "vopd",
         entropies=has_teacher_topk and algorithm.entropy_gate.enabled,
         diagnostics_k=diagnostics_k if has_teacher_topk and on_student_samples else None,
     )
+
+
+class ValueCollector:
+    """Collects per-token values chunk by chunk: `collect(logits_NV, chunk)` is an observer for
+    `chunked_loss` or is called by `values_pass`; `values()` joins the chunks."""
+
+    def __init__(self, wanted: WantedValues) -> None:
+        self.wanted = wanted
+        self.pieces: dict[str, list[torch.Tensor]] = {}
+
+    def keep(self, name: str, values: torch.Tensor) -> None:
+        self.pieces.setdefault(name, []).append(values.double())
+
+    def collect(self, logits_NV: torch.Tensor, chunk: TokenBatch) -> None:
+        logits_NV = logits_NV.float()
+        student_logprob_N = token_logprobs(logits_NV, chunk.target_ids_N)
+        self.keep("student_logprob", student_logprob_N)
+        if self.wanted.vopd:
+            self.keep("vopd_baseline", vopd_baseline(ObjectiveInputs(logits_NV, chunk)))
+        if self.wanted.entropies:
+            self.keep("student_entropy", student_entropy(logits_NV))
+            self.keep("teacher_entropy", support_entropy(chunk.teacher_topk_logprobs_NK))
+        if self.wanted.diagnostics_k:
+            found = token_diagnostics(
+                logits_NV,
+                chunk.teacher_topk_ids_NK,
+                chunk.teacher_topk_logprobs_NK,
+                student_logprob_N,
+                chunk.teacher_logprobs_N,
+                self.wanted.diagnostics_k,
+            )
+            for name, values in found.items():
+                self.keep(f"diag:{name}", values)
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """name -> one value per token; diagnostics as `diag:<name>`."""
+        return {name: torch.cat(values) for name, values in self.pieces.items()}
+
+
+def values_pass(models: StepModels, hidden_NH: torch.Tensor, tokens: TokenBatch, wanted: WantedValues):
+    """A no-grad pass of the output head over the chunks, for values needed before the loss (or without one)."""
+    collector = ValueCollector(wanted)
+    with torch.no_grad():
+        for start in range(0, tokens.num_tokens, models.chunk_tokens):
+            part = slice(start, start + models.chunk_tokens)
+            collector.collect(models.student_head(hidden_NH[part]), tokens.slice(part))
+    return collector.values()
+
+
+def token_statistics(
+    per_token: dict[str, torch.Tensor], tokens: TokenBatch, on_student_samples: bool
+) -> dict[str, Any]:
+    """A step's metrics from its per-token values: log-probs, sampled reverse KL and the diagnostics."""
     count = float(tokens.num_tokens)
     metrics: dict[str, Any] = {"student_logprob": (float(per_token["student_logprob"].sum()), count)}
     if tokens.teacher_logprobs_N is not None:
@@ -101,47 +159,7 @@ def token_statistics(
     diagnostics = {name.split(":", 1)[1]: values for name, values in per_token.items() if name.startswith("diag:")}
     if diagnostics:
         metrics.update(masked_sums(diagnostics, tokens.bucket_N))
-    return metrics, {name: values for name, values in per_token.items() if not name.startswith("diag:")}
-
-
-def _per_token_values(
-    models: StepModels,
-    hidden_NH: torch.Tensor,
-    tokens: TokenBatch,
-    vopd: bool,
-    entropies: bool,
-    diagnostics_k: int | None,
-) -> dict[str, torch.Tensor]:
-    """name -> one value per token, computed one chunk of logits at a time; diagnostics as `diag:<name>`."""
-    pieces: dict[str, list[torch.Tensor]] = {}
-
-    def keep(name: str, values: torch.Tensor) -> None:
-        pieces.setdefault(name, []).append(values.double())
-
-    with torch.no_grad():
-        for start in range(0, tokens.num_tokens, models.chunk_tokens):
-            part = slice(start, start + models.chunk_tokens)
-            chunk = tokens.slice(part)
-            logits_NV = models.student_head(hidden_NH[part]).float()
-            student_logprob_N = token_logprobs(logits_NV, chunk.target_ids_N)
-            keep("student_logprob", student_logprob_N)
-            if vopd:
-                keep("vopd_baseline", vopd_baseline(ObjectiveInputs(logits_NV, chunk)))
-            if entropies:
-                keep("student_entropy", student_entropy(logits_NV))
-                keep("teacher_entropy", support_entropy(chunk.teacher_topk_logprobs_NK))
-            if diagnostics_k:
-                found = token_diagnostics(
-                    logits_NV,
-                    chunk.teacher_topk_ids_NK,
-                    chunk.teacher_topk_logprobs_NK,
-                    student_logprob_N,
-                    chunk.teacher_logprobs_N,
-                    diagnostics_k,
-                )
-                for name, values in found.items():
-                    keep(f"diag:{name}", values)
-    return {name: torch.cat(values) for name, values in pieces.items()}
+    return metrics
 
 
 def batch_counts(share: RankShare) -> dict[str, Any]:
@@ -168,7 +186,11 @@ def step_loss(
     diagnostics_k: int | None = None,
     step: int = 1,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """This rank's share of the step's loss (with grad, ready for backward) and of its metrics."""
+    """This rank's share of the step's loss (with grad, ready for backward) and of its metrics.
+
+    The output head runs once per chunk for the loss, and its logits also give the statistics
+    and diagnostics; only a vOPD baseline or an entropy gate (which change the loss) need a
+    no-grad pass first. At a 151k vocabulary a small model is mostly output head."""
     share = rank_share(full, algorithm, rank, world_size, models.device)
     hidden_NH = response_hidden_states(models.student, share.batch, models.device)
     teacher_hidden_NH = None
@@ -178,12 +200,15 @@ def step_loss(
     on_student_samples = share.batch.source == "student"
     if not on_student_samples:  # dataset answers have no sampling log-probs to correct against
         algorithm = algorithm.model_copy(update={"importance_cap": None})
-    metrics, per_token = token_statistics(models, hidden_NH, share.tokens, algorithm, diagnostics_k, on_student_samples)
-    share.tokens = finish_token_batch(share.tokens, per_token, share.mask_BT, algorithm)
-    metrics.update(batch_counts(share))
+    wanted = wanted_values(share.tokens, algorithm, diagnostics_k, on_student_samples)
+    collector = None
+    if wanted.before_loss:
+        per_token = values_pass(models, hidden_NH, share.tokens, wanted)
+        share.tokens = finish_token_batch(share.tokens, per_token, share.mask_BT, algorithm)
+    else:
+        share.tokens = finish_token_batch(share.tokens, {}, share.mask_BT, algorithm)
+        collector = ValueCollector(wanted)
     reverse_weight = forward_to_reverse_weight(step, algorithm.anneal_steps)
-    if algorithm.divergence == "forward_to_reverse":
-        metrics["reverse_kl_weight"] = (reverse_weight, 1.0)  # a (sum, count) pair: the same on every rank
     loss = chunked_loss(
         hidden_NH,
         models.student_head,
@@ -193,7 +218,14 @@ def step_loss(
         teacher_hidden_NH,
         models.teacher_head,
         reverse_weight,
+        observe=None if collector is None else collector.collect,
     )
+    if collector is not None:
+        per_token = collector.values()
+    metrics = token_statistics(per_token, share.tokens, on_student_samples)
+    metrics.update(batch_counts(share))
+    if algorithm.divergence == "forward_to_reverse":
+        metrics["reverse_kl_weight"] = (reverse_weight, 1.0)  # a (sum, count) pair: the same on every rank
     return loss, metrics
 
 
@@ -204,7 +236,8 @@ def diagnose(
     share = rank_share(full, algorithm, rank, world_size, models.device)
     with torch.no_grad():
         hidden_NH = response_hidden_states(models.student, share.batch, models.device)
-    metrics, _ = token_statistics(models, hidden_NH, share.tokens, algorithm, diagnostics_k, on_student_samples=True)
+    wanted = wanted_values(share.tokens, algorithm, diagnostics_k, on_student_samples=True)
+    metrics = token_statistics(values_pass(models, hidden_NH, share.tokens, wanted), share.tokens, True)
     metrics["response_tokens"] = share.batch.num_response_tokens
     metrics["sequences"] = share.batch.num_sequences
     return metrics

@@ -184,6 +184,12 @@ class TeacherSpec(Section):
         return self
 
 
+# Responses at least this long turn on the learner's activation checkpointing by default: from
+# there a model's per-layer activations outgrow its weights and optimizer state (measured on an H200,
+# benchmarks/RESULTS.md).
+LONG_RESPONSE_TOKENS = 512
+
+
 class LearnerSpec(Section):
     num_ranks: int = Field(2, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -198,6 +204,15 @@ class LearnerSpec(Section):
         4096, ge=1, description="response tokens per logits chunk: bounds the N x |V| memory of every loss"
     )
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed config")
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="activation checkpointing of every decoder layer: keeps one layer's activations instead of "
+        f"all (70 -> 10.5 GiB at 4 x 8192 tokens of a 0.6B model) for ~20% more compute; null = on when "
+        f"rollout.max_new_tokens >= {LONG_RESPONSE_TOKENS}",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto = flash_attention_2 on CUDA when flash-attn is installed, else sdpa"
+    )
     resources: ResourcesSpec = ResourcesSpec()
 
 
@@ -428,6 +443,21 @@ class ExperimentSpec(Section):
     placement: PlacementSpec = PlacementSpec()
     weight_sync: WeightSyncSpec = WeightSyncSpec()
     ray: RaySpec = RaySpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpointing_follows_response_length(cls, data: Any) -> Any:
+        """Resolves learner.gradient_checkpointing=null here, so `opd-ray validate` prints what a run will do."""
+        if not isinstance(data, dict):
+            return data
+        learner = data.get("learner") or {}
+        if isinstance(learner, dict) and learner.get("gradient_checkpointing") is None:
+            rollout = data.get("rollout") or {}
+            max_new_tokens = rollout.get("max_new_tokens", RolloutSpec.model_fields["max_new_tokens"].default)
+            if isinstance(max_new_tokens, int):
+                long_responses = max_new_tokens >= LONG_RESPONSE_TOKENS
+                data = {**data, "learner": {**learner, "gradient_checkpointing": long_responses}}
+        return data
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> ExperimentSpec:

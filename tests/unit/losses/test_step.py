@@ -105,3 +105,73 @@ def test_diagnose_reports_what_a_step_would_log_without_a_gradient(student) -> N
     probed = diagnose(models(student), batch, algorithm, 0, 1, diagnostics_k=4)
     for key in ("diag/overlap_ratio", "diag/top1_agreement", "sampled_reverse_kl", "student_logprob"):
         assert probed[key] == pytest.approx(logged[key])
+
+
+class CountingHead(torch.nn.Module):
+    """The student's output head, counting how often a step applies it."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head, self.calls = head, 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "chunk_tokens", "expected_calls"),
+    [
+        (AlgorithmSpec(objective="topk"), 100, 1),  # statistics folded into the loss pass, no recompute
+        (AlgorithmSpec(objective="topk"), 10, 4),  # two checkpointed chunks: forward + recompute each
+        (AlgorithmSpec(objective="sampled_token", baseline="vopd"), 100, 2),  # the baseline changes the loss
+        (AlgorithmSpec(objective="topk", entropy_gate={"mastered_percentile": 20}), 100, 2),
+    ],
+)
+def test_the_output_head_runs_once_per_chunk_unless_the_loss_needs_values_first(
+    student, algorithm: AlgorithmSpec, chunk_tokens: int, expected_calls: int
+) -> None:
+    head = CountingHead(student.get_output_embeddings())
+    step_models = StepModels(student, head, "cpu", chunk_tokens)
+    loss, metrics = step_loss(step_models, scored_batch(seed=4), algorithm, 0, 1, diagnostics_k=4)
+    loss.backward()
+    student.zero_grad(set_to_none=True)
+    assert head.calls == expected_calls
+    assert "diag/overlap_ratio" in metrics
+
+
+def loss_gradients_and_metrics(student, chunk_tokens: int, objective: str = "topk"):
+    student.zero_grad(set_to_none=True)
+    loss, metrics = step_loss(
+        models(student, chunk_tokens), scored_batch(seed=5), AlgorithmSpec(objective=objective), 0, 1, 4
+    )
+    loss.backward()
+    gradients = {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    return float(loss.detach()), gradients, metrics
+
+
+def assert_same_step(got, want) -> None:
+    (loss, gradients, metrics), (want_loss, want_gradients, want_metrics) = got, want
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert gradients.keys() == want_gradients.keys() and gradients
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, want_gradients[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert metrics.keys() == want_metrics.keys()
+    for key, value in want_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("objective", ["topk", "sampled_token"])
+def test_checkpointed_chunks_give_the_loss_gradients_and_diagnostics_of_one_plain_chunk(student, objective) -> None:
+    assert_same_step(
+        loss_gradients_and_metrics(student, 3, objective), loss_gradients_and_metrics(student, 1000, objective)
+    )
+
+
+def test_activation_checkpointing_of_the_decoder_layers_changes_no_number(tiny_dir: Path) -> None:
+    plain = AutoModelForCausalLM.from_pretrained(tiny_dir / "student").float().train()
+    checkpointed = AutoModelForCausalLM.from_pretrained(tiny_dir / "student").float().train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    assert_same_step(loss_gradients_and_metrics(checkpointed, 4), loss_gradients_and_metrics(plain, 4))

@@ -45,6 +45,21 @@ def test_overrides_apply_and_are_typed(tmp_path: Path) -> None:
     assert spec.run.name == "x"
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], False),  # 64 new tokens by default
+        (["rollout.max_new_tokens=512"], True),
+        (["rollout.max_new_tokens=4096", "learner.gradient_checkpointing=false"], False),  # the spec's word wins
+        (["learner.gradient_checkpointing=true"], True),
+    ],
+)
+def test_activation_checkpointing_follows_the_response_length_unless_set(
+    tmp_path: Path, overrides: list[str], expected: bool
+) -> None:
+    assert load_spec(write(tmp_path, MINIMAL), overrides).learner.gradient_checkpointing is expected
+
+
 def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, MINIMAL))
     assert spec.algorithm.objective == "topk"
