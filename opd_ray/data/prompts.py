@@ -71,7 +71,21 @@ def render_prompt(text: str, data: DataSpec, tokenizer) -> list[int]:
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": rendered}], add_generation_prompt=True, tokenize=False
         )
-    return tokenizer(rendered, add_special_tokens=False).input_ids
+    ids = tokenizer(rendered, add_special_tokens=False).input_ids
+    bos = leading_bos(tokenizer)
+    return ids if ids[: len(bos)] == bos else bos + ids
+
+
+def leading_bos(tokenizer) -> list[int]:
+    """[BOS] when the tokenizer starts every text with one (Llama's do), else [].
+
+    Prompts are tokenized without special tokens so that a chat template that writes its own
+    BOS does not get a second one; a model trained with a BOS then gets exactly one either way."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    by_default = tokenizer("a").input_ids
+    return [bos] if by_default[:1] == [bos] else []
 
 
 def prompt_texts(rows: list[dict], dataset: DatasetSpec) -> list[str]:

@@ -11,6 +11,7 @@ from opd_ray.spec.sections import (
     EngineSpec,
     EntropyGateSpec,
     ExperimentSpec,
+    ImportedModelsSpec,
     LearnerSpec,
     ModelSpec,
     ModelsSpec,
@@ -30,6 +31,7 @@ from opd_ray.spec.sections import (
     TinyModelsSpec,
     TrainerSpec,
     WeightSyncSpec,
+    parse_layer_list,
 )
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "EngineSpec",
     "EntropyGateSpec",
     "ExperimentSpec",
+    "ImportedModelsSpec",
     "LearnerSpec",
     "ModelSpec",
     "ModelsSpec",
@@ -62,5 +65,6 @@ __all__ = [
     "TrainerSpec",
     "WeightSyncSpec",
     "load_spec",
+    "parse_layer_list",
     "spec_to_yaml",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -48,10 +48,43 @@ class TinyModelsSpec(Section):
     eval_size: int = Field(500, ge=1)
 
 
+def parse_layer_list(value: Any) -> Any:
+    """`"0-21,28,29"` -> [0, 1, ..., 21, 28, 29]; a list passes through (pydantic checks its items)."""
+    if not isinstance(value, str):
+        return value
+    layers: list[int] = []
+    for part in value.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"{value!r}: write layer indices as a list or as ranges like '0-21,28,29'")
+        layers.extend(range(int(first), int(last) + 1) if dash else [int(first)])
+    return layers
+
+
+class ImportedModelsSpec(Section):
+    """A pretrained teacher imported from a GGUF file or a transformers folder, and a layer-pruned copy of it
+    as the student; built once into `directory` (see opd_ray/recipe/real_models.py)."""
+
+    source: str = Field(
+        ..., description="a .gguf file or a model folder; package:<module>/<file> = a file inside an installed package"
+    )
+    directory: str
+    student_layers: list[int] = Field(
+        ..., min_length=1, description="the source's decoder layers the student keeps, e.g. '0-21,28,29'"
+    )
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("student_layers", mode="before")
+    @classmethod
+    def _ranges(cls, value: Any) -> Any:
+        return parse_layer_list(value)
+
+
 class ModelsSpec(Section):
     student: ModelSpec
     teacher: ModelSpec
     build_tiny: TinyModelsSpec | None = None
+    import_pretrained: ImportedModelsSpec | None = None
 
 
 class DatasetSpec(Section):

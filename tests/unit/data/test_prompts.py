@@ -70,3 +70,42 @@ def test_bad_prompt_files_are_named(tmp_path: Path, tokenizer, content: str, fra
     data = DataSpec(train=DatasetSpec(path=str(path), answer_field=None))
     with pytest.raises(UserError, match=fragment):
         load_prompts(data.train, data, tokenizer, "data.train")
+
+
+def llama_style_tokenizer(chat_template: str):
+    """A word-level tokenizer that, like Llama's, puts <s> before every text it encodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "what": 5, "is": 6, "1+2?": 7}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "chat_template",
+    [
+        "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}",  # writes its own BOS
+        "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}",  # leaves it to the tokenizer
+    ],
+)
+@pytest.mark.parametrize("use_chat_template", [True, False])
+def test_a_llama_style_prompt_starts_with_exactly_one_bos(chat_template: str, use_chat_template: bool) -> None:
+    from opd_ray.data.prompts import render_prompt
+
+    tokenizer = llama_style_tokenizer(chat_template)
+    data = DataSpec(train=DatasetSpec(path="unused.jsonl"), use_chat_template=use_chat_template)
+    ids = render_prompt("what is 1+2?", data, tokenizer)
+    assert ids[0] == 1 and ids.count(1) == 1
+    assert ids[-3:] == ([6, 7, 4] if use_chat_template else [5, 6, 7])
+
+
+def test_a_tokenizer_without_bos_gets_none(tokenizer) -> None:
+    from opd_ray.data.prompts import render_prompt
+
+    data = DataSpec(train=DatasetSpec(path="unused.jsonl"))
+    assert render_prompt("12+3=", data, tokenizer) == tokenizer("12+3=", add_special_tokens=False).input_ids

@@ -1,0 +1,215 @@
+"""The learner's step at Qwen3-0.6B's shape: tokens/s, peak memory and model-FLOPs utilisation.
+
+One learner step as opd-ray runs it (`opd_ray.losses.step.step_loss`: top-k reverse KL on the
+teacher's top-16, diagnostics at k = 16, then backward and an AdamW step) on a random-init
+model of Qwen3-0.6B's shape (hidden 1024, 28 layers, 16/8 heads, head_dim 128, 151,669-token
+vocabulary, tied embeddings), without Ray or DeepSpeed: the numbers are the loss path's own.
+Rows, each in a fresh process so peak memory is its own:
+
+- no diagnostics: the loss alone (the baseline of the diagnostics' cost);
+- diagnostics folded: the default; statistics and diagnostics read off the loss's head pass;
+- diagnostics in a separate pass: what the learner did before (a no-grad head pass for them,
+  then the loss under chunk checkpointing: three applications of the output head);
+- each of those with activation checkpointing of the decoder layers (`learner.gradient_checkpointing`).
+
+MFU = model FLOPs (6 x parameters x tokens for the matmuls, + attention) per second over a
+matmul ceiling measured in the same run (the best of large square matmuls in the step's dtype);
+the recompute of checkpointing is not model FLOPs. On CUDA: bf16, the full shape, 4 x 8192 tokens.
+On CPU: float32, 2 of the 28 layers and 2 x 256 tokens (the vocabulary stays whole: at this
+vocabulary a small model is mostly output head).
+
+    python benchmarks/learner.py           # CUDA if present, else the reduced CPU shape; recorded
+    python benchmarks/learner.py --tiny    # CI: a smaller shape, nothing recorded
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import torch
+from common import markdown_table, parse_args, report, target
+
+QWEN3_0P6B = {
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151_669,
+}
+SHAPES = {  # name -> (config overrides, sequences, tokens per sequence, measured steps)
+    "cuda": ({}, 4, 8192, 5),
+    "cpu": ({"num_hidden_layers": 2}, 2, 256, 3),
+    "tiny": ({"num_hidden_layers": 1, "hidden_size": 256, "intermediate_size": 768, "head_dim": 64}, 1, 64, 1),
+}
+PROMPT_TOKENS = 256  # per sequence (fewer in the smaller shapes); the rest is response
+TOP_K = 16
+VARIANTS = [  # name, diagnostics, separate statistics pass, activation checkpointing
+    ("no diagnostics", False, False, False),
+    ("diagnostics folded (default)", True, False, False),
+    ("diagnostics in a separate pass (before)", True, True, False),
+    ("no diagnostics + activation checkpointing", False, False, True),
+    ("diagnostics folded + activation checkpointing", True, False, True),
+]
+
+
+def random_model(overrides: dict, dtype: torch.dtype, device: str):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(**{**QWEN3_0P6B, **overrides}, tie_word_embeddings=True, max_position_embeddings=8192)
+    return Qwen3ForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def scored_batch(sequences: int, length: int, vocab: int):
+    """Random token ids with a teacher's top-16 (ids and log-probs) on every response token."""
+    from opd_ray.losses.batch import ResponseRow, batch_from_rows
+
+    generator = torch.Generator().manual_seed(0)
+    prompt = min(PROMPT_TOKENS, length // 4)
+    rows = []
+    for b in range(sequences):
+        ids = torch.randint(0, vocab, (length,), generator=generator).tolist()
+        rows.append(ResponseRow(ids[:prompt], ids[prompt:], b, True, [-1.0] * (length - prompt)))
+    batch = batch_from_rows(rows)
+    shape = (*batch.input_ids_BL.shape, TOP_K)
+    batch.teacher_topk_ids_BLK = torch.randint(0, vocab, shape, generator=generator)
+    logprobs = torch.log_softmax(torch.randn(shape, generator=generator), -1).sort(-1, descending=True).values
+    batch.teacher_topk_logprobs_BLK = logprobs
+    batch.teacher_logprobs_BL = logprobs[..., 0]
+    return batch
+
+
+def old_step_loss(models, batch, algorithm, diagnostics_k):
+    """The learner's step before the statistics were folded in: a separate no-grad head pass, then the
+    loss with every chunk checkpointed (the recompute: a third head application)."""
+    from opd_ray.losses.advantages import finish_token_batch
+    from opd_ray.losses.hidden import response_hidden_states
+    from opd_ray.losses.objectives import chunked_loss
+    from opd_ray.losses.step import rank_share, token_statistics, values_pass, wanted_values
+
+    share = rank_share(batch, algorithm, 0, 1, models.device)
+    hidden_NH = response_hidden_states(models.student, share.batch, models.device)
+    wanted = wanted_values(share.tokens, algorithm, diagnostics_k, True)
+    per_token = values_pass(models, hidden_NH, share.tokens, wanted)
+    metrics = token_statistics(per_token, share.tokens, True)
+    tokens = finish_token_batch(share.tokens, per_token, share.mask_BT, algorithm)
+    checkpointed_chunk = max(1, tokens.num_tokens - 1)  # > 1 chunk: the old path always checkpointed
+    return chunked_loss(hidden_NH, models.student_head, tokens, algorithm, checkpointed_chunk), metrics
+
+
+def measure(shape: str, variant: tuple, queue) -> None:
+    """One variant in its own process: warm-up step, then the mean of the measured steps; peak memory."""
+    import resource
+
+    from opd_ray.losses.step import StepModels, step_loss
+    from opd_ray.spec import AlgorithmSpec
+
+    name, diagnostics, separate, checkpointing = variant
+    overrides, sequences, length, steps = SHAPES[shape]
+    on_gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
+    model = random_model(overrides, dtype, device).train()
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = scored_batch(sequences, length, model.config.vocab_size)
+    models = StepModels(model, model.get_output_embeddings(), device, chunk_tokens=8192)
+    algorithm = AlgorithmSpec(objective="topk", top_k=TOP_K)
+    k = TOP_K if diagnostics else None
+    times = []
+    for step in range(steps + 1):  # the first is warm-up
+        if on_gpu:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        if separate:
+            loss, _ = old_step_loss(models, batch, algorithm, k)
+        else:
+            loss, _ = step_loss(models, batch, algorithm, 0, 1, k)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - started)
+    if on_gpu:
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, whole process
+    parameters = sum(p.numel() for p in model.parameters())
+    queue.put((name, sum(times) / len(times), peak_gib, parameters, sequences * length, model.config))
+
+
+def model_flops(parameters: int, tokens: int, sequence: int, config) -> float:
+    """6 N per token for forward + backward matmuls, plus attention's 12 L H T per token (causal: half)."""
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * sequence / 2
+    return (6 * parameters + attention) * tokens
+
+
+def matmul_ceiling(on_gpu: bool) -> float:
+    """Best FLOP/s of large square matmuls in the step's dtype: the roof MFU is measured against."""
+    device, dtype, size = ("cuda", torch.bfloat16, 8192) if on_gpu else ("cpu", torch.float32, 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if on_gpu:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if on_gpu:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def run_variant(shape: str, variant: tuple) -> tuple:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=measure, args=(shape, variant, queue))
+    process.start()
+    result = queue.get(timeout=1800)
+    process.join(timeout=60)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__, argv)
+    on_gpu = torch.cuda.is_available()
+    shape = "tiny" if args.tiny else ("cuda" if on_gpu else "cpu")
+    ceiling = matmul_ceiling(on_gpu)
+    results = [run_variant(shape, variant) for variant in VARIANTS]
+    baseline = results[0][1]
+    rows = []
+    for name, seconds, peak_gib, parameters, tokens, config in results:
+        flops = model_flops(parameters, tokens, SHAPES[shape][2], config)
+        rows.append([name, seconds, tokens / seconds, seconds / baseline, peak_gib, flops / seconds / ceiling])
+    table = markdown_table(["learner step", "seconds", "tokens/s", "vs no diagnostics", "peak memory GiB", "MFU"], rows)
+    overrides, sequences, length, steps = SHAPES[shape]
+    parameters = results[0][3]
+    config = (
+        f"Qwen3-0.6B shape ({QWEN3_0P6B | overrides}), {parameters / 1e6:.0f}M parameters, random init; "
+        f"{sequences} x {length} tokens ({min(PROMPT_TOKENS, length // 4)} prompt each), top-k reverse KL on the "
+        f"teacher's top-{TOP_K}, AdamW; {'bf16' if on_gpu else 'float32'}; mean of {steps} steps after one "
+        f"warm-up; matmul ceiling {ceiling / 1e12:.2f} TFLOP/s; peak memory: "
+        + ("CUDA allocated" if on_gpu else "the process's peak RSS")
+    )
+    folded, separate = results[1][1], results[2][1]
+    report(
+        "learner",
+        config,
+        table,
+        [
+            target(folded / baseline - 1 <= 0.05, "diagnostics <= 5% of the learner's time"),
+            f"folding the diagnostics into the loss pass: {separate / folded:.2f}x faster than the separate pass",
+        ],
+        record=not args.tiny,
+    )
+
+
+if __name__ == "__main__":
+    main()
