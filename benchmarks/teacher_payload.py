@@ -6,7 +6,7 @@ teacher's full distribution would move: |V| log-probs per token. Both are measur
 serialized size of a real scored batch (pickle protocol 5, tensors in band: what Ray's
 serializer stores, give or take a header), divided by the batch's response tokens.
 
-    python benchmarks/teacher_payload.py            # k = 16 and 32, |V| = 32000 and 151936
+    python benchmarks/teacher_payload.py            # k = 16 and 32; |V| = 32000, SmolLM2's 49152, Qwen3's 151669
     python benchmarks/teacher_payload.py --tiny     # CI: small sizes, nothing recorded
 """
 
@@ -55,7 +55,7 @@ def full_distribution_bytes_per_token(batch: RolloutBatch, vocab: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__, argv)
     sequences, prompt_len, response_len = (4, 8, 8) if args.tiny else (4, 128, 512)  # bytes per token: 4 suffice
-    ks, vocabs = ((4,), (1000,)) if args.tiny else ((16, 32), (32000, 151936))
+    ks, vocabs = ((4,), (1000,)) if args.tiny else ((16, 32), (32000, 49152, 151669))
 
     rows, ratios = [], []
     for vocab in vocabs:

@@ -1,4 +1,4 @@
-"""Weight sync from the learners to a rollout engine: seconds and GB/s, ~1M to ~100M parameters.
+"""Weight sync from the learners to a rollout engine: seconds and GB/s, ~1M to ~540M parameters.
 
 Real parts: a DeepSpeed learner rank (ZeRO-2) exports the student (gather, safetensors
 blob into the object store) and a vLLM rollout worker reloads it in place, exactly as
@@ -10,6 +10,7 @@ the engine, weights broadcast in buckets) is timed in the same rounds, against t
 object-store sync.
 
     python benchmarks/weight_sync.py             # ~1M, ~10M, ~100M parameters, recorded in RESULTS.md
+    python benchmarks/weight_sync.py --size qwen3-vocab   # ~40M and ~540M (Qwen3-0.6B's layers) at |V| 151,936
     python benchmarks/weight_sync.py --tiny      # CI: the ~1M model only, nothing recorded
 """
 
@@ -26,7 +27,10 @@ SIZES = {  # name -> (hidden, layers, intermediate, vocab): Qwen2 shapes, tied e
     "~1M": (128, 2, 512, 4096),
     "~10M": (256, 6, 1024, 16000),
     "~100M": (768, 12, 2048, 32000),
+    "~40M, Qwen3 vocabulary": (256, 2, 1024, 151_936),
+    "~540M, Qwen3-0.6B's hidden/layers/vocabulary": (1024, 28, 3072, 151_936),  # 16 heads of 64: 537M
 }
+SIZE_SETS = {"small-vocab": ["~1M", "~10M", "~100M"], "qwen3-vocab": [name for name in SIZES if "Qwen3" in name]}
 REPEATS = 3
 
 
@@ -99,8 +103,8 @@ def measure(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__, argv)
-    sizes = ["~1M"] if args.tiny else list(SIZES)
+    args = parse_args(__doc__, argv, sizes=list(SIZE_SETS))
+    sizes = ["~1M"] if args.tiny else SIZE_SETS[args.size]
     own_ray = not ray.is_initialized()  # the tests run it inside their Ray
     if own_ray:
         ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")

@@ -19,12 +19,20 @@ from opd_ray.spec import ModelSpec
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_name(model: ModelSpec) -> str:
+    """The spec's dtype, with `auto` resolved for this process's device: bfloat16 on a GPU that supports it,
+    float32 on CPUs (the 2-core machines here have no bf16 units: bf16 matmuls ran several times slower)."""
+    if model.dtype != "auto":
+        return model.dtype
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
 def load_causal_lm(model: ModelSpec, device: torch.device | str = "cpu") -> Any:
     """A frozen model in eval mode (teachers), from safetensors only."""
     from transformers import AutoModelForCausalLM
 
     module = AutoModelForCausalLM.from_pretrained(
-        model.path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code, use_safetensors=True
+        model.path, dtype=DTYPES[dtype_name(model)], trust_remote_code=model.trust_remote_code, use_safetensors=True
     )
     module.to(device).eval().requires_grad_(False)
     return module

@@ -22,7 +22,7 @@ import ray
 import torch
 
 from opd_ray.actors.collective_sync import BucketPlan, join_group, plan_buckets, send_bucket, weight_entries
-from opd_ray.actors.hf_model import DTYPES, check_head_reproduces_logits, load_causal_lm
+from opd_ray.actors.hf_model import DTYPES, check_head_reproduces_logits, dtype_name, load_causal_lm
 from opd_ray.actors.runtime import actor_location, get_or_raise_first
 from opd_ray.actors.weight_sync import pack_state_dict
 from opd_ray.errors import UserError
@@ -46,8 +46,8 @@ def deepspeed_config(learner: LearnerSpec, model: ModelSpec, micro_batch: int) -
         "gradient_clipping": learner.grad_clip,
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": learner.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "bf16": {"enabled": model.dtype == "bfloat16"},
-        "fp16": {"enabled": model.dtype == "float16"},
+        "bf16": {"enabled": dtype_name(model) == "bfloat16"},
+        "fp16": {"enabled": dtype_name(model) == "float16"},
         "wall_clock_breakdown": False,
     }
     config.update(learner.deepspeed)
@@ -137,7 +137,7 @@ class LearnerWorker:
         self._hf_ds_config = HfDeepSpeedConfig(config) if learner.zero_stage == 3 else None
         module = AutoModelForCausalLM.from_pretrained(
             model.path,
-            dtype=DTYPES[model.dtype],
+            dtype=DTYPES[dtype_name(model)],
             trust_remote_code=model.trust_remote_code,
             use_safetensors=True,
             attn_implementation=attention_implementation(learner.attn_implementation, on_gpu),

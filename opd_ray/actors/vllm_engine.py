@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from opd_ray.actors.hf_model import dtype_name
 from opd_ray.spec import EngineSpec, ModelSpec
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def create_engine(model: ModelSpec, engine: EngineSpec, seed: int, worker_extens
         kwargs["worker_extension_cls"] = worker_extension
     return LLM(
         model=model.path,
-        dtype=model.dtype,
+        dtype=dtype_name(model),
         trust_remote_code=model.trust_remote_code,
         max_model_len=engine.max_model_len,
         max_logprobs=engine.max_logprobs,

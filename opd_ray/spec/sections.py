@@ -23,7 +23,11 @@ class RunSpec(Section):
 
 class ModelSpec(Section):
     path: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto = bfloat16 on a GPU with bf16, float32 elsewhere (CPUs without bf16 units run it "
+        "through slow generic kernels)",
+    )
     trust_remote_code: bool = False
 
 
@@ -77,7 +81,10 @@ class ImportedModelsSpec(Section):
     @field_validator("student_layers", mode="before")
     @classmethod
     def _ranges(cls, value: Any) -> Any:
-        return parse_layer_list(value)
+        try:
+            return parse_layer_list(value)
+        except ValueError as exc:
+            raise ValueError(f"models.import_pretrained.student_layers: {exc}") from None
 
 
 class ModelsSpec(Section):

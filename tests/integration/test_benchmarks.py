@@ -9,7 +9,7 @@ from tests.conftest import BENCHMARKS, run_benchmark, table_rows
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", ["weight_sync", "stages", "overhead", "vs_trl"])
+@pytest.mark.parametrize("name", ["weight_sync", "stages", "overhead", "vs_trl", "learner", "teacher_scoring"])
 def test_benchmark_runs_at_tiny_size_and_reports_against_its_target(name: str, local_ray) -> None:
     results = BENCHMARKS / "RESULTS.md"
     recorded_before = results.read_text() if results.is_file() else None

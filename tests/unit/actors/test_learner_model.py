@@ -25,3 +25,15 @@ def test_training_forwards_keep_no_kv_cache_and_checkpoint_layers_when_asked(tin
 )
 def test_attention_implementation(choice: str, on_gpu: bool, expected: str) -> None:
     assert attention_implementation(choice, on_gpu) == expected
+
+
+def test_auto_dtype_is_float32_without_a_gpu_and_an_explicit_one_is_kept() -> None:
+    import torch
+
+    from opd_ray.actors.hf_model import dtype_name
+    from opd_ray.spec import ModelSpec
+
+    assert ModelSpec(path="m").dtype == "auto"
+    expected = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    assert dtype_name(ModelSpec(path="m")) == expected
+    assert dtype_name(ModelSpec(path="m", dtype="float16")) == "float16"

