@@ -10,6 +10,12 @@ wheel when it is installed) and a random-init copy of its shape over the Qwen3 v
 scored batch's bytes per response token (what crosses the object store). The baseline of
 each row's ratio is the transformers backend on the same model in the same run.
 
+Then several samples of one prompt (rollout.samples_per_prompt > 1): 4 prompts x 4 samples,
+scored by the transformers backend with `teacher.share_prompts` (each prompt runs once, its
+samples on top of its KV cache) against scoring every sequence whole, at the chat-sized prompt
+and at a long one. vLLM is not in this comparison: it ignores its prefix cache for any request
+that asks for prompt log-probs, so it always scores whole sequences.
+
     python benchmarks/teacher_scoring.py          # recorded in RESULTS.md
     python benchmarks/teacher_scoring.py --tiny   # CI: the tiny shipped teacher, nothing recorded
 """
@@ -45,18 +51,23 @@ def prepared_models(scratch: Path, tiny: bool) -> list[tuple[str, Path]]:
     return models
 
 
-def random_batch(vocab: int, prompt: int, response: int):
+def random_batch(vocab: int, prompt: int, response: int, samples: int = 1):
+    """SEQUENCES rows: SEQUENCES / samples prompts, each with `samples` different responses."""
     from opd_ray.losses.batch import ResponseRow, batch_from_rows
 
     generator = torch.Generator().manual_seed(0)
     rows = []
-    for b in range(SEQUENCES):
-        ids = torch.randint(0, vocab, (prompt + response,), generator=generator).tolist()
-        rows.append(ResponseRow(ids[:prompt], ids[prompt:], b, True, [-1.0] * response))
+    for p in range(SEQUENCES // samples):
+        prompt_ids = torch.randint(0, vocab, (prompt,), generator=generator).tolist()
+        for _ in range(samples):
+            response_ids = torch.randint(0, vocab, (response,), generator=generator).tolist()
+            rows.append(ResponseRow(prompt_ids, response_ids, p, True, [-1.0] * response))
     return batch_from_rows(rows)
 
 
-def measure(path: Path, backend: str, prompt: int, response: int, repeats: int) -> tuple[float, float]:
+def measure(
+    path: Path, backend: str, prompt: int, response: int, repeats: int, samples: int = 1, share: bool = True
+) -> tuple[float, float]:
     """(scored response tokens per second, bytes per response token of the scored batch)."""
     from transformers import AutoConfig
 
@@ -66,8 +77,9 @@ def measure(path: Path, backend: str, prompt: int, response: int, repeats: int) 
     vocab = AutoConfig.from_pretrained(path).vocab_size
     k = min(TOP_K, vocab)  # the tiny teacher has 15 tokens
     engine = EngineSpec(max_model_len=prompt + response + 8, kv_cache_gib=0.5, max_logprobs=k)
-    scorer = TeacherScorer(ModelSpec(path=str(path)), TeacherSpec(backend=backend, top_k=k, engine=engine), 0)
-    batch = random_batch(min(vocab, 32_000), prompt, response)
+    teacher = TeacherSpec(backend=backend, top_k=k, engine=engine, share_prompts=share)
+    scorer = TeacherScorer(ModelSpec(path=str(path)), teacher, 0)
+    batch = random_batch(min(vocab, 32_000), prompt, response, samples)
     best = float("inf")
     for attempt in range(repeats + 1):  # the first warms up
         started = time.perf_counter()
@@ -76,6 +88,17 @@ def measure(path: Path, backend: str, prompt: int, response: int, repeats: int) 
             best = min(best, time.perf_counter() - started)
     del scorer
     return batch.num_response_tokens / best, len(pickle.dumps(scored, protocol=5)) / batch.num_response_tokens
+
+
+def shared_prompt_rows(path: Path, name: str, response: int, repeats: int, tiny: bool) -> list[list]:
+    """The transformers backend on 4 prompts x 4 samples: each prompt once vs every sequence whole."""
+    rows = []
+    for prompt in (8,) if tiny else (PROMPT_TOKENS, 512):
+        whole = measure(path, "transformers", prompt, response, repeats, samples=4, share=False)[0]
+        shared = measure(path, "transformers", prompt, response, repeats, samples=4, share=True)[0]
+        rows.append([name, prompt, "every sequence whole", whole, 1.0])
+        rows.append([name, prompt, "each prompt once (share_prompts)", shared, shared / whole])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,13 +110,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, path in prepared_models(Path(scratch), args.tiny):
+        models = prepared_models(Path(scratch), args.tiny)
+        for name, path in models:
             results = {b: measure(path, b, prompt, response, repeats) for b in ("transformers", "vllm")}
             baseline = results["transformers"][0]
             for backend, (rate, payload) in results.items():
                 rows.append([name, backend, rate, rate / baseline, f"{payload:.0f}"])
+        shared_rows = shared_prompt_rows(models[0][1], models[0][0], response, repeats, args.tiny)
     table = markdown_table(
         ["teacher", "backend", "response tokens/s", "vs transformers", "bytes / response token"], rows
+    )
+    shared_table = markdown_table(
+        ["teacher", "prompt tokens", "4 prompts x 4 samples", "response tokens/s", "vs every sequence whole"],
+        shared_rows,
     )
     config = (
         f"{SEQUENCES} sequences x ({prompt} prompt + {response} response) tokens, top-{TOP_K} per token, "
@@ -103,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     report(
         "teacher_scoring",
         config,
-        table,
+        table + "\n\n" + shared_table,
         [f"fastest against its transformers baseline: {fastest[1]} on {fastest[0]}, {fastest[3]:.2f}x (no target set)"],
         record=not args.tiny,
     )

@@ -19,7 +19,7 @@ from opd_ray.actors.hf_model import load_causal_lm
 from opd_ray.actors.runtime import actor_location
 from opd_ray.actors.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
 from opd_ray.losses.batch import RolloutBatch
-from opd_ray.losses.hidden import response_hidden_states
+from opd_ray.losses.hidden import prompt_groups, response_hidden_states, shared_prompt_response_hidden
 from opd_ray.spec import ModelSpec, TeacherSpec
 
 
@@ -50,15 +50,22 @@ def attach_teacher_scores(batch: RolloutBatch, scored_B: list, top_k: int) -> Ro
     )
 
 
-def score_with_transformers(model, batch: RolloutBatch, top_k: int, chunk_tokens: int) -> RolloutBatch:
+def score_with_transformers(
+    model, batch: RolloutBatch, top_k: int, chunk_tokens: int, share_prompts: bool = True
+) -> RolloutBatch:
     """Teacher log-probs of the sampled tokens, its top-k, and its log-probs at the student's top-k ids.
 
     The head runs on `chunk_tokens` response positions at a time, so memory holds one chunk's logits.
+    With `share_prompts` and several samples of a prompt, the prompt runs once for all of them.
     """
     device = next(model.parameters()).device
     response_BL = batch.response_mask_BL.bool()
+    shared = share_prompts and len(prompt_groups(batch)) < batch.num_sequences
     with torch.no_grad():
-        hidden_NH = response_hidden_states(model, batch, device)
+        if shared:
+            hidden_NH = shared_prompt_response_hidden(model, batch, device)
+        else:
+            hidden_NH = response_hidden_states(model, batch, device)
         targets_N = batch.input_ids_BL[:, 1:][response_BL[:, 1:]].to(device)
         student_ids_NK = None
         if batch.student_topk_ids_BLK is not None:
@@ -141,7 +148,10 @@ class TeacherScorer:
         """The scored batch, and a small report the driver waits on without fetching the batch."""
         started = time.perf_counter()
         if self.teacher.backend == "transformers":
-            scored = score_with_transformers(self.model, batch, self.teacher.top_k, self.teacher.chunk_tokens)
+            settings = self.teacher
+            scored = score_with_transformers(
+                self.model, batch, settings.top_k, settings.chunk_tokens, settings.share_prompts
+            )
         else:
             sequences = [
                 batch.input_ids_BL[b, : int(batch.attention_mask_BL[b].sum())].tolist()

@@ -12,7 +12,7 @@ from pathlib import Path
 from opd_ray.data.prompts import PromptSet, load_prompts, load_selected_prompts
 from opd_ray.data.verifiers import Verifier, resolve_verifier
 from opd_ray.errors import UserError
-from opd_ray.spec import ExperimentSpec, ModelSpec
+from opd_ray.spec import EngineSpec, ExperimentSpec, ModelSpec
 
 
 @dataclass
@@ -43,15 +43,42 @@ def load_tokenizer(model: ModelSpec, field: str):
         raise UserError(f"{field}.path: cannot load a tokenizer from {model.path}: {exc}") from None
 
 
-def vocab_size(model: ModelSpec, field: str) -> int:
+def text_config(model: ModelSpec, field: str):
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     except Exception as exc:
         raise UserError(f"{field}.path: cannot read config.json in {model.path}: {exc}") from None
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text_config.vocab_size)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def vocab_size(model: ModelSpec, field: str) -> int:
+    return int(text_config(model, field).vocab_size)
+
+
+DTYPE_BYTES = {"float32": 4, "auto": 4, "bfloat16": 2, "float16": 2}  # auto: float32 is the larger case
+
+
+def check_engine_fits_model(model: ModelSpec, engine: EngineSpec, field: str, model_field: str) -> None:
+    """What vLLM would otherwise refuse minutes later, after loading weights, with a long traceback: a
+    context longer than the model's positions, or a KV cache that cannot hold one full sequence."""
+    config = text_config(model, model_field)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and engine.max_model_len > positions:
+        raise UserError(
+            f"{field}.max_model_len ({engine.max_model_len}) exceeds {model_field}'s max_position_embeddings "
+            f"({positions})"
+        )
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * DTYPE_BYTES[model.dtype]
+    needed_gib = engine.max_model_len * per_token / 2**30
+    if engine.kv_cache_gib < needed_gib:
+        raise UserError(
+            f"{field}.kv_cache_gib ({engine.kv_cache_gib}) cannot hold one {engine.max_model_len}-token sequence of "
+            f"{model_field} ({per_token} bytes a token): give it at least {needed_gib:.3f}"
+        )
 
 
 def check_same_vocabulary(spec: ExperimentSpec, student_tokenizer, teacher_tokenizer) -> None:
@@ -117,6 +144,9 @@ def prepare(spec: ExperimentSpec) -> Prepared:
             )
     if evaluation is not None and any(a is None for a in evaluation.answers):
         raise UserError(f"data.eval: every row of {spec.data.eval.path} needs a reference answer for the verifier")
+    check_engine_fits_model(spec.models.student, spec.rollout.engine, "rollout.engine", "models.student")
+    if spec.teacher.backend == "vllm" or "teacher_generate" in spec.stages:
+        check_engine_fits_model(spec.models.teacher, spec.teacher.engine, "teacher.engine", "models.teacher")
     longest = max(len(p) for p in train.prompt_ids) + spec.rollout.max_new_tokens + 1
     for field, engine in (("rollout.engine", spec.rollout.engine), ("teacher.engine", spec.teacher.engine)):
         if longest > engine.max_model_len:

@@ -211,6 +211,11 @@ class TeacherSpec(Section):
     num_replicas: int = Field(1, ge=1)
     top_k: int = Field(16, ge=1)
     chunk_tokens: int = Field(2048, ge=1, description="transformers: tokens per logits chunk")
+    share_prompts: bool = Field(
+        True,
+        description="transformers: with rollout.samples_per_prompt > 1, run each prompt once and its samples "
+        "on top of its KV cache (vLLM recomputes prompts whenever prompt log-probs are asked for)",
+    )
     engine: EngineSpec = EngineSpec()
     resources: ResourcesSpec = ResourcesSpec()
 

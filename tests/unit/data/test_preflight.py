@@ -68,3 +68,22 @@ def test_preflight_names_options_that_need_reference_answers(
     raw["algorithm"] = algorithm
     with pytest.raises(UserError, match=reason.replace("+", r"\+")):
         prepare(ExperimentSpec.model_validate(raw))
+
+
+@pytest.mark.parametrize(
+    ("engine", "message"),
+    [
+        (
+            {"max_model_len": 128},
+            r"rollout\.engine\.max_model_len \(128\) exceeds models\.student's max_position_embeddings \(64\)",
+        ),
+        ({"kv_cache_gib": 1e-5}, r"rollout\.engine\.kv_cache_gib \(1e-05\) cannot hold one 32-token sequence"),
+    ],
+)
+def test_preflight_rejects_an_engine_the_model_cannot_fill(
+    tiny_dir: Path, tmp_path: Path, engine: dict, message: str
+) -> None:
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["rollout"]["engine"].update(engine)
+    with pytest.raises(UserError, match=message):
+        prepare(ExperimentSpec.model_validate(raw))
