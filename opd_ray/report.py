@@ -13,6 +13,7 @@ from pathlib import Path
 from opd_ray.errors import UserError
 
 DIAGNOSTICS = (
+    "cut_off_share",
     "sampled_reverse_kl",
     "diag/overlap_ratio",
     "diag/top1_agreement",

@@ -37,7 +37,7 @@ from opd_ray.driver.checkpoint import (
     save_checkpoint,
 )
 from opd_ray.driver.evaluation import evaluate, gap_recovery
-from opd_ray.driver.metrics import MetricsWriter, timed
+from opd_ray.driver.metrics import MetricsWriter, timed, training_trend
 from opd_ray.driver.pipeline import Pipeline
 from opd_ray.driver.roles import Roles, record_placement, start_roles, sync_weights
 from opd_ray.driver.steps import StepWork, launch_step, prompts_digest
@@ -173,6 +173,7 @@ def finish_run(run: Run, started: float) -> dict:
         ray.get(run.roles.learners.call("save_pretrained", str(final_dir), spec.models.student.path))
         summary["student_path"] = str(final_dir)
     summary["steps"] = spec.trainer.steps
+    summary["first_vs_last_steps"] = training_trend(run.writer.path)
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -54,3 +54,32 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+# What a summary shows of the training itself, first steps against last: whether the student
+# collapsed (cut off at the length limit, entropy), and the paper's signs of progress.
+TREND_KEYS = (
+    "cut_off_share",
+    "diag/student_entropy",
+    "diag/teacher_entropy",
+    "diag/overlap_ratio",
+    "diag/overlap_mass_student",
+    "sampled_reverse_kl",
+    "loss",
+)
+
+
+def training_trend(metrics_path: Path, window: int = 5) -> dict[str, list[float]]:
+    """{key: [mean over the first `window` trained steps, mean over the last]} for `TREND_KEYS` a run logged."""
+    if not metrics_path.is_file():
+        return {}
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    trained = [row for row in rows if row.get("step", 0) >= 1 and "loss" in row]
+    window = max(1, min(window, len(trained) // 2))
+    trend = {}
+    for key in TREND_KEYS:
+        first = [row[key] for row in trained[:window] if isinstance(row.get(key), (int, float))]
+        last = [row[key] for row in trained[-window:] if isinstance(row.get(key), (int, float))]
+        if first and last:
+            trend[key] = [round(sum(first) / len(first), 4), round(sum(last) / len(last), 4)]
+    return trend

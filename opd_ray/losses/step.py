@@ -169,6 +169,7 @@ def batch_counts(share: RankShare) -> dict[str, Any]:
         "response_tokens": batch.num_response_tokens,
         "sequences": batch.num_sequences,
         "truncated_responses": int((~batch.finished_B).sum()),
+        "cut_off_share": (float((~batch.finished_B).sum()), float(batch.num_sequences)),  # a collapse runs long
     }
     if share.tokens.keep_N is not None:
         counts["gate/kept_fraction"] = (float(share.tokens.keep_N.sum()), float(share.tokens.num_tokens))
