@@ -23,14 +23,18 @@ def token_diagnostics(
     student_token_logprobs_BT: torch.Tensor,
     teacher_token_logprobs_BT: torch.Tensor,
     k: int,
+    normalised: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per-token diagnostics; the teacher's top-k ids must be ordered by rank (as the teacher returns them).
+    `normalised`: the first argument already holds log-probabilities (the caller's log-softmax is reused).
 
     The teacher's entropy is computed on its returned support (renormalised), exact when that
     support covers the vocabulary; the student's is exact. One log-softmax over the vocabulary
     serves all of them: at 151k tokens these passes, not the arithmetic on k ids, are the cost.
     """
-    student_logprobs_BTV = torch.log_softmax(student_logits_BTV.detach().float(), dim=-1)
+    student_logprobs_BTV = student_logits_BTV.detach().float()
+    if not normalised:
+        student_logprobs_BTV = torch.log_softmax(student_logprobs_BTV, dim=-1)
     student_top_BTk = student_logprobs_BTV.topk(k, dim=-1)
     teacher_ids_BTk = teacher_topk_ids_BTK[..., :k]
     teacher_logprobs_BTk = teacher_topk_logprobs_BTK[..., :k].float()

@@ -111,7 +111,12 @@ class ValueCollector:
 
     def collect(self, logits_NV: torch.Tensor, chunk: TokenBatch) -> None:
         logits_NV = logits_NV.float()
-        student_logprob_N = token_logprobs(logits_NV, chunk.target_ids_N)
+        logprobs_NV = None  # one log-softmax over the vocabulary serves every diagnostic
+        if self.wanted.diagnostics_k:
+            logprobs_NV = torch.log_softmax(logits_NV, -1)
+            student_logprob_N = logprobs_NV.gather(-1, chunk.target_ids_N[:, None])[:, 0]
+        else:
+            student_logprob_N = token_logprobs(logits_NV, chunk.target_ids_N)
         self.keep("student_logprob", student_logprob_N)
         if self.wanted.vopd:
             self.keep("vopd_baseline", vopd_baseline(ObjectiveInputs(logits_NV, chunk)))
@@ -120,12 +125,13 @@ class ValueCollector:
             self.keep("teacher_entropy", support_entropy(chunk.teacher_topk_logprobs_NK))
         if self.wanted.diagnostics_k:
             found = token_diagnostics(
-                logits_NV,
+                logprobs_NV,
                 chunk.teacher_topk_ids_NK,
                 chunk.teacher_topk_logprobs_NK,
                 student_logprob_N,
                 chunk.teacher_logprobs_N,
                 self.wanted.diagnostics_k,
+                normalised=True,
             )
             for name, values in found.items():
                 self.keep(f"diag:{name}", values)
