@@ -78,6 +78,7 @@ def run_benchmark(name: str) -> str:
         sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared `common` module
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(module)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
