@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from opd_ray.driver.metrics import window_mean
 from opd_ray.errors import UserError
 
 DIAGNOSTICS = (
@@ -34,11 +35,6 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return summary, metrics
-
-
-def window_mean(key: str, rows: list[dict]) -> float | None:
-    values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
-    return sum(values) / len(values) if values else None
 
 
 def report_rows(run_dir: Path, window: int) -> list[tuple[str, str]]:

@@ -78,8 +78,13 @@ def training_trend(metrics_path: Path, window: int = 5) -> dict[str, list[float]
     window = max(1, min(window, len(trained) // 2))
     trend = {}
     for key in TREND_KEYS:
-        first = [row[key] for row in trained[:window] if isinstance(row.get(key), (int, float))]
-        last = [row[key] for row in trained[-window:] if isinstance(row.get(key), (int, float))]
-        if first and last:
-            trend[key] = [round(sum(first) / len(first), 4), round(sum(last) / len(last), 4)]
+        first, last = window_mean(key, trained[:window]), window_mean(key, trained[-window:])
+        if first is not None and last is not None:
+            trend[key] = [round(first, 4), round(last, 4)]
     return trend
+
+
+def window_mean(key: str, rows: list[dict]) -> float | None:
+    """Mean of `key` over the rows that logged it as a number; None if none did."""
+    values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
+    return sum(values) / len(values) if values else None
