@@ -40,6 +40,10 @@ def learner_threads(num_ranks: int) -> int:
 
 
 def deepspeed_config(learner: LearnerSpec, model: ModelSpec, micro_batch: int) -> dict[str, Any]:
+    """The spec's settings with learner.deepspeed deep-merged on top: an override of one key of a section
+    (zero_optimization.offload_optimizer) keeps the section's other keys (its stage)."""
+    from omegaconf import OmegaConf
+
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
@@ -50,8 +54,7 @@ def deepspeed_config(learner: LearnerSpec, model: ModelSpec, micro_batch: int) -
         "fp16": {"enabled": dtype_name(model) == "float16"},
         "wall_clock_breakdown": False,
     }
-    config.update(learner.deepspeed)
-    return config
+    return OmegaConf.to_container(OmegaConf.merge(config, learner.deepspeed))
 
 
 def warmup_cosine(learner: LearnerSpec, total_steps: int) -> Any:

@@ -41,12 +41,13 @@ class RolloutWorker:
         seed: int,
         student_top_k: int = 0,
         verifier: str | None = None,
+        verifier_errors: str = "count_wrong",
     ) -> None:
         self.llm = create_engine(model, engine, seed, worker_extension=WORKER_EXTENSION)
         self.rollout = rollout
         self.seed = seed
         self.student_top_k = student_top_k
-        self.verifier = resolve_verifier(verifier) if verifier else None
+        self.verifier = resolve_verifier(verifier, verifier_errors) if verifier else None
         self.policy_version = 0
 
     @ray.method(num_returns=2)
@@ -70,7 +71,7 @@ class RolloutWorker:
                 float(
                     c.finished
                     and answers_P[c.prompt_index] is not None
-                    and self.verifier(c.text, answers_P[c.prompt_index])
+                    and self.verifier(c.text, answers_P[c.prompt_index], c.prompt_index)
                 )
                 for c in completions
             ]

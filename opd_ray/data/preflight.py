@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd_ray.data.prompts import PromptSet, load_prompts, load_selected_prompts
-from opd_ray.data.verifiers import Verifier, resolve_verifier
+from opd_ray.data.verifiers import GuardedVerifier, check_verifier, resolve_verifier
 from opd_ray.errors import UserError
 from opd_ray.spec import EngineSpec, ExperimentSpec, ModelSpec
 
@@ -20,7 +20,7 @@ class Prepared:
     tokenizer: object
     train: PromptSet
     eval: PromptSet | None
-    verifier: Verifier
+    verifier: GuardedVerifier
     selection: dict | None = None  # what data.selection kept, dropped and mixed in
 
 
@@ -106,7 +106,7 @@ def prepare(spec: ExperimentSpec) -> Prepared:
     student_tokenizer = load_tokenizer(spec.models.student, "models.student")
     teacher_tokenizer = load_tokenizer(spec.models.teacher, "models.teacher")
     check_same_vocabulary(spec, student_tokenizer, teacher_tokenizer)
-    verifier = resolve_verifier(spec.data.verifier)
+    verifier = resolve_verifier(spec.data.verifier, spec.data.verifier_errors)
     # The vocabularies match (checked above), so the teacher's template tokenized by the teacher
     # gives ids the student reads the same way.
     template_tokenizer = teacher_tokenizer if spec.data.template_source == "teacher" else student_tokenizer
@@ -147,11 +147,32 @@ def prepare(spec: ExperimentSpec) -> Prepared:
     check_engine_fits_model(spec.models.student, spec.rollout.engine, "rollout.engine", "models.student")
     if spec.teacher.backend == "vllm" or "teacher_generate" in spec.stages:
         check_engine_fits_model(spec.models.teacher, spec.teacher.engine, "teacher.engine", "models.teacher")
-    longest = max(len(p) for p in train.prompt_ids) + spec.rollout.max_new_tokens + 1
+    check_prompts_fit(spec, train, "data.train")
+    if evaluation is not None:
+        check_prompts_fit(spec, evaluation, "data.eval")
+    check_top_k_fits_vocabulary(spec, len(student_tokenizer))
+    reference = next((a for a in [*train.answers, *(evaluation.answers if evaluation else [])] if a is not None), None)
+    if reference is not None:
+        check_verifier(verifier, reference)
+    return Prepared(student_tokenizer, train, evaluation, verifier, selection)
+
+
+def check_prompts_fit(spec: ExperimentSpec, prompts: PromptSet, section: str) -> None:
+    """The longest prompt of a file plus rollout.max_new_tokens must fit both engines' context."""
+    longest = max(len(p) for p in prompts.prompt_ids) + spec.rollout.max_new_tokens + 1
     for field, engine in (("rollout.engine", spec.rollout.engine), ("teacher.engine", spec.teacher.engine)):
         if longest > engine.max_model_len:
             raise UserError(
-                f"{field}.max_model_len ({engine.max_model_len}) is shorter than the longest prompt plus "
-                f"rollout.max_new_tokens ({longest})"
+                f"{field}.max_model_len ({engine.max_model_len}) is shorter than the longest prompt of {section} "
+                f"plus rollout.max_new_tokens ({longest})"
             )
-    return Prepared(student_tokenizer, train, evaluation, verifier, selection)
+
+
+def check_top_k_fits_vocabulary(spec: ExperimentSpec, vocabulary: int) -> None:
+    """A top-k larger than the vocabulary has no meaning (and vLLM would fail on it at the first step)."""
+    ks = {"teacher.top_k": spec.teacher.top_k, "algorithm.top_k": spec.algorithm.top_k}
+    if spec.diagnostics.enabled:
+        ks["diagnostics.top_k"] = spec.diagnostics.top_k
+    for field, k in ks.items():
+        if k is not None and k > vocabulary:
+            raise UserError(f"{field} ({k}) exceeds the vocabulary of models.student ({vocabulary} tokens)")

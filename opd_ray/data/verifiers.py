@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from collections.abc import Callable
 
 from opd_ray.errors import UserError
@@ -58,7 +59,57 @@ def boxed(response: str, reference: str) -> bool:
 BUILTIN: dict[str, Verifier] = {"exact": exact, "final_number": final_number, "boxed": boxed}
 
 
-def resolve_verifier(name: str) -> Verifier:
+REPORTED_ERRORS = 5  # a verifier that raises on every sample is reported this often, then only counted
+
+
+class GuardedVerifier:
+    """A verifier whose exceptions do not end the run: each is reported with the verifier's name, the
+    response and the row, and the sample scores as wrong; `on_error="raise"` (data.verifier_errors) stops
+    the run with the same line instead."""
+
+    def __init__(self, name: str, function: Verifier, on_error: str = "count_wrong") -> None:
+        self.name, self.function, self.on_error = name, function, on_error
+        self.errors = 0
+
+    def __call__(self, response: str, reference: str, row: int | None = None) -> bool:
+        try:
+            return bool(self.function(response, reference))
+        except Exception as exc:  # a user's code: any exception is the verifier's fault, not the run's
+            where = f"row {row}" if row is not None else "a row"
+            message = (
+                f"data.verifier {self.name!r} raised {type(exc).__name__}: {exc} on {where}, "
+                f"response {response[:200]!r}, reference {reference!r}"
+            )
+            if self.on_error == "raise":
+                raise UserError(message + " (data.verifier_errors=raise)") from None
+            self.errors += 1
+            if self.errors <= REPORTED_ERRORS:
+                print(f"opd-ray: warning: {message}; scored as wrong", file=sys.stderr)
+            return False
+
+
+def resolve_verifier(name: str, on_error: str = "count_wrong") -> GuardedVerifier:
+    """The verifier `data.verifier` names, guarded (see GuardedVerifier)."""
+    return GuardedVerifier(name, _load_verifier(name), on_error)
+
+
+def check_verifier(verifier: GuardedVerifier, reference: str) -> None:
+    """Pre-flight: the verifier is called once, on a real row's reference as the response, so that a
+    wrong signature or a crash shows in seconds instead of at step 1."""
+    try:
+        result = verifier.function(reference, reference)
+    except Exception as exc:
+        raise UserError(
+            f"data.verifier {verifier.name!r} cannot be called as f(response, reference) -> bool on the first row "
+            f"with an answer: {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(result, (bool, int)) and type(result).__name__ != "bool_":
+        raise UserError(
+            f"data.verifier {verifier.name!r} returned {type(result).__name__} {result!r}; it must return a bool"
+        )
+
+
+def _load_verifier(name: str) -> Verifier:
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:

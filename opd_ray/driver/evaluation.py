@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from opd_ray.data.prompts import PromptSet
-from opd_ray.data.verifiers import Verifier
+from opd_ray.data.verifiers import GuardedVerifier
 from opd_ray.driver.roles import Roles, call_restarting, split
 
 
-def evaluate(roles: Roles, kind: str, prompts: PromptSet, verifier: Verifier, max_new_tokens: int) -> float:
+def evaluate(roles: Roles, kind: str, prompts: PromptSet, verifier: GuardedVerifier, max_new_tokens: int) -> float:
     """Greedy accuracy on the `kind` actors ("rollout" = the student, "teacher"); a response cut off
     by the length limit counts as wrong."""
     workers = roles.rollout_workers if kind == "rollout" else roles.teachers
@@ -15,7 +15,7 @@ def evaluate(roles: Roles, kind: str, prompts: PromptSet, verifier: Verifier, ma
     args = [(prompts.subset(shard), max_new_tokens) for shard in shards]
     results = call_restarting(roles, kind, workers[: len(shards)], "greedy", args)
     completions = [c for shard in results for c in shard]
-    correct = sum(c.finished and verifier(c.text, prompts.answers[c.prompt_index]) for c in completions)
+    correct = sum(c.finished and verifier(c.text, prompts.answers[c.prompt_index], c.prompt_index) for c in completions)
     return correct / len(completions)
 
 

@@ -79,7 +79,13 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     student_top_k = (algorithm.top_k or spec.teacher.top_k) if algorithm.needs_student_topk else 0
     rollout_workers = [
         RolloutWorker.options(**rollout_options, **bundle).remote(
-            spec.models.student, spec.rollout.engine, spec.rollout, spec.run.seed + i, student_top_k, spec.data.verifier
+            spec.models.student,
+            spec.rollout.engine,
+            spec.rollout,
+            spec.run.seed + i,
+            student_top_k,
+            spec.data.verifier,
+            spec.data.verifier_errors,
         )
         for i, bundle in enumerate(placement.actor_options["rollout"])
     ]

@@ -30,6 +30,7 @@ from opd_ray.actors.runtime import actor_env
 from opd_ray.actors.vllm_engine import ENGINE_ENV, Completion
 from opd_ray.console import console, step_progress
 from opd_ray.data.preflight import Prepared
+from opd_ray.data.verifiers import GuardedVerifier
 from opd_ray.driver.loop import distill
 from opd_ray.errors import UserError
 from opd_ray.files import written_aside
@@ -62,13 +63,17 @@ def most_repeated_ngram(tokens: list[int], n: int) -> int:
     return max(Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)).values())
 
 
-def drop_reason(completion: Completion, answer: str | None, verifier, settings: TeacherGenerationSpec) -> str | None:
+def drop_reason(
+    completion: Completion, answer: str | None, verifier: GuardedVerifier, settings: TeacherGenerationSpec
+) -> str | None:
     """Why a teacher answer is left out of the SFT data, or None to keep it (checked in this order)."""
     if settings.drop_truncated and not completion.finished:
         return "truncated"
     if most_repeated_ngram(completion.token_ids, settings.repeat_ngram) > settings.max_ngram_repeats:
         return "repetitive"
-    if settings.require_correct and not (answer is not None and verifier(completion.text, answer)):
+    if settings.require_correct and not (
+        answer is not None and verifier(completion.text, answer, completion.prompt_index)
+    ):
         return "wrong"
     return None
 

@@ -10,6 +10,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
@@ -44,7 +45,8 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"missing required key '{field}'"
     if error["type"] == "value_error":
-        return str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+        message = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+        return message if not location or message.startswith(str(location[0])) else f"'{field}': {message}"
     return f"'{field}': {error['msg']} (got {error.get('input')!r})"
 
 
@@ -59,16 +61,44 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     try:
         config = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
         raw = OmegaConf.to_container(config, resolve=True)
-    except OmegaConfBaseException as exc:
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        hint = " (quote values that hold ${...} inside {...})" if "${" in path.read_text() else ""
+        raise SpecError(f"{where}: YAML syntax error: {exc.problem or exc.context}{hint}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise SpecError(f"{path}: {exc}".splitlines()[0]) from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the spec must be a YAML mapping")
     try:
-        return ExperimentSpec.model_validate(raw)
+        spec = ExperimentSpec.model_validate(raw)
     except ValidationError as exc:
         messages = [_describe(e) for e in exc.errors()]
         raise SpecError(f"{path}: " + "; ".join(messages)) from None
+    spec._environment_values = environment_lookups(OmegaConf.to_container(config, resolve=False))
+    return spec
+
+
+def environment_lookups(unresolved: Any, location: tuple[str, ...] = ()) -> dict[tuple[str, ...], str]:
+    """{location: "${oc.env:...}"} of every value read from the environment (tokens, passwords, paths)."""
+    if isinstance(unresolved, dict):
+        found: dict[tuple[str, ...], str] = {}
+        for key, value in unresolved.items():
+            found.update(environment_lookups(value, (*location, str(key))))
+        return found
+    if isinstance(unresolved, str) and "${oc.env:" in unresolved:
+        return {location: unresolved}
+    return {}
 
 
 def spec_to_yaml(spec: ExperimentSpec) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(spec.model_dump(mode="json")))
+    """The resolved spec, except that values read from the environment keep their `${oc.env:...}`: what
+    `opd-ray validate` prints and a run writes to spec.yaml never holds a secret from the environment."""
+    dumped = spec.model_dump(mode="json")
+    for location, interpolation in spec._environment_values.items():
+        section = dumped
+        for key in location[:-1]:
+            section = section.get(key) if isinstance(section, dict) else None
+        if isinstance(section, dict) and location[-1] in section:
+            section[location[-1]] = interpolation
+    return OmegaConf.to_yaml(OmegaConf.create(dumped))

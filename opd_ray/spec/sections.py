@@ -6,13 +6,17 @@ the validators at the end check what involves several sections at once.
 
 from __future__ import annotations
 
+import string
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """strict: `steps: true` is not 1 and `lr: "1e-3"` is not a number (YAML already types both);
+    no inf/nan anywhere: an infinite lr or temperature would only show up as a NaN loss much later."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class RunSpec(Section):
@@ -145,10 +149,25 @@ class DataSpec(Section):
     verifier: str = Field("exact", description="exact | final_number | boxed | module:function")
     max_prompt_tokens: int = Field(256, ge=1)
 
+    verifier_errors: Literal["count_wrong", "raise"] = Field(
+        "count_wrong",
+        description="a user verifier that raises during a run: count_wrong = report it (verifier, response, row) "
+        "and score the sample as wrong; raise = stop the run",
+    )
+
     @model_validator(mode="after")
     def _template_has_prompt(self) -> DataSpec:
-        if "{prompt}" not in self.prompt_template:
-            raise ValueError("data.prompt_template must contain '{prompt}'")
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"data.prompt_template: {exc} (write a literal brace as {{{{ or }}}})") from None
+        if fields != {"prompt"}:
+            unknown = sorted(fields - {"prompt"})
+            what = f"unknown placeholder {{{unknown[0]}}}" if unknown else "no {prompt} placeholder"
+            raise ValueError(
+                f"data.prompt_template: {what}; the template may only use {{prompt}} "
+                "(write a literal brace as {{ or }})"
+            )
         return self
 
 
@@ -181,6 +200,14 @@ class ResourcesSpec(Section):
         description="Ray custom resources, e.g. {teacher_node: 1} to put a role on nodes started with "
         "--resources '{\"teacher_node\": 8}'",
     )
+
+    @field_validator("custom")
+    @classmethod
+    def _amounts_not_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = {name: amount for name, amount in value.items() if amount < 0}
+        if negative:
+            raise ValueError(f"negative amounts {negative}")
+        return value
 
     def actor_options(self) -> dict:
         """The resource part of `ActorClass.options(...)`."""
@@ -259,6 +286,31 @@ class LearnerSpec(Section):
         "auto", description="auto = flash_attention_2 on CUDA when flash-attn is installed, else sdpa"
     )
     resources: ResourcesSpec = ResourcesSpec()
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _spec_owned_keys_stay_in_the_spec(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for dotted, owner in DEEPSPEED_KEYS_OWNED_BY_SPEC.items():
+            section: Any = value
+            for part in dotted.split("."):
+                section = section.get(part) if isinstance(section, dict) else None
+            if section is not None:
+                raise ValueError(f"learner.deepspeed.{dotted} is set by the spec: use {owner} instead")
+        return value
+
+
+# DeepSpeed settings the spec derives from its own keys; learner.deepspeed may add to the rest.
+DEEPSPEED_KEYS_OWNED_BY_SPEC = {
+    "zero_optimization.stage": "learner.zero_stage",
+    "train_micro_batch_size_per_gpu": "trainer.prompts_per_step (split across learner.num_ranks)",
+    "train_batch_size": "trainer.prompts_per_step x rollout.samples_per_prompt",
+    "gradient_accumulation_steps": "trainer.prompts_per_step (one update a step)",
+    "gradient_clipping": "learner.grad_clip",
+    "bf16": "models.student.dtype",
+    "fp16": "models.student.dtype",
+    "optimizer": "learner.lr / learner.weight_decay (opd-ray builds the optimizer)",
+    "scheduler": "learner.lr_schedule / learner.warmup_steps",
+}
 
 
 class EntropyGateSpec(Section):
@@ -488,6 +540,8 @@ class ExperimentSpec(Section):
     placement: PlacementSpec = PlacementSpec()
     weight_sync: WeightSyncSpec = WeightSyncSpec()
     ray: RaySpec = RaySpec()
+    # {location: "${oc.env:...}"}: set by load_spec so that spec_to_yaml never writes an environment value
+    _environment_values: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -555,6 +609,12 @@ class ExperimentSpec(Section):
                 "weight_sync.method=collective cannot run NCCL between a rollout engine and a learner on the "
                 "same GPU (placement.colocate): use weight_sync.method=object_store"
             )
+        for field, engine in (("rollout.engine", self.rollout.engine), ("teacher.engine", self.teacher.engine)):
+            if self.rollout.max_new_tokens >= engine.max_model_len:
+                raise ValueError(
+                    f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) leaves no room for a prompt in "
+                    f"{field}.max_model_len ({engine.max_model_len})"
+                )
         if self.diagnostics.enabled and self.diagnostics.top_k > self.teacher.top_k:
             raise ValueError(
                 f"diagnostics.top_k ({self.diagnostics.top_k}) exceeds teacher.top_k ({self.teacher.top_k}): "

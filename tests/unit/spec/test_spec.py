@@ -45,12 +45,15 @@ def test_overrides_apply_and_are_typed(tmp_path: Path) -> None:
     assert spec.run.name == "x"
 
 
+LONG_CONTEXT = ["rollout.engine.max_model_len=8192", "teacher.engine.max_model_len=8192"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
         ([], False),  # 64 new tokens by default
-        (["rollout.max_new_tokens=512"], True),
-        (["rollout.max_new_tokens=4096", "learner.gradient_checkpointing=false"], False),  # the spec's word wins
+        (["rollout.max_new_tokens=512", *LONG_CONTEXT], True),
+        (["rollout.max_new_tokens=4096", "learner.gradient_checkpointing=false", *LONG_CONTEXT], False),  # spec wins
         (["learner.gradient_checkpointing=true"], True),
     ],
 )
@@ -77,7 +80,7 @@ def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
         (["algorithm.objective=forward_kl"], "'algorithm.objective'"),
         (["learner.num_ranks=3"], "do not divide across learner.num_ranks = 3"),
         (["teacher.top_k=64"], "teacher.top_k (64) exceeds teacher.engine.max_logprobs (32)"),
-        (["data.prompt_template=hello"], "must contain '{prompt}'"),
+        (["data.prompt_template=hello"], "no {prompt} placeholder"),
         (["diagnostics.top_k=32"], "diagnostics.top_k (32) exceeds teacher.top_k (16)"),
         (["algorithm.baseline=vopd", "algorithm.discount=0.5"], "use it with discount 0"),
         (["algorithm.aggregation=sum"], "'algorithm.aggregation'"),
