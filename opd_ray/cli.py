@@ -28,7 +28,14 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("spec", help="experiment spec (YAML)")
         sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.steps=10")
         if name == "train":
-            sub.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+            what = sub.add_mutually_exclusive_group()
+            what.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+            what.add_argument(
+                "--overwrite", action="store_true", help="delete the results of a previous run in run.output_dir first"
+            )
+            sub.add_argument(
+                "--force", action="store_true", help="with --resume: continue even if the spec defines another run"
+            )
         if name == "build-tiny":
             sub.add_argument("--from-scratch", action="store_true", help="train even when a shipped copy matches")
     imported = commands.add_parser(
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from opd_ray.recipe.stages import run_stages
 
-        _print_summary(run_stages(spec, resume=args.resume))
+        _print_summary(run_stages(spec, resume=args.resume, overwrite=args.overwrite, force=args.force))
         return 0
     except UserError as exc:
         print(f"opd-ray: error: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from opd_ray.driver.metrics import window_mean
+from opd_ray.driver.metrics import read_metrics, window_mean
 from opd_ray.errors import UserError
 
 DIAGNOSTICS = (
@@ -32,7 +32,7 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     metrics_path, summary_path = run_dir / "metrics.jsonl", run_dir / "summary.json"
     if not metrics_path.is_file():
         raise UserError(f"no metrics.jsonl in {run_dir}")
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    metrics = read_metrics(metrics_path)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return summary, metrics
 

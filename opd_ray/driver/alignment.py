@@ -23,6 +23,7 @@ from opd_ray.data.prompts import PromptSet
 from opd_ray.data.selection import outside_count
 from opd_ray.driver.pipeline import rollout_and_score
 from opd_ray.driver.roles import Roles
+from opd_ray.files import write_json
 from opd_ray.losses.batch import RolloutBatch
 from opd_ray.spec import ExperimentSpec
 
@@ -86,5 +87,5 @@ def keep_aligned_prompts(
     else:
         dropped, stats = select_aligned(roles, train, spec)
         console.print(f"alignment selection: {stats}")
-        record.write_text(json.dumps({**stats, "dropped_rows": sorted(dropped)}, indent=2))
+        write_json(record, {**stats, "dropped_rows": sorted(dropped)})
     return train.without(dropped)

@@ -3,15 +3,17 @@
 A checkpoint is `run_dir/checkpoints/step_00000050/` holding the student in Hugging Face
 format (`student/`, safetensors), the DeepSpeed engine state (`deepspeed/`: weights,
 optimizer, scheduler, per rank) and `trainer_state.json` (step, weight version, data-order
-position, the accuracies measured before training). Everything is written under a
-`.partial-` name first; only a complete directory is renamed to `step_*`, and a rename is
-atomic, so a kill mid-write leaves the previous checkpoint the latest one.
+position, the accuracies measured before training, the run's fingerprint) and `manifest.json`
+(every file and its size). Everything is written under a `.partial-` name first and fsynced;
+only then is the directory renamed to `step_*` (atomic), the rename fsynced, and older
+checkpoints pruned. A kill or a host crash mid-write leaves the previous checkpoint the latest
+one, and a checkpoint whose files do not match its manifest (a disk that lost them) is
+skipped in favour of the one before.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,12 +25,14 @@ from ray.exceptions import RayActorError
 
 from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.console import console
+from opd_ray.driver.fingerprint import check_same_run
 from opd_ray.errors import RunStopped, UserError
 from opd_ray.files import written_aside
 from opd_ray.spec import ExperimentSpec
 
 PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 BEFORE_TRAINING = ("teacher_accuracy", "student_accuracy_before")  # what a resumed run cannot measure again
 
 
@@ -41,6 +45,7 @@ class TrainerState:
     sampler_epoch: int
     sampler_position: int
     summary: dict = field(default_factory=dict)  # accuracies measured before training
+    fingerprint: dict = field(default_factory=dict)  # what defines the run (fingerprint.py)
 
     def write(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -54,12 +59,47 @@ def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def write_manifest(directory: Path) -> None:
+    """{relative path: size} of every file the checkpoint holds so far."""
+    files = {
+        str(path.relative_to(directory)): path.stat().st_size for path in sorted(directory.rglob("*")) if path.is_file()
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps(files, indent=1))
+
+
+def missing_files(checkpoint: Path) -> list[str]:
+    """Files the checkpoint's manifest lists that are absent or of another size; [] when it is whole."""
+    manifest = checkpoint / MANIFEST_FILE
+    if not manifest.is_file():
+        return [MANIFEST_FILE]
+    try:
+        listed = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return [MANIFEST_FILE]
+    return [
+        name
+        for name, size in listed.items()
+        if not ((checkpoint / name).is_file() and (checkpoint / name).stat().st_size == size)
+    ]
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (partial ones never carry the `step_` name)."""
+    """Complete checkpoints, oldest first: partial ones never carry the `step_` name, and one whose files
+    do not match its manifest is left out (with a warning) so that resume falls back to the one before."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    found = []
+    for path in root.iterdir():
+        if not (path.is_dir() and path.name.startswith(PREFIX) and (path / STATE_FILE).is_file()):
+            continue
+        missing = missing_files(path)
+        if missing:
+            console.print(
+                f"[yellow]checkpoint {path} is incomplete (missing or short: {', '.join(missing[:3])}); skipped[/]"
+            )
+            continue
+        found.append(path)
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
@@ -69,21 +109,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def write_checkpoint(run_dir: Path, state: TrainerState, write_contents: Callable[[Path], None], keep: int) -> Path:
-    """`write_contents(tmp_dir)` writes the heavy parts (the learners do); then the state file,
-    an fsync of the state, the atomic rename, and pruning down to the newest `keep`."""
+    """`write_contents(tmp_dir)` writes the heavy parts (the learners do); then the manifest and the state
+    file; `written_aside` fsyncs them all, renames, and fsyncs the rename; only then are older
+    checkpoints pruned down to the newest `keep`."""
     final = checkpoint_root(run_dir) / f"{PREFIX}{state.step:08d}"
     with written_aside(final, directory=True) as partial:
         write_contents(partial)
+        write_manifest(partial)
         state.write(partial)
-        with open(partial / STATE_FILE) as handle:
-            os.fsync(handle.fileno())
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def resume_point(run_dir: Path, resume: bool) -> tuple[Path | None, TrainerState | None]:
-    """The checkpoint to continue from; refuses to start over a run that has checkpoints."""
+def resume_point(
+    spec: ExperimentSpec, run_dir: Path, resume: bool, force: bool = False
+) -> tuple[Path | None, TrainerState | None]:
+    """The checkpoint to continue from, once it is known to belong to the run `spec` defines; refuses to
+    start over a run that has checkpoints."""
     latest = latest_checkpoint(run_dir)
     if latest is not None and not resume:
         raise UserError(
@@ -92,7 +135,11 @@ def resume_point(run_dir: Path, resume: bool) -> tuple[Path | None, TrainerState
         )
     if resume and latest is None:
         console.print(f"--resume: no complete checkpoint in {run_dir}, starting at step 1")
-    return latest, TrainerState.read(latest) if latest is not None else None
+    if latest is None:
+        return None, None
+    state = TrainerState.read(latest)
+    check_same_run(state.fingerprint, spec, f"checkpoint {latest}", force)
+    return latest, state
 
 
 def save_checkpoint(spec: ExperimentSpec, roles, run_dir: Path, state: TrainerState) -> None:

@@ -16,9 +16,8 @@ workers and teachers are restarted and their lost work re-issued [roles.py].
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -37,11 +36,13 @@ from opd_ray.driver.checkpoint import (
     save_checkpoint,
 )
 from opd_ray.driver.evaluation import evaluate, gap_recovery
+from opd_ray.driver.fingerprint import run_fingerprint
 from opd_ray.driver.metrics import MetricsWriter, timed, training_trend
 from opd_ray.driver.pipeline import Pipeline
 from opd_ray.driver.roles import Roles, record_placement, start_roles, sync_weights
 from opd_ray.driver.steps import StepWork, launch_step, prompts_digest
 from opd_ray.errors import RunStopped
+from opd_ray.files import write_json, write_text_durably
 from opd_ray.spec import ExperimentSpec, spec_to_yaml
 
 
@@ -61,18 +62,20 @@ class Run:
     version: int = 0  # updates the learners have applied: the student's weight version
     next_launch: int = 1  # the next step to launch; before the loop, the first step to train
     bad_steps: int = 0  # consecutive steps whose update was skipped
+    fingerprint: dict = field(default_factory=dict)  # what defines the run, stored with each checkpoint
 
     def close(self) -> None:
         self.writer.close()
         self.roles.shutdown()
 
 
-def distill(spec: ExperimentSpec, prepared: Prepared, resume: bool = False) -> dict:
+def distill(spec: ExperimentSpec, prepared: Prepared, resume: bool = False, force: bool = False) -> dict:
     """Start the run; for each step: launch, resolve, learn, sync, evaluate, checkpoint; finish.
 
-    `prepared` is what `recipe.startup.start` checked and tokenized; returns the run's summary."""
+    `prepared` is what `recipe.startup.start` checked and tokenized; `force` resumes a checkpoint
+    whose fingerprint differs from the spec's. Returns the run's summary."""
     started = time.perf_counter()
-    run = start_run(spec, prepared, resume)
+    run = start_run(spec, prepared, resume, force)
     try:
         first_step = run.next_launch
         with step_progress("distill", spec.trainer.steps, first_step - 1) as progress:
@@ -87,16 +90,16 @@ def distill(spec: ExperimentSpec, prepared: Prepared, resume: bool = False) -> d
 # ---- start and finish ----
 
 
-def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool) -> Run:
+def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: bool = False) -> Run:
     """The run directory, every role, and where training starts: a checkpoint, or the accuracies before it."""
-    run_dir = Path(spec.run.output_dir)
+    run_dir = Path(spec.run.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint, state = resume_point(run_dir, resume)
-    record_spec(spec, run_dir, resuming=state is not None)
+    checkpoint, state = resume_point(spec, run_dir, resume, force)
+    record_spec(spec, run_dir, state)
     summary: dict = {"run": spec.run.name, "objective": spec.algorithm.objective}
     if prepared.selection is not None:
         console.print(f"prompt selection: {prepared.selection}")
-        (run_dir / "selection.json").write_text(json.dumps(prepared.selection, indent=2))
+        write_json(run_dir / "selection.json", prepared.selection)
         summary["prompt_selection"] = prepared.selection
     console.print(
         f"[bold]opd-ray[/] {spec.run.name}: starting roles ({spec.rollout.num_workers} rollout, "
@@ -137,15 +140,18 @@ def new_run(
         writer=MetricsWriter(run_dir, resume_after=resume_after),
         sampler=PromptSampler(len(prepared.train), spec.run.seed),
         summary=summary,
+        fingerprint=run_fingerprint(spec),
     )
 
 
-def record_spec(spec: ExperimentSpec, run_dir: Path, resuming: bool) -> None:
-    """spec.yaml: the resolved spec; a resumed run whose spec changed says so."""
+def record_spec(spec: ExperimentSpec, run_dir: Path, resumed: TrainerState | None) -> None:
+    """spec.yaml: the resolved spec the run started with. A resumed run whose spec changed (in keys that
+    may change, or with --force) keeps it and writes its own beside it."""
     path, spec_yaml = run_dir / "spec.yaml", spec_to_yaml(spec)
-    if resuming and path.is_file() and path.read_text() != spec_yaml:
-        console.print("[yellow]warning:[/] the spec differs from the one this run started with; resuming anyway")
-    path.write_text(spec_yaml)
+    if resumed is not None and path.is_file() and path.read_text() != spec_yaml:
+        path = run_dir / f"spec.resumed-at-step-{resumed.step}.yaml"
+        console.print(f"the spec differs from the one this run started with (spec.yaml); this one is in {path.name}")
+    write_text_durably(path, spec_yaml)
 
 
 def restore(run: Run, checkpoint: Path, state: TrainerState) -> None:
@@ -175,7 +181,7 @@ def finish_run(run: Run, started: float) -> dict:
     summary["steps"] = spec.trainer.steps
     summary["first_vs_last_steps"] = training_trend(run.writer.path)
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
-    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(run.run_dir / "summary.json", summary)
     return summary
 
 
@@ -280,5 +286,6 @@ def checkpoint_now(run: Run, step: int, work: StepWork) -> None:
         return
     epoch, position = work.sampler_after
     before = {key: run.summary[key] for key in BEFORE_TRAINING}
+    state = TrainerState(step, run.version, epoch, position, before, run.fingerprint)
     with learner_death_stops_run(run.run_dir):
-        save_checkpoint(run.spec, run.roles, run.run_dir, TrainerState(step, run.version, epoch, position, before))
+        save_checkpoint(run.spec, run.roles, run.run_dir, state)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from opd_ray.files import write_text_durably
 
 
 @contextmanager
@@ -18,6 +21,20 @@ def timed(phase: str, metrics: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         metrics[f"time/{phase}"] = time.perf_counter() - start
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a line that is not JSON (torn by a kill or a full disk mid-write) is
+    dropped with a warning instead of making every later resume and report fail."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"opd-ray: warning: {path}:{number} is not a whole JSON line (torn write?); dropped", file=sys.stderr)
+    return rows
 
 
 class MetricsWriter:
@@ -31,8 +48,8 @@ class MetricsWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         if resume_after is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_after]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_after]
+            write_text_durably(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -73,7 +90,7 @@ def training_trend(metrics_path: Path, window: int = 5) -> dict[str, list[float]
     """{key: [mean over the first `window` trained steps, mean over the last]} for `TREND_KEYS` a run logged."""
     if not metrics_path.is_file():
         return {}
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     trained = [row for row in rows if row.get("step", 0) >= 1 and "loss" in row]
     window = max(1, min(window, len(trained) // 2))
     trend = {}

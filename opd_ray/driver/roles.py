@@ -11,7 +11,6 @@ points at --resume.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from opd_ray.actors.vllm_engine import ENGINE_ENV
 from opd_ray.console import console
 from opd_ray.driver.placement import Placement, reserve
 from opd_ray.errors import RunStopped
+from opd_ray.files import write_json
 from opd_ray.spec import ExperimentSpec
 
 RESTART_TIMEOUT_S = 600  # a restarted engine loads its model again
@@ -116,7 +116,7 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
 def record_placement(roles: Roles, run_dir: Path) -> None:
     """placement.json: the node (and GPUs) of every actor, and one line per role on the console."""
     locations = roles.locations()
-    (run_dir / "placement.json").write_text(json.dumps(locations, indent=2))
+    write_json(run_dir / "placement.json", locations)
     for role, actors in locations.items():
         nodes = Counter(actor["node_id"][:8] + "@" + actor["node_ip"] for actor in actors)
         console.print(f"  {role}: " + ", ".join(f"{count} on node {node}" for node, count in nodes.items()))

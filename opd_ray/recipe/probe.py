@@ -11,7 +11,6 @@ greedy accuracy on the eval set.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from opd_ray.data.prompts import PromptSet
 from opd_ray.driver.evaluation import evaluate
 from opd_ray.driver.pipeline import rollout_and_score
 from opd_ray.driver.roles import start_roles
+from opd_ray.files import write_json
 from opd_ray.losses.step import combine_rank_metrics
 from opd_ray.recipe.startup import start
 from opd_ray.spec import ExperimentSpec, ProbeSpec
@@ -113,7 +113,7 @@ def run_probe(spec: ExperimentSpec) -> dict:
     }
     run_dir = Path(spec.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "probe.json").write_text(json.dumps(result, indent=2))
+    write_json(run_dir / "probe.json", result)
     return result
 
 

@@ -31,9 +31,11 @@ from opd_ray.actors.vllm_engine import ENGINE_ENV, Completion
 from opd_ray.console import console, step_progress
 from opd_ray.data.preflight import Prepared
 from opd_ray.data.verifiers import GuardedVerifier
+from opd_ray.driver.fingerprint import check_same_run, run_fingerprint
 from opd_ray.driver.loop import distill
+from opd_ray.driver.run_dir import claimed
 from opd_ray.errors import UserError
-from opd_ray.files import written_aside
+from opd_ray.files import write_json, written_aside
 from opd_ray.recipe.sft import train_sft
 from opd_ray.recipe.startup import start
 from opd_ray.spec import ExperimentSpec, TeacherGenerationSpec
@@ -45,15 +47,19 @@ def stage_dir(spec: ExperimentSpec, stage: str) -> Path:
     return Path(spec.run.output_dir) / "stages" / stage
 
 
-def finished(spec: ExperimentSpec, stage: str) -> dict | None:
-    """The stage's done.json, or None if it has not finished."""
+def finished(spec: ExperimentSpec, stage: str, force: bool = False) -> dict | None:
+    """The stage's done.json, or None if it has not finished; refused when a spec that defines another
+    run (another teacher, other data) finished it."""
     marker = stage_dir(spec, stage) / "done.json"
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    if not marker.is_file():
+        return None
+    record = json.loads(marker.read_text())
+    check_same_run(record.get("fingerprint"), spec, f"the finished stage {stage} ({marker})", force)
+    return record
 
 
 def mark_done(spec: ExperimentSpec, stage: str, record: dict) -> None:
-    with written_aside(stage_dir(spec, stage) / "done.json") as partial:
-        partial.write_text(json.dumps(record, indent=2))
+    write_json(stage_dir(spec, stage) / "done.json", {**record, "fingerprint": run_fingerprint(spec)})
 
 
 def most_repeated_ngram(tokens: list[int], n: int) -> int:
@@ -173,29 +179,35 @@ def opd_spec(spec: ExperimentSpec) -> ExperimentSpec:
     return spec.model_copy(update={"models": models})
 
 
-def run_stages(spec: ExperimentSpec, resume: bool = False) -> dict:
-    """`opd-ray train`: the spec's stages in order; the summary is OPD's, with what the cold start did."""
-    prepared = start(spec)
-    records = run_cold_start(spec, prepared)
-    if "opd" not in spec.stages:
-        return {"run": spec.run.name, "objective": "cold start only", "stages": records}
-    if "teacher_generate" in records:  # OPD trains on the prompts the cold start did not answer
-        prepared = replace(prepared, train=prepared.train.without(set(records["teacher_generate"]["rows"])))
-    summary = distill(opd_spec(spec), prepared, resume=resume)
+def run_stages(spec: ExperimentSpec, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict:
+    """`opd-ray train`: the spec's stages in order, in a run directory this process holds (refused if it
+    holds another run's results, unless resume or overwrite); the summary is OPD's, with what the cold
+    start did. `force` resumes checkpoints and stages whose fingerprint differs from the spec's."""
+    mode = "resume" if resume else "overwrite" if overwrite else "new"
+    with claimed(Path(spec.run.output_dir), mode) as run_dir:
+        spec = spec.model_copy(update={"run": spec.run.model_copy(update={"output_dir": str(run_dir)})})
+        prepared = start(spec)
+        records = run_cold_start(spec, prepared, force)
+        if "opd" not in spec.stages:
+            return {"run": spec.run.name, "objective": "cold start only", "stages": records}
+        if "teacher_generate" in records:  # OPD trains on the prompts the cold start did not answer
+            prepared = replace(prepared, train=prepared.train.without(set(records["teacher_generate"]["rows"])))
+        summary = distill(opd_spec(spec), prepared, resume=resume, force=force)
     if records:
         summary["cold_start"] = {
-            stage: {k: v for k, v in record.items() if k != "rows"} for stage, record in records.items()
+            stage: {k: v for k, v in record.items() if k not in ("rows", "fingerprint")}
+            for stage, record in records.items()
         }
     return summary
 
 
-def run_cold_start(spec: ExperimentSpec, prepared: Prepared) -> dict[str, dict]:
+def run_cold_start(spec: ExperimentSpec, prepared: Prepared, force: bool = False) -> dict[str, dict]:
     """The stages before OPD, each skipped when its done.json exists; their records by stage."""
     records: dict[str, dict] = {}
     for stage in spec.stages:
         if stage == "opd":
             break
-        done = finished(spec, stage)
+        done = finished(spec, stage, force)
         if done is not None:
             console.print(f"stage {stage}: done already ({stage_dir(spec, stage)}); skipped")
             records[stage] = done

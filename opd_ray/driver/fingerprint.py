@@ -1,0 +1,137 @@
+"""What defines a run, recorded with each checkpoint and finished stage, so that --resume continues the same run.
+
+A fingerprint maps every spec key that defines the run (models, data, objective, seed, batch
+and sampling settings: everything not in `MAY_CHANGE_ON_RESUME`) to its value, and each model
+folder and data file to a digest of its contents. Resuming with another teacher, other data or
+another objective is refused with the keys that differ; the keys that only say how long to
+train, how often to evaluate or checkpoint, how to log, where to run and how long to wait may
+change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from opd_ray.errors import UserError
+from opd_ray.spec import ExperimentSpec
+
+MAY_CHANGE_ON_RESUME = (
+    "run.name",
+    "run.output_dir",
+    "trainer.steps",
+    "trainer.eval_every",
+    "trainer.save_final",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.max_actor_restarts",
+    "trainer.max_bad_steps",
+    "trainer.timeouts",
+    "diagnostics",
+    "probe",
+    "ray",
+    "placement",
+    "weight_sync",
+    "rollout.num_workers",
+    "rollout.resources",
+    "rollout.engine",
+    "teacher.num_replicas",
+    "teacher.resources",
+    "teacher.engine",
+    "teacher.chunk_tokens",
+    "teacher.share_prompts",
+    "learner.resources",
+    "learner.chunk_tokens",
+    "learner.gradient_checkpointing",
+    "learner.attn_implementation",
+    "data.verifier_errors",
+    "models.build_tiny",  # what they build is fingerprinted by its contents
+    "models.import_pretrained",
+)
+WHOLE_FILE_BYTES = 64 << 20  # larger files (weights) are digested by size, head and tail
+EDGE_BYTES = 1 << 20
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: tree}
+
+
+def may_change(key: str) -> bool:
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in MAY_CHANGE_ON_RESUME)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, or of its size, first and last MiB when it is larger than WHOLE_FILE_BYTES
+    (a model's weights: seconds per GB otherwise, at every start)."""
+    digest, size = hashlib.sha256(), path.stat().st_size
+    with path.open("rb") as handle:
+        if size <= WHOLE_FILE_BYTES:
+            digest.update(handle.read())
+        else:
+            digest.update(str(size).encode() + handle.read(EDGE_BYTES))
+            handle.seek(size - EDGE_BYTES)
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def contents_digest(path: Path) -> str:
+    """A file's digest, or a folder's (its files, by name); 'missing' when neither exists."""
+    if path.is_file():
+        return file_digest(path)
+    if not path.is_dir():
+        return "missing"
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{item.name}:{file_digest(item)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def input_files(spec: ExperimentSpec) -> dict[str, str]:
+    """{spec key: path} of every model folder and data file the run reads."""
+    files = {"models.student": spec.models.student.path, "models.teacher": spec.models.teacher.path}
+    files["data.train"] = spec.data.train.path
+    if spec.data.eval is not None:
+        files["data.eval"] = spec.data.eval.path
+    if spec.data.selection is not None:
+        for i, reference in enumerate(spec.data.selection.reference):
+            files[f"data.selection.reference.{i}"] = reference.path
+        if spec.data.selection.outside is not None:
+            files["data.selection.outside"] = spec.data.selection.outside.path
+    return files
+
+
+def run_fingerprint(spec: ExperimentSpec) -> dict[str, str]:
+    defining = {k: json.dumps(v) for k, v in flatten(spec.model_dump(mode="json")).items() if not may_change(k)}
+    for key, path in input_files(spec).items():
+        defining[f"{key} (contents)"] = contents_digest(Path(path))
+    return defining
+
+
+def differing_keys(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
+    return sorted(key for key in recorded.keys() | current.keys() if recorded.get(key) != current.get(key))
+
+
+def check_same_run(recorded: dict[str, str] | None, spec: ExperimentSpec, what: str, force: bool) -> None:
+    """Refuses to continue `what` (a checkpoint, a finished stage) under a spec that defines another run."""
+    if not recorded:
+        return  # written before fingerprints existed: nothing to compare
+    differences = differing_keys(recorded, run_fingerprint(spec))
+    if not differences:
+        return
+    shown = ", ".join(differences[:8]) + (f" and {len(differences) - 8} more" if len(differences) > 8 else "")
+    if force:
+        from opd_ray.console import console
+
+        console.print(f"[yellow]--force: resuming {what} although these differ: {shown}[/]")
+        return
+    raise UserError(
+        f"--resume: the spec defines another run than {what} ({shown} differ); pass --force to resume anyway, "
+        "or set run.output_dir to a new directory"
+    )

@@ -1,0 +1,99 @@
+"""The run directory: one process at a time, and a previous run's results are never silently replaced.
+
+A second `opd-ray train` into a directory that holds results is refused unless the user says what
+to do with them: `--resume` continues that run, `--overwrite` deletes its results first. An
+exclusive lock (`flock` on `.opd-ray.lock`) keeps a second process out while a run is using the
+directory; the kernel drops the lock when its holder dies, so a lock left by a killed run is
+simply taken over.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+from opd_ray.console import console
+from opd_ray.errors import UserError
+from opd_ray.files import remove
+
+LOCK_FILE = ".opd-ray.lock"
+# What a run leaves that another run must not clobber; the rest (spec.yaml, placement.json) is rewritten.
+RESULTS = ("summary.json", "metrics.jsonl", "checkpoints", "stages", "student")
+# Also removed by --overwrite: records of the old run that would otherwise mix with the new one's.
+RECORDS = ("spec.yaml", "placement.json", "selection.json", "alignment.json", "tensorboard", "probe.json")
+
+Mode = Literal["new", "resume", "overwrite"]
+
+
+def previous_results(run_dir: Path) -> list[str]:
+    """The result files and folders in `run_dir` that hold something."""
+    found = []
+    for name in RESULTS:
+        path = run_dir / name
+        if (path.is_file() and path.stat().st_size > 0) or (path.is_dir() and any(path.iterdir())):
+            found.append(name)
+    return found
+
+
+def refuse_to_clobber(run_dir: Path, mode: Mode) -> None:
+    """A new run into a directory with results stops here; --overwrite removes them first."""
+    found = previous_results(run_dir)
+    if not found or mode == "resume":
+        return
+    if mode == "new":
+        raise UserError(
+            f"{run_dir} holds a previous run's results ({', '.join(found)}): pass --resume to continue that run, "
+            "--overwrite to delete them, or set run.output_dir to a new directory"
+        )
+    console.print(f"--overwrite: deleting the previous run's results in {run_dir} ({', '.join(found)})")
+    for name in (*RESULTS, *RECORDS):
+        remove(run_dir / name)
+
+
+@contextmanager
+def run_directory_lock(run_dir: Path) -> Iterator[None]:
+    """Holds `run_dir`'s exclusive lock for the block; another live holder is named in the refusal."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    handle = path.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(
+                f"{run_dir} is in use by {holder} (lock {path}); wait for it, stop it, or set run.output_dir "
+                "to another directory"
+            ) from None
+        handle.seek(0)
+        stale = handle.read().strip()
+        if stale:
+            console.print(f"{run_dir}: taking over the lock left by {stale}, which is no longer running")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()  # an empty lock file: nobody to name as stale
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
+@contextmanager
+def claimed(run_dir: Path, mode: Mode) -> Iterator[Path]:
+    """The run directory, made absolute, locked for this process and checked for a previous run's results."""
+    run_dir = run_dir.resolve()
+    with run_directory_lock(run_dir):
+        refuse_to_clobber(run_dir, mode)
+        yield run_dir
