@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from opd_ray.driver.run_dir import LOCK_FILE
+from opd_ray.errors import UserError
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
 
@@ -46,6 +48,13 @@ def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: 
     assert (run_dir / "student" / "config.json").is_file()
     assert any((run_dir / "student").glob("*.safetensors"))
     assert (run_dir / "student" / "tokenizer.json").is_file()
+
+    # The same command again: refused before anything starts, the first run's files untouched.
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
+    with pytest.raises(UserError, match="holds a previous run's results .* pass --resume .* --overwrite"):
+        run_stages(ExperimentSpec.model_validate(raw))
+    after = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
+    assert after == before
 
 
 def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp_path: Path, local_ray, capsys) -> None:
