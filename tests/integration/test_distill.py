@@ -51,7 +51,7 @@ def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: 
 
     # The same command again: refused before anything starts, the first run's files untouched.
     before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
-    with pytest.raises(UserError, match="holds a previous run's results .* pass --resume .* --overwrite"):
+    with pytest.raises(UserError, match=r"holds a previous run's results .* pass --resume .* --overwrite"):
         run_stages(ExperimentSpec.model_validate(raw))
     after = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
     assert after == before

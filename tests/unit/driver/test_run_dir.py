@@ -113,7 +113,7 @@ def test_a_finished_stage_is_reused_only_by_the_run_that_finished_it(tiny_dir: P
     mark_done(spec, "teacher_generate", {"kept": 3})
     assert finished(checkpointed(tiny_dir, tmp_path, trainer={"steps": 9}), "teacher_generate")["kept"] == 3
     other_teacher = checkpointed(tiny_dir, tmp_path, models={"teacher": {"path": str(tiny_dir / "student")}})
-    with pytest.raises(UserError, match="finished stage teacher_generate .* models.teacher"):
+    with pytest.raises(UserError, match=r"finished stage teacher_generate .* models.teacher"):
         finished(other_teacher, "teacher_generate")
 
 
