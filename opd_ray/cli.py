@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as exc:
         print(f"opd-ray: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # a run stopped by SIGTERM exits 143
 
 
 if __name__ == "__main__":

@@ -13,3 +13,15 @@ class SpecError(UserError):
 
 class RunStopped(UserError):
     """The run stopped itself to protect its checkpoints (non-finite loss or weights); --resume continues."""
+
+
+class Stuck(RunStopped):
+    """An actor did not answer within its trainer.timeouts setting; the message names it."""
+
+
+class Interrupted(RunStopped):
+    """SIGTERM or SIGINT: the run stopped between steps (after a checkpoint, when checkpoints are on)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -207,6 +207,15 @@ class LearnerWorker:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
+    def write_probe(self, directory: str, token: str) -> str:
+        """Writes `<token>-rank<r>` into the run directory as this rank sees it: the driver must see it too,
+        or this rank's checkpoints would land on a disk the run never reads back."""
+        path = os.path.join(directory, f"{token}-rank{self.rank}")
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(actor_location()["node_ip"])
+        return path
+
     def parameters_finite(self) -> bool:
         """All ranks must call this: under ZeRO-3 each holds a shard."""
         finite = all(
@@ -340,8 +349,10 @@ class LearnerGroup:
         runtime_env: dict,
         teacher: ModelSpec | None = None,
         rank_options: list[dict] | None = None,
+        start_timeout_s: float | None = None,
     ) -> None:
-        """`rank_options`: extra actor options per rank (their placement-group bundle)."""
+        """`rank_options`: extra actor options per rank (their placement-group bundle); ranks that are not up
+        within `start_timeout_s` (trainer.timeouts.start_s) are named."""
         options = {
             **learner.resources.actor_options(),
             "runtime_env": {"env_vars": {**runtime_env.get("env_vars", {}), **LEARNER_ENV}},
@@ -350,13 +361,13 @@ class LearnerGroup:
         options["runtime_env"]["env_vars"].update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         rank_options = rank_options or [{} for _ in range(learner.num_ranks)]
         self.workers = [LearnerWorker.options(**options, **extra).remote() for extra in rank_options]
-        master = ray.get(self.workers[0].address.remote())
-        ray.get(
-            [
-                w.setup.remote(rank, learner.num_ranks, master, model, learner, micro_batch, total_steps, teacher)
-                for rank, w in enumerate(self.workers)
-            ]
-        )
+        starting = "learner ranks starting (trainer.timeouts.start_s)"
+        (master,) = get_or_raise_first([self.workers[0].address.remote()], start_timeout_s, starting)
+        setups = [
+            w.setup.remote(rank, learner.num_ranks, master, model, learner, micro_batch, total_steps, teacher)
+            for rank, w in enumerate(self.workers)
+        ]
+        get_or_raise_first(setups, start_timeout_s, starting)
 
     def call(self, method: str, *args: Any) -> list[ray.ObjectRef]:
         return [getattr(w, method).remote(*args) for w in self.workers]
@@ -374,10 +385,10 @@ class LearnerGroup:
         per_rank = wait(self.call("train_step", batch_refs, algorithm, diagnostics_k, step))
         return combine_rank_metrics(per_rank)
 
-    def export_weights(self) -> ray.ObjectRef:
+    def export_weights(self, timeout_s: float | None = None) -> ray.ObjectRef:
         """ObjectRef of rank 0's packed weights; the bytes stay in the object store."""
         refs = self.call("export_weights")
-        ray.wait(refs[1:], num_returns=len(refs) - 1)
+        get_or_raise_first(refs[1:], timeout_s, "learner ranks gathering weights (trainer.timeouts.sync_s)")
         return refs[0]
 
     def shutdown(self) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import ray
+
+from opd_ray.errors import Stuck
 
 
 def actor_env(roles_overlap: bool = False) -> dict:
@@ -35,11 +38,17 @@ def actor_location() -> dict:
     return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
 
 
-def get_or_raise_first(refs: list[ray.ObjectRef]) -> list[Any]:
+def get_or_raise_first(refs: list[ray.ObjectRef], timeout_s: float | None = None, what: str = "calls") -> list[Any]:
     """Values of all ranks' calls, raising as soon as one fails: when a rank dies, the others wait
-    in a collective until a long timeout, so waiting for all of them would hang the driver."""
+    in a collective until a long timeout, so waiting for all of them would hang the driver.
+    After `timeout_s` the calls still running are named (`what`: whose calls, and the setting)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = list(refs)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+        if not ready:
+            stuck = [i for i, ref in enumerate(refs) if ref in pending]
+            raise Stuck(f"{what}: {stuck} of {len(refs)} did not finish within {timeout_s:g} s")
         ray.get(ready)  # raises this rank's error now
     return ray.get(refs)

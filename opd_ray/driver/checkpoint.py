@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import ray
 from ray.exceptions import RayActorError
 
 from opd_ray.actors.runtime import get_or_raise_first
@@ -144,13 +144,35 @@ def resume_point(
 
 def save_checkpoint(spec: ExperimentSpec, roles, run_dir: Path, state: TrainerState) -> None:
     """Only finite weights are checkpointed: a poisoned model must never replace a good checkpoint."""
-    if not all(ray.get(roles.learners.call("parameters_finite"))):
+    limit = spec.trainer.timeouts.checkpoint_s
+    checking = "learner ranks checking their weights (trainer.timeouts.checkpoint_s)"
+    if not all(get_or_raise_first(roles.learners.call("parameters_finite"), limit, checking)):
         raise RunStopped(f"the student's weights are not finite at step {state.step}; no checkpoint written")
 
     def learners_write(directory: Path) -> None:
-        get_or_raise_first(roles.learners.call("save_checkpoint", str(directory), spec.models.student.path))
+        refs = roles.learners.call("save_checkpoint", str(directory), spec.models.student.path)
+        get_or_raise_first(refs, limit, "learner ranks writing a checkpoint (trainer.timeouts.checkpoint_s)")
 
     write_checkpoint(run_dir, state, learners_write, spec.trainer.keep_checkpoints)
+
+
+def check_shared_storage(learners, run_dir: Path, timeout_s: float) -> None:
+    """Before training: every learner rank writes a probe file into the run directory and the driver
+    reads it back. On a multi-node cluster without shared storage a rank on another node writes to its
+    own disk, and its checkpoint shards would never be found; that stops the run here, not at resume."""
+    token = f".storage-probe-{uuid.uuid4().hex[:8]}"
+    written = get_or_raise_first(
+        learners.call("write_probe", str(run_dir), token), timeout_s, "learner ranks (trainer.timeouts.start_s)"
+    )
+    unseen = [rank for rank, path in enumerate(written) if not Path(path).is_file()]
+    for path in written:
+        Path(path).unlink(missing_ok=True)
+    if unseen:
+        raise UserError(
+            f"learner ranks {unseen} wrote into {run_dir} on their node, but this node (the driver's) does not see "
+            "the files: run.output_dir must be on storage every node shares (NFS, a mounted bucket), or place the "
+            "learners on the driver's node (learner.resources.custom / placement)"
+        )
 
 
 @contextmanager

@@ -28,7 +28,7 @@ MAY_CHANGE_ON_RESUME = (
     "trainer.keep_checkpoints",
     "trainer.max_actor_restarts",
     "trainer.max_bad_steps",
-    "trainer.timeouts",
+    "trainer.timeouts",  # how long to wait on actors
     "diagnostics",
     "probe",
     "ray",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import ray
 
+from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.console import console, step_progress
 from opd_ray.data.order import PromptSampler
 from opd_ray.data.preflight import Prepared
@@ -30,6 +31,7 @@ from opd_ray.driver.buffer import RolloutBuffer
 from opd_ray.driver.checkpoint import (
     BEFORE_TRAINING,
     TrainerState,
+    check_shared_storage,
     latest_checkpoint,
     learner_death_stops_run,
     resume_point,
@@ -37,11 +39,12 @@ from opd_ray.driver.checkpoint import (
 )
 from opd_ray.driver.evaluation import evaluate, gap_recovery
 from opd_ray.driver.fingerprint import run_fingerprint
+from opd_ray.driver.interrupts import StopRequest, stop_between_steps
 from opd_ray.driver.metrics import MetricsWriter, timed, training_trend
 from opd_ray.driver.pipeline import Pipeline
 from opd_ray.driver.roles import Roles, record_placement, start_roles, sync_weights
 from opd_ray.driver.steps import StepWork, launch_step, prompts_digest
-from opd_ray.errors import RunStopped
+from opd_ray.errors import Interrupted, RunStopped, Stuck
 from opd_ray.files import write_json, write_text_durably
 from opd_ray.spec import ExperimentSpec, spec_to_yaml
 
@@ -63,6 +66,7 @@ class Run:
     next_launch: int = 1  # the next step to launch; before the loop, the first step to train
     bad_steps: int = 0  # consecutive steps whose update was skipped
     fingerprint: dict = field(default_factory=dict)  # what defines the run, stored with each checkpoint
+    stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM/SIGINT: stop after this step
 
     def close(self) -> None:
         self.writer.close()
@@ -78,13 +82,27 @@ def distill(spec: ExperimentSpec, prepared: Prepared, resume: bool = False, forc
     run = start_run(spec, prepared, resume, force)
     try:
         first_step = run.next_launch
-        with step_progress("distill", spec.trainer.steps, first_step - 1) as progress:
+        with stop_between_steps() as run.stop, step_progress("distill", spec.trainer.steps, first_step - 1) as progress:
             for step in range(first_step, spec.trainer.steps + 1):
                 loss = run_step(run, step)["loss"]
                 progress.advance(step, "update skipped" if loss is None else f"loss {loss:.3f}")
+                if run.stop.requested and step < spec.trainer.steps:
+                    raise Interrupted(stopped_message(run, step), run.stop.exit_code)
         return finish_run(run, started)
+    except Stuck as exc:
+        raise Stuck(f"{exc}; last checkpoint: {latest_checkpoint(run.run_dir) or 'none'}") from None
     finally:
         run.close()
+
+
+def stopped_message(run: Run, step: int) -> str:
+    """What a run stopped by a signal says: where it stopped and what to resume from."""
+    last = latest_checkpoint(run.run_dir)
+    if run.spec.trainer.checkpoint_every and last is not None:
+        resume = f"checkpoint {last}; continue with --resume"
+    else:
+        resume = "checkpoints are off (trainer.checkpoint_every: 0), so a re-run starts over (--overwrite)"
+    return f"stopped by {run.stop.name} after step {step} of {run.spec.trainer.steps}; {resume}"
 
 
 # ---- start and finish ----
@@ -108,6 +126,7 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
     roles = start_roles(spec)
     try:
         record_placement(roles, run_dir)
+        check_shared_storage(roles.learners, run_dir, spec.trainer.timeouts.start_s)
         if spec.data.selection is not None and spec.data.selection.keep_top_fraction is not None:
             train = keep_aligned_prompts(spec, roles, prepared.train, run_dir, resume=state is not None)
             prepared = replace(prepared, train=train)
@@ -156,7 +175,10 @@ def record_spec(spec: ExperimentSpec, run_dir: Path, resumed: TrainerState | Non
 
 def restore(run: Run, checkpoint: Path, state: TrainerState) -> None:
     """The learners' state, the data order and the engines' weights as they were at the checkpoint."""
-    ray.get(run.roles.learners.call("load_checkpoint", str(checkpoint)))
+    loading = "learner ranks loading the checkpoint (trainer.timeouts.checkpoint_s)"
+    get_or_raise_first(
+        run.roles.learners.call("load_checkpoint", str(checkpoint)), run.spec.trainer.timeouts.checkpoint_s, loading
+    )
     run.version, run.next_launch = state.weight_version, state.step + 1
     run.sampler.restore(state.sampler_epoch, state.sampler_position)
     sync_weights(run.roles, run.version)
@@ -176,7 +198,9 @@ def finish_run(run: Run, started: float) -> dict:
         )
     if spec.trainer.save_final:
         final_dir = run.run_dir / "student"
-        ray.get(run.roles.learners.call("save_pretrained", str(final_dir), spec.models.student.path))
+        saving = "learner ranks saving the student (trainer.timeouts.checkpoint_s)"
+        refs = run.roles.learners.call("save_pretrained", str(final_dir), spec.models.student.path)
+        get_or_raise_first(refs, spec.trainer.timeouts.checkpoint_s, saving)
         summary["student_path"] = str(final_dir)
     summary["steps"] = spec.trainer.steps
     summary["first_vs_last_steps"] = training_trend(run.writer.path)
@@ -279,10 +303,10 @@ def stop_if_diverging(run: Run, step: int) -> None:
 
 
 def checkpoint_now(run: Run, step: int, work: StepWork) -> None:
-    """Every trainer.checkpoint_every steps; the data order recorded is the one after this step's prompts
-    (the sampler itself has run ahead in asynchronous mode)."""
+    """Every trainer.checkpoint_every steps, and before a run stopped by a signal ends; the data order
+    recorded is the one after this step's prompts (the sampler itself has run ahead in asynchronous mode)."""
     every = run.spec.trainer.checkpoint_every
-    if not every or step % every:
+    if not every or (step % every and not run.stop.requested):
         return
     epoch, position = work.sampler_after
     before = {key: run.summary[key] for key in BEFORE_TRAINING}

@@ -16,6 +16,7 @@ actor died is re-issued with the same prompts and seed once Ray has restarted th
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,8 @@ from ray.exceptions import RayActorError
 
 from opd_ray.data.order import mix_seed
 from opd_ray.data.prompts import PromptSet
-from opd_ray.driver.roles import Roles, await_restart
+from opd_ray.driver.roles import Roles, await_restart, kill_stuck
+from opd_ray.errors import Stuck
 
 SPEED_MEMORY = 0.5  # weight of the newest measurement in an actor's seconds-per-sequence estimate
 
@@ -112,6 +114,8 @@ class Pipeline:
         self.rollout = ActorPool("rollout", roles.rollout_workers)
         self.teacher = ActorPool("teacher", roles.teachers)
         self.in_flight: dict[ray.ObjectRef, tuple[ActorPool, int, Shard]] = {}  # info ref -> where it runs
+        self.issued_at: dict[ray.ObjectRef, float] = {}  # info ref -> when its shard was handed out
+        self.shard_timeout_s = roles.timeouts.step_s
 
     # ---- launching ----
 
@@ -153,6 +157,7 @@ class Pipeline:
             shard.scored_ref, info_ref = handle.score.remote(shard.batch_ref)
         pool.running[actor] = shard
         self.in_flight[info_ref] = (pool, actor, shard)
+        self.issued_at[info_ref] = time.monotonic()
 
     def _dispatch(self) -> None:
         for pool in (self.rollout, self.teacher):
@@ -161,6 +166,7 @@ class Pipeline:
 
     def _finish(self, info_ref: ray.ObjectRef) -> None:
         pool, actor, shard = self.in_flight.pop(info_ref)
+        self.issued_at.pop(info_ref, None)
         try:
             info = ray.get(info_ref)
         except RayActorError:
@@ -180,16 +186,40 @@ class Pipeline:
         candidates = list(watch) + list(self.in_flight)
         if not candidates:
             return []
-        ready, rest = ray.wait(candidates, num_returns=1, timeout=timeout)
+        ready, rest = ray.wait(candidates, num_returns=1, timeout=self._until_next_deadline(timeout))
         if ready and rest:
             more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
             ready += more
         for ref in ready:
             if ref in self.in_flight:
                 self._finish(ref)
+        self._kill_overdue()
         self._dispatch()
         watched = set(watch)
         return [ref for ref in ready if ref in watched]
+
+    def _until_next_deadline(self, timeout: float | None) -> float | None:
+        """How long `pump` may block: until `timeout`, or until the oldest shard in flight is overdue."""
+        if not self.issued_at:
+            return timeout
+        overdue_in = max(0.0, min(self.issued_at.values()) + self.shard_timeout_s - time.monotonic())
+        return overdue_in if timeout is None else min(timeout, overdue_in)
+
+    def _kill_overdue(self) -> None:
+        """An actor that has held a shard past trainer.timeouts.step_s is stuck (a hung engine, a lost
+        node): it is killed, and its shard comes back through the restart path like any dead actor's."""
+        now = time.monotonic()
+        for info_ref, issued in list(self.issued_at.items()):
+            if now - issued > self.shard_timeout_s:
+                pool, actor, shard = self.in_flight[info_ref]
+                del self.issued_at[info_ref]  # killed once; its failure arrives through ray.wait
+                kill_stuck(
+                    pool.kind,
+                    actor,
+                    pool.actors[actor],
+                    f"shard (step {shard.step}, shard {shard.index})",
+                    self.shard_timeout_s,
+                )
 
     def wait_step(self, step_shards: StepShards) -> list[ray.ObjectRef]:
         """Pumps until every shard of the step is scored; the scored batches' refs, in shard order."""
@@ -197,12 +227,20 @@ class Pipeline:
             self.pump()
         return step_shards.scored_refs
 
-    def get(self, refs: list[ray.ObjectRef]) -> list[Any]:
+    def get(self, refs: list[ray.ObjectRef], what: str = "learner ranks") -> list[Any]:
         """ray.get that keeps the pipeline moving meanwhile, and raises the first failure at once
-        (a dead learner rank leaves the others waiting in a collective)."""
+        (a dead learner rank leaves the others waiting in a collective). Calls still running after
+        trainer.timeouts.step_s stop the run, named (`what`)."""
         pending, values = list(refs), {}
+        deadline = time.monotonic() + self.shard_timeout_s
         while pending:
-            for ref in self.pump(watch=pending):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                stuck = [i for i, ref in enumerate(refs) if ref in pending]
+                raise Stuck(
+                    f"{what} {stuck} did not finish within {self.shard_timeout_s:g} s (trainer.timeouts.step_s)"
+                )
+            for ref in self.pump(watch=pending, timeout=remaining):
                 values[ref] = ray.get(ref)
                 pending.remove(ref)
         return [values[ref] for ref in refs]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
 from opd_ray.actors.collective_sync import WeightBroadcast, group_backend
 from opd_ray.actors.learner import LearnerGroup
@@ -27,11 +27,11 @@ from opd_ray.actors.teacher import TeacherScorer
 from opd_ray.actors.vllm_engine import ENGINE_ENV
 from opd_ray.console import console
 from opd_ray.driver.placement import Placement, reserve
-from opd_ray.errors import RunStopped
+from opd_ray.errors import RunStopped, Stuck
 from opd_ray.files import write_json
-from opd_ray.spec import ExperimentSpec
+from opd_ray.spec import ExperimentSpec, TimeoutsSpec
 
-RESTART_TIMEOUT_S = 600  # a restarted engine loads its model again
+SYNCING = "a rollout engine loading new weights (trainer.timeouts.sync_s)"
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Roles:
     weight_version: int = 0  # what every rollout engine holds
     restarts: Counter = field(default_factory=Counter)
     unfinished_sync: list[ray.ObjectRef] = field(default_factory=list)  # an asynchronous broadcast in flight
+    timeouts: TimeoutsSpec = field(default_factory=TimeoutsSpec)  # how long each kind of wait may take
 
     def shutdown(self) -> None:
         self.learners.shutdown()
@@ -55,7 +56,10 @@ class Roles:
     def locations(self) -> dict[str, list[dict]]:
         """Node (and GPUs) of every actor, by role: what a run records in placement.json."""
         actors = {"rollout": self.rollout_workers, "teacher": self.teachers, "learner": self.learners.workers}
-        return {role: ray.get([actor.location.remote() for actor in handles]) for role, handles in actors.items()}
+        return {
+            role: get_or_raise_first([actor.location.remote() for actor in handles], self.timeouts.start_s, role)
+            for role, handles in actors.items()
+        }
 
 
 def start_roles(spec: ExperimentSpec) -> Roles:
@@ -97,6 +101,7 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     ]
     sequences = spec.trainer.prompts_per_step * spec.rollout.samples_per_prompt
     learner_teacher = spec.models.teacher if algorithm.objective == "full_vocab" else None
+    timeouts = spec.trainer.timeouts
     learners = LearnerGroup(
         spec.models.student,
         spec.learner,
@@ -105,12 +110,17 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
         env,
         learner_teacher,
         placement.actor_options["learner"],
+        timeouts.start_s,
     )
-    ray.get([w.version.remote() for w in rollout_workers])  # engines are up
+    starting = "rollout workers starting (trainer.timeouts.start_s)"
+    get_or_raise_first([w.version.remote() for w in rollout_workers], timeouts.start_s, starting)  # engines are up
+    get_or_raise_first([t.ready.remote() for t in teachers], timeouts.start_s, "teachers starting")
     broadcast = None
     if spec.weight_sync.method == "collective":
         broadcast = WeightBroadcast(spec.weight_sync, group_backend(spec), learners.workers, rollout_workers)
-    return Roles(rollout_workers, teachers, learners, placement, broadcast, spec.trainer.max_actor_restarts)
+    return Roles(
+        rollout_workers, teachers, learners, placement, broadcast, spec.trainer.max_actor_restarts, timeouts=timeouts
+    )
 
 
 def record_placement(roles: Roles, run_dir: Path) -> None:
@@ -132,21 +142,26 @@ def await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> None
     if roles.restarts[kind] > roles.max_restarts * max(1, len(roles.rollout_workers + roles.teachers)):
         raise RunStopped(f"{kind} actors died {roles.restarts[kind]} times; giving up (trainer.max_actor_restarts)")
     console.print(f"[yellow]a {kind} actor died; waiting for Ray to restart it[/]")
-    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    limit = roles.timeouts.start_s
+    deadline = time.monotonic() + limit
     while True:
         try:
-            ray.get(actor.ready.remote())
+            ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
             break
-        except ActorUnavailableError:  # still restarting
+        except (ActorUnavailableError, GetTimeoutError):  # still restarting, or not yet placed
             if time.monotonic() > deadline:
-                raise RunStopped(f"a {kind} actor did not come back within {RESTART_TIMEOUT_S} s") from None
+                raise Stuck(
+                    f"a restarted {kind} actor did not come back within {limit:g} s (trainer.timeouts.start_s); "
+                    "is there room in the cluster for it?"
+                ) from None
             time.sleep(1.0)
         except ActorDiedError as exc:  # restarts used up
             raise RunStopped(f"a {kind} actor died and cannot be restarted: {exc}") from None
     if kind == "rollout" and roles.broadcast is not None:
         roles.broadcast.regroup()  # the restarted engine is not in the old group
     if kind == "rollout" and roles.weight_version > 0:
-        ray.get(actor.load_weights.remote(roles.learners.export_weights(), roles.weight_version))
+        weights = roles.learners.export_weights(roles.timeouts.sync_s)
+        get_or_raise_first([actor.load_weights.remote(weights, roles.weight_version)], roles.timeouts.sync_s, SYNCING)
 
 
 def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
@@ -157,13 +172,15 @@ def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
     With weight_sync.method = collective the weights are broadcast instead; asynchronously, learner
     rank 0 then waits in the broadcast until every engine has finished the rollouts queued before it.
     A restarted engine gets its first weights through the object store and the group is re-formed."""
+    limit = roles.timeouts.sync_s
     if roles.broadcast is not None:
         try:
-            get_or_raise_first(roles.unfinished_sync)  # the previous broadcast's failure, if any, surfaces here
+            # the previous broadcast's failure, if any, surfaces here
+            get_or_raise_first(roles.unfinished_sync, limit, "the previous weight broadcast (trainer.timeouts.sync_s)")
             refs = roles.broadcast.launch(version)
             roles.unfinished_sync = [] if wait else refs
             if wait:
-                get_or_raise_first(refs)
+                get_or_raise_first(refs, limit, "weight broadcast members (trainer.timeouts.sync_s)")
         except RayActorError as exc:
             raise RunStopped(
                 "an actor died during a collective weight broadcast (weight_sync.method=collective); the "
@@ -171,7 +188,7 @@ def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
             ) from None
         roles.weight_version = version
         return
-    weights_ref = roles.learners.export_weights()
+    weights_ref = roles.learners.export_weights(limit)
     if not wait:
         for worker in roles.rollout_workers:
             worker.load_weights.remote(weights_ref, version)
@@ -179,24 +196,37 @@ def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
         return
     for worker in roles.rollout_workers:
         try:
-            ray.get(worker.load_weights.remote(weights_ref, version))
+            get_or_raise_first([worker.load_weights.remote(weights_ref, version)], limit, SYNCING)
         except RayActorError:
             await_restart(roles, "rollout", worker)
-            ray.get(worker.load_weights.remote(weights_ref, version))
+            get_or_raise_first([worker.load_weights.remote(weights_ref, version)], limit, SYNCING)
     roles.weight_version = version
 
 
 def call_restarting(roles: Roles, kind: str, actors: list, method: str, args: list[tuple]) -> list:
     """Values of actors[i].method(*args[i]), each re-issued with the same arguments if its actor died
-    (evaluation): all calls run at once, and a restart only repeats the lost one."""
+    (evaluation): all calls run at once, and a restart only repeats the lost one. An actor that takes
+    longer than trainer.timeouts.step_s is killed, so that it is restarted and its call repeated."""
     refs = [getattr(actor, method).remote(*call_args) for actor, call_args in zip(actors, args, strict=True)]
     values = []
     for i, actor in enumerate(actors):
         while True:
             try:
-                values.append(ray.get(refs[i]))
+                values.append(ray.get(refs[i], timeout=roles.timeouts.step_s))
                 break
+            except GetTimeoutError:
+                kill_stuck(kind, i, actor, f"{method} call", roles.timeouts.step_s)
             except RayActorError:
                 await_restart(roles, kind, actor)
                 refs[i] = getattr(actor, method).remote(*args[i])
     return values
+
+
+def kill_stuck(kind: str, index: int, actor: ray.actor.ActorHandle, work: str, limit: float) -> None:
+    """A rollout worker or teacher that has held one piece of work past trainer.timeouts.step_s is killed;
+    Ray restarts it (trainer.max_actor_restarts) and the caller's restart path re-issues the work."""
+    console.print(
+        f"[red]{kind} actor {index} has held a {work} for more than {limit:g} s (trainer.timeouts.step_s): "
+        "killing it so that it is restarted and the work re-issued[/]"
+    )
+    ray.kill(actor, no_restart=False)

@@ -12,10 +12,10 @@ from pathlib import Path
 import ray
 
 from opd_ray.actors.learner import LearnerGroup
-from opd_ray.actors.runtime import actor_env
+from opd_ray.actors.runtime import actor_env, get_or_raise_first
 from opd_ray.console import step_progress
 from opd_ray.files import written_aside
-from opd_ray.spec import LearnerSpec, ModelSpec
+from opd_ray.spec import LearnerSpec, ModelSpec, TimeoutsSpec
 
 SFT_CHUNK = 50  # steps per call to the learner ranks: progress and a loss every 50 steps
 Example = tuple[list[int], list[int]]  # (prompt ids, answer ids ending with end-of-sequence)
@@ -30,10 +30,14 @@ def train_sft(
     batch_size: int,
     seed: int,
     label: str,
+    timeouts: TimeoutsSpec | None = None,
 ) -> list[float]:
     """`steps` optimizer steps of `batch_size` rows drawn from `examples`; returns the loss at the end of
     every chunk of `SFT_CHUNK` steps (the last one last)."""
-    group = LearnerGroup(init, learner, batch_size // learner.num_ranks, steps, actor_env())
+    timeouts = timeouts or TimeoutsSpec()
+    group = LearnerGroup(
+        init, learner, batch_size // learner.num_ranks, steps, actor_env(), None, None, timeouts.start_s
+    )
     examples_ref = ray.put(examples)
     chunk_losses: list[float] = []
     try:
@@ -41,12 +45,14 @@ def train_sft(
             done = 0
             while done < steps:
                 count = min(SFT_CHUNK, steps - done)
-                losses = ray.get(group.call("sft", examples_ref, count, batch_size, seed + done))
+                refs = group.call("sft", examples_ref, count, batch_size, seed + done)
+                losses = get_or_raise_first(refs, timeouts.step_s, "learner ranks in SFT (trainer.timeouts.step_s)")
                 chunk_losses.append(sum(per_rank[-1] for per_rank in losses))  # ranks' shares of the mean
                 done += count
                 progress.advance(done, f"loss {chunk_losses[-1]:.3f}")
         with written_aside(output_dir) as staging:
-            ray.get(group.call("save_pretrained", str(staging), init.path))
+            refs = group.call("save_pretrained", str(staging), init.path)
+            get_or_raise_first(refs, timeouts.checkpoint_s, "learner ranks saving (trainer.timeouts.checkpoint_s)")
     finally:
         group.shutdown()
     return chunk_losses

@@ -26,7 +26,7 @@ from typing import TextIO
 import ray
 
 from opd_ray.actors.rollout import RolloutWorker
-from opd_ray.actors.runtime import actor_env
+from opd_ray.actors.runtime import actor_env, get_or_raise_first
 from opd_ray.actors.vllm_engine import ENGINE_ENV, Completion
 from opd_ray.console import console, step_progress
 from opd_ray.data.preflight import Prepared
@@ -41,6 +41,7 @@ from opd_ray.recipe.startup import start
 from opd_ray.spec import ExperimentSpec, TeacherGenerationSpec
 
 GENERATION_CHUNK = 256  # prompts per generate call: progress and bounded memory
+GENERATING = "the teacher generating a chunk of answers (trainer.timeouts.step_s)"
 
 
 def stage_dir(spec: ExperimentSpec, stage: str) -> Path:
@@ -117,7 +118,8 @@ def write_teacher_answers(
     with step_progress("teacher_generate", len(rows)) as progress:
         for start in range(0, len(rows), GENERATION_CHUNK):
             chunk = rows[start : start + GENERATION_CHUNK]
-            completions = ray.get(engine.complete.remote(prepared.train.subset(chunk), spec.run.seed + start))
+            ref = engine.complete.remote(prepared.train.subset(chunk), spec.run.seed + start)
+            (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, GENERATING)
             for completion in completions:
                 row = completion.prompt_index
                 reason = drop_reason(completion, prepared.train.answers[row], prepared.verifier, settings)
@@ -163,7 +165,15 @@ def sft(spec: ExperimentSpec) -> dict:
     )
     output = stage_dir(spec, "sft") / "student"
     losses = train_sft(
-        spec.models.student, output, examples, learner, settings.steps, settings.batch_size, spec.run.seed, "student"
+        spec.models.student,
+        output,
+        examples,
+        learner,
+        settings.steps,
+        settings.batch_size,
+        spec.run.seed,
+        "student",
+        spec.trainer.timeouts,
     )
     record = {"examples": len(examples), "steps": settings.steps, "final_loss": losses[-1], "student_path": str(output)}
     mark_done(spec, "sft", record)

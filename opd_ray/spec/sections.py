@@ -399,6 +399,22 @@ class DiagnosticsSpec(Section):
     top_k: int = Field(16, ge=1, description="k of overlap ratio@k; at most teacher.top_k")
 
 
+class TimeoutsSpec(Section):
+    """How long the driver waits on its actors before it names the one that is stuck (nothing waits forever)."""
+
+    start_s: float = Field(
+        900, gt=0, description="actors starting: models loaded, engines up, learner ranks joined, a restart back"
+    )
+    step_s: float = Field(
+        1800,
+        gt=0,
+        description="one shard on one rollout worker or teacher (a stuck one is killed, restarted and its shard "
+        "re-issued), one learner update, one evaluation call (stuck learners stop the run)",
+    )
+    sync_s: float = Field(600, gt=0, description="new weights reaching every rollout engine")
+    checkpoint_s: float = Field(1800, gt=0, description="learners saving or loading a checkpoint or the final student")
+
+
 class TrainerSpec(Section):
     steps: int = Field(100, ge=1)
     prompts_per_step: int = Field(64, ge=1)
@@ -423,6 +439,7 @@ class TrainerSpec(Section):
     max_bad_steps: int = Field(
         3, ge=1, description="consecutive steps with a non-finite loss (updates skipped) before the run stops"
     )
+    timeouts: TimeoutsSpec = TimeoutsSpec()
 
     def shard_size(self, num_workers: int) -> int:
         return self.prompts_per_shard or max(1, -(-self.prompts_per_step // num_workers))
