@@ -127,6 +127,7 @@ class LearnerWorker:
             LOCAL_RANK="0",
         )
         self.rank, self.world_size = rank, world_size
+        self.trust_remote_code = model.trust_remote_code  # for the tokenizer saved beside the student
         on_gpu = torch.cuda.is_available()
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         backend = learner.backend if learner.backend != "auto" else ("nccl" if on_gpu else "gloo")
@@ -306,7 +307,8 @@ class LearnerWorker:
         if state_dict is None:
             return
         self.engine.module.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
-        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=self.trust_remote_code)
+        tokenizer.save_pretrained(directory)
 
     def sequence_logprobs(self, sequence: list[int]) -> list[float]:
         """Student log-probs of a fixed sequence, for checking that weight sync is exact."""

@@ -141,7 +141,7 @@ class TeacherScorer:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model = load_causal_lm(model, device)
-            self.tokenizer = AutoTokenizer.from_pretrained(model.path)
+            self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
 
     @ray.method(num_returns=2)
     def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict]:

@@ -1,4 +1,4 @@
-"""Nothing lost: exact resume after a real SIGKILL, non-finite losses, dead actors of every role."""
+"""Nothing lost, nothing hung: resume after SIGTERM, a hung teacher, non-finite losses, dead actors of every role."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 
+from opd_ray.actors.teacher import TeacherScorer
 from opd_ray.driver.checkpoint import TrainerState, complete_checkpoints, latest_checkpoint
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
@@ -86,44 +88,90 @@ def test_rollout_worker_and_teacher_killed_mid_run_lose_no_prompt(run_with_actor
 
 
 @pytest.mark.integration
-def test_driver_killed_then_resumed_matches_the_run_it_continues(
+def test_sigterm_checkpoints_the_step_then_resume_matches_the_run_it_continues(
     run_with_actor_kills: dict, tiny_dir: Path, tmp_path: Path
 ) -> None:
-    """SIGKILL the whole training process after a checkpoint, resume with --resume: the same steps, data
-    order, losses and final weight version as the reference run (whose restarted actors, in turn, changed
-    nothing: a re-issued shard samples with its own seed)."""
+    """SIGTERM (ray job stop, a Slurm time limit, an eviction) to the training process mid-run: it finishes
+    the step, checkpoints it although it is off the checkpoint_every schedule, shuts down and exits 143;
+    --resume then gives the same steps, data order, losses and final weight version as the reference run
+    (whose restarted actors, in turn, changed nothing: a re-issued shard samples with its own seed)."""
     from opd_ray.recipe.stages import run_stages
 
-    reference_dir, killed_dir = run_with_actor_kills["run_dir"], tmp_path / "killed"
+    reference_dir, stopped_dir = run_with_actor_kills["run_dir"], tmp_path / "stopped"
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(resumable_spec(tiny_dir, killed_dir)))
+    spec_path.write_text(yaml.safe_dump(resumable_spec(tiny_dir, stopped_dir)))
     command = [sys.executable, "-m", "opd_ray.cli", "train", str(spec_path)]
-    run = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
-    while not (killed_dir / "metrics.jsonl").is_file() or len(read_metrics(killed_dir)) < 3:
-        assert time.time() < deadline and run.poll() is None, "the run to be killed did not reach step 3"
+    while not (stopped_dir / "metrics.jsonl").is_file() or len(read_metrics(stopped_dir)) < 3:
+        assert time.time() < deadline and run.poll() is None, "the run to be stopped did not reach step 3"
         time.sleep(0.02)
-    os.killpg(run.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    run.wait()
-    # steps take ~0.2 s here: the kill lands after step 3, perhaps a checkpoint or two later
-    assert len(read_metrics(killed_dir)) < 10 and not (killed_dir / "summary.json").exists(), "killed too late"
-    interrupted_at = TrainerState.read(latest_checkpoint(killed_dir)).step
-    assert interrupted_at in (2, 4, 6, 8)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 143, stderr
+    stopped_at = len(read_metrics(stopped_dir))
+    assert 3 <= stopped_at < 10 and not (stopped_dir / "summary.json").exists(), "stopped too late"
+    assert f"stopped by SIGTERM after step {stopped_at} of 10" in stderr and "Traceback" not in stderr
+    assert TrainerState.read(latest_checkpoint(stopped_dir)).step == stopped_at  # odd steps are off-schedule
 
     with pytest.raises(Exception, match="pass --resume"):
-        run_stages(ExperimentSpec.model_validate(resumable_spec(tiny_dir, killed_dir)))
-    run_stages(ExperimentSpec.model_validate(resumable_spec(tiny_dir, killed_dir)), resume=True)
+        run_stages(ExperimentSpec.model_validate(resumable_spec(tiny_dir, stopped_dir)))
+    run_stages(ExperimentSpec.model_validate(resumable_spec(tiny_dir, stopped_dir)), resume=True)
 
-    reference, resumed = read_metrics(reference_dir), read_metrics(killed_dir)
+    reference, resumed = read_metrics(reference_dir), read_metrics(stopped_dir)
     assert [m["step"] for m in resumed] == list(range(1, 11))  # every step once, the file continued
     assert [m["prompts_digest"] for m in resumed] == [m["prompts_digest"] for m in reference]
     assert [m["weight_version"] for m in resumed] == [m["weight_version"] for m in reference]
     for a, b in zip(resumed, reference, strict=True):  # same weights, optimizer and samples after the resume
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), a["step"]
-    assert [p.name for p in complete_checkpoints(killed_dir)] == ["step_00000008", "step_00000010"]
-    summary = json.loads((killed_dir / "summary.json").read_text())
+    assert [p.name for p in complete_checkpoints(stopped_dir)] == ["step_00000008", "step_00000010"]
+    summary = json.loads((stopped_dir / "summary.json").read_text())
     reference_summary = json.loads((reference_dir / "summary.json").read_text())
     assert summary["student_accuracy_before"] == reference_summary["student_accuracy_before"]
+
+
+def hangs_once(marker: Path, on_call: int) -> type:
+    """A test-only teacher (a fake for what is not under test: why an engine hangs) whose `on_call`-th
+    score call never returns, once per run: `marker` records that it has hung."""
+
+    class HangingTeacherScorer(TeacherScorer):
+        calls = 0
+
+        @ray.method(num_returns=2)
+        def score(self, batch):
+            HangingTeacherScorer.calls += 1
+            if HangingTeacherScorer.calls == on_call and not marker.exists():
+                marker.touch()
+                time.sleep(3600)
+            return super().score(batch)
+
+    return HangingTeacherScorer
+
+
+@pytest.mark.integration
+def test_a_hung_teacher_is_killed_at_the_step_timeout_and_its_shard_reissued(
+    tiny_dir: Path, tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opd_ray.driver import roles
+    from opd_ray.recipe.stages import run_stages
+
+    marker = tmp_path / "hung"
+    monkeypatch.setattr(roles, "TeacherScorer", hangs_once(marker, on_call=2))
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["trainer"].update(steps=4, save_final=False, max_actor_restarts=1, timeouts={"step_s": 10})
+    started = time.time()
+    run_stages(ExperimentSpec.model_validate(raw))
+    elapsed = time.time() - started
+
+    assert marker.exists()  # it did hang, at step 2
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # the run went on...
+    assert all(m["sequences"] == 16 for m in metrics)  # ...with step 2's shard scored by the restarted teacher
+    assert metrics[-1]["restarts/teacher"] == 1
+    assert metrics[1]["time/step"] >= 10  # step 2 waited out the timeout, no longer than it plus a restart
+    assert metrics[1]["time/step"] < 10 + 120 and elapsed < 300
 
 
 @pytest.mark.integration
@@ -189,3 +237,41 @@ def test_learner_rank_killed_stops_cleanly_and_points_at_resume(tiny_dir: Path, 
     assert time.time() - started < 240
     assert len(read_metrics(tmp_path / "run")) < 50
     assert latest_checkpoint(tmp_path / "run") is not None
+
+
+@ray.remote
+class RankOnItsOwnDisk:
+    """A fake learner rank (what is not under test: the node it runs on) whose disk is not the driver's:
+    it writes the run directory's files under `disk` instead, as a rank on another node would."""
+
+    def __init__(self, rank: int, disk: str | None) -> None:
+        self.rank, self.disk = rank, disk
+
+    def write_probe(self, directory: str, token: str) -> str:
+        seen_as = Path(directory) / f"{token}-rank{self.rank}"
+        real = Path(self.disk) / seen_as.relative_to("/") if self.disk else seen_as
+        real.parent.mkdir(parents=True, exist_ok=True)
+        real.write_text("node")
+        return str(seen_as)
+
+
+class FakeLearnerGroup:
+    def __init__(self, ranks: list) -> None:
+        self.ranks = ranks
+
+    def call(self, method: str, *args):
+        return [getattr(rank, method).remote(*args) for rank in self.ranks]
+
+
+@pytest.mark.integration
+def test_learner_ranks_that_do_not_share_the_run_directory_stop_the_run(tmp_path: Path, local_ray) -> None:
+    from opd_ray.driver.checkpoint import check_shared_storage
+    from opd_ray.errors import UserError
+
+    run_dir = tmp_path / "run"
+    shared = FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, None)])
+    check_shared_storage(shared, run_dir, timeout_s=60)
+    assert not list(run_dir.iterdir())  # the probe files are removed again
+    split = FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, str(tmp_path / "node2"))])
+    with pytest.raises(UserError, match=r"learner ranks \[1\] wrote into .* must be on storage every node shares"):
+        check_shared_storage(split, run_dir, timeout_s=60)

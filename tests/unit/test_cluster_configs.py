@@ -5,6 +5,8 @@ Kubernetes' own schemas for the pod templates (kubernetes-validate), bash's pars
 from __future__ import annotations
 
 import copy
+import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +41,9 @@ def validate_pod_template(template: dict) -> None:
 REAL_MODEL_SPECS = sorted((ROOT / "examples").glob("qwen3_*.yaml"))
 
 
-DOCKERFILE_INSTRUCTIONS = {"FROM", "ENV", "WORKDIR", "COPY", "RUN", "ENTRYPOINT", "CMD", "ARG", "LABEL", "EXPOSE"}
+DOCKERFILE_INSTRUCTIONS = {
+    "FROM", "ENV", "WORKDIR", "COPY", "RUN", "ENTRYPOINT", "CMD", "ARG", "LABEL", "EXPOSE", "USER",
+}  # fmt: skip
 
 
 def test_ray_cluster_launcher_config_passes_rays_schema() -> None:
@@ -149,12 +153,44 @@ def test_dockerfile_parses_and_its_base_matches_the_gpu_extra() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     (gpu_vllm,) = pyproject["project"]["optional-dependencies"]["gpu"]
     assert gpu_vllm.startswith("vllm==")
-    base = [c.value[0] for c in commands if c.cmd.upper() == "FROM"]
-    assert base == [f"vllm/vllm-openai:v{gpu_vllm.removeprefix('vllm==')}"]  # the image's vllm is the tested one
+    assert [c.value[0] for c in commands if c.cmd.upper() == "FROM"] == ["${BASE_IMAGE}"]
+    default_base = [c.value[0] for c in commands if c.cmd.upper() == "ARG" and c.value[0].startswith("BASE_IMAGE=")]
+    assert default_base == [f"BASE_IMAGE=vllm/vllm-openai:v{gpu_vllm.removeprefix('vllm==')}"]  # the tested vllm
     for copy_command in (c for c in commands if c.cmd.upper() == "COPY"):
         for source in copy_command.value[:-1]:
             assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
     run = " ".join(c.value[0] for c in commands if c.cmd.upper() == "RUN")
-    assert '".[gpu]"' in run
+    assert '-c constraints-image.txt -e ".[gpu]"' in run  # dependencies at the tested versions
+    for module in re.findall(r"import ([\w., ]+);", run)[0].split(","):  # the image's smoke test imports real modules
+        name = module.strip()
+        assert importlib.util.find_spec(name) is not None, name
+    users = [c.value[0] for c in commands if c.cmd.upper() == "USER"]
+    assert users and users[-1] not in ("root", "0")  # the image does not run as root
     for config in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "ray-cluster-aws-gpu.yaml"):
         assert "image: opd-ray:latest" in (CONFIGS / config).read_text()  # what `docker build -t opd-ray .` makes
+
+
+def test_the_images_constraints_are_the_versions_the_suite_runs() -> None:
+    from importlib.metadata import version
+
+    lines = (CONFIGS / "constraints-image.txt").read_text().splitlines()
+    pins = [line.split("==") for line in lines if line and not line.startswith("#")]
+    assert len(pins) >= 10
+    for name, pinned in pins:
+        assert version(name) == pinned, f"{name}: the suite runs {version(name)}, the image pins {pinned}"
+
+
+def test_cluster_configs_keep_ray_token_authentication_on() -> None:
+    """Anyone who reaches an unauthenticated head's ports can run code as the job's user."""
+    slurm = (CONFIGS / "slurm-opd-ray.sbatch").read_text()
+    assert "RAY_AUTH_MODE=disabled" not in slurm and "export RAY_AUTH_MODE=token" in slurm
+    assert "RAY_AUTH_TOKEN=" in slurm and "--dashboard-host=127.0.0.1" in slurm
+    cluster = load("kuberay-raycluster.yaml")["spec"]
+    for template in pod_templates(cluster):
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "opd-ray-auth"
+    submitter = load("kuberay-rayjob.yaml")["spec"]["submitterPodTemplate"]
+    validate_pod_template(submitter)
+    env = {e["name"] for e in submitter["spec"]["containers"][0]["env"]}
+    assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} <= env
