@@ -16,7 +16,8 @@ class RunStopped(UserError):
 
 
 class Stuck(RunStopped):
-    """An actor did not answer within its trainer.timeouts setting; the message names it."""
+    """The run cannot go on: an actor did not answer within its trainer.timeouts setting, or cannot be
+    restarted any more; the message names it (and the loop adds the last checkpoint)."""
 
 
 class Interrupted(RunStopped):

@@ -112,7 +112,7 @@ class WeightBroadcast:
 
     def _form(self) -> None:
         rank0 = self.learner_ranks[0]
-        address = ray.get(rank0.address.remote())
+        address = ray.get(rank0.address.remote(), timeout=self.settings.timeout_s)
         world_size = 1 + len(self.rollout_workers)
         timeout = self.settings.timeout_s
         bucket_bytes = int(self.settings.bucket_mb * 2**20)
@@ -121,7 +121,8 @@ class WeightBroadcast:
             worker.join_weight_group.remote(address, 1 + i, world_size, self.backend, timeout)
             for i, worker in enumerate(self.rollout_workers)
         ]
-        self.plan = ray.get(joins)[0]
+        # the process group's own timeout ends a join that cannot complete; this bounds the call around it
+        self.plan = ray.get(joins, timeout=2 * timeout)[0]
         self.needs_group = False
 
     def launch(self, version: int) -> list[ray.ObjectRef]:

@@ -140,7 +140,7 @@ def await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> None
     """Blocks until Ray has restarted `actor`; a rollout worker gets the current weights back."""
     roles.restarts[kind] += 1
     if roles.restarts[kind] > roles.max_restarts * max(1, len(roles.rollout_workers + roles.teachers)):
-        raise RunStopped(f"{kind} actors died {roles.restarts[kind]} times; giving up (trainer.max_actor_restarts)")
+        raise Stuck(f"{kind} actors died {roles.restarts[kind]} times; giving up (trainer.max_actor_restarts)")
     console.print(f"[yellow]a {kind} actor died; waiting for Ray to restart it[/]")
     limit = roles.timeouts.start_s
     deadline = time.monotonic() + limit
@@ -156,7 +156,7 @@ def await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> None
                 ) from None
             time.sleep(1.0)
         except ActorDiedError as exc:  # restarts used up
-            raise RunStopped(f"a {kind} actor died and cannot be restarted: {exc}") from None
+            raise Stuck(f"a {kind} actor died and cannot be restarted: {exc}") from None
     if kind == "rollout" and roles.broadcast is not None:
         roles.broadcast.regroup()  # the restarted engine is not in the old group
     if kind == "rollout" and roles.weight_version > 0:

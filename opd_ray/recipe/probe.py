@@ -91,7 +91,11 @@ def run_probe(spec: ExperimentSpec) -> dict:
     try:
         indices = PromptSampler(len(prepared.train), spec.run.seed).next(min(spec.probe.prompts, len(prepared.train)))
         refs = rollout_and_score(roles, prepared.train, indices, step=0, seed=spec.run.seed)
-        metrics = combine_rank_metrics(get_or_raise_first(roles.learners.call("diagnose", refs, spec.algorithm, k)))
+        diagnosing = "learner ranks computing the diagnostics (trainer.timeouts.step_s)"
+        per_rank = get_or_raise_first(
+            roles.learners.call("diagnose", refs, spec.algorithm, k), spec.trainer.timeouts.step_s, diagnosing
+        )
+        metrics = combine_rank_metrics(per_rank)
         teacher_accuracy = student_accuracy = None
         if prepared.eval is not None and all(answer is not None for answer in prepared.eval.answers):
             eval_prompts = first(prepared.eval, spec.probe.eval_prompts)

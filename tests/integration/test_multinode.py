@@ -1,4 +1,5 @@
-"""Two Ray nodes on one machine: the quickstart submitted with `ray job submit` puts each role where the spec says.
+"""Two Ray nodes on one machine, with token authentication: the quickstart submitted with `ray job submit` puts
+each role where the spec says, and a submission without the cluster's token is refused.
 
 A head node (advertising `learner_node`) and a second node joined with `ray start --address`
 (advertising `engine_node`) form a real two-node cluster; the spec pins the learners to the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -72,9 +74,9 @@ def stop_cluster(temp_dir: str) -> None:
 def two_node_cluster() -> Iterator[dict]:
     temp_dir = tempfile.mkdtemp(prefix="opdr", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs_port, dashboard_port = free_port(), free_port()
-    # Ray 2.60's `ray start --head` turns token authentication on, which the joining node and the
-    # job CLI would then need; a throwaway local cluster runs without it.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # Token authentication on, as cluster_configs/slurm-opd-ray.sbatch runs it: one fresh token for this
+    # cluster, in the environment of both nodes and of the job CLI.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("RAY_ADDRESS", None)
     common = ["--num-cpus=2", "--object-store-memory=500000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
@@ -115,6 +117,12 @@ def test_quickstart_by_ray_job_submit_places_roles_on_their_nodes(
     address, env = two_node_cluster["dashboard"], two_node_cluster["env"]
     nodes = wait_for_nodes(address, env, 2)
     assert len(nodes) == 2
+    wrong_token = {**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    refused = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--", "echo", "anyone"],
+        env=wrong_token, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "anyone" not in refused.stdout  # the Jobs API wants this cluster's token
     node_of = {n["node_id"]: "learner_node" if "learner_node" in n["resources_total"] else "engine_node" for n in nodes}
 
     run_dir = tmp_path / "run"
