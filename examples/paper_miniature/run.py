@@ -43,9 +43,11 @@ TRENDS = {"overlap": "diag/overlap_ratio", "top1": "diag/top1_agreement", "entro
 
 
 def opd_ray(command: str, name: str, output_dir: Path, overrides: list[str]) -> None:
-    """One `opd-ray` command in its own process (its own local Ray)."""
+    """One `opd-ray` command in its own process (its own local Ray); a training replaces what an earlier
+    run of this script left in its directory (the script owns them)."""
     args = [f"run.name={name}", f"run.output_dir={output_dir / name}", *overrides]
-    subprocess.run([sys.executable, "-m", "opd_ray.cli", command, str(SPEC), *args], check=True)
+    flags = ["--overwrite"] if command == "train" else []
+    subprocess.run([sys.executable, "-m", "opd_ray.cli", command, str(SPEC), *flags, *args], check=True)
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
