@@ -189,6 +189,9 @@ class LearnerWorker:
             return metrics
         if not apply_update(self.engine, loss * self.world_size, self._any_rank):  # DeepSpeed averages over ranks
             metrics.update(skipped_update=1, gradient_fault=1)
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and math.isfinite(float(norm)):
+            metrics["grad_norm"] = float(norm)  # one global norm: the same on every rank
         metrics["loss"] = float(loss.detach())
         metrics["lr"] = float(self.engine.get_lr()[0])
         return metrics

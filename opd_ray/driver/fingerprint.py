@@ -29,6 +29,8 @@ MAY_CHANGE_ON_RESUME = (
     "trainer.max_actor_restarts",
     "trainer.max_bad_steps",
     "trainer.timeouts",  # how long to wait on actors
+    "trainer.stop_on",
+    "health",
     "diagnostics",
     "probe",
     "ray",

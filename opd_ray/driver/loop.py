@@ -40,12 +40,13 @@ from opd_ray.driver.checkpoint import (
 from opd_ray.driver.evaluation import evaluate, gap_recovery
 from opd_ray.driver.fingerprint import run_fingerprint
 from opd_ray.driver.interrupts import StopRequest, stop_between_steps
-from opd_ray.driver.metrics import MetricsWriter, timed, training_trend
+from opd_ray.driver.metrics import MetricsWriter, read_metrics, timed, training_trend
 from opd_ray.driver.pipeline import Pipeline
 from opd_ray.driver.roles import Roles, record_placement, start_roles, sync_weights
 from opd_ray.driver.steps import StepWork, launch_step, prompts_digest
 from opd_ray.errors import Interrupted, RunStopped, Stuck
 from opd_ray.files import write_json, write_text_durably
+from opd_ray.health.doctor import Diagnosis, Doctor
 from opd_ray.spec import ExperimentSpec, spec_to_yaml
 
 
@@ -66,6 +67,7 @@ class Run:
     next_launch: int = 1  # the next step to launch; before the loop, the first step to train
     bad_steps: int = 0  # consecutive steps whose update was skipped
     fingerprint: dict = field(default_factory=dict)  # what defines the run, stored with each checkpoint
+    doctor: Doctor | None = None  # health signals and named conditions, every step
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM/SIGINT: stop after this step
 
     def close(self) -> None:
@@ -85,7 +87,9 @@ def distill(spec: ExperimentSpec, prepared: Prepared, resume: bool = False, forc
         with stop_between_steps() as run.stop, step_progress("distill", spec.trainer.steps, first_step - 1) as progress:
             for step in range(first_step, spec.trainer.steps + 1):
                 loss = run_step(run, step)["loss"]
-                progress.advance(step, "update skipped" if loss is None else f"loss {loss:.3f}")
+                note = "update skipped" if loss is None else f"loss {loss:.3f}"
+                warnings = run.doctor.active(step)
+                progress.advance(step, note + (f" [health: {', '.join(warnings)}]" if warnings else ""))
                 if run.stop.requested and step < spec.trainer.steps:
                     raise Interrupted(stopped_message(run, step), run.stop.exit_code)
         return finish_run(run, started)
@@ -149,7 +153,7 @@ def new_run(
     """A run at step 1; the buffer's bound lets asynchronous mode launch max_staleness steps ahead."""
     trainer = spec.trainer
     staleness_limit = trainer.max_staleness + trainer.weight_sync_interval - 1
-    return Run(
+    run = Run(
         spec=spec,
         prepared=prepared,
         run_dir=run_dir,
@@ -160,7 +164,11 @@ def new_run(
         sampler=PromptSampler(len(prepared.train), spec.run.seed),
         summary=summary,
         fingerprint=run_fingerprint(spec),
+        doctor=Doctor(spec.health, len(prepared.tokenizer), spec.trainer.stop_on),
     )
+    if resume_after:  # the doctor catches up on the steps before the checkpoint
+        run.doctor.replay(read_metrics(run.writer.path))
+    return run
 
 
 def record_spec(spec: ExperimentSpec, run_dir: Path, resumed: TrainerState | None) -> None:
@@ -204,6 +212,7 @@ def finish_run(run: Run, started: float) -> dict:
         summary["student_path"] = str(final_dir)
     summary["steps"] = spec.trainer.steps
     summary["first_vs_last_steps"] = training_trend(run.writer.path)
+    summary["health"] = run.doctor.summary()
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_json(run.run_dir / "summary.json", summary)
     return summary
@@ -233,7 +242,9 @@ def run_step(run: Run, step: int) -> dict:
     evaluate_now(run, step, metrics)
     metrics["time/step"] = time.perf_counter() - started
     metrics.update(run.pipeline.utilisation(metrics["time/step"], busy_before, metrics.get("time/learn", 0.0)))
+    diagnoses = examine(run, step, metrics)
     run.writer.write(step, metrics)
+    stop_if_unhealthy(run, step, diagnoses)
     stop_if_diverging(run, step)
     checkpoint_now(run, step, work)
     return metrics
@@ -290,6 +301,26 @@ def evaluate_now(run: Run, step: int, metrics: dict) -> None:
         before, teacher = run.summary["student_accuracy_before"], run.summary["teacher_accuracy"]
         if teacher is not None:
             metrics["eval/gap_recovery"] = gap_recovery(before, metrics["eval/student_accuracy"], teacher)
+
+
+def examine(run: Run, step: int, metrics: dict) -> list[Diagnosis]:
+    """The doctor's signals join the step's metrics; a condition holding for the first time is printed."""
+    diagnoses = run.doctor.observe(step, metrics)
+    for diagnosis in diagnoses:
+        console.print(f"[yellow]health: {diagnosis.line()}[/]")
+    return diagnoses
+
+
+def stop_if_unhealthy(run: Run, step: int, diagnoses: list[Diagnosis]) -> None:
+    """trainer.stop_on: a named condition ends the run here (no checkpoint of the sick student); the
+    summary records why."""
+    diagnosis = run.doctor.must_stop(diagnoses)
+    if diagnosis is None:
+        return
+    run.summary.update(steps=step, health=run.doctor.summary(), first_vs_last_steps=training_trend(run.writer.path))
+    write_json(run.run_dir / "summary.json", run.summary)
+    last = latest_checkpoint(run.run_dir)
+    raise RunStopped(f"stopped at step {step} by trainer.stop_on: {diagnosis.line()} Last checkpoint: {last or 'none'}")
 
 
 def stop_if_diverging(run: Run, step: int) -> None:

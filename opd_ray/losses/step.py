@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from opd_ray.data.repetition import is_repetitive
 from opd_ray.losses.advantages import finish_token_batch, flatten_tokens, with_batch_statistics
 from opd_ray.losses.batch import RolloutBatch
 from opd_ray.losses.diagnostics import masked_sums, student_entropy, support_entropy, token_diagnostics
@@ -158,7 +159,9 @@ def token_statistics(
     count = float(tokens.num_tokens)
     metrics: dict[str, Any] = {"student_logprob": (float(per_token["student_logprob"].sum()), count)}
     if tokens.teacher_logprobs_N is not None:
-        metrics["teacher_logprob"] = (float(tokens.teacher_logprobs_N.double().sum()), count)
+        teacher_N = tokens.teacher_logprobs_N.double()
+        metrics["teacher_logprob"] = (float(teacher_N.sum()), count)
+        metrics["teacher_logprob_sq"] = (float(teacher_N.square().sum()), count)  # a constant teacher: no spread
         if on_student_samples:  # dataset answers have no sampling log-probs
             sampled_kl = (tokens.rollout_logprobs_N - tokens.teacher_logprobs_N).double().sum()
             metrics["sampled_reverse_kl"] = (float(sampled_kl), count)
@@ -166,6 +169,11 @@ def token_statistics(
     if diagnostics:
         metrics.update(masked_sums(diagnostics, tokens.bucket_N))
     return metrics
+
+
+def response_token_lists(batch: RolloutBatch) -> list[list[int]]:
+    """Each sequence's response token ids."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids_BL, batch.response_mask_BL, strict=True)]
 
 
 def batch_counts(share: RankShare) -> dict[str, Any]:
@@ -176,6 +184,7 @@ def batch_counts(share: RankShare) -> dict[str, Any]:
         "sequences": batch.num_sequences,
         "truncated_responses": int((~batch.finished_B).sum()),
         "cut_off_share": (float((~batch.finished_B).sum()), float(batch.num_sequences)),  # a collapse runs long
+        "repetitive_share": (float(sum(map(is_repetitive, response_token_lists(batch)))), float(batch.num_sequences)),
     }
     if share.tokens.keep_N is not None:
         counts["gate/kept_fraction"] = (float(share.tokens.keep_N.sum()), float(share.tokens.num_tokens))
@@ -250,7 +259,7 @@ def diagnose(
     return metrics
 
 
-SAME_ON_EVERY_RANK = ("lr", "skipped_update")
+SAME_ON_EVERY_RANK = ("lr", "skipped_update", "grad_norm")
 SLOWEST_RANK = ("time/learner_fetch", "time/learner_compute")  # the step waits for the slowest rank
 
 

@@ -30,6 +30,7 @@ from opd_ray.actors.runtime import actor_env, get_or_raise_first
 from opd_ray.actors.vllm_engine import ENGINE_ENV, Completion
 from opd_ray.console import console, step_progress
 from opd_ray.data.preflight import Prepared
+from opd_ray.data.repetition import most_repeated_ngram
 from opd_ray.data.verifiers import GuardedVerifier
 from opd_ray.driver.fingerprint import check_same_run, run_fingerprint
 from opd_ray.driver.loop import distill
@@ -61,13 +62,6 @@ def finished(spec: ExperimentSpec, stage: str, force: bool = False) -> dict | No
 
 def mark_done(spec: ExperimentSpec, stage: str, record: dict) -> None:
     write_json(stage_dir(spec, stage) / "done.json", {**record, "fingerprint": run_fingerprint(spec)})
-
-
-def most_repeated_ngram(tokens: list[int], n: int) -> int:
-    """How often the most frequent n-gram occurs: degenerate loops repeat one many times."""
-    if len(tokens) < n:
-        return 0
-    return max(Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)).values())
 
 
 def drop_reason(

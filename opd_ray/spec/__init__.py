@@ -2,15 +2,18 @@
 
 from opd_ray.spec.loading import load_spec, spec_to_yaml
 from opd_ray.spec.sections import (
+    CONDITIONS,
     STAGE_ORDER,
     AlgorithmSpec,
     ColdStartSpec,
+    ConditionName,
     DatasetSpec,
     DataSpec,
     DiagnosticsSpec,
     EngineSpec,
     EntropyGateSpec,
     ExperimentSpec,
+    HealthSpec,
     ImportedModelsSpec,
     LearnerSpec,
     ModelSpec,
@@ -36,15 +39,18 @@ from opd_ray.spec.sections import (
 )
 
 __all__ = [
+    "CONDITIONS",
     "STAGE_ORDER",
     "AlgorithmSpec",
     "ColdStartSpec",
+    "ConditionName",
     "DataSpec",
     "DatasetSpec",
     "DiagnosticsSpec",
     "EngineSpec",
     "EntropyGateSpec",
     "ExperimentSpec",
+    "HealthSpec",
     "ImportedModelsSpec",
     "LearnerSpec",
     "ModelSpec",

@@ -415,6 +415,50 @@ class TimeoutsSpec(Section):
     checkpoint_s: float = Field(1800, gt=0, description="learners saving or loading a checkpoint or the final student")
 
 
+ConditionName = Literal[
+    "collapse", "entropy_explosion", "no_alignment", "teacher_broken", "reward_divergence", "grad_spike"
+]
+CONDITIONS: tuple[str, ...] = get_args(ConditionName)
+
+
+class HealthSpec(Section):
+    """The OPD doctor (opd_ray/health/): the thresholds of its named conditions. Each compares the mean of
+    the last `window` steps ("now") with the mean of the first `window` trained steps ("start")."""
+
+    enabled: bool = True
+    window: int = Field(10, ge=1, description="steps averaged for 'now' and for 'the start'")
+    collapse_repetitive_share: float = Field(
+        0.5, gt=0, le=1, description="collapse: this share of responses repeat a 4-gram more than 3 times, ..."
+    )
+    collapse_cut_off_share: float = Field(
+        0.9, gt=0, le=1, description="...or this share is cut off at the length limit while the entropy falls"
+    )
+    collapse_entropy_ratio: float = Field(
+        0.5, gt=0, lt=1, description="collapse: student entropy now / at the start at or below this"
+    )
+    explosion_entropy_ratio: float = Field(
+        1.5, gt=1, description="entropy_explosion: student entropy now / at the start at or above this"
+    )
+    alignment_steps: int = Field(
+        50, ge=2, description="no_alignment is judged from this step on (the paper's signals need time to move)"
+    )
+    min_overlap_rise: float = Field(0.02, ge=0, description="no_alignment: overlap@k rising less than this...")
+    min_entropy_gap_narrowing: float = Field(
+        0.1, ge=0, description="...and the entropy gap narrowing by less than this share of its start"
+    )
+    teacher_uniform_fraction: float = Field(
+        0.9, gt=0, le=1, description="teacher_broken: mean teacher log-prob at least this share of -ln|V|, ..."
+    )
+    teacher_min_logprob_std: float = Field(1e-3, ge=0, description="...or its spread over tokens below this")
+    reward_drop: float = Field(
+        0.1, gt=0, le=1, description="reward_divergence: the sample reward fell by this much from its best..."
+    )
+    kl_drop: float = Field(0.2, gt=0, lt=1, description="...while the sampled reverse KL fell by this share")
+    grad_spike_factor: float = Field(
+        10, gt=1, description="grad_spike: a step's gradient norm at least this many times the window's median"
+    )
+
+
 class TrainerSpec(Section):
     steps: int = Field(100, ge=1)
     prompts_per_step: int = Field(64, ge=1)
@@ -440,6 +484,10 @@ class TrainerSpec(Section):
         3, ge=1, description="consecutive steps with a non-finite loss (updates skipped) before the run stops"
     )
     timeouts: TimeoutsSpec = TimeoutsSpec()
+    stop_on: list[ConditionName] = Field(
+        default_factory=list,
+        description="conditions of the OPD doctor (health) that stop the run when they fire, e.g. [collapse]",
+    )
 
     def shard_size(self, num_workers: int) -> int:
         return self.prompts_per_shard or max(1, -(-self.prompts_per_step // num_workers))
@@ -447,6 +495,11 @@ class TrainerSpec(Section):
 
 StageName = Literal["teacher_generate", "sft", "opd"]
 STAGE_ORDER: tuple[str, ...] = get_args(StageName)  # the order stages run in
+
+
+# The repetition rule (opd_ray/data/repetition.py): the cold start's filter and the doctor's count.
+REPEAT_NGRAM = 4
+MAX_NGRAM_REPEATS = 3
 
 
 class TeacherGenerationSpec(Section):
@@ -458,9 +511,9 @@ class TeacherGenerationSpec(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int | None = Field(None, ge=1, description="null = rollout.max_new_tokens")
     drop_truncated: bool = Field(True, description="drop answers cut off by max_new_tokens")
-    repeat_ngram: int = Field(4, ge=1, description="n of the repetition filter")
+    repeat_ngram: int = Field(REPEAT_NGRAM, ge=1, description="n of the repetition filter")
     max_ngram_repeats: int = Field(
-        3, ge=1, description="drop an answer in which some repeat_ngram-gram occurs more often than this"
+        MAX_NGRAM_REPEATS, ge=1, description="drop an answer in which a repeat_ngram-gram occurs more often than this"
     )
     require_correct: bool = Field(False, description="drop answers the task verifier marks wrong (needs answers)")
 
@@ -547,6 +600,7 @@ class ExperimentSpec(Section):
     learner: LearnerSpec = LearnerSpec()
     algorithm: AlgorithmSpec = AlgorithmSpec()
     diagnostics: DiagnosticsSpec = DiagnosticsSpec()
+    health: HealthSpec = HealthSpec()
     trainer: TrainerSpec = TrainerSpec()
     stages: list[StageName] = Field(
         default_factory=lambda: ["opd"],

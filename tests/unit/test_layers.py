@@ -17,6 +17,7 @@ LAYERS = [
     "spec",
     "data",
     "losses",
+    "health",
     "actors",
     "driver",
     "recipe",

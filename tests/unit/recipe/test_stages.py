@@ -8,9 +8,10 @@ import pytest
 
 from opd_ray.actors.vllm_engine import Completion
 from opd_ray.data.prompts import PromptSet
+from opd_ray.data.repetition import most_repeated_ngram
 from opd_ray.data.verifiers import resolve_verifier
 from opd_ray.errors import SpecError
-from opd_ray.recipe.stages import drop_reason, most_repeated_ngram, opd_spec
+from opd_ray.recipe.stages import drop_reason, opd_spec
 from opd_ray.spec import ExperimentSpec, TeacherGenerationSpec
 from tests.conftest import tiny_spec_dict
 

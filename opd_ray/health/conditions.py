@@ -1,0 +1,128 @@
+"""The doctor's named conditions: each one's rule, the evidence it quotes, and what to do about it.
+
+A rule reads the step's `Signals` and the spec's thresholds (`health:`) and returns the evidence
+(a short sentence of numbers) when the condition holds, or None. Rules that compare "now" with
+"the start" wait until the two windows no longer overlap (2 x `health.window` steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from opd_ray.health.signals import Signals
+from opd_ray.spec import HealthSpec
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    rule: str  # the rule in words (README, report)
+    advice: str
+    check: Callable[[Signals, HealthSpec], str | None]
+
+
+def windows_apart(signals: Signals, settings: HealthSpec) -> bool:
+    return signals.steps >= 2 * settings.window
+
+
+def collapse(s: Signals, h: HealthSpec) -> str | None:
+    if not windows_apart(s, h):
+        return None
+    if s.repetitive_share is not None and s.repetitive_share >= h.collapse_repetitive_share:
+        if s.repetitive_share >= 2 * (s.repetitive_share_start or 0.0):
+            start = s.repetitive_share_start or 0.0
+            return f"{s.repetitive_share:.0%} of responses loop (a 4-gram > 3 times; {start:.0%} at the start)"
+    if s.cut_off_share is not None and s.entropy_vs_start is not None:
+        if s.cut_off_share >= h.collapse_cut_off_share and s.entropy_vs_start <= h.collapse_entropy_ratio:
+            cut, entropy = s.cut_off_share, s.entropy_vs_start
+            return f"{cut:.0%} of responses cut off at the length limit, student entropy x{entropy:.2f} of its start"
+    return None
+
+
+def entropy_explosion(s: Signals, h: HealthSpec) -> str | None:
+    if windows_apart(s, h) and s.entropy_vs_start is not None and s.entropy_vs_start >= h.explosion_entropy_ratio:
+        return f"student entropy x{s.entropy_vs_start:.2f} of its start"
+    return None
+
+
+def no_alignment(s: Signals, h: HealthSpec) -> str | None:
+    if s.steps < h.alignment_steps or s.overlap_rise is None or s.entropy_gap_change is None:
+        return None
+    if s.overlap_rise < h.min_overlap_rise and s.entropy_gap_change > -h.min_entropy_gap_narrowing:
+        rise, gap = s.overlap_rise, s.entropy_gap_change
+        return f"after {s.steps} steps: overlap@k {rise:+.3f} and entropy gap {gap:+.0%} since the start"
+    return None
+
+
+def teacher_broken(s: Signals, h: HealthSpec) -> str | None:
+    if s.teacher_vs_uniform is not None and s.teacher_vs_uniform >= h.teacher_uniform_fraction:
+        return f"the teacher's mean log-prob is {s.teacher_vs_uniform:.0%} of -ln|V| (a uniform guess)"
+    if s.teacher_logprob_std is not None and s.teacher_logprob_std < h.teacher_min_logprob_std:
+        return f"the teacher's log-probs are constant over the step's tokens (spread {s.teacher_logprob_std:.1e})"
+    return None
+
+
+def reward_divergence(s: Signals, h: HealthSpec) -> str | None:
+    if not windows_apart(s, h) or s.reward_drop is None or s.kl_vs_start is None:
+        return None
+    if s.reward_drop >= h.reward_drop and s.kl_vs_start <= 1 - h.kl_drop:
+        drop, kl = s.reward_drop, s.kl_vs_start
+        return f"sample reward {drop:.2f} below its best while the sampled reverse KL fell to x{kl:.2f} of its start"
+    return None
+
+
+def grad_spike(s: Signals, h: HealthSpec) -> str | None:
+    if s.grad_norm_vs_median is not None and s.grad_norm_vs_median >= h.grad_spike_factor:
+        return f"gradient norm x{s.grad_norm_vs_median:.0f} of the median of the steps before"
+    return None
+
+
+CONDITIONS: dict[str, Condition] = {
+    c.name: c
+    for c in (
+        Condition(
+            "collapse",
+            "most responses loop (a repeated 4-gram) and did not at the start, or nearly all are cut off at the "
+            "length limit while the student's entropy has fallen to half its start",
+            "the student has collapsed into degenerate text whatever the KL says: lower learner.lr, add "
+            "algorithm.topk_tail, or cold-start the student (stages: [teacher_generate, sft, opd])",
+            collapse,
+        ),
+        Condition(
+            "entropy_explosion",
+            "the student's entropy has risen to 1.5x its start",
+            "the student is spreading mass where the loss does not look: add algorithm.topk_tail (a top-k support "
+            "without it leaves the rest of the vocabulary free), use topk_support: teacher, lower learner.lr",
+            entropy_explosion,
+        ),
+        Condition(
+            "no_alignment",
+            "after health.alignment_steps, overlap@k has not risen and the entropy gap has not narrowed (the "
+            "paper's failure signature)",
+            "student and teacher think differently: compare teachers with opd-ray probe, cold-start the student, "
+            "or use the teacher's prompt template (data.template_source: teacher)",
+            no_alignment,
+        ),
+        Condition(
+            "teacher_broken",
+            "the teacher's log-probs of the student's tokens sit near -ln|V| (a uniform guess) or do not vary",
+            "the teacher scores nothing: check models.teacher.path, its chat template (data.use_chat_template, "
+            "data.template_source), its dtype and that it was loaded from the right weights",
+            teacher_broken,
+        ),
+        Condition(
+            "reward_divergence",
+            "the verifier's reward on the student's samples fell from its best while the sampled reverse KL fell",
+            "the student agrees with the teacher more and solves less: check the teacher's accuracy on these "
+            "prompts and its sampling settings, mix in the task reward (algorithm.task_reward_coef), or stop",
+            reward_divergence,
+        ),
+        Condition(
+            "grad_spike",
+            "a step's gradient norm is 10x the median of the steps before it",
+            "one batch pulled hard: lower learner.lr or learner.grad_clip, and look at that step's rows",
+            grad_spike,
+        ),
+    )
+}

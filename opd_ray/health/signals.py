@@ -1,0 +1,94 @@
+"""Health signals: what the doctor reads off each step's metrics, logged as `health/...`.
+
+Every signal compares "now" (the mean of the last `window` steps on student samples) with "the
+start" (the mean of the first `window` such steps), so that it reads the same on any task and
+model: a ratio or a difference to where the run began, not an absolute number.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+Row = dict  # one step's metrics, as metrics.jsonl holds them
+
+
+def mean_of(key: str, rows: list[Row]) -> float | None:
+    """Mean of `key` over the rows that logged it as a finite number; None if none did."""
+    values = [row[key] for row in rows if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
+    return sum(values) / len(values) if values else None
+
+
+def ratio(now: float | None, start: float | None) -> float | None:
+    return now / start if now is not None and start is not None and abs(start) > 1e-12 else None
+
+
+@dataclass
+class Signals:
+    """One step's health signals; None where the run does not log what a signal needs."""
+
+    steps: int  # student-sample steps seen so far
+    cut_off_share: float | None
+    repetitive_share: float | None
+    repetitive_share_start: float | None
+    entropy_vs_start: float | None  # student entropy now / at the start
+    overlap_rise: float | None  # overlap@k now - at the start
+    entropy_gap_change: float | None  # (gap now - gap at the start) / gap at the start; < 0 = narrowing
+    teacher_vs_uniform: float | None  # mean teacher log-prob / -ln|V|: 1 = a uniform teacher
+    teacher_logprob_std: float | None  # spread of the teacher's log-probs over this step's tokens
+    kl_vs_start: float | None  # sampled reverse KL now / at the start
+    reward_drop: float | None  # best window mean of the sample reward so far - now
+    grad_norm_vs_median: float | None  # this step's gradient norm / the median of the window before it
+
+    def logged(self) -> dict[str, float]:
+        """The `health/...` metrics of the step (the ones that exist)."""
+        values = {name: value for name, value in vars(self).items() if name != "steps"}
+        return {f"health/{name}": value for name, value in values.items() if value is not None}
+
+
+def teacher_spread(row: Row) -> float | None:
+    """Standard deviation of the teacher's log-probs over the step's tokens, from their mean and mean square."""
+    mean, square = row.get("teacher_logprob"), row.get("teacher_logprob_sq")
+    if not isinstance(mean, (int, float)) or not isinstance(square, (int, float)):
+        return None
+    return math.sqrt(max(0.0, square - mean * mean))
+
+
+def best_window_mean(key: str, rows: list[Row], window: int) -> float | None:
+    """The best mean of `key` over any `window` consecutive rows (the run's peak, not one lucky step)."""
+    best = None
+    for end in range(window, len(rows) + 1):
+        value = mean_of(key, rows[end - window : end])
+        if value is not None and (best is None or value > best):
+            best = value
+    return best
+
+
+def compute_signals(rows: list[Row], window: int, vocab_size: int | None) -> Signals:
+    """The signals after the last of `rows` (the student-sample steps so far, oldest first)."""
+    start, now, last = rows[:window], rows[-window:], rows[-1]
+    gap_now, gap_start = mean_of("diag/entropy_gap", now), mean_of("diag/entropy_gap", start)
+    overlap_now, overlap_start = mean_of("diag/overlap_ratio", now), mean_of("diag/overlap_ratio", start)
+    uniform = math.log(vocab_size) if vocab_size and vocab_size > 1 else None
+    teacher_now = mean_of("teacher_logprob", now)
+    previous_norms = [r["grad_norm"] for r in rows[-window - 1 : -1] if isinstance(r.get("grad_norm"), (int, float))]
+    norm = last.get("grad_norm")
+    reward_now = mean_of("sample_reward", now)
+    best_reward = best_window_mean("sample_reward", rows, window)
+    return Signals(
+        steps=len(rows),
+        cut_off_share=mean_of("cut_off_share", now),
+        repetitive_share=mean_of("repetitive_share", now),
+        repetitive_share_start=mean_of("repetitive_share", start),
+        entropy_vs_start=ratio(mean_of("diag/student_entropy", now), mean_of("diag/student_entropy", start)),
+        overlap_rise=overlap_now - overlap_start if overlap_now is not None and overlap_start is not None else None,
+        entropy_gap_change=ratio(gap_now - gap_start, gap_start) if gap_now is not None and gap_start else None,
+        teacher_vs_uniform=-teacher_now / uniform if teacher_now is not None and uniform else None,
+        teacher_logprob_std=teacher_spread(last),
+        kl_vs_start=ratio(mean_of("sampled_reverse_kl", now), mean_of("sampled_reverse_kl", start)),
+        reward_drop=best_reward - reward_now if best_reward is not None and reward_now is not None else None,
+        grad_norm_vs_median=ratio(norm, statistics.median(previous_norms))
+        if isinstance(norm, (int, float)) and len(previous_norms) >= 3
+        else None,
+    )
