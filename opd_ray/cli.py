@@ -73,7 +73,17 @@ def _print_summary(summary: dict) -> None:
     ):
         value = summary.get(key)
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    health = summary.get("health")
+    if health is not None:
+        table.add_row("health", health["status"])
     console.print(table)
+    if health and health["conditions"]:
+        conditions = Table(title="opd-ray health: conditions found (health: in the spec sets their thresholds)")
+        for column in ("condition", "first step", "last step", "evidence", "advice"):
+            conditions.add_column(column, overflow="fold")
+        for c in health["conditions"]:
+            conditions.add_row(c["condition"], str(c["first_step"]), str(c["last_step"]), c["evidence"], c["advice"])
+        console.print(conditions)
 
 
 def _build_tiny(spec, from_scratch: bool) -> int:

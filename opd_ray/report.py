@@ -12,6 +12,8 @@ from pathlib import Path
 
 from opd_ray.driver.metrics import read_metrics, window_mean
 from opd_ray.errors import UserError
+from opd_ray.health.doctor import Doctor
+from opd_ray.spec import HealthSpec
 
 DIAGNOSTICS = (
     "cut_off_share",
@@ -37,9 +39,19 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return summary, metrics
 
 
+def health_of(summary: dict, metrics: list[dict]) -> dict:
+    """What the doctor said during the run (summary.json), or its rules replayed over the metrics of a run
+    that ended before writing a summary, with the default thresholds."""
+    if "health" in summary:
+        return summary["health"]
+    return Doctor(HealthSpec(), summary.get("vocab_size")).replay(metrics).summary()
+
+
 def report_rows(run_dir: Path, window: int) -> list[tuple[str, str]]:
-    """(label, value) pairs for one run: accuracies, then each diagnostic as 'first -> last'."""
+    """(label, value) pairs for one run: accuracies, health, then each diagnostic as 'first -> last'. The
+    window shrinks to half the run for runs shorter than two windows."""
     summary, metrics = read_run(run_dir)
+    window = max(1, min(window, len(metrics) // 2))
     first, last = metrics[:window], metrics[-window:]
     rows = [("objective", str(summary.get("objective", "?"))), ("steps", str(len(metrics)))]
     for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "gap_recovery"):
@@ -47,6 +59,9 @@ def report_rows(run_dir: Path, window: int) -> list[tuple[str, str]]:
         rows.append((key, f"{value:.3f}" if isinstance(value, float) else "-"))
     evals = [f"{row['eval/student_accuracy']:.2f}@{row['step']}" for row in metrics if "eval/student_accuracy" in row]
     rows.append(("eval during training", ", ".join(evals) or "-"))
+    health = health_of(summary, metrics)
+    found = ", ".join(f"{c['condition']} @ step {c['first_step']}" for c in health["conditions"])
+    rows.append(("health", health["status"] + (f": {found}" if found else "")))
     for key in DIAGNOSTICS:
         start, end = window_mean(key, first), window_mean(key, last)
         if start is not None and end is not None:

@@ -118,7 +118,7 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint, state = resume_point(spec, run_dir, resume, force)
     record_spec(spec, run_dir, state)
-    summary: dict = {"run": spec.run.name, "objective": spec.algorithm.objective}
+    summary: dict = {"run": spec.run.name, "objective": spec.algorithm.objective, "vocab_size": len(prepared.tokenizer)}
     if prepared.selection is not None:
         console.print(f"prompt selection: {prepared.selection}")
         write_json(run_dir / "selection.json", prepared.selection)

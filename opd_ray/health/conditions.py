@@ -47,17 +47,26 @@ def entropy_explosion(s: Signals, h: HealthSpec) -> str | None:
 
 
 def no_alignment(s: Signals, h: HealthSpec) -> str | None:
-    if s.steps < h.alignment_steps or s.overlap_rise is None or s.entropy_gap_change is None:
+    if s.steps < h.alignment_steps or None in (s.overlap_start, s.overlap_rise, s.entropy_gap_change):
         return None
-    if s.overlap_rise < h.min_overlap_rise and s.entropy_gap_change > -h.min_entropy_gap_narrowing:
+    started_apart = s.overlap_start < h.low_start_overlap
+    if started_apart and s.overlap_rise < h.min_overlap_rise and s.entropy_gap_change > -h.min_entropy_gap_narrowing:
         rise, gap = s.overlap_rise, s.entropy_gap_change
-        return f"after {s.steps} steps: overlap@k {rise:+.3f} and entropy gap {gap:+.0%} since the start"
+        return (
+            f"overlap@k started at {s.overlap_start:.2f}, and after {s.steps} steps it moved {rise:+.3f} and the "
+            f"entropy gap {gap:+.0%}"
+        )
     return None
 
 
 def teacher_broken(s: Signals, h: HealthSpec) -> str | None:
-    if s.teacher_vs_uniform is not None and s.teacher_vs_uniform >= h.teacher_uniform_fraction:
-        return f"the teacher's mean log-prob is {s.teacher_vs_uniform:.0%} of -ln|V| (a uniform guess)"
+    near_uniform = s.teacher_vs_uniform is not None and abs(s.teacher_vs_uniform - 1) <= h.teacher_uniform_tolerance
+    if (
+        near_uniform
+        and s.teacher_std_vs_uniform is not None
+        and s.teacher_std_vs_uniform <= h.teacher_uniform_tolerance
+    ):
+        return f"the teacher's log-probs sit at {s.teacher_vs_uniform:.0%} of -ln|V| on every token (a uniform guess)"
     if s.teacher_logprob_std is not None and s.teacher_logprob_std < h.teacher_min_logprob_std:
         return f"the teacher's log-probs are constant over the step's tokens (spread {s.teacher_logprob_std:.1e})"
     return None
@@ -98,15 +107,16 @@ CONDITIONS: dict[str, Condition] = {
         ),
         Condition(
             "no_alignment",
-            "after health.alignment_steps, overlap@k has not risen and the entropy gap has not narrowed (the "
-            "paper's failure signature)",
+            "the run started with a low overlap@k (the paper's proxy for thinking differently) and after "
+            "health.alignment_steps overlap@k has not risen nor the entropy gap narrowed (its failure signature)",
             "student and teacher think differently: compare teachers with opd-ray probe, cold-start the student, "
             "or use the teacher's prompt template (data.template_source: teacher)",
             no_alignment,
         ),
         Condition(
             "teacher_broken",
-            "the teacher's log-probs of the student's tokens sit near -ln|V| (a uniform guess) or do not vary",
+            "the teacher's log-probs of the student's tokens sit at -ln|V| on every token (a uniform guess), or do "
+            "not vary at all",
             "the teacher scores nothing: check models.teacher.path, its chat template (data.use_chat_template, "
             "data.template_source), its dtype and that it was loaded from the right weights",
             teacher_broken,

@@ -33,10 +33,13 @@ class Signals:
     repetitive_share: float | None
     repetitive_share_start: float | None
     entropy_vs_start: float | None  # student entropy now / at the start
+    overlap_start: float | None  # overlap@k over the first window: the paper's proxy for compatible thinking
     overlap_rise: float | None  # overlap@k now - at the start
     entropy_gap_change: float | None  # (gap now - gap at the start) / gap at the start; < 0 = narrowing
-    teacher_vs_uniform: float | None  # mean teacher log-prob / -ln|V|: 1 = a uniform teacher
+    teacher_vs_uniform: float | None  # mean teacher log-prob / -ln|V|: 1 = a uniform teacher (a confident
+    # teacher that disagrees with the student's samples sits far beyond 1, a helpful one below)
     teacher_logprob_std: float | None  # spread of the teacher's log-probs over this step's tokens
+    teacher_std_vs_uniform: float | None  # that spread / ln|V|
     kl_vs_start: float | None  # sampled reverse KL now / at the start
     reward_drop: float | None  # best window mean of the sample reward so far - now
     grad_norm_vs_median: float | None  # this step's gradient norm / the median of the window before it
@@ -82,10 +85,12 @@ def compute_signals(rows: list[Row], window: int, vocab_size: int | None) -> Sig
         repetitive_share=mean_of("repetitive_share", now),
         repetitive_share_start=mean_of("repetitive_share", start),
         entropy_vs_start=ratio(mean_of("diag/student_entropy", now), mean_of("diag/student_entropy", start)),
+        overlap_start=overlap_start,
         overlap_rise=overlap_now - overlap_start if overlap_now is not None and overlap_start is not None else None,
         entropy_gap_change=ratio(gap_now - gap_start, gap_start) if gap_now is not None and gap_start else None,
         teacher_vs_uniform=-teacher_now / uniform if teacher_now is not None and uniform else None,
         teacher_logprob_std=teacher_spread(last),
+        teacher_std_vs_uniform=teacher_spread(last) / uniform if uniform and teacher_spread(last) is not None else None,
         kl_vs_start=ratio(mean_of("sampled_reverse_kl", now), mean_of("sampled_reverse_kl", start)),
         reward_drop=best_reward - reward_now if best_reward is not None and reward_now is not None else None,
         grad_norm_vs_median=ratio(norm, statistics.median(previous_norms))

@@ -442,14 +442,25 @@ class HealthSpec(Section):
     alignment_steps: int = Field(
         50, ge=2, description="no_alignment is judged from this step on (the paper's signals need time to move)"
     )
-    min_overlap_rise: float = Field(0.02, ge=0, description="no_alignment: overlap@k rising less than this...")
+    low_start_overlap: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="no_alignment: the run started below this overlap@k (probe.min_overlap's default: the paper's "
+        "successful runs start ~0.7), ...",
+    )
+    min_overlap_rise: float = Field(0.02, ge=0, description="...and since then overlap@k rose less than this...")
     min_entropy_gap_narrowing: float = Field(
         0.1, ge=0, description="...and the entropy gap narrowing by less than this share of its start"
     )
-    teacher_uniform_fraction: float = Field(
-        0.9, gt=0, le=1, description="teacher_broken: mean teacher log-prob at least this share of -ln|V|, ..."
+    teacher_uniform_tolerance: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="teacher_broken: the teacher's log-probs of the sampled tokens within this relative distance "
+        "of -ln|V| and spread by less than this share of ln|V| (a uniform teacher), ...",
     )
-    teacher_min_logprob_std: float = Field(1e-3, ge=0, description="...or its spread over tokens below this")
+    teacher_min_logprob_std: float = Field(1e-3, ge=0, description="...or spread by less than this (constant)")
     reward_drop: float = Field(
         0.1, gt=0, le=1, description="reward_divergence: the sample reward fell by this much from its best..."
     )
