@@ -77,7 +77,7 @@ def reward_divergence(s: Signals, h: HealthSpec) -> str | None:
         return None
     if s.reward_drop >= h.reward_drop and s.kl_vs_start <= 1 - h.kl_drop:
         drop, kl = s.reward_drop, s.kl_vs_start
-        return f"sample reward {drop:.2f} below its best while the sampled reverse KL fell to x{kl:.2f} of its start"
+        return f"sample reward {drop:.2f} below its start while the sampled reverse KL fell to x{kl:.2f} of its start"
     return None
 
 
@@ -123,7 +123,8 @@ CONDITIONS: dict[str, Condition] = {
         ),
         Condition(
             "reward_divergence",
-            "the verifier's reward on the student's samples fell from its best while the sampled reverse KL fell",
+            "the verifier's reward on the student's samples fell below where it started while the sampled reverse "
+            "KL fell",
             "the student agrees with the teacher more and solves less: check the teacher's accuracy on these "
             "prompts and its sampling settings, mix in the task reward (algorithm.task_reward_coef), or stop",
             reward_divergence,

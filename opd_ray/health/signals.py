@@ -41,7 +41,7 @@ class Signals:
     teacher_logprob_std: float | None  # spread of the teacher's log-probs over this step's tokens
     teacher_std_vs_uniform: float | None  # that spread / ln|V|
     kl_vs_start: float | None  # sampled reverse KL now / at the start
-    reward_drop: float | None  # best window mean of the sample reward so far - now
+    reward_drop: float | None  # the sample reward at the start - now (> 0: the student solves less than it did)
     grad_norm_vs_median: float | None  # this step's gradient norm / the median of the window before it
 
     def logged(self) -> dict[str, float]:
@@ -58,16 +58,6 @@ def teacher_spread(row: Row) -> float | None:
     return math.sqrt(max(0.0, square - mean * mean))
 
 
-def best_window_mean(key: str, rows: list[Row], window: int) -> float | None:
-    """The best mean of `key` over any `window` consecutive rows (the run's peak, not one lucky step)."""
-    best = None
-    for end in range(window, len(rows) + 1):
-        value = mean_of(key, rows[end - window : end])
-        if value is not None and (best is None or value > best):
-            best = value
-    return best
-
-
 def compute_signals(rows: list[Row], window: int, vocab_size: int | None) -> Signals:
     """The signals after the last of `rows` (the student-sample steps so far, oldest first)."""
     start, now, last = rows[:window], rows[-window:], rows[-1]
@@ -77,8 +67,7 @@ def compute_signals(rows: list[Row], window: int, vocab_size: int | None) -> Sig
     teacher_now = mean_of("teacher_logprob", now)
     previous_norms = [r["grad_norm"] for r in rows[-window - 1 : -1] if isinstance(r.get("grad_norm"), (int, float))]
     norm = last.get("grad_norm")
-    reward_now = mean_of("sample_reward", now)
-    best_reward = best_window_mean("sample_reward", rows, window)
+    reward_now, reward_start = mean_of("sample_reward", now), mean_of("sample_reward", start)
     return Signals(
         steps=len(rows),
         cut_off_share=mean_of("cut_off_share", now),
@@ -92,7 +81,7 @@ def compute_signals(rows: list[Row], window: int, vocab_size: int | None) -> Sig
         teacher_logprob_std=teacher_spread(last),
         teacher_std_vs_uniform=teacher_spread(last) / uniform if uniform and teacher_spread(last) is not None else None,
         kl_vs_start=ratio(mean_of("sampled_reverse_kl", now), mean_of("sampled_reverse_kl", start)),
-        reward_drop=best_reward - reward_now if best_reward is not None and reward_now is not None else None,
+        reward_drop=reward_start - reward_now if reward_start is not None and reward_now is not None else None,
         grad_norm_vs_median=ratio(norm, statistics.median(previous_norms))
         if isinstance(norm, (int, float)) and len(previous_norms) >= 3
         else None,

@@ -462,7 +462,7 @@ class HealthSpec(Section):
     )
     teacher_min_logprob_std: float = Field(1e-3, ge=0, description="...or spread by less than this (constant)")
     reward_drop: float = Field(
-        0.1, gt=0, le=1, description="reward_divergence: the sample reward fell by this much from its best..."
+        0.05, gt=0, le=1, description="reward_divergence: the sample reward fell this much below its start..."
     )
     kl_drop: float = Field(0.2, gt=0, lt=1, description="...while the sampled reverse KL fell by this share")
     grad_spike_factor: float = Field(

@@ -1,0 +1,32 @@
+"""The doctor's rules on runs that really worked and really failed (tests/data/health/README.md says which)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from opd_ray.driver.metrics import read_metrics
+from opd_ray.health.doctor import Doctor
+from opd_ray.spec import HealthSpec
+
+RUNS = Path(__file__).parents[2] / "data" / "health"
+
+
+def verdict(name: str, vocab_size: int, **settings) -> dict[str, int]:
+    doctor = Doctor(HealthSpec(**settings), vocab_size).replay(read_metrics(RUNS / name))
+    return {condition: d.first_step for condition, d in doctor.found.items()}
+
+
+def test_the_working_runs_trigger_nothing() -> None:
+    assert verdict("quickstart_compatible.jsonl", 15) == {}  # dip included: overlap@4 fell 0.09 by step 60
+    assert verdict("smollm2_opd.jsonl", 49152) == {}
+    assert verdict("smollm2_opd.jsonl", 49152, window=5) == {}
+
+
+def test_the_incompatible_teacher_is_flagged_within_its_first_50_steps() -> None:
+    assert verdict("miniature_incompatible.jsonl", 15) == {"no_alignment": 50}
+
+
+def test_the_collapsed_tiny_run_is_flagged_where_it_was_stopped() -> None:
+    # its teacher is the tests' random-init model: log-probs within 10% of -ln 15 on every token, which the
+    # doctor rightly calls broken (it teaches nothing); the collapse is the student's own
+    assert verdict("tiny_collapse_lr0.05.jsonl", 15, window=3) == {"teacher_broken": 4, "collapse": 10}
