@@ -41,8 +41,10 @@ def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: 
         assert m["diag/overlap_advantage"] <= 1e-6
         assert "diag/entropy_gap/start" in m  # middle/end appear once responses are long enough
 
+    assert {"health/entropy_vs_start", "health/overlap_rise", "health/cut_off_share"} <= set(metrics[-1])
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved == summary
+    assert saved["health"]["status"] in ("ok", "warned")  # the doctor examined every step (warnings: random models)
     for key in ("student_accuracy_before", "student_accuracy_after", "teacher_accuracy", "gap_recovery"):
         assert key in saved
     assert (run_dir / "student" / "config.json").is_file()
