@@ -36,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--force", action="store_true", help="with --resume: continue even if the spec defines another run"
             )
+        if name == "probe":
+            sub.add_argument(
+                "--teacher",
+                action="append",
+                default=[],
+                metavar="PATH",
+                help="another candidate teacher (repeatable): each scores the same student samples; one ranking",
+            )
         if name == "build-tiny":
             sub.add_argument("--from-scratch", action="store_true", help="train even when a shipped copy matches")
     imported = commands.add_parser(
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "probe":
             from opd_ray.recipe.probe import print_probe, run_probe
 
-            print_probe(run_probe(spec))
+            print_probe(run_probe(spec, args.teacher))
             return 0
         from opd_ray.recipe.stages import run_stages
 

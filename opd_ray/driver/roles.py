@@ -29,7 +29,7 @@ from opd_ray.console import console
 from opd_ray.driver.placement import Placement, reserve
 from opd_ray.errors import RunStopped, Stuck
 from opd_ray.files import write_json
-from opd_ray.spec import ExperimentSpec, TimeoutsSpec
+from opd_ray.spec import ExperimentSpec, ModelSpec, ResourcesSpec, TimeoutsSpec
 
 SYNCING = "a rollout engine loading new weights (trainer.timeouts.sync_s)"
 
@@ -72,13 +72,24 @@ def start_roles(spec: ExperimentSpec) -> Roles:
         raise
 
 
+def engine_actor_options(spec: ExperimentSpec, resources: ResourcesSpec) -> dict:
+    """Resources, environment and restarts of a rollout worker or teacher replica."""
+    overlap = spec.trainer.max_staleness > 0 or spec.rollout.num_workers > 1 or spec.teacher.num_replicas > 1
+    env = actor_env(roles_overlap=overlap)
+    restartable = {"max_restarts": spec.trainer.max_actor_restarts, "max_task_retries": 0}
+    return {**resources.actor_options(), "runtime_env": {"env_vars": {**env["env_vars"], **ENGINE_ENV}}, **restartable}
+
+
+def start_teacher(spec: ExperimentSpec, model: ModelSpec, index: int, bundle: dict) -> ray.actor.ActorHandle:
+    """Teacher replica `index` in its placement-group bundle (`opd-ray probe` also starts other candidates here)."""
+    options = engine_actor_options(spec, spec.teacher.resources)
+    return ray.remote(TeacherScorer).options(**options, **bundle).remote(model, spec.teacher, spec.run.seed + index)
+
+
 def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     overlap = spec.trainer.max_staleness > 0 or spec.rollout.num_workers > 1 or spec.teacher.num_replicas > 1
     env = actor_env(roles_overlap=overlap)
-    engine_env = {"env_vars": {**env["env_vars"], **ENGINE_ENV}}
-    restartable = {"max_restarts": spec.trainer.max_actor_restarts, "max_task_retries": 0}
-    rollout_options = {**spec.rollout.resources.actor_options(), "runtime_env": engine_env, **restartable}
-    teacher_options = {**spec.teacher.resources.actor_options(), "runtime_env": engine_env, **restartable}
+    rollout_options = engine_actor_options(spec, spec.rollout.resources)
     algorithm = spec.algorithm
     student_top_k = (algorithm.top_k or spec.teacher.top_k) if algorithm.needs_student_topk else 0
     rollout_workers = [
@@ -94,9 +105,7 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
         for i, bundle in enumerate(placement.actor_options["rollout"])
     ]
     teachers = [
-        ray.remote(TeacherScorer)
-        .options(**teacher_options, **bundle)
-        .remote(spec.models.teacher, spec.teacher, spec.run.seed + i)
+        start_teacher(spec, spec.models.teacher, i, bundle)
         for i, bundle in enumerate(placement.actor_options["teacher"])
     ]
     sequences = spec.trainer.prompts_per_step * spec.rollout.samples_per_prompt

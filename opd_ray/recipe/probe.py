@@ -15,16 +15,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ray
+
 from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.data.order import PromptSampler
+from opd_ray.data.preflight import check_engine_fits_model, check_model_dir, check_same_vocabulary, load_tokenizer
 from opd_ray.data.prompts import PromptSet
 from opd_ray.driver.evaluation import evaluate
 from opd_ray.driver.pipeline import rollout_and_score
-from opd_ray.driver.roles import start_roles
+from opd_ray.driver.roles import start_roles, start_teacher
 from opd_ray.files import write_json
 from opd_ray.losses.step import combine_rank_metrics
 from opd_ray.recipe.startup import start
-from opd_ray.spec import ExperimentSpec, ProbeSpec
+from opd_ray.spec import ExperimentSpec, ModelSpec, ProbeSpec
 
 # (metric, what it means), in the order printed
 SIGNALS = (
@@ -82,43 +85,90 @@ def first(prompts: PromptSet, count: int) -> PromptSet:
     return PromptSet(prompts.prompt_ids[:count], prompts.answers[:count], prompts.source)
 
 
-def run_probe(spec: ExperimentSpec) -> dict:
-    """Starts the roles, samples and scores `probe.prompts` prompts, measures, writes probe.json."""
+def check_candidates(spec: ExperimentSpec, student_tokenizer, paths: list[str]) -> list[ModelSpec]:
+    """The spec's teacher and each other candidate, checked like the spec's teacher at pre-flight."""
+    candidates = [spec.models.teacher]
+    for i, path in enumerate(paths, start=1):
+        teacher = spec.models.teacher.model_copy(update={"path": path})
+        field = f"--teacher #{i}"
+        check_model_dir(teacher, field)
+        models = spec.models.model_copy(update={"teacher": teacher})
+        check_same_vocabulary(
+            spec.model_copy(update={"models": models}), student_tokenizer, load_tokenizer(teacher, field)
+        )
+        if spec.teacher.backend == "vllm":
+            check_engine_fits_model(teacher, spec.teacher.engine, "teacher.engine", field)
+        candidates.append(teacher)
+    return candidates
+
+
+def run_probe(spec: ExperimentSpec, other_teachers: list[str] = ()) -> dict:
+    """Starts the roles, samples and scores `probe.prompts` prompts, measures, writes probe.json. With
+    `other_teachers`, each of them scores the same student samples too (one replica at a time, in the
+    teacher's bundle), and `candidates` ranks them all by the paper's two conditions."""
     prepared = start(spec)
+    candidates = check_candidates(spec, prepared.tokenizer, list(other_teachers))
     started = time.perf_counter()  # the probe's own time, not start-up's (which may build tiny models)
-    k = spec.diagnostics.top_k
     roles = start_roles(spec)
     try:
         indices = PromptSampler(len(prepared.train), spec.run.seed).next(min(spec.probe.prompts, len(prepared.train)))
         refs = rollout_and_score(roles, prepared.train, indices, step=0, seed=spec.run.seed)
-        diagnosing = "learner ranks computing the diagnostics (trainer.timeouts.step_s)"
-        per_rank = get_or_raise_first(
-            roles.learners.call("diagnose", refs, spec.algorithm, k), spec.trainer.timeouts.step_s, diagnosing
-        )
-        metrics = combine_rank_metrics(per_rank)
-        teacher_accuracy = student_accuracy = None
+        eval_prompts = None
         if prepared.eval is not None and all(answer is not None for answer in prepared.eval.answers):
             eval_prompts = first(prepared.eval, spec.probe.eval_prompts)
-            max_tokens = spec.rollout.max_new_tokens
-            teacher_accuracy = evaluate(roles, "teacher", eval_prompts, prepared.verifier, max_tokens)
-            student_accuracy = evaluate(roles, "rollout", eval_prompts, prepared.verifier, max_tokens)
+        student_accuracy = accuracy(spec, roles, prepared, eval_prompts, "rollout")
+        results = [measure(spec, roles, prepared, refs, eval_prompts, student_accuracy)]
+        for i, teacher in enumerate(candidates[1:], start=1):
+            bundle = roles.placement.actor_options["teacher"][0]
+            for old in roles.teachers:
+                ray.kill(old, no_restart=True)  # frees the bundle for the next candidate
+            roles.teachers = [start_teacher(spec, teacher, i, bundle)]
+            rescored = [roles.teachers[0].score.remote(ref)[0] for ref in refs]
+            results.append(measure(spec, roles, prepared, rescored, eval_prompts, student_accuracy))
     finally:
         roles.shutdown()
+    for teacher, result in zip(candidates, results, strict=True):
+        result.update(teacher=teacher.path, wall_seconds=round(time.perf_counter() - started, 1))
+    result = dict(results[0])  # the spec's own teacher, as a probe of one teacher reports it
+    if len(results) > 1:
+        result["candidates"] = sorted(results, key=rank_key)
+    run_dir = Path(spec.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "probe.json", result)
+    return result
+
+
+def rank_key(result: dict) -> tuple:
+    """Likely to help first; then the higher overlap (thinks alike), then the larger accuracy gap."""
+    gap = (result["teacher_accuracy"] or 0.0) - (result["student_accuracy"] or 0.0)
+    return (not result["verdict"]["likely_to_help"], -(result["signals"]["diag/overlap_ratio"] or 0.0), -gap)
+
+
+def accuracy(spec: ExperimentSpec, roles, prepared, eval_prompts: PromptSet | None, kind: str) -> float | None:
+    if eval_prompts is None:
+        return None
+    return evaluate(roles, kind, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens)
+
+
+def measure(spec: ExperimentSpec, roles, prepared, refs: list, eval_prompts, student_accuracy) -> dict:
+    """Step 1's diagnostics of the scored samples `refs`, the current teacher's accuracy, and the verdict."""
+    k = spec.diagnostics.top_k
+    diagnosing = "learner ranks computing the diagnostics (trainer.timeouts.step_s)"
+    per_rank = get_or_raise_first(
+        roles.learners.call("diagnose", refs, spec.algorithm, k), spec.trainer.timeouts.step_s, diagnosing
+    )
+    metrics = combine_rank_metrics(per_rank)
+    teacher_accuracy = accuracy(spec, roles, prepared, eval_prompts, "teacher")
     verdict = judge(metrics["diag/overlap_ratio"], teacher_accuracy, student_accuracy, spec.probe, k)
-    result = {
+    return {
         "k": k,
-        "prompts": len(indices),
+        "prompts": metrics["sequences"],
         "response_tokens": metrics["response_tokens"],
         "signals": {name: metrics.get(name) for name, _ in SIGNALS},
         "teacher_accuracy": teacher_accuracy,
         "student_accuracy": student_accuracy,
         "verdict": asdict(verdict),
-        "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    run_dir = Path(spec.run.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "probe.json", result)
-    return result
 
 
 def print_probe(result: dict) -> None:
@@ -141,3 +191,34 @@ def print_probe(result: dict) -> None:
     console.print(f"[bold]{headline}[/] ({result['wall_seconds']} s)")
     for reason in verdict["reasons"]:
         console.print(f"  - {reason}")
+    if "candidates" in result:
+        print_ranking(result["candidates"], result["k"])
+
+
+def number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_ranking(candidates: list[dict], k: int) -> None:
+    """One row a candidate teacher, best first: the paper's two conditions side by side."""
+    from rich.table import Table
+
+    from opd_ray.console import console
+
+    table = Table(title=f"opd-ray probe: {len(candidates)} candidate teachers on the same student samples")
+    for column in ("rank", "teacher", f"overlap@{k}", "top-1", "shared mass s/t", "entropy gap", "teacher acc."):
+        table.add_column(column, overflow="fold")
+    table.add_column("verdict")
+    for rank, c in enumerate(candidates, start=1):
+        signals = c["signals"]
+        table.add_row(
+            str(rank),
+            c["teacher"],
+            number(signals["diag/overlap_ratio"]),
+            number(signals["diag/top1_agreement"]),
+            f"{number(signals['diag/overlap_mass_student'])} / {number(signals['diag/overlap_mass_teacher'])}",
+            number(signals["diag/entropy_gap"]),
+            number(c["teacher_accuracy"]),
+            "likely to help" if c["verdict"]["likely_to_help"] else "unlikely to help",
+        )
+    console.print(table)
