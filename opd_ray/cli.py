@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--force", action="store_true", help="with --resume: continue even if the spec defines another run"
             )
+        if name == "validate":
+            sub.add_argument(
+                "--no-files", action="store_true", help="check the spec only, not its models, tokenizers and data"
+            )
         if name == "probe":
             sub.add_argument(
                 "--teacher",
@@ -94,6 +98,23 @@ def _print_summary(summary: dict) -> None:
         console.print(conditions)
 
 
+def _check_files(spec) -> None:
+    """The pre-flight of `train` (model folders, tokenizers, vocabularies, data rows, the verifier), without
+    Ray; models the spec builds itself are checked once they exist."""
+    from opd_ray.data.preflight import prepare
+
+    builds = spec.models.build_tiny is not None or spec.models.import_pretrained is not None
+    if builds and not Path(spec.models.student.path).is_dir():
+        print("opd-ray: files not checked: the models are built by the first `opd-ray train`", file=sys.stderr)
+        return
+    prepared = prepare(spec)
+    evaluation = f", {len(prepared.eval)} eval prompts" if prepared.eval is not None else ""
+    print(
+        f"opd-ray: files ok: {len(prepared.train)} training prompts{evaluation}, {len(prepared.tokenizer)} tokens",
+        file=sys.stderr,
+    )
+
+
 def _build_tiny(spec, from_scratch: bool) -> int:
     from opd_ray.recipe.tiny_models import ensure_tiny_models
 
@@ -135,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec, args.overrides)
         if args.command == "validate":
             print(spec_to_yaml(spec), end="")
+            if not args.no_files:
+                _check_files(spec)
             return 0
         if args.command == "build-tiny":
             return _build_tiny(spec, args.from_scratch)

@@ -6,6 +6,7 @@ version that produced it, so the learner knows how stale a sample is.
 
 from __future__ import annotations
 
+import math
 import time
 
 import ray
@@ -50,6 +51,12 @@ class RolloutWorker:
         self.verifier = resolve_verifier(verifier, verifier_errors) if verifier else None
         self.policy_version = 0
 
+    def reward(self, completion: Completion, answer: str | None) -> float:
+        """1.0 correct, 0.0 wrong or cut off, NaN for a row without a reference answer (not counted)."""
+        if answer is None:
+            return math.nan
+        return float(completion.finished and self.verifier(completion.text, answer, completion.prompt_index))
+
     @ray.method(num_returns=2)
     def sample(
         self, prompts_P: dict[int, list[int]], seed: int, answers_P: dict[int, str | None] | None = None
@@ -67,15 +74,7 @@ class RolloutWorker:
         completions = self.complete(prompts_P, seed)
         batch = completions_to_batch(prompts_P, completions, self.policy_version, self.student_top_k)
         if answers_P is not None and self.verifier is not None:
-            scores = [
-                float(
-                    c.finished
-                    and answers_P[c.prompt_index] is not None
-                    and self.verifier(c.text, answers_P[c.prompt_index], c.prompt_index)
-                )
-                for c in completions
-            ]
-            batch.task_rewards_B = torch.tensor(scores)
+            batch.task_rewards_B = torch.tensor([self.reward(c, answers_P[c.prompt_index]) for c in completions])
         report = {
             "sequences": batch.num_sequences,
             "response_tokens": batch.num_response_tokens,

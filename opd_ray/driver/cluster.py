@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -11,11 +12,23 @@ from opd_ray.errors import UserError
 from opd_ray.spec import RaySpec
 
 
+def quiet_token_auth_notice() -> None:
+    """Ray prints that a local cluster has token authentication on at every start: that is the safe default,
+    not news. The warning that it is *off* is kept."""
+
+    class EnabledNotice(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith("Token authentication is enabled")
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(EnabledNotice())
+
+
 def connect(spec: RaySpec) -> None:
     """Joins the cluster named by `address` (or the one `ray job submit` runs us in), else starts a local one."""
     if ray.is_initialized():
         return
     warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+    quiet_token_auth_notice()
     kwargs: dict = {"log_to_driver": True, "logging_level": "WARNING"}
     if spec.address is None and "RAY_ADDRESS" not in os.environ:
         kwargs.update(

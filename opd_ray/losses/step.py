@@ -188,8 +188,9 @@ def batch_counts(share: RankShare) -> dict[str, Any]:
     }
     if share.tokens.keep_N is not None:
         counts["gate/kept_fraction"] = (float(share.tokens.keep_N.sum()), float(share.tokens.num_tokens))
-    if batch.task_rewards_B is not None:
-        counts["sample_reward"] = (float(batch.task_rewards_B.sum()), float(batch.num_sequences))
+    if batch.task_rewards_B is not None:  # NaN: a row without a reference answer, left out of the mean
+        answered_B = ~batch.task_rewards_B.isnan()
+        counts["sample_reward"] = (float(batch.task_rewards_B[answered_B].sum()), float(answered_B.sum()))
     return counts
 
 

@@ -107,7 +107,11 @@ def test_slurm_script_parses_and_submits_the_spec_it_is_given() -> None:
 @pytest.mark.parametrize("spec", REAL_MODEL_SPECS, ids=lambda p: p.name)
 def test_real_model_specs_pass_opd_ray_validate(spec: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "opd_ray.cli", "validate", str(spec)], capture_output=True, text=True, check=False
+        # --no-files: the models and data live on the cluster (/models, /data), not here
+        [sys.executable, "-m", "opd_ray.cli", "validate", "--no-files", str(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)

@@ -70,6 +70,25 @@ def test_topk_loss_over_the_whole_vocabulary_is_the_reverse_kl_of_the_full_logit
     assert metrics["response_tokens"] == batch.num_response_tokens == 2 + 3 + 4 + 5
     assert metrics["truncated_responses"] == 2
     assert metrics["sample_reward"] == (2.0, 4.0)
+    assert metrics["repetitive_share"] == (0.0, 4.0)  # responses of 2-5 tokens cannot repeat a 4-gram
+
+
+def test_the_sample_reward_averages_only_rows_with_a_reference_answer(student) -> None:
+    batch = scored_batch()
+    batch.task_rewards_B = torch.tensor([1.0, float("nan"), 0.0, float("nan")])  # rows 1 and 3 have no answer
+    _, metrics = step_loss(models(student), batch, AlgorithmSpec(objective="topk"), rank=0, world_size=1)
+    assert metrics["sample_reward"] == (1.0, 2.0)
+    assert combine_rank_metrics([metrics])["sample_reward"] == 0.5
+
+
+def test_a_looping_response_counts_as_repetitive(student) -> None:
+    loop = [5, 6, 7, 8] * 4 + [5]  # one 4-gram four times and more
+    batch = batch_from_rows(
+        [ResponseRow([3, 4], loop, 0, False, [-0.1] * len(loop)), ResponseRow([3], [9, 10], 1, True, [-0.1] * 2)]
+    )
+    batch.teacher_logprobs_BL = torch.zeros_like(batch.rollout_logprobs_BL)
+    _, metrics = step_loss(models(student), batch, AlgorithmSpec(objective="sampled_token"), rank=0, world_size=1)
+    assert metrics["repetitive_share"] == (1.0, 2.0)
 
 
 @pytest.mark.parametrize("objective", ["topk", "sampled_token", "sft"])
