@@ -14,7 +14,11 @@ def evaluate(roles: Roles, kind: str, prompts: PromptSet, verifier: GuardedVerif
     shards = split(list(range(len(prompts))), len(workers))
     args = [(prompts.subset(shard), max_new_tokens) for shard in shards]
     results = call_restarting(roles, kind, workers[: len(shards)], "greedy", args)
-    completions = [c for shard in results for c in shard]
+    return accuracy_of([c for shard in results for c in shard], prompts, verifier)
+
+
+def accuracy_of(completions: list, prompts: PromptSet, verifier: GuardedVerifier) -> float:
+    """Share of completions the verifier accepts; a response cut off by the length limit is wrong."""
     correct = sum(c.finished and verifier(c.text, prompts.answers[c.prompt_index], c.prompt_index) for c in completions)
     return correct / len(completions)
 

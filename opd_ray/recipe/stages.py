@@ -32,6 +32,7 @@ from opd_ray.console import console, step_progress
 from opd_ray.data.preflight import Prepared
 from opd_ray.data.repetition import most_repeated_ngram
 from opd_ray.data.verifiers import GuardedVerifier
+from opd_ray.driver.evaluation import accuracy_of, gap_recovery
 from opd_ray.driver.fingerprint import check_same_run, run_fingerprint
 from opd_ray.driver.loop import distill
 from opd_ray.driver.run_dir import claimed
@@ -103,6 +104,24 @@ def teacher_engine(spec: ExperimentSpec) -> ray.actor.ActorHandle:
     return RolloutWorker.options(**options).remote(spec.models.teacher, spec.teacher.engine, rollout, spec.run.seed)
 
 
+def original_student_accuracy(spec: ExperimentSpec, prepared: Prepared) -> float | None:
+    """Greedy accuracy of the student before the cold start changes it (the OPD stage starts from the
+    fine-tuned one, so nothing else measures it); None without eval prompts."""
+    if prepared.eval is None:
+        return None
+    options = {
+        **spec.rollout.resources.actor_options(),
+        "runtime_env": {"env_vars": {**actor_env()["env_vars"], **ENGINE_ENV}},
+    }
+    worker = RolloutWorker.options(**options).remote(spec.models.student, spec.rollout.engine, spec.rollout, 0)
+    try:
+        ref = worker.greedy.remote(prepared.eval.subset(list(range(len(prepared.eval)))), spec.rollout.max_new_tokens)
+        (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, "the original student's evaluation")
+    finally:
+        ray.kill(worker)
+    return accuracy_of(completions, prepared.eval, prepared.verifier)
+
+
 def write_teacher_answers(
     spec: ExperimentSpec, prepared: Prepared, engine: ray.actor.ActorHandle, rows: list[int], out: TextIO
 ) -> Counter:
@@ -145,6 +164,7 @@ def teacher_generate(spec: ExperimentSpec, prepared: Prepared) -> dict:
     finally:
         ray.kill(engine)
     record = {"rows": rows, "generated": kept + sum(counts.values()), "kept": kept, "dropped": dict(counts)}
+    record["student_accuracy_before_cold_start"] = original_student_accuracy(spec, prepared)
     console.print(f"teacher_generate: kept {kept} of {record['generated']} answers; dropped {dict(counts) or 'none'}")
     mark_done(spec, "teacher_generate", record)
     return record
@@ -202,7 +222,17 @@ def run_stages(spec: ExperimentSpec, resume: bool = False, overwrite: bool = Fal
             stage: {k: v for k, v in record.items() if k not in ("rows", "fingerprint")}
             for stage, record in records.items()
         }
+        summarise_from_original_student(summary, records)
     return summary
+
+
+def summarise_from_original_student(summary: dict, records: dict[str, dict]) -> None:
+    """The student's accuracy before the cold start, and the gap the whole recipe closed from there."""
+    original = records.get("teacher_generate", {}).get("student_accuracy_before_cold_start")
+    summary["student_accuracy_before_cold_start"] = original
+    after, teacher = summary.get("student_accuracy_after"), summary.get("teacher_accuracy")
+    if None not in (original, after, teacher):
+        summary["gap_recovery_from_original_student"] = gap_recovery(original, after, teacher)
 
 
 def run_cold_start(spec: ExperimentSpec, prepared: Prepared, force: bool = False) -> dict[str, dict]:

@@ -41,6 +41,12 @@ def test_cold_start_then_opd_in_one_spec_and_finished_stages_are_skipped(
     assert (sft_student / "config.json").is_file() and any(sft_student.glob("*.safetensors"))
     assert summary["cold_start"]["sft"]["examples"] == len(rows)
     assert summary["cold_start"]["teacher_generate"]["kept"] == len(rows)
+    # the original student's accuracy, measured before the cold start replaced it (random models: low)
+    original = summary["student_accuracy_before_cold_start"]
+    assert (
+        0.0 <= original <= 1.0
+        and summary["cold_start"]["teacher_generate"]["student_accuracy_before_cold_start"] == original
+    )
     run_spec = (tmp_path / "run" / "spec.yaml").read_text()
     assert str(sft_student) in run_spec  # OPD started from the cold-started student
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
