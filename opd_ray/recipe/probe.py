@@ -213,7 +213,7 @@ def print_ranking(candidates: list[dict], k: int) -> None:
         signals = c["signals"]
         table.add_row(
             str(rank),
-            c["teacher"],
+            "/".join(Path(c["teacher"]).parts[-2:]),  # probe.json has the whole path
             number(signals["diag/overlap_ratio"]),
             number(signals["diag/top1_agreement"]),
             f"{number(signals['diag/overlap_mass_student'])} / {number(signals['diag/overlap_mass_teacher'])}",
