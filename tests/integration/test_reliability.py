@@ -128,7 +128,9 @@ def test_sigterm_checkpoints_the_step_then_resume_matches_the_run_it_continues(
 
     reference_dir, stopped_dir = run_with_actor_faults["run_dir"], tmp_path / "stopped"
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(resumable_spec(tiny_dir, stopped_dir)))
+    joined = resumable_spec(tiny_dir, stopped_dir)
+    joined["ray"] = {"address": ray.get_runtime_context().gcs_address}  # the tests' Ray, as a job's driver joins one
+    spec_path.write_text(yaml.safe_dump(joined))
     command = [sys.executable, "-m", "opd_ray.cli", "train", str(spec_path)]
     run = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
