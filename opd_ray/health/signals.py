@@ -20,6 +20,10 @@ def mean_of(key: str, rows: list[Row]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def difference(now: float | None, start: float | None) -> float | None:
+    return now - start if now is not None and start is not None else None
+
+
 def ratio(now: float | None, start: float | None) -> float | None:
     return now / start if now is not None and start is not None and abs(start) > 1e-12 else None
 
@@ -35,6 +39,7 @@ class Signals:
     entropy_vs_start: float | None  # student entropy now / at the start
     overlap_start: float | None  # overlap@k over the first window: the paper's proxy for compatible thinking
     overlap_rise: float | None  # overlap@k now - at the start
+    advantage_rise: float | None  # overlap-token advantage now - at the start (> 0: towards 0, as in success)
     entropy_gap_change: float | None  # (gap now - gap at the start) / gap at the start; < 0 = narrowing
     teacher_vs_uniform: float | None  # mean teacher log-prob / -ln|V|: 1 = a uniform teacher (a confident
     # teacher that disagrees with the student's samples sits far beyond 1, a helpful one below)
@@ -75,7 +80,8 @@ def compute_signals(rows: list[Row], window: int, vocab_size: int | None) -> Sig
         repetitive_share_start=mean_of("repetitive_share", start),
         entropy_vs_start=ratio(mean_of("diag/student_entropy", now), mean_of("diag/student_entropy", start)),
         overlap_start=overlap_start,
-        overlap_rise=overlap_now - overlap_start if overlap_now is not None and overlap_start is not None else None,
+        overlap_rise=difference(overlap_now, overlap_start),
+        advantage_rise=difference(mean_of("diag/overlap_advantage", now), mean_of("diag/overlap_advantage", start)),
         entropy_gap_change=ratio(gap_now - gap_start, gap_start) if gap_now is not None and gap_start else None,
         teacher_vs_uniform=-teacher_now / uniform if teacher_now is not None and uniform else None,
         teacher_logprob_std=teacher_spread(last),

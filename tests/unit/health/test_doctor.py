@@ -18,6 +18,7 @@ HEALTHY: dict[str, Callable[[int], float]] = {  # a run that learns: what every 
     "diag/student_entropy": lambda t: 2.0 - t / 200,
     "diag/overlap_ratio": lambda t: 0.6 + t / 500,
     "diag/entropy_gap": lambda t: 0.8 - t / 250,
+    "diag/overlap_advantage": lambda t: -1.0 + t / 400,
     "teacher_logprob": lambda t: -1.0,
     "teacher_logprob_sq": lambda t: 1.5,  # a spread of 0.7 nats
     "sampled_reverse_kl": lambda t: 1.0 - t / 300,
@@ -100,7 +101,7 @@ def test_the_doctor_adds_signals_stops_on_request_and_summarises() -> None:
     stopped_at = None
     for row in stream(60, repetitive_share=lambda t: 0.0 if t <= 30 else 0.9):
         new = doctor.observe(row["step"], row)
-        assert "health/repetitive_share" in row
+        assert "health/repetitive_share" in row and "health/advantage_rise" in row
         if doctor.must_stop(new):
             stopped_at = row["step"]
             break
