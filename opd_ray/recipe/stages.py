@@ -104,9 +104,10 @@ def teacher_engine(spec: ExperimentSpec) -> ray.actor.ActorHandle:
     return RolloutWorker.options(**options).remote(spec.models.teacher, spec.teacher.engine, rollout, spec.run.seed)
 
 
-def original_student_accuracy(spec: ExperimentSpec, prepared: Prepared) -> float | None:
-    """Greedy accuracy of the student before the cold start changes it (the OPD stage starts from the
-    fine-tuned one, so nothing else measures it); None without eval prompts."""
+def evaluate_original_student(spec: ExperimentSpec, prepared: Prepared) -> tuple | None:
+    """Starts the greedy evaluation of the student before the cold start changes it (the OPD stage starts
+    from the fine-tuned one, so nothing else measures it) beside the teacher's generation; None without eval
+    prompts. `original_student_accuracy` collects it."""
     if prepared.eval is None:
         return None
     options = {
@@ -114,8 +115,15 @@ def original_student_accuracy(spec: ExperimentSpec, prepared: Prepared) -> float
         "runtime_env": {"env_vars": {**actor_env()["env_vars"], **ENGINE_ENV}},
     }
     worker = RolloutWorker.options(**options).remote(spec.models.student, spec.rollout.engine, spec.rollout, 0)
+    prompts = prepared.eval.subset(list(range(len(prepared.eval))))
+    return worker, worker.greedy.remote(prompts, spec.rollout.max_new_tokens)
+
+
+def original_student_accuracy(spec: ExperimentSpec, prepared: Prepared, started: tuple | None) -> float | None:
+    if started is None:
+        return None
+    worker, ref = started
     try:
-        ref = worker.greedy.remote(prepared.eval.subset(list(range(len(prepared.eval)))), spec.rollout.max_new_tokens)
         (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, "the original student's evaluation")
     finally:
         ray.kill(worker)
@@ -152,6 +160,7 @@ def write_teacher_answers(
 def teacher_generate(spec: ExperimentSpec, prepared: Prepared) -> dict:
     rows = cold_start_rows(spec, len(prepared.train))
     engine = teacher_engine(spec)
+    original = evaluate_original_student(spec, prepared)
     try:
         with written_aside(stage_dir(spec, "teacher_generate") / "data.jsonl") as partial, partial.open("w") as out:
             counts = write_teacher_answers(spec, prepared, engine, rows, out)
@@ -163,8 +172,9 @@ def teacher_generate(spec: ExperimentSpec, prepared: Prepared) -> dict:
                 )
     finally:
         ray.kill(engine)
+        student_accuracy = original_student_accuracy(spec, prepared, original)
     record = {"rows": rows, "generated": kept + sum(counts.values()), "kept": kept, "dropped": dict(counts)}
-    record["student_accuracy_before_cold_start"] = original_student_accuracy(spec, prepared)
+    record["student_accuracy_before_cold_start"] = student_accuracy
     console.print(f"teacher_generate: kept {kept} of {record['generated']} answers; dropped {dict(counts) or 'none'}")
     mark_done(spec, "teacher_generate", record)
     return record
