@@ -58,6 +58,7 @@ def test_the_math_imports_without_ray_vllm_or_deepspeed() -> None:
     probe = (
         "import sys\n"
         "import opd_ray.spec, opd_ray.losses.step, opd_ray.losses.advantages, opd_ray.data.order\n"
+        "import opd_ray.health.doctor\n"
         "print(sorted(m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
