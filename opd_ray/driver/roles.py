@@ -72,10 +72,15 @@ def start_roles(spec: ExperimentSpec) -> Roles:
         raise
 
 
+def roles_env(spec: ExperimentSpec) -> dict:
+    """Every role's actor environment; OpenMP waits passively when several actors compute at once."""
+    overlap = spec.trainer.max_staleness > 0 or spec.rollout.num_workers > 1 or spec.teacher.num_replicas > 1
+    return actor_env(roles_overlap=overlap)
+
+
 def engine_actor_options(spec: ExperimentSpec, resources: ResourcesSpec) -> dict:
     """Resources, environment and restarts of a rollout worker or teacher replica."""
-    overlap = spec.trainer.max_staleness > 0 or spec.rollout.num_workers > 1 or spec.teacher.num_replicas > 1
-    env = actor_env(roles_overlap=overlap)
+    env = roles_env(spec)
     restartable = {"max_restarts": spec.trainer.max_actor_restarts, "max_task_retries": 0}
     return {**resources.actor_options(), "runtime_env": {"env_vars": {**env["env_vars"], **ENGINE_ENV}}, **restartable}
 
@@ -87,8 +92,6 @@ def start_teacher(spec: ExperimentSpec, model: ModelSpec, index: int, bundle: di
 
 
 def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
-    overlap = spec.trainer.max_staleness > 0 or spec.rollout.num_workers > 1 or spec.teacher.num_replicas > 1
-    env = actor_env(roles_overlap=overlap)
     rollout_options = engine_actor_options(spec, spec.rollout.resources)
     algorithm = spec.algorithm
     student_top_k = (algorithm.top_k or spec.teacher.top_k) if algorithm.needs_student_topk else 0
@@ -116,7 +119,7 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
         spec.learner,
         sequences // spec.learner.num_ranks,
         spec.trainer.steps,
-        env,
+        roles_env(spec),
         learner_teacher,
         placement.actor_options["learner"],
         timeouts.start_s,

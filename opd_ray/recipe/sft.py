@@ -35,9 +35,8 @@ def train_sft(
     """`steps` optimizer steps of `batch_size` rows drawn from `examples`; returns the loss at the end of
     every chunk of `SFT_CHUNK` steps (the last one last)."""
     timeouts = timeouts or TimeoutsSpec()
-    group = LearnerGroup(
-        init, learner, batch_size // learner.num_ranks, steps, actor_env(), None, None, timeouts.start_s
-    )
+    micro_batch = batch_size // learner.num_ranks
+    group = LearnerGroup(init, learner, micro_batch, steps, actor_env(), start_timeout_s=timeouts.start_s)
     examples_ref = ray.put(examples)
     chunk_losses: list[float] = []
     try:

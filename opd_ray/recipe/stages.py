@@ -30,7 +30,7 @@ from opd_ray.actors.runtime import actor_env, get_or_raise_first
 from opd_ray.actors.vllm_engine import ENGINE_ENV, Completion
 from opd_ray.console import console, step_progress
 from opd_ray.data.preflight import Prepared
-from opd_ray.data.repetition import most_repeated_ngram
+from opd_ray.data.repetition import is_repetitive
 from opd_ray.data.verifiers import GuardedVerifier
 from opd_ray.driver.evaluation import accuracy_of, gap_recovery
 from opd_ray.driver.fingerprint import check_same_run, run_fingerprint
@@ -40,7 +40,7 @@ from opd_ray.errors import UserError
 from opd_ray.files import write_json, written_aside
 from opd_ray.recipe.sft import train_sft
 from opd_ray.recipe.startup import start
-from opd_ray.spec import ExperimentSpec, TeacherGenerationSpec
+from opd_ray.spec import ExperimentSpec, ResourcesSpec, TeacherGenerationSpec
 
 GENERATION_CHUNK = 256  # prompts per generate call: progress and bounded memory
 GENERATING = "the teacher generating a chunk of answers (trainer.timeouts.step_s)"
@@ -71,7 +71,7 @@ def drop_reason(
     """Why a teacher answer is left out of the SFT data, or None to keep it (checked in this order)."""
     if settings.drop_truncated and not completion.finished:
         return "truncated"
-    if most_repeated_ngram(completion.token_ids, settings.repeat_ngram) > settings.max_ngram_repeats:
+    if is_repetitive(completion.token_ids, settings.repeat_ngram, settings.max_ngram_repeats):
         return "repetitive"
     if settings.require_correct and not (
         answer is not None and verifier(completion.text, answer, completion.prompt_index)
@@ -97,11 +97,13 @@ def teacher_engine(spec: ExperimentSpec) -> ray.actor.ActorHandle:
             "max_new_tokens": settings.max_new_tokens or spec.rollout.max_new_tokens,
         }
     )
-    options = {
-        **spec.teacher.resources.actor_options(),
-        "runtime_env": {"env_vars": {**actor_env()["env_vars"], **ENGINE_ENV}},
-    }
+    options = stage_engine_options(spec.teacher.resources)
     return RolloutWorker.options(**options).remote(spec.models.teacher, spec.teacher.engine, rollout, spec.run.seed)
+
+
+def stage_engine_options(resources: ResourcesSpec) -> dict:
+    """A cold-start stage's one-off engine: the role's resources and the engines' environment, no restarts."""
+    return {**resources.actor_options(), "runtime_env": {"env_vars": {**actor_env()["env_vars"], **ENGINE_ENV}}}
 
 
 def evaluate_original_student(spec: ExperimentSpec, prepared: Prepared) -> tuple | None:
@@ -110,10 +112,7 @@ def evaluate_original_student(spec: ExperimentSpec, prepared: Prepared) -> tuple
     prompts. `original_student_accuracy` collects it."""
     if prepared.eval is None:
         return None
-    options = {
-        **spec.rollout.resources.actor_options(),
-        "runtime_env": {"env_vars": {**actor_env()["env_vars"], **ENGINE_ENV}},
-    }
+    options = stage_engine_options(spec.rollout.resources)
     worker = RolloutWorker.options(**options).remote(spec.models.student, spec.rollout.engine, spec.rollout, 0)
     prompts = prepared.eval.subset(list(range(len(prepared.eval))))
     return worker, worker.greedy.remote(prompts, spec.rollout.max_new_tokens)
