@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from opd_ray.driver.metrics import read_metrics, window_mean
+from opd_ray.driver.metrics import read_metrics
 from opd_ray.errors import UserError
 from opd_ray.health.doctor import Doctor
+from opd_ray.health.signals import window_mean
 from opd_ray.spec import HealthSpec
 
 DIAGNOSTICS = (

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from opd_ray.files import write_text_durably
+from opd_ray.health.signals import window_mean
 
 
 @contextmanager
@@ -99,9 +100,3 @@ def training_trend(metrics_path: Path, window: int = 5) -> dict[str, list[float]
         if first is not None and last is not None:
             trend[key] = [round(first, 4), round(last, 4)]
     return trend
-
-
-def window_mean(key: str, rows: list[dict]) -> float | None:
-    """Mean of `key` over the rows that logged it as a number; None if none did."""
-    values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
-    return sum(values) / len(values) if values else None

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 Row = dict  # one step's metrics, as metrics.jsonl holds them
 
 
-def mean_of(key: str, rows: list[Row]) -> float | None:
-    """Mean of `key` over the rows that logged it as a finite number; None if none did."""
+def window_mean(key: str, rows: list[Row]) -> float | None:
+    """Mean of `key` over the rows that logged it as a finite number; None if none did (the doctor's windows,
+    a summary's first-vs-last trend, `opd-ray report`)."""
     values = [row[key] for row in rows if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
     return sum(values) / len(values) if values else None
 
@@ -66,27 +67,29 @@ def teacher_spread(row: Row) -> float | None:
 def compute_signals(rows: list[Row], window: int, vocab_size: int | None) -> Signals:
     """The signals after the last of `rows` (the student-sample steps so far, oldest first)."""
     start, now, last = rows[:window], rows[-window:], rows[-1]
-    gap_now, gap_start = mean_of("diag/entropy_gap", now), mean_of("diag/entropy_gap", start)
-    overlap_now, overlap_start = mean_of("diag/overlap_ratio", now), mean_of("diag/overlap_ratio", start)
+    gap_now, gap_start = window_mean("diag/entropy_gap", now), window_mean("diag/entropy_gap", start)
+    overlap_now, overlap_start = window_mean("diag/overlap_ratio", now), window_mean("diag/overlap_ratio", start)
     uniform = math.log(vocab_size) if vocab_size and vocab_size > 1 else None
-    teacher_now = mean_of("teacher_logprob", now)
+    teacher_now = window_mean("teacher_logprob", now)
     previous_norms = [r["grad_norm"] for r in rows[-window - 1 : -1] if isinstance(r.get("grad_norm"), (int, float))]
     norm = last.get("grad_norm")
-    reward_now, reward_start = mean_of("sample_reward", now), mean_of("sample_reward", start)
+    reward_now, reward_start = window_mean("sample_reward", now), window_mean("sample_reward", start)
     return Signals(
         steps=len(rows),
-        cut_off_share=mean_of("cut_off_share", now),
-        repetitive_share=mean_of("repetitive_share", now),
-        repetitive_share_start=mean_of("repetitive_share", start),
-        entropy_vs_start=ratio(mean_of("diag/student_entropy", now), mean_of("diag/student_entropy", start)),
+        cut_off_share=window_mean("cut_off_share", now),
+        repetitive_share=window_mean("repetitive_share", now),
+        repetitive_share_start=window_mean("repetitive_share", start),
+        entropy_vs_start=ratio(window_mean("diag/student_entropy", now), window_mean("diag/student_entropy", start)),
         overlap_start=overlap_start,
         overlap_rise=difference(overlap_now, overlap_start),
-        advantage_rise=difference(mean_of("diag/overlap_advantage", now), mean_of("diag/overlap_advantage", start)),
+        advantage_rise=difference(
+            window_mean("diag/overlap_advantage", now), window_mean("diag/overlap_advantage", start)
+        ),
         entropy_gap_change=ratio(gap_now - gap_start, gap_start) if gap_now is not None and gap_start else None,
         teacher_vs_uniform=-teacher_now / uniform if teacher_now is not None and uniform else None,
         teacher_logprob_std=teacher_spread(last),
         teacher_std_vs_uniform=teacher_spread(last) / uniform if uniform and teacher_spread(last) is not None else None,
-        kl_vs_start=ratio(mean_of("sampled_reverse_kl", now), mean_of("sampled_reverse_kl", start)),
+        kl_vs_start=ratio(window_mean("sampled_reverse_kl", now), window_mean("sampled_reverse_kl", start)),
         reward_drop=reward_start - reward_now if reward_start is not None and reward_now is not None else None,
         grad_norm_vs_median=ratio(norm, statistics.median(previous_norms))
         if isinstance(norm, (int, float)) and len(previous_norms) >= 3
