@@ -81,31 +81,43 @@ def check_engine_fits_model(model: ModelSpec, engine: EngineSpec, field: str, mo
         )
 
 
-def check_same_vocabulary(spec: ExperimentSpec, student_tokenizer, teacher_tokenizer) -> None:
+def check_same_vocabulary(
+    student: ModelSpec, teacher: ModelSpec, student_tokenizer, teacher_tokenizer, teacher_field: str
+) -> None:
     """Per-token distillation compares distributions over the same token ids."""
     student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     if student_vocab != teacher_vocab:
         only_student = len(set(student_vocab.items()) - set(teacher_vocab.items()))
         only_teacher = len(set(teacher_vocab.items()) - set(student_vocab.items()))
         raise UserError(
-            "models: student and teacher tokenizers differ "
+            f"{teacher_field}: student and teacher tokenizers differ "
             f"({len(student_vocab)} vs {len(teacher_vocab)} tokens; {only_student} ids only in the student's, "
             f"{only_teacher} only in the teacher's): token-level distillation needs one vocabulary"
         )
-    student_rows = vocab_size(spec.models.student, "models.student")
-    teacher_rows = vocab_size(spec.models.teacher, "models.teacher")
+    student_rows = vocab_size(student, "models.student")
+    teacher_rows = vocab_size(teacher, teacher_field)
     if student_rows != teacher_rows:
         raise UserError(
-            f"models: student vocab_size {student_rows} != teacher vocab_size {teacher_rows} in config.json"
+            f"{teacher_field}: student vocab_size {student_rows} != teacher vocab_size {teacher_rows} in config.json"
         )
+
+
+def check_teacher(spec: ExperimentSpec, teacher: ModelSpec, field: str, student_tokenizer):
+    """A teacher as pre-flight checks it (the spec's, or a candidate of `opd-ray probe --teacher`): its folder,
+    its vocabulary against the student's, and, when an engine loads it, the engine's context and KV cache.
+    Returns its tokenizer."""
+    check_model_dir(teacher, field)
+    teacher_tokenizer = load_tokenizer(teacher, field)
+    check_same_vocabulary(spec.models.student, teacher, student_tokenizer, teacher_tokenizer, field)
+    if spec.teacher.backend == "vllm" or "teacher_generate" in spec.stages:
+        check_engine_fits_model(teacher, spec.teacher.engine, "teacher.engine", field)
+    return teacher_tokenizer
 
 
 def prepare(spec: ExperimentSpec) -> Prepared:
     check_model_dir(spec.models.student, "models.student")
-    check_model_dir(spec.models.teacher, "models.teacher")
     student_tokenizer = load_tokenizer(spec.models.student, "models.student")
-    teacher_tokenizer = load_tokenizer(spec.models.teacher, "models.teacher")
-    check_same_vocabulary(spec, student_tokenizer, teacher_tokenizer)
+    teacher_tokenizer = check_teacher(spec, spec.models.teacher, "models.teacher", student_tokenizer)
     verifier = resolve_verifier(spec.data.verifier, spec.data.verifier_errors)
     # The vocabularies match (checked above), so the teacher's template tokenized by the teacher
     # gives ids the student reads the same way.
@@ -145,8 +157,6 @@ def prepare(spec: ExperimentSpec) -> Prepared:
     if evaluation is not None and any(a is None for a in evaluation.answers):
         raise UserError(f"data.eval: every row of {spec.data.eval.path} needs a reference answer for the verifier")
     check_engine_fits_model(spec.models.student, spec.rollout.engine, "rollout.engine", "models.student")
-    if spec.teacher.backend == "vllm" or "teacher_generate" in spec.stages:
-        check_engine_fits_model(spec.models.teacher, spec.teacher.engine, "teacher.engine", "models.teacher")
     check_prompts_fit(spec, train, "data.train")
     if evaluation is not None:
         check_prompts_fit(spec, evaluation, "data.eval")

@@ -19,7 +19,7 @@ import ray
 
 from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.data.order import PromptSampler
-from opd_ray.data.preflight import check_engine_fits_model, check_model_dir, check_same_vocabulary, load_tokenizer
+from opd_ray.data.preflight import check_teacher
 from opd_ray.data.prompts import PromptSet
 from opd_ray.driver.evaluation import evaluate
 from opd_ray.driver.pipeline import rollout_and_score
@@ -90,14 +90,7 @@ def check_candidates(spec: ExperimentSpec, student_tokenizer, paths: list[str]) 
     candidates = [spec.models.teacher]
     for i, path in enumerate(paths, start=1):
         teacher = spec.models.teacher.model_copy(update={"path": path})
-        field = f"--teacher #{i}"
-        check_model_dir(teacher, field)
-        models = spec.models.model_copy(update={"teacher": teacher})
-        check_same_vocabulary(
-            spec.model_copy(update={"models": models}), student_tokenizer, load_tokenizer(teacher, field)
-        )
-        if spec.teacher.backend == "vllm":
-            check_engine_fits_model(teacher, spec.teacher.engine, "teacher.engine", field)
+        check_teacher(spec, teacher, f"--teacher #{i}", student_tokenizer)
         candidates.append(teacher)
     return candidates
 
