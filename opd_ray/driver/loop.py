@@ -210,12 +210,16 @@ def finish_run(run: Run, started: float) -> dict:
         refs = run.roles.learners.call("save_pretrained", str(final_dir), spec.models.student.path)
         get_or_raise_first(refs, spec.trainer.timeouts.checkpoint_s, saving)
         summary["student_path"] = str(final_dir)
-    summary["steps"] = spec.trainer.steps
-    summary["first_vs_last_steps"] = training_trend(run.writer.path)
-    summary["health"] = run.doctor.summary()
-    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
-    write_json(run.run_dir / "summary.json", summary)
-    return summary
+    return write_summary(run, spec.trainer.steps, wall_seconds=round(time.perf_counter() - started, 1))
+
+
+def write_summary(run: Run, steps: int, **extra: float) -> dict:
+    """summary.json after `steps` steps (a finished run's, or one stop_on ended): what the run measured, its
+    first-vs-last trend and its health."""
+    trend = training_trend(run.writer.path)
+    run.summary.update(steps=steps, first_vs_last_steps=trend, health=run.doctor.summary(), **extra)
+    write_json(run.run_dir / "summary.json", run.summary)
+    return run.summary
 
 
 def accuracy(run: Run, kind: str) -> float | None:
@@ -317,8 +321,7 @@ def stop_if_unhealthy(run: Run, step: int, diagnoses: list[Diagnosis]) -> None:
     diagnosis = run.doctor.must_stop(diagnoses)
     if diagnosis is None:
         return
-    run.summary.update(steps=step, health=run.doctor.summary(), first_vs_last_steps=training_trend(run.writer.path))
-    write_json(run.run_dir / "summary.json", run.summary)
+    write_summary(run, step)
     last = latest_checkpoint(run.run_dir)
     raise RunStopped(f"stopped at step {step} by trainer.stop_on: {diagnosis.line()} Last checkpoint: {last or 'none'}")
 
