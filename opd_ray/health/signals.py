@@ -70,7 +70,7 @@ def compute_signals(rows: list[Row], window: int, vocab_size: int | None) -> Sig
     gap_now, gap_start = window_mean("diag/entropy_gap", now), window_mean("diag/entropy_gap", start)
     overlap_now, overlap_start = window_mean("diag/overlap_ratio", now), window_mean("diag/overlap_ratio", start)
     uniform = math.log(vocab_size) if vocab_size and vocab_size > 1 else None
-    teacher_now = window_mean("teacher_logprob", now)
+    teacher_now, spread = window_mean("teacher_logprob", now), teacher_spread(last)
     previous_norms = [r["grad_norm"] for r in rows[-window - 1 : -1] if isinstance(r.get("grad_norm"), (int, float))]
     norm = last.get("grad_norm")
     reward_now, reward_start = window_mean("sample_reward", now), window_mean("sample_reward", start)
@@ -87,8 +87,8 @@ def compute_signals(rows: list[Row], window: int, vocab_size: int | None) -> Sig
         ),
         entropy_gap_change=ratio(gap_now - gap_start, gap_start) if gap_now is not None and gap_start else None,
         teacher_vs_uniform=-teacher_now / uniform if teacher_now is not None and uniform else None,
-        teacher_logprob_std=teacher_spread(last),
-        teacher_std_vs_uniform=teacher_spread(last) / uniform if uniform and teacher_spread(last) is not None else None,
+        teacher_logprob_std=spread,
+        teacher_std_vs_uniform=spread / uniform if uniform and spread is not None else None,
         kl_vs_start=ratio(window_mean("sampled_reverse_kl", now), window_mean("sampled_reverse_kl", start)),
         reward_drop=reward_start - reward_now if reward_start is not None and reward_now is not None else None,
         grad_norm_vs_median=ratio(norm, statistics.median(previous_norms))
