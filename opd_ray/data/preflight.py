@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from opd_ray.console import console
 from opd_ray.data.prompts import PromptSet, load_prompts, load_selected_prompts
+from opd_ray.data.routing import routing_for
 from opd_ray.data.verifiers import GuardedVerifier, check_verifier, resolve_verifier
 from opd_ray.errors import UserError
 from opd_ray.spec import EngineSpec, ExperimentSpec, ModelSpec
@@ -102,39 +104,65 @@ def check_same_vocabulary(
         )
 
 
-def check_teacher(spec: ExperimentSpec, teacher: ModelSpec, field: str, student_tokenizer):
-    """A teacher as pre-flight checks it (the spec's, or a candidate of `opd-ray probe --teacher`): its folder,
-    its vocabulary against the student's, and, when an engine loads it, the engine's context and KV cache.
-    Returns its tokenizer."""
+def check_teacher(spec: ExperimentSpec, teacher: ModelSpec, field: str, student_tokenizer, settings=None):
+    """A teacher as pre-flight checks it (one of the spec's, or a candidate of `opd-ray probe --teacher`): its
+    folder, its vocabulary against the student's, and, when an engine loads it, the engine's context and KV
+    cache. `settings` is its NamedTeacherSpec (default: the spec's first teacher). Returns its tokenizer."""
+    settings = settings or next(iter(spec.teacher_specs().values()))
     check_model_dir(teacher, field)
     teacher_tokenizer = load_tokenizer(teacher, field)
     check_same_vocabulary(spec.models.student, teacher, student_tokenizer, teacher_tokenizer, field)
-    if spec.teacher.backend == "vllm" or "teacher_generate" in spec.stages:
-        check_engine_fits_model(teacher, spec.teacher.engine, "teacher.engine", field)
+    if settings.backend == "vllm" or "teacher_generate" in spec.stages:
+        engine_field = f"{field.rsplit('.', 1)[0]}.engine" if spec.named_teachers else "teacher.engine"
+        check_engine_fits_model(teacher, settings.engine, engine_field, field)
     return teacher_tokenizer
+
+
+def check_teachers(spec: ExperimentSpec, student_tokenizer) -> dict:
+    """Every teacher of the spec, each against the student's vocabulary; name -> tokenizer. A `self` teacher
+    is the student's own model, so only its engine is checked."""
+    tokenizers = {}
+    for name, settings in spec.teacher_specs().items():
+        model = spec.teacher_model(name)
+        field = f"teachers.{name}.model" if spec.named_teachers else "models.teacher"
+        if settings.is_self:
+            if settings.backend == "vllm":
+                check_engine_fits_model(model, settings.engine, f"teachers.{name}.engine", "models.student")
+            tokenizers[name] = student_tokenizer
+        else:
+            tokenizers[name] = check_teacher(spec, model, field, student_tokenizer, settings)
+    return tokenizers
 
 
 def prepare(spec: ExperimentSpec) -> Prepared:
     check_model_dir(spec.models.student, "models.student")
     student_tokenizer = load_tokenizer(spec.models.student, "models.student")
-    teacher_tokenizer = check_teacher(spec, spec.models.teacher, "models.teacher", student_tokenizer)
+    teacher_tokenizers = check_teachers(spec, student_tokenizer)
     verifier = resolve_verifier(spec.data.verifier, spec.data.verifier_errors)
     # The vocabularies match (checked above), so the teacher's template tokenized by the teacher
     # gives ids the student reads the same way.
-    template_tokenizer = teacher_tokenizer if spec.data.template_source == "teacher" else student_tokenizer
+    first_teacher = next(iter(teacher_tokenizers.values()))
+    template_tokenizer = first_teacher if spec.data.template_source == "teacher" else student_tokenizer
     if spec.data.use_chat_template and not getattr(template_tokenizer, "chat_template", None):
-        owner = spec.data.template_source
-        path = getattr(spec.models, owner).path
+        first_name = next(iter(teacher_tokenizers))
+        owner, path = ("models.student", spec.models.student.path)
+        if spec.data.template_source == "teacher":
+            owner = f"teachers.{first_name}.model" if spec.named_teachers else "models.teacher"
+            path = spec.teacher_model(first_name).path
         raise UserError(
-            f"data.use_chat_template: the tokenizer of models.{owner} ({path}) has no chat template; set "
+            f"data.use_chat_template: the tokenizer of {owner} ({path}) has no chat template; set "
             "data.template_source to the model that has one, or use data.prompt_template"
         )
+    routing = routing_for(spec)
     selection = None
     if spec.data.selection is not None:
-        train, selection = load_selected_prompts(spec.data, template_tokenizer, spec.run.seed)
+        train, selection = load_selected_prompts(spec.data, template_tokenizer, spec.run.seed, routing)
     else:
-        train = load_prompts(spec.data.train, spec.data, template_tokenizer, "data.train")
-    evaluation = load_prompts(spec.data.eval, spec.data, template_tokenizer, "data.eval") if spec.data.eval else None
+        train = load_prompts(spec.data.train_files, spec.data, template_tokenizer, "data.train", routing)
+    evaluation = None
+    if spec.data.eval_files:
+        evaluation = load_prompts(spec.data.eval_files, spec.data, template_tokenizer, "data.eval", routing)
+    warn_idle_teachers(routing, train)
     algorithm = spec.algorithm
     needs_answers = {
         "algorithm.objective=sft": algorithm.objective == "sft",
@@ -146,16 +174,16 @@ def prepare(spec: ExperimentSpec) -> Prepared:
     }
     for reason, needed in needs_answers.items():
         if needed and any(a is None for a in train.answers):
-            raise UserError(f"{reason} needs a reference answer on every row of {spec.data.train.path}")
+            raise UserError(f"{reason} needs a reference answer on every row of {train.source}")
     if spec.cold_start is not None and "teacher_generate" in spec.stages:
         wanted = spec.cold_start.teacher_generate.prompts
         if "opd" in spec.stages and wanted >= len(train):
             raise UserError(
                 f"cold_start.teacher_generate.prompts ({wanted}) leaves no prompts for OPD: "
-                f"{spec.data.train.path} has {len(train)} rows"
+                f"{train.source} has {len(train)} rows"
             )
     if evaluation is not None and any(a is None for a in evaluation.answers):
-        raise UserError(f"data.eval: every row of {spec.data.eval.path} needs a reference answer for the verifier")
+        raise UserError(f"data.eval: every row of {evaluation.source} needs a reference answer for the verifier")
     check_engine_fits_model(spec.models.student, spec.rollout.engine, "rollout.engine", "models.student")
     check_prompts_fit(spec, train, "data.train")
     if evaluation is not None:
@@ -168,19 +196,34 @@ def prepare(spec: ExperimentSpec) -> Prepared:
 
 
 def check_prompts_fit(spec: ExperimentSpec, prompts: PromptSet, section: str) -> None:
-    """The longest prompt of a file plus rollout.max_new_tokens must fit both engines' context."""
-    longest = max(len(p) for p in prompts.prompt_ids) + spec.rollout.max_new_tokens + 1
-    for field, engine in (("rollout.engine", spec.rollout.engine), ("teacher.engine", spec.teacher.engine)):
-        if longest > engine.max_model_len:
+    """The longest prompt of a file plus rollout.max_new_tokens must fit the rollout engine's context, and the
+    longest prompt each teacher reads (its own, when it has a prompt_template) that teacher's."""
+    new_tokens = spec.rollout.max_new_tokens + 1
+    reads = {"rollout.engine": (spec.rollout.engine, [len(p) for p in prompts.prompt_ids])}
+    for name, settings in spec.teacher_specs().items():
+        rows = [i for i in range(len(prompts)) if prompts.teacher_of(i, name) == name]
+        own = prompts.teacher_prompt_ids
+        lengths = [len(own[i] if own is not None and own[i] is not None else prompts.prompt_ids[i]) for i in rows]
+        reads[f"{spec.teacher_field(name)}.engine"] = (settings.engine, lengths)
+    for field, (engine, lengths) in reads.items():
+        if lengths and max(lengths) + new_tokens > engine.max_model_len:
             raise UserError(
                 f"{field}.max_model_len ({engine.max_model_len}) is shorter than the longest prompt of {section} "
-                f"plus rollout.max_new_tokens ({longest})"
+                f"it reads plus rollout.max_new_tokens ({max(lengths) + new_tokens})"
             )
+
+
+def warn_idle_teachers(routing, train: PromptSet) -> None:
+    """A teacher no training row routes to would hold its resources for nothing."""
+    idle = sorted(set(routing.names) - set(train.teachers or []))
+    if idle:
+        console.print(f"[yellow]teachers {', '.join(idle)}: no training row is routed to them[/]")
 
 
 def check_top_k_fits_vocabulary(spec: ExperimentSpec, vocabulary: int) -> None:
     """A top-k larger than the vocabulary has no meaning (and vLLM would fail on it at the first step)."""
-    ks = {"teacher.top_k": spec.teacher.top_k, "algorithm.top_k": spec.algorithm.top_k}
+    ks = {f"{spec.teacher_field(name)}.top_k": t.top_k for name, t in spec.teacher_specs().items()}
+    ks["algorithm.top_k"] = spec.algorithm.top_k
     if spec.diagnostics.enabled:
         ks["diagnostics.top_k"] = spec.diagnostics.top_k
     for field, k in ks.items():

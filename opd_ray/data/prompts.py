@@ -10,18 +10,24 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from opd_ray.data.routing import Routing
 from opd_ray.errors import UserError
 from opd_ray.spec import DatasetSpec, DataSpec
 
 
 @dataclass
 class PromptSet:
-    """Tokenized prompts and their reference answers; index i is the dataset row."""
+    """Tokenized prompts and their reference answers; index i is the dataset row.
+
+    `teachers[i]` names the teacher that scores row i (data/routing.py); `teacher_prompt_ids[i]` is the
+    prompt that teacher reads, or None when it reads the student's."""
 
     prompt_ids: list[list[int]]
     answers: list[str | None]
     source: str
     outside_rows: frozenset[int] = frozenset()  # rows mixed in from data.selection.outside
+    teachers: list[str] | None = None  # None: every row goes to the run's one teacher
+    teacher_prompt_ids: list[list[int] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -29,11 +35,46 @@ class PromptSet:
     def subset(self, indices: list[int]) -> dict[int, list[int]]:
         return {i: self.prompt_ids[i] for i in indices}
 
+    def teacher_of(self, index: int, default: str = "teacher") -> str:
+        return default if self.teachers is None else self.teachers[index]
+
+    def teacher_prompts(self, indices: list[int]) -> dict[int, list[int]] | None:
+        """The teacher's own prompts of these rows; None when every one reads the student's prompt."""
+        if self.teacher_prompt_ids is None or all(self.teacher_prompt_ids[i] is None for i in indices):
+            return None
+        return {i: self.teacher_prompt_ids[i] or self.prompt_ids[i] for i in indices}
+
+    def rows(self, keep: list[int]) -> PromptSet:
+        """These rows, renumbered 0..len(keep)-1 in this order."""
+        position = {old: new for new, old in enumerate(keep)}
+        return PromptSet(
+            [self.prompt_ids[i] for i in keep],
+            [self.answers[i] for i in keep],
+            self.source,
+            frozenset(position[old] for old in self.outside_rows if old in position),
+            None if self.teachers is None else [self.teachers[i] for i in keep],
+            None if self.teacher_prompt_ids is None else [self.teacher_prompt_ids[i] for i in keep],
+        )
+
     def without(self, rows: set[int]) -> PromptSet:
         """The other rows, renumbered: e.g. the prompts the cold start did not use, for OPD."""
-        keep = [i for i in range(len(self)) if i not in rows]
-        outside = frozenset(new for new, old in enumerate(keep) if old in self.outside_rows)
-        return PromptSet([self.prompt_ids[i] for i in keep], [self.answers[i] for i in keep], self.source, outside)
+        return self.rows([i for i in range(len(self)) if i not in rows])
+
+    def first(self, count: int) -> PromptSet:
+        return self.rows(list(range(min(count, len(self)))))
+
+    @staticmethod
+    def join(parts: list[PromptSet]) -> PromptSet:
+        """Several files' prompts as one set, in order; outside rows keep their mark."""
+        joined = PromptSet([], [], ", ".join(p.source for p in parts), frozenset(), [], [])
+        for part in parts:
+            offset = len(joined)
+            joined.prompt_ids += part.prompt_ids
+            joined.answers += part.answers
+            joined.outside_rows |= {offset + row for row in part.outside_rows}
+            joined.teachers += part.teachers or ["teacher"] * len(part)
+            joined.teacher_prompt_ids += part.teacher_prompt_ids or [None] * len(part)
+        return joined
 
 
 def read_rows(dataset: DatasetSpec, section: str) -> list[dict]:
@@ -63,8 +104,15 @@ def read_rows(dataset: DatasetSpec, section: str) -> list[dict]:
     return rows[: dataset.limit] if dataset.limit else rows
 
 
+ONE_TEACHER = Routing({"teacher": None})  # the one-teacher shorthand: every row to "teacher", its own prompt
+
+
 def render_prompt(text: str, data: DataSpec, tokenizer) -> list[int]:
-    rendered = data.prompt_template.format(prompt=text)
+    """The student's prompt of a row: data.prompt_template, then the chat template if asked for."""
+    return tokenize_prompt(data.prompt_template.format(prompt=text), data, tokenizer)
+
+
+def tokenize_prompt(rendered: str, data: DataSpec, tokenizer) -> list[int]:
     if data.use_chat_template:
         # Rendered to text, then tokenized: what apply_chat_template returns when it tokenizes
         # changed between transformers versions (ids, then a dict of ids and mask).
@@ -98,58 +146,84 @@ def prompt_texts(rows: list[dict], dataset: DatasetSpec) -> list[str]:
     return texts
 
 
-def tokenize_rows(rows: list[tuple[int, dict]], dataset: DatasetSpec, data: DataSpec, tokenizer) -> PromptSet:
-    """(row number, row) pairs of one file -> PromptSet; a prompt too long is reported by file and row."""
-    prompts, answers = [], []
+def tokenize_rows(
+    rows: list[tuple[int, dict]], dataset: DatasetSpec, data: DataSpec, tokenizer, routing: Routing = ONE_TEACHER
+) -> PromptSet:
+    """(row number, row) pairs of one file -> PromptSet with each row's teacher and that teacher's prompt;
+    a prompt too long, or a row no teacher takes, is reported by file and row."""
+    prompts, answers, teachers, teacher_prompts = [], [], [], []
+    if rows:
+        routing.check_columns(list(rows[0][1]), dataset)
     for number, row in rows:
+        where = f"{dataset.path} row {number}"
         ids = render_prompt(row[dataset.prompt_field], data, tokenizer)
         if len(ids) > data.max_prompt_tokens:
             raise UserError(
-                f"{dataset.path} row {number}: prompt has {len(ids)} tokens > data.max_prompt_tokens "
-                f"({data.max_prompt_tokens})"
+                f"{where}: prompt has {len(ids)} tokens > data.max_prompt_tokens ({data.max_prompt_tokens})"
             )
         prompts.append(ids)
         answer = row.get(dataset.answer_field) if dataset.answer_field else None
         answers.append(None if answer is None else str(answer))
-    return PromptSet(prompts, answers, str(dataset.path))
+        teacher = routing.teacher_of(row, dataset, where)
+        teachers.append(teacher)
+        text = routing.teacher_text(teacher, row, where)
+        teacher_prompts.append(None if text is None else tokenize_prompt(text, data, tokenizer))
+    return PromptSet(prompts, answers, str(dataset.path), frozenset(), teachers, teacher_prompts)
 
 
-def load_prompts(dataset: DatasetSpec, data: DataSpec, tokenizer, section: str) -> PromptSet:
-    rows = read_rows(dataset, section)
-    prompt_texts(rows, dataset)
-    return tokenize_rows(list(enumerate(rows, start=1)), dataset, data, tokenizer)
+def load_prompts(
+    files: DatasetSpec | list[DatasetSpec], data: DataSpec, tokenizer, section: str, routing: Routing = ONE_TEACHER
+) -> PromptSet:
+    """Every file of a section (data.train, data.eval), in order, as one PromptSet."""
+    files = files if isinstance(files, list) else [files]
+    parts = []
+    for i, dataset in enumerate(files):
+        where = section if len(files) == 1 else f"{section}[{i}]"
+        rows = read_rows(dataset, where)
+        prompt_texts(rows, dataset)
+        parts.append(tokenize_rows(list(enumerate(rows, start=1)), dataset, data, tokenizer, routing))
+    return parts[0] if len(parts) == 1 else PromptSet.join(parts)
 
 
-def load_selected_prompts(data: DataSpec, tokenizer, seed: int) -> tuple[PromptSet, dict]:
+def load_selected_prompts(
+    data: DataSpec, tokenizer, seed: int, routing: Routing = ONE_TEACHER
+) -> tuple[PromptSet, dict]:
     """The training prompts after `data.selection`: duplicates of reference/eval prompts and repeats
     dropped, outside prompts mixed in at `outside_fraction` in a seeded order; with the counts."""
     from opd_ray.data.selection import deduplicate, mix_order, outside_count
 
     selection = data.selection
-    rows = read_rows(data.train, "data.train")
-    texts = prompt_texts(rows, data.train)
+    files = data.train_files
+    sections = ["data.train"] if len(files) == 1 else [f"data.train[{i}]" for i in range(len(files))]
+    file_rows = [read_rows(dataset, section) for dataset, section in zip(files, sections, strict=True)]
+    file_texts = [prompt_texts(rows, dataset) for rows, dataset in zip(file_rows, files, strict=True)]
+    texts = [text for part in file_texts for text in part]
     reference: list[str] = []
-    for i, dataset in enumerate([*selection.reference, *([data.eval] if data.eval else [])]):
+    for i, dataset in enumerate([*selection.reference, *data.eval_files]):
         reference += prompt_texts(read_rows(dataset, f"data.selection.reference.{i}"), dataset)
-    kept = deduplicate(texts, reference, selection.near_duplicate_jaccard)
-    if not kept.kept:
-        raise UserError(f"data.selection: every prompt of {data.train.path} was dropped ({dict(kept.dropped)})")
-    aligned = tokenize_rows([(i + 1, rows[i]) for i in kept.kept], data.train, data, tokenizer)
-    stats: dict = {"pool": len(rows), "kept": len(kept.kept), "dropped": dict(kept.dropped), "outside": 0}
+    deduplicated = deduplicate(texts, reference, selection.near_duplicate_jaccard)
+    kept = set(deduplicated.kept)
+    if not kept:
+        paths = ", ".join(d.path for d in files)
+        raise UserError(f"data.selection: every prompt of {paths} was dropped ({dict(deduplicated.dropped)})")
+    parts, offset = [], 0
+    for rows, dataset in zip(file_rows, files, strict=True):
+        keep = [(i + 1, rows[i]) for i in range(len(rows)) if offset + i in kept]
+        parts.append(tokenize_rows(keep, dataset, data, tokenizer, routing))
+        offset += len(rows)
+    aligned = parts[0] if len(parts) == 1 else PromptSet.join(parts)
+    stats: dict = {"pool": len(texts), "kept": len(kept), "dropped": dict(deduplicated.dropped), "outside": 0}
     if selection.outside is None or selection.outside_fraction == 0:
         return aligned, stats
     outside_rows = read_rows(selection.outside, "data.selection.outside")
     outside_kept = deduplicate(prompt_texts(outside_rows, selection.outside), reference + texts, None)
     count = outside_count(len(aligned), selection.outside_fraction, len(outside_kept.kept))
     chosen = sorted(random.Random(seed).sample(outside_kept.kept, count))
-    outside = tokenize_rows([(i + 1, outside_rows[i]) for i in chosen], selection.outside, data, tokenizer)
+    outside = tokenize_rows([(i + 1, outside_rows[i]) for i in chosen], selection.outside, data, tokenizer, routing)
+    outside.outside_rows = frozenset(range(len(outside)))
     order = mix_order(len(aligned), len(outside), seed)
-    parts = {"aligned": aligned, "outside": outside}
-    mixed = PromptSet(
-        [parts[part].prompt_ids[i] for part, i in order],
-        [parts[part].answers[i] for part, i in order],
-        aligned.source,
-        frozenset(row for row, (part, _) in enumerate(order) if part == "outside"),
-    )
+    joined = PromptSet.join([aligned, outside])
+    mixed = joined.rows([i if part == "aligned" else len(aligned) + i for part, i in order])
+    mixed.source = aligned.source
     stats.update(outside=len(outside), outside_dropped=dict(outside_kept.dropped))
     return mixed, stats

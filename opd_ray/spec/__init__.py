@@ -18,6 +18,7 @@ from opd_ray.spec.sections import (
     LearnerSpec,
     ModelSpec,
     ModelsSpec,
+    NamedTeacherSpec,
     PlacementSpec,
     ProbeSpec,
     PromptSelectionSpec,
@@ -25,6 +26,7 @@ from opd_ray.spec.sections import (
     ResourcesSpec,
     RoleName,
     RolloutSpec,
+    RouteSpec,
     RunSpec,
     SftStageSpec,
     StageName,
@@ -36,6 +38,7 @@ from opd_ray.spec.sections import (
     TrainerSpec,
     WeightSyncSpec,
     parse_layer_list,
+    template_fields,
 )
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "LearnerSpec",
     "ModelSpec",
     "ModelsSpec",
+    "NamedTeacherSpec",
     "PlacementSpec",
     "ProbeSpec",
     "PromptSelectionSpec",
@@ -62,6 +66,7 @@ __all__ = [
     "ResourcesSpec",
     "RoleName",
     "RolloutSpec",
+    "RouteSpec",
     "RunSpec",
     "SftStageSpec",
     "StageName",
@@ -75,4 +80,5 @@ __all__ = [
     "load_spec",
     "parse_layer_list",
     "spec_to_yaml",
+    "template_fields",
 ]

@@ -6,6 +6,7 @@ the validators at the end check what involves several sections at once.
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any, Literal, get_args
 
@@ -93,7 +94,7 @@ class ImportedModelsSpec(Section):
 
 class ModelsSpec(Section):
     student: ModelSpec
-    teacher: ModelSpec
+    teacher: ModelSpec | None = Field(None, description="the one teacher; several go under `teachers:` instead")
     build_tiny: TinyModelsSpec | None = None
     import_pretrained: ImportedModelsSpec | None = None
 
@@ -103,6 +104,17 @@ class DatasetSpec(Section):
     prompt_field: str = "prompt"
     answer_field: str | None = "answer"
     limit: int | None = Field(None, ge=1)
+    teacher: str | None = Field(
+        None, description="with several teachers: the one that scores every row of this file (wins over data.route)"
+    )
+
+
+class RouteSpec(Section):
+    """Which teacher scores a row, by the value of one of its fields (e.g. a `domain` column)."""
+
+    field: str
+    teachers: dict[str, str] = Field(..., min_length=1, description="field value -> teacher name")
+    default: str | None = Field(None, description="the teacher of a value not listed; null = such a row is an error")
 
 
 class PromptSelectionSpec(Section):
@@ -138,8 +150,11 @@ class PromptSelectionSpec(Section):
 
 
 class DataSpec(Section):
-    train: DatasetSpec
-    eval: DatasetSpec | None = None
+    train: DatasetSpec | list[DatasetSpec] = Field(
+        ..., description="one prompt file, or several (each may name its teacher)"
+    )
+    eval: DatasetSpec | list[DatasetSpec] | None = None
+    route: RouteSpec | None = Field(None, description="several teachers: which one scores a row, by a data field")
     prompt_template: str = "{prompt}"
     use_chat_template: bool = False
     template_source: Literal["student", "teacher"] = Field(
@@ -155,12 +170,25 @@ class DataSpec(Section):
         "and score the sample as wrong; raise = stop the run",
     )
 
+    @property
+    def train_files(self) -> list[DatasetSpec]:
+        return self.train if isinstance(self.train, list) else [self.train]
+
+    @property
+    def eval_files(self) -> list[DatasetSpec]:
+        return [] if self.eval is None else self.eval if isinstance(self.eval, list) else [self.eval]
+
+    @model_validator(mode="after")
+    def _files_given(self) -> DataSpec:
+        if not self.train_files:
+            raise ValueError("data.train: name at least one prompt file")
+        if isinstance(self.eval, list) and not self.eval:
+            raise ValueError("data.eval: name at least one prompt file, or leave data.eval out")
+        return self
+
     @model_validator(mode="after")
     def _template_has_prompt(self) -> DataSpec:
-        try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None}
-        except ValueError as exc:
-            raise ValueError(f"data.prompt_template: {exc} (write a literal brace as {{{{ or }}}})") from None
+        fields = template_fields(self.prompt_template, "data.prompt_template")
         if fields != {"prompt"}:
             unknown = sorted(fields - {"prompt"})
             what = f"unknown placeholder {{{unknown[0]}}}" if unknown else "no {prompt} placeholder"
@@ -169,6 +197,14 @@ class DataSpec(Section):
                 "(write a literal brace as {{ or }})"
             )
         return self
+
+
+def template_fields(template: str, field: str) -> set[str]:
+    """The {placeholders} of a prompt template; a stray brace is named with the spec field."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc} (write a literal brace as {{{{ or }}}})") from None
 
 
 class EngineSpec(Section):
@@ -254,6 +290,40 @@ class TeacherSpec(Section):
                 f"({self.engine.max_logprobs}); raise max_logprobs or lower top_k"
             )
         return self
+
+
+class NamedTeacherSpec(TeacherSpec):
+    """One of several teachers under `teachers:`, by name: its model, how it runs, what its tokens weigh, and
+    the prompt it reads. `model: self` is the student scoring its own samples (on-policy self-distillation),
+    usually shown privileged context through `prompt_template`."""
+
+    model: ModelSpec | Literal["self"]
+    weights: Literal["frozen", "current"] = Field(
+        "frozen",
+        description="model self: the student's initial weights (frozen), or its current ones (every weight sync "
+        "reaches this teacher too)",
+    )
+    coef: float = Field(1.0, gt=0, description="weight of this teacher's tokens in the loss")
+    prompt_template: str | None = Field(
+        None,
+        description="the prompt this teacher reads, built from the row: {prompt}, {answer} or any other field; "
+        "the response it scores is the student's. null = the student's prompt",
+    )
+
+    @property
+    def is_self(self) -> bool:
+        return self.model == "self"
+
+    @model_validator(mode="after")
+    def _current_weights_are_the_students(self) -> NamedTeacherSpec:
+        if self.weights == "current" and not self.is_self:
+            raise ValueError("weights: current is for model: self (the student's own, synced weights)")
+        if self.prompt_template is not None:
+            template_fields(self.prompt_template, "prompt_template")
+        return self
+
+
+TEACHER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # names become metric keys: teacher/<name>/loss
 
 
 # Responses at least this long turn on the learner's activation checkpointing by default: from
@@ -608,6 +678,11 @@ class ExperimentSpec(Section):
     data: DataSpec
     rollout: RolloutSpec = RolloutSpec()
     teacher: TeacherSpec = TeacherSpec()
+    teachers: dict[str, NamedTeacherSpec] | None = Field(
+        None,
+        description="several teachers by name (or the student itself, `model: self`); rows reach one each through "
+        "data.route or their train file's `teacher`. Without it: models.teacher with the `teacher:` settings",
+    )
     learner: LearnerSpec = LearnerSpec()
     algorithm: AlgorithmSpec = AlgorithmSpec()
     diagnostics: DiagnosticsSpec = DiagnosticsSpec()
@@ -640,6 +715,89 @@ class ExperimentSpec(Section):
                 data = {**data, "learner": {**learner, "gradient_checkpointing": long_responses}}
         return data
 
+    def teacher_specs(self) -> dict[str, NamedTeacherSpec]:
+        """Every teacher by name; the one-teacher shorthand (models.teacher + teacher:) is named "teacher"."""
+        if self.teachers is not None:
+            return dict(self.teachers)
+        settings = {name: getattr(self.teacher, name) for name in TeacherSpec.model_fields}
+        return {"teacher": NamedTeacherSpec(model=self.models.teacher, **settings)}
+
+    def teacher_model(self, name: str) -> ModelSpec:
+        """The model a teacher loads: its own, or the student's initial one for `model: self`."""
+        teacher = self.teacher_specs()[name]
+        return self.models.student if teacher.is_self else teacher.model
+
+    def teacher_field(self, name: str) -> str:
+        """Where a teacher's settings live in the spec, for error messages."""
+        return f"teachers.{name}" if self.teachers is not None else "teacher"
+
+    @property
+    def named_teachers(self) -> bool:
+        """Whether the spec names its teachers (`teachers:`): then metrics are also logged per teacher."""
+        return self.teachers is not None
+
+    @model_validator(mode="after")
+    def _teachers_named_once(self) -> ExperimentSpec:
+        if self.teachers is None:
+            if self.models.teacher is None:
+                raise ValueError("models.teacher (one teacher) or teachers (several, by name) is required")
+            if self.data.route is not None or any(d.teacher for d in self.data.train_files + self.data.eval_files):
+                raise ValueError("data.route and a data file's teacher name teachers: list them under teachers:")
+            return self
+        if self.models.teacher is not None or "teacher" in self.model_fields_set:
+            raise ValueError(
+                "teachers: replaces models.teacher and the teacher: section (the one-teacher shorthand); "
+                "give each teacher its model and settings under teachers:"
+            )
+        if not self.teachers:
+            raise ValueError("teachers: name at least one teacher")
+        for name in self.teachers:
+            if not TEACHER_NAME.match(name):
+                raise ValueError(f"teachers.{name}: a name may hold letters, digits, '_', '-' and '.' only")
+        self._check_routes()
+        self._check_teachers_fit_one_batch()
+        return self
+
+    def _check_routes(self) -> None:
+        """Every route names a teacher; with several teachers every train row has a route."""
+        names = set(self.teachers)
+        route = self.data.route
+        named = {}
+        if route is not None:
+            named.update({f"data.route.teachers.{value}": name for value, name in route.teachers.items()})
+            if route.default is not None:
+                named["data.route.default"] = route.default
+        for section, files in (("data.train", self.data.train_files), ("data.eval", self.data.eval_files)):
+            named.update({f"{section}[{i}].teacher": d.teacher for i, d in enumerate(files) if d.teacher})
+        for field, name in named.items():
+            if name not in names:
+                raise ValueError(f"{field}: no teacher named {name!r} (teachers: {', '.join(sorted(names))})")
+        unrouted = [d.path for d in self.data.train_files if d.teacher is None]
+        if len(names) > 1 and route is None and unrouted:
+            raise ValueError(
+                f"teachers: {len(names)} teachers but no route for the rows of {unrouted[0]}: set data.route "
+                "(a field's value -> teacher) or the file's teacher"
+            )
+
+    def _check_teachers_fit_one_batch(self) -> None:
+        """A step's rows from several teachers are trained as one batch, with one top-k width."""
+        top_ks = {name: teacher.top_k for name, teacher in self.teachers.items()}
+        if len(set(top_ks.values())) > 1:
+            raise ValueError(f"teachers: every teacher needs the same top_k (rows of several are one batch): {top_ks}")
+        current = [name for name, teacher in self.teachers.items() if teacher.weights == "current"]
+        if current and self.weight_sync.method == "collective":
+            raise ValueError(
+                f"teachers.{current[0]}: weights current receives the student's weights through the object store; "
+                "use weight_sync.method=object_store"
+            )
+        if self.algorithm.objective == "full_vocab" and (len(self.teachers) > 1 or current):
+            raise ValueError(
+                "algorithm.objective=full_vocab loads one frozen teacher copy on each learner rank: name one "
+                "teacher, with weights frozen"
+            )
+        if self.cold_start is not None and "teacher_generate" in self.stages and len(self.teachers) > 1:
+            raise ValueError("stages: teacher_generate answers with one teacher; it does not take several yet")
+
     @model_validator(mode="after")
     def _stages_in_order(self) -> ExperimentSpec:
         stages = list(self.stages)
@@ -666,21 +824,26 @@ class ExperimentSpec(Section):
                 f"do not divide across learner.num_ranks = {self.learner.num_ranks}"
             )
         algorithm = self.algorithm
-        if algorithm.top_k is not None and algorithm.top_k > self.teacher.top_k:
-            raise ValueError(f"algorithm.top_k ({algorithm.top_k}) exceeds teacher.top_k ({self.teacher.top_k})")
+        teachers = self.teacher_specs()
+        top_k = min(teacher.top_k for teacher in teachers.values())
+        if algorithm.top_k is not None and algorithm.top_k > top_k:
+            raise ValueError(f"algorithm.top_k ({algorithm.top_k}) exceeds teacher.top_k ({top_k})")
         if algorithm.needs_student_topk:
-            if self.teacher.backend != "transformers":
+            vllm_teachers = [self.teacher_field(n) for n, t in teachers.items() if t.backend != "transformers"]
+            if vllm_teachers:
                 raise ValueError(
                     f"algorithm.topk_support={algorithm.topk_support} needs the teacher's log-probs at the "
-                    "student's top-k ids, which only teacher.backend=transformers returns"
+                    f"student's top-k ids, which only {vllm_teachers[0]}.backend=transformers returns"
                 )
-            k = algorithm.top_k or self.teacher.top_k
+            k = algorithm.top_k or top_k
             if k > self.rollout.engine.max_logprobs:
                 raise ValueError(
                     f"the student's top-{k} exceeds rollout.engine.max_logprobs ({self.rollout.engine.max_logprobs})"
                 )
-        for role, resources in (("rollout", self.rollout), ("teacher", self.teacher), ("learner", self.learner)):
-            if not any(amount > 0 for amount in resources.resources.demand().values()):
+        roles = {"rollout": self.rollout, "learner": self.learner}
+        roles.update({self.teacher_field(name): teacher for name, teacher in teachers.items()})
+        for role, settings in roles.items():
+            if not any(amount > 0 for amount in settings.resources.demand().values()):
                 raise ValueError(
                     f"{role}.resources: an actor must ask for some CPU, GPU or custom resource "
                     "(its placement-group bundle cannot be empty)"
@@ -691,15 +854,17 @@ class ExperimentSpec(Section):
                 "weight_sync.method=collective cannot run NCCL between a rollout engine and a learner on the "
                 "same GPU (placement.colocate): use weight_sync.method=object_store"
             )
-        for field, engine in (("rollout.engine", self.rollout.engine), ("teacher.engine", self.teacher.engine)):
+        engines = {"rollout.engine": self.rollout.engine}
+        engines.update({f"{self.teacher_field(name)}.engine": t.engine for name, t in teachers.items()})
+        for field, engine in engines.items():
             if self.rollout.max_new_tokens >= engine.max_model_len:
                 raise ValueError(
                     f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) leaves no room for a prompt in "
                     f"{field}.max_model_len ({engine.max_model_len})"
                 )
-        if self.diagnostics.enabled and self.diagnostics.top_k > self.teacher.top_k:
+        if self.diagnostics.enabled and self.diagnostics.top_k > top_k:
             raise ValueError(
-                f"diagnostics.top_k ({self.diagnostics.top_k}) exceeds teacher.top_k ({self.teacher.top_k}): "
+                f"diagnostics.top_k ({self.diagnostics.top_k}) exceeds teacher.top_k ({top_k}): "
                 "the overlap needs the teacher's top-k"
             )
         return self

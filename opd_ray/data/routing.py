@@ -1,0 +1,77 @@
+"""Which teacher scores a row, and the prompt that teacher reads.
+
+With several teachers (`teachers:`) each training row goes to exactly one: the teacher its
+file names, else the one `data.route` maps the row's field value to, else `data.route.default`.
+A teacher may read its own prompt built from the row (`prompt_template` with `{prompt}`,
+`{answer}` or any column): a specialist's format, or for on-policy self-distillation the
+student shown the reference answer. Everything is decided here, on the driver, before any
+actor starts, so a row with no teacher is named with its file and row number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opd_ray.errors import UserError
+from opd_ray.spec import DatasetSpec, ExperimentSpec, RouteSpec, template_fields
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The run's teachers (name -> prompt template, None = the student's prompt) and its route."""
+
+    templates: dict[str, str | None]
+    route: RouteSpec | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.templates)
+
+    def teacher_of(self, row: dict, dataset: DatasetSpec, where: str) -> str:
+        """The teacher of one row (`where` = "file row N", for the error)."""
+        if dataset.teacher is not None:
+            return dataset.teacher
+        if self.route is None:
+            if len(self.templates) == 1:
+                return self.names[0]
+            raise UserError(f"{where}: no teacher for this row (set data.route or the file's teacher)")
+        route = self.route
+        if route.field not in row:
+            raise UserError(f"{where}: data.route.field {route.field!r} is not a column of {dataset.path}")
+        value = row[route.field]
+        teacher = route.teachers.get(str(value), route.default)
+        if teacher is None:
+            listed = ", ".join(sorted(route.teachers))
+            raise UserError(
+                f"{where}: data.route.field {route.field!r} = {value!r} names no teacher "
+                f"(data.route.teachers has {listed}; no data.route.default)"
+            )
+        return teacher
+
+    def check_columns(self, columns: list[str], dataset: DatasetSpec) -> None:
+        """Every teacher template's fields must be columns of a file its rows may come from."""
+        for name, template in self.templates.items():
+            if template is None or (dataset.teacher is not None and dataset.teacher != name):
+                continue
+            missing = sorted(template_fields(template, f"teachers.{name}.prompt_template") - set(columns))
+            if missing:
+                raise UserError(
+                    f"teachers.{name}.prompt_template: {{{missing[0]}}} is not a column of {dataset.path} "
+                    f"(columns: {', '.join(columns)})"
+                )
+
+    def teacher_text(self, teacher: str, row: dict, where: str) -> str | None:
+        """The teacher's own prompt text for the row; None when it reads the student's prompt."""
+        template = self.templates[teacher]
+        if template is None:
+            return None
+        fields = template_fields(template, f"teachers.{teacher}.prompt_template")
+        empty = [name for name in sorted(fields) if row.get(name) is None or str(row[name]) == ""]
+        if empty:
+            raise UserError(f"{where}: {{{empty[0]}}} of teachers.{teacher}.prompt_template is empty in this row")
+        return template.format(**{name: row[name] for name in fields})
+
+
+def routing_for(spec: ExperimentSpec) -> Routing:
+    templates = {name: teacher.prompt_template for name, teacher in spec.teacher_specs().items()}
+    return Routing(templates, spec.data.route)
