@@ -178,12 +178,19 @@ class LearnerWorker:
         )
 
     def _train_on(
-        self, full: RolloutBatch, algorithm: AlgorithmSpec, diagnostics_k: int | None = None, step: int = 1
+        self,
+        full: RolloutBatch,
+        algorithm: AlgorithmSpec,
+        diagnostics_k: int | None = None,
+        step: int = 1,
+        teacher_names: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """One optimizer step on this rank's rows of `full` (losses/step.py); returns shares the driver adds
         across ranks."""
         self.engine.train()
-        loss, metrics = step_loss(self._models(), full, algorithm, self.rank, self.world_size, diagnostics_k, step)
+        loss, metrics = step_loss(
+            self._models(), full, algorithm, self.rank, self.world_size, diagnostics_k, step, teacher_names
+        )
         if self._any_rank(not bool(torch.isfinite(loss))):  # every rank skips together, or backward hangs
             metrics.update(loss=None, skipped_update=1, lr=float(self.engine.get_lr()[0]))
             return metrics
@@ -196,12 +203,18 @@ class LearnerWorker:
         metrics["lr"] = float(self.engine.get_lr()[0])
         return metrics
 
-    def diagnose(self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int) -> dict[str, Any]:
-        """A step's metrics and diagnostics without an update (`opd-ray probe`). All ranks must take
-        part (ZeRO-3 forwards are collective)."""
+    def diagnose(
+        self,
+        batch_refs: list[ray.ObjectRef],
+        algorithm: AlgorithmSpec,
+        diagnostics_k: int,
+        teacher_names: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """A step's metrics and diagnostics without an update (`opd-ray probe`), per teacher with
+        `teacher_names`. All ranks must take part (ZeRO-3 forwards are collective)."""
         self.engine.eval()
         full = RolloutBatch.concat(ray.get(batch_refs))
-        return diagnose(self._models(), full, algorithm, self.rank, self.world_size, diagnostics_k)
+        return diagnose(self._models(), full, algorithm, self.rank, self.world_size, diagnostics_k, teacher_names)
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any."""
@@ -239,14 +252,19 @@ class LearnerWorker:
             raise UserError(f"checkpoint {directory} has no DeepSpeed state for this learner layout")
 
     def train_step(
-        self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, diagnostics_k: int | None, step: int = 1
+        self,
+        batch_refs: list[ray.ObjectRef],
+        algorithm: AlgorithmSpec,
+        diagnostics_k: int | None,
+        step: int = 1,
+        teacher_names: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """The timings say where a learner step goes: fetching the batch from the object store,
         or computing (forward, loss, backward, optimizer step)."""
         started = time.perf_counter()
         batch = RolloutBatch.concat(ray.get(batch_refs))
         fetched = time.perf_counter()
-        metrics = self._train_on(batch, algorithm, diagnostics_k, step)
+        metrics = self._train_on(batch, algorithm, diagnostics_k, step, teacher_names)
         metrics["time/learner_fetch"] = fetched - started
         metrics["time/learner_compute"] = time.perf_counter() - fetched
         return metrics
@@ -384,10 +402,11 @@ class LearnerGroup:
         diagnostics_k: int | None = None,
         step: int = 1,
         wait: Callable[[list[ray.ObjectRef]], list[Any]] = get_or_raise_first,
+        teacher_names: tuple[str, ...] = (),
     ) -> dict[str, float]:
         """`wait` collects the ranks' results; the driver passes one that keeps the rollout pipeline
-        moving while the learners train."""
-        per_rank = wait(self.call("train_step", batch_refs, algorithm, diagnostics_k, step))
+        moving while the learners train. `teacher_names` adds per-teacher metrics."""
+        per_rank = wait(self.call("train_step", batch_refs, algorithm, diagnostics_k, step, teacher_names))
         return combine_rank_metrics(per_rank)
 
     def export_weights(self, timeout_s: float | None = None) -> ray.ObjectRef:

@@ -18,9 +18,10 @@ import torch
 from opd_ray.actors.hf_model import load_causal_lm
 from opd_ray.actors.runtime import actor_location
 from opd_ray.actors.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
-from opd_ray.losses.batch import RolloutBatch
+from opd_ray.actors.weight_sync import WORKER_EXTENSION, unpack_state_dict
+from opd_ray.losses.batch import RolloutBatch, scores_from, with_prompts
 from opd_ray.losses.hidden import prompt_groups, response_hidden_states, shared_prompt_response_hidden
-from opd_ray.spec import ModelSpec, TeacherSpec
+from opd_ray.spec import ModelSpec, NamedTeacherSpec, TeacherSpec
 
 
 def attach_teacher_scores(batch: RolloutBatch, scored_B: list, top_k: int) -> RolloutBatch:
@@ -130,36 +131,82 @@ def greedy_with_transformers(
 
 
 class TeacherScorer:
-    """A teacher replica (run as a Ray actor by `roles.start_roles`); a plain class so tests can extend it."""
+    """A teacher replica (run as a Ray actor by `roles.start_roles`); a plain class so tests can extend it.
 
-    def __init__(self, model: ModelSpec, teacher: TeacherSpec, seed: int) -> None:
-        self.teacher = teacher
+    `index` is the teacher's place among the run's teachers: every batch it scores is marked with it and
+    with the teacher's loss coefficient, so the learners know which teacher scored which row. A `self`
+    teacher with `weights: current` receives every weight sync (`load_weights`)."""
+
+    def __init__(self, model: ModelSpec, teacher: NamedTeacherSpec | TeacherSpec, seed: int, index: int = 0) -> None:
+        """A plain TeacherSpec (the one-teacher settings, as benchmarks use it) is a frozen teacher of weight 1."""
+        self.teacher, self.index = teacher, index
+        self.coef = getattr(teacher, "coef", 1.0)
         if teacher.backend == "vllm":
-            self.llm = create_engine(model, teacher.engine, seed)
+            receives_weights = getattr(teacher, "weights", "frozen") == "current"
+            self.llm = create_engine(model, teacher.engine, seed, WORKER_EXTENSION if receives_weights else None)
         else:
             from transformers import AutoTokenizer
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model = load_causal_lm(model, device)
             self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        self.weight_version = 0
 
     @ray.method(num_returns=2)
-    def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict]:
-        """The scored batch, and a small report the driver waits on without fetching the batch."""
+    def score(self, batch: RolloutBatch, teacher_prompts_P: dict[int, list[int]] | None = None) -> tuple:
+        """The scored batch, and a small report the driver waits on without fetching the batch.
+
+        With `teacher_prompts_P` (row -> this teacher's own prompt) the responses are scored after those
+        prompts instead of the student's; only response positions are scored either way."""
         started = time.perf_counter()
-        if self.teacher.backend == "transformers":
-            settings = self.teacher
-            scored = score_with_transformers(
+        view = batch if teacher_prompts_P is None else with_prompts(batch, teacher_prompts_P)
+        scored = self._score(view)
+        if teacher_prompts_P is not None:
+            scored = scores_from(batch, scored)
+        rows = scored.num_sequences
+        scored = replace(
+            scored,
+            teacher_id_B=torch.full((rows,), self.index, dtype=torch.long),
+            teacher_coef_B=torch.full((rows,), self.coef),
+        )
+        report = {"sequences": rows, "seconds": time.perf_counter() - started, "weight_version": self.weight_version}
+        return scored, report
+
+    def _score(self, batch: RolloutBatch) -> RolloutBatch:
+        settings = self.teacher
+        if settings.backend == "transformers":
+            return score_with_transformers(
                 self.model, batch, settings.top_k, settings.chunk_tokens, settings.share_prompts
             )
+        sequences = [
+            batch.input_ids_BL[b, : int(batch.attention_mask_BL[b].sum())].tolist() for b in range(batch.num_sequences)
+        ]
+        scores = prompt_logprobs(self.llm, sequences, settings.top_k)
+        return attach_teacher_scores(batch, scores, settings.top_k)
+
+    def load_weights(self, payload: dict, version: int) -> None:
+        """The student's current weights (a `self` teacher with `weights: current`), as a rollout engine gets them."""
+        if self.teacher.backend == "vllm":
+            self.llm.collective_rpc("load_packed_weights", args=(payload,))
+            self.llm.reset_prefix_cache()
         else:
-            sequences = [
-                batch.input_ids_BL[b, : int(batch.attention_mask_BL[b].sum())].tolist()
-                for b in range(batch.num_sequences)
-            ]
-            scores = prompt_logprobs(self.llm, sequences, self.teacher.top_k)
-            scored = attach_teacher_scores(batch, scores, self.teacher.top_k)
-        return scored, {"sequences": scored.num_sequences, "seconds": time.perf_counter() - started}
+            missing, unexpected = self.model.load_state_dict(unpack_state_dict(payload), strict=False)
+            untied = [name for name in missing if not self._tied(name)]
+            if untied or unexpected:
+                raise RuntimeError(f"weights do not fit the teacher's model: missing {untied}, unexpected {unexpected}")
+        self.weight_version = version
+
+    def _tied(self, name: str) -> bool:
+        """The output head is left out of synced weights when it is tied to the embedding (weight_sync.py)."""
+        head = self.model.get_output_embeddings()
+        return (
+            head is not None
+            and head.weight is self.model.get_input_embeddings().weight
+            and name.endswith("lm_head.weight")
+        )
+
+    def version(self) -> int:
+        return self.weight_version
 
     def ready(self) -> bool:
         return True

@@ -33,7 +33,8 @@ from opd_ray.spec import ExperimentSpec
 PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
-BEFORE_TRAINING = ("teacher_accuracy", "student_accuracy_before")  # what a resumed run cannot measure again
+# what a resumed run cannot measure again ("teachers": the same, per teacher, when the spec names them)
+BEFORE_TRAINING = ("teacher_accuracy", "student_accuracy_before", "teachers")
 
 
 @dataclass

@@ -1,26 +1,75 @@
-"""Greedy accuracy of the student (on the rollout engines) or the teacher, and the gap distillation closed."""
+"""Greedy accuracy of the student (on the rollout engines) or the teachers, and the gap distillation closed.
+
+With several teachers the eval set is split by route: each teacher answers its own rows (with its own
+prompt, when it has one), and the student's accuracy is also reported per route, so each teacher's gap
+recovery is measured on the rows it teaches.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from opd_ray.data.prompts import PromptSet
 from opd_ray.data.verifiers import GuardedVerifier
 from opd_ray.driver.roles import Roles, call_restarting, split
 
 
+@dataclass
+class Accuracy:
+    """Greedy accuracy over every eval row, and over the rows of each teacher."""
+
+    overall: float
+    by_teacher: dict[str, float]
+
+
 def evaluate(roles: Roles, kind: str, prompts: PromptSet, verifier: GuardedVerifier, max_new_tokens: int) -> float:
-    """Greedy accuracy on the `kind` actors ("rollout" = the student, "teacher"); a response cut off
-    by the length limit counts as wrong."""
-    workers = roles.rollout_workers if kind == "rollout" else roles.teachers
-    shards = split(list(range(len(prompts))), len(workers))
-    args = [(prompts.subset(shard), max_new_tokens) for shard in shards]
-    results = call_restarting(roles, kind, workers[: len(shards)], "greedy", args)
-    return accuracy_of([c for shard in results for c in shard], prompts, verifier)
+    """Greedy accuracy of the student ("rollout") or the teachers ("teacher") on every eval row."""
+    return evaluate_by_teacher(roles, kind, prompts, verifier, max_new_tokens).overall
+
+
+def evaluate_by_teacher(
+    roles: Roles, kind: str, prompts: PromptSet, verifier: GuardedVerifier, max_new_tokens: int
+) -> Accuracy:
+    """The student answers every row with its prompt; a teacher answers the rows routed to it, with its own
+    prompt if it has one. A response cut off by the length limit counts as wrong."""
+    default = next(iter(roles.teacher_pools))
+    rows_of: dict[str, list[int]] = {}
+    for i in range(len(prompts)):
+        rows_of.setdefault(prompts.teacher_of(i, default), []).append(i)
+    if kind == "rollout":
+        completions = greedy_on(
+            roles, "rollout", roles.rollout_workers, prompts.subset(list(range(len(prompts)))), max_new_tokens
+        )
+    else:
+        completions = []
+        for name, rows in rows_of.items():
+            own = prompts.teacher_prompts(rows) or prompts.subset(rows)
+            completions += greedy_on(roles, "teacher", roles.teacher_pools[name], own, max_new_tokens)
+    correct = {
+        c.prompt_index: c.finished and verifier(c.text, prompts.answers[c.prompt_index], c.prompt_index)
+        for c in completions
+    }
+    by_teacher = {name: sum(correct[i] for i in rows) / len(rows) for name, rows in rows_of.items()}
+    return Accuracy(sum(correct.values()) / len(correct), by_teacher)
+
+
+def greedy_on(roles: Roles, kind: str, actors: list, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list:
+    """Greedy completions of `prompts_P`, split across `actors` (a dead one is restarted and its part repeated)."""
+    shards = split(list(prompts_P), len(actors))
+    args = [({i: prompts_P[i] for i in shard}, max_new_tokens) for shard in shards]
+    results = call_restarting(roles, kind, actors[: len(shards)], "greedy", args)
+    return [c for shard in results for c in shard]
+
+
+def is_correct(completion, prompts: PromptSet, verifier: GuardedVerifier) -> bool:
+    """The verifier accepts it; a response cut off by the length limit is wrong."""
+    index = completion.prompt_index
+    return completion.finished and verifier(completion.text, prompts.answers[index], index)
 
 
 def accuracy_of(completions: list, prompts: PromptSet, verifier: GuardedVerifier) -> float:
-    """Share of completions the verifier accepts; a response cut off by the length limit is wrong."""
-    correct = sum(c.finished and verifier(c.text, prompts.answers[c.prompt_index], c.prompt_index) for c in completions)
-    return correct / len(completions)
+    """Share of completions the verifier accepts."""
+    return sum(is_correct(c, prompts, verifier) for c in completions) / len(completions)
 
 
 def gap_recovery(before: float, after: float, teacher: float) -> float | None:

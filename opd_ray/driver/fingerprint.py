@@ -97,10 +97,13 @@ def contents_digest(path: Path) -> str:
 
 def input_files(spec: ExperimentSpec) -> dict[str, str]:
     """{spec key: path} of every model folder and data file the run reads."""
-    files = {"models.student": spec.models.student.path, "models.teacher": spec.models.teacher.path}
-    files["data.train"] = spec.data.train.path
-    if spec.data.eval is not None:
-        files["data.eval"] = spec.data.eval.path
+    files = {"models.student": spec.models.student.path}
+    for name, teacher in spec.teacher_specs().items():
+        if not teacher.is_self:
+            files[f"teachers.{name}.model" if spec.named_teachers else "models.teacher"] = teacher.model.path
+    for section, datasets in (("data.train", spec.data.train_files), ("data.eval", spec.data.eval_files)):
+        for i, dataset in enumerate(datasets):
+            files[section if len(datasets) == 1 else f"{section}[{i}]"] = dataset.path
     if spec.data.selection is not None:
         for i, reference in enumerate(spec.data.selection.reference):
             files[f"data.selection.reference.{i}"] = reference.path

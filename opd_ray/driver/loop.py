@@ -37,7 +37,7 @@ from opd_ray.driver.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from opd_ray.driver.evaluation import evaluate, gap_recovery
+from opd_ray.driver.evaluation import Accuracy, evaluate_by_teacher, gap_recovery
 from opd_ray.driver.fingerprint import run_fingerprint
 from opd_ray.driver.interrupts import StopRequest, stop_between_steps
 from opd_ray.driver.metrics import MetricsWriter, read_metrics, timed, training_trend
@@ -138,8 +138,7 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
         if state is not None:
             restore(run, checkpoint, state)
         else:
-            summary["teacher_accuracy"] = accuracy(run, "teacher")
-            summary["student_accuracy_before"] = accuracy(run, "rollout")
+            measure_before_training(run)
     except BaseException:
         roles.shutdown()
         raise
@@ -171,6 +170,18 @@ def new_run(
     return run
 
 
+def measure_before_training(run: Run) -> None:
+    """The teachers' and the student's accuracy before training; per teacher too when the spec names them."""
+    teacher, student = accuracies(run, "teacher"), accuracies(run, "rollout")
+    run.summary["teacher_accuracy"] = None if teacher is None else teacher.overall
+    run.summary["student_accuracy_before"] = None if student is None else student.overall
+    if run.spec.named_teachers and teacher is not None:
+        run.summary["teachers"] = {
+            name: {"teacher_accuracy": teacher.by_teacher[name], "student_accuracy_before": student.by_teacher[name]}
+            for name in teacher.by_teacher
+        }
+
+
 def record_spec(spec: ExperimentSpec, run_dir: Path, resumed: TrainerState | None) -> None:
     """spec.yaml: the resolved spec the run started with. A resumed run whose spec changed (in keys that
     may change, or with --force) keeps it and writes its own beside it."""
@@ -199,10 +210,16 @@ def finish_run(run: Run, started: float) -> dict:
     spec, summary = run.spec, run.summary
     if run.version % spec.trainer.weight_sync_interval:
         sync_weights(run.roles, run.version)
-    summary["student_accuracy_after"] = accuracy(run, "rollout")
+    student = accuracies(run, "rollout")
+    summary["student_accuracy_after"] = None if student is None else student.overall
     if summary["teacher_accuracy"] is not None:
         summary["gap_recovery"] = gap_recovery(
             summary["student_accuracy_before"], summary["student_accuracy_after"], summary["teacher_accuracy"]
+        )
+    for name, own in summary.get("teachers", {}).items():
+        own["student_accuracy_after"] = student.by_teacher.get(name)
+        own["gap_recovery"] = gap_recovery(
+            own["student_accuracy_before"], own["student_accuracy_after"], own["teacher_accuracy"]
         )
     if spec.trainer.save_final:
         final_dir = run.run_dir / "student"
@@ -222,11 +239,13 @@ def write_summary(run: Run, steps: int, **extra: float) -> dict:
     return run.summary
 
 
-def accuracy(run: Run, kind: str) -> float | None:
-    """Greedy accuracy of the student ("rollout") or the teacher on the eval prompts, if the spec has them."""
+def accuracies(run: Run, kind: str) -> Accuracy | None:
+    """Greedy accuracy of the student ("rollout") or the teachers on the eval prompts, if the spec has them:
+    overall and per teacher's rows."""
     if run.prepared.eval is None:
         return None
-    return evaluate(run.roles, kind, run.prepared.eval, run.prepared.verifier, run.spec.rollout.max_new_tokens)
+    prepared = run.prepared
+    return evaluate_by_teacher(run.roles, kind, prepared.eval, prepared.verifier, run.spec.rollout.max_new_tokens)
 
 
 # ---- one step ----
@@ -276,8 +295,10 @@ def learn(run: Run, step: int, refs: list[ray.ObjectRef], metrics: dict) -> None
     """One update on the step's batches; a skipped (non-finite) one leaves the weight version as it was."""
     spec = run.spec
     diagnostics_k = spec.diagnostics.top_k if spec.diagnostics.enabled else None
+    names = tuple(spec.teacher_specs()) if spec.named_teachers else ()
     with timed("learn", metrics), learner_death_stops_run(run.run_dir):
-        metrics.update(run.roles.learners.train_step(refs, spec.algorithm, diagnostics_k, step, run.pipeline.get))
+        learners = run.roles.learners
+        metrics.update(learners.train_step(refs, spec.algorithm, diagnostics_k, step, run.pipeline.get, names))
     if metrics.get("skipped_update"):
         run.bad_steps += 1
         console.print(f"[red]step {step}: non-finite loss, update skipped ({run.bad_steps} in a row)[/]")
@@ -301,10 +322,17 @@ def evaluate_now(run: Run, step: int, metrics: dict) -> None:
     if not every or step % every or step >= run.spec.trainer.steps:
         return
     with timed("eval", metrics):
-        metrics["eval/student_accuracy"] = accuracy(run, "rollout")
+        student = accuracies(run, "rollout")
+        metrics["eval/student_accuracy"] = None if student is None else student.overall
         before, teacher = run.summary["student_accuracy_before"], run.summary["teacher_accuracy"]
         if teacher is not None:
             metrics["eval/gap_recovery"] = gap_recovery(before, metrics["eval/student_accuracy"], teacher)
+        for name, own in run.summary.get("teachers", {}).items():
+            now = student.by_teacher.get(name)
+            metrics[f"teacher/{name}/eval/student_accuracy"] = now
+            if now is not None:
+                recovered = gap_recovery(own["student_accuracy_before"], now, own["teacher_accuracy"])
+                metrics[f"teacher/{name}/eval/gap_recovery"] = recovered
 
 
 def examine(run: Run, step: int, metrics: dict) -> list[Diagnosis]:
@@ -343,7 +371,7 @@ def checkpoint_now(run: Run, step: int, work: StepWork) -> None:
     if not every or (step % every and not run.stop.requested):
         return
     epoch, position = work.sampler_after
-    before = {key: run.summary[key] for key in BEFORE_TRAINING}
+    before = {key: run.summary[key] for key in BEFORE_TRAINING if key in run.summary}
     state = TrainerState(step, run.version, epoch, position, before, run.fingerprint)
     with learner_death_stops_run(run.run_dir):
         save_checkpoint(run.spec, run.roles, run.run_dir, state)

@@ -41,6 +41,8 @@ class Shard:
     sequences: int
     prompts_P: dict[int, list[int]] | None = None  # None: a dataset batch that only needs scoring
     answers_P: dict[int, str | None] | None = None
+    teacher: str = "teacher"  # the teacher that scores every row of the shard (its route)
+    teacher_prompts_P: dict[int, list[int]] | None = None  # that teacher's own prompts; None = the student's
     seed: int = 0
     batch_ref: ray.ObjectRef | None = None  # the rollout's output, the teacher's input
     scored_ref: ray.ObjectRef | None = None
@@ -52,10 +54,11 @@ class Shard:
 
 
 class ActorPool:
-    """One role's actors, each with at most one shard in flight, and what they have done."""
+    """One role's actors (the rollout workers, or one teacher's replicas), each with at most one shard in
+    flight, and what they have done."""
 
     def __init__(self, kind: str, actors: list[ray.actor.ActorHandle]) -> None:
-        self.kind = kind
+        self.kind = kind  # "rollout" or "teacher"
         self.actors = actors
         self.queue: deque[Shard] = deque()
         self.running: list[Shard | None] = [None] * len(actors)
@@ -112,7 +115,7 @@ class Pipeline:
         self.roles, self.prompts, self.run_seed = roles, prompts, run_seed
         self.prompts_per_shard = prompts_per_shard
         self.rollout = ActorPool("rollout", roles.rollout_workers)
-        self.teacher = ActorPool("teacher", roles.teachers)
+        self.teachers = {name: ActorPool("teacher", actors) for name, actors in roles.teacher_pools.items()}
         self.in_flight: dict[ray.ObjectRef, tuple[ActorPool, int, Shard]] = {}  # info ref -> where it runs
         self.issued_at: dict[ray.ObjectRef, float] = {}  # info ref -> when its shard was handed out
         self.shard_timeout_s = roles.timeouts.step_s
@@ -120,30 +123,45 @@ class Pipeline:
     # ---- launching ----
 
     def launch_rollouts(self, step: int, indices: list[int], samples_per_prompt: int) -> StepShards:
-        """Queues the step's shards for sampling; they flow on to the teacher by themselves."""
+        """Queues the step's shards for sampling; they flow on to their teacher by themselves. A shard holds
+        rows of one teacher (their route), so it goes to that teacher's replicas as soon as it is sampled."""
         shards = []
-        for index, start in enumerate(range(0, len(indices), self.prompts_per_shard)):
-            rows = indices[start : start + self.prompts_per_shard]
-            shards.append(
-                Shard(
-                    step,
-                    index,
-                    len(rows) * samples_per_prompt,
-                    prompts_P=self.prompts.subset(rows),
-                    answers_P={i: self.prompts.answers[i] for i in rows},
-                    seed=mix_seed(self.run_seed, step, index),
+        for teacher, rows_of_teacher in self.by_teacher(indices).items():
+            for start in range(0, len(rows_of_teacher), self.prompts_per_shard):
+                rows = rows_of_teacher[start : start + self.prompts_per_shard]
+                index = len(shards)
+                shards.append(
+                    Shard(
+                        step,
+                        index,
+                        len(rows) * samples_per_prompt,
+                        prompts_P=self.prompts.subset(rows),
+                        answers_P={i: self.prompts.answers[i] for i in rows},
+                        teacher=teacher,
+                        teacher_prompts_P=self.prompts.teacher_prompts(rows),
+                        seed=mix_seed(self.run_seed, step, index),
+                    )
                 )
-            )
         self.rollout.queue.extend(shards)
         self._dispatch()
         return StepShards(shards)
 
-    def launch_scoring(self, step: int, batch_refs: list[ray.ObjectRef], sequences: list[int]) -> StepShards:
-        """Batches that already exist (the dataset's answers) go straight to the teacher."""
-        shards = [
-            Shard(step, i, n, batch_ref=ref) for i, (ref, n) in enumerate(zip(batch_refs, sequences, strict=True))
-        ]
-        self.teacher.queue.extend(shards)
+    def by_teacher(self, indices: list[int]) -> dict[str, list[int]]:
+        """The rows of each teacher, in the order given (one teacher: all of them, unchanged)."""
+        default = next(iter(self.teachers))
+        groups: dict[str, list[int]] = {}
+        for i in indices:
+            groups.setdefault(self.prompts.teacher_of(i, default), []).append(i)
+        return groups
+
+    def launch_scoring(
+        self, step: int, batch_refs: list[ray.ObjectRef], sequences: list[int], teachers: list[str]
+    ) -> StepShards:
+        """Batches that already exist (the dataset's answers, one batch per teacher) go straight to their teacher."""
+        shards = []
+        for i, (ref, n, teacher) in enumerate(zip(batch_refs, sequences, teachers, strict=True)):
+            shards.append(Shard(step, i, n, batch_ref=ref, teacher=teacher))
+            self.teachers[teacher].queue.append(shards[-1])
         self._dispatch()
         return StepShards(shards)
 
@@ -154,13 +172,13 @@ class Pipeline:
         if pool.kind == "rollout":
             shard.batch_ref, info_ref = handle.sample.remote(shard.prompts_P, shard.seed, shard.answers_P)
         else:
-            shard.scored_ref, info_ref = handle.score.remote(shard.batch_ref)
+            shard.scored_ref, info_ref = handle.score.remote(shard.batch_ref, shard.teacher_prompts_P)
         pool.running[actor] = shard
         self.in_flight[info_ref] = (pool, actor, shard)
         self.issued_at[info_ref] = time.monotonic()
 
     def _dispatch(self) -> None:
-        for pool in (self.rollout, self.teacher):
+        for pool in (self.rollout, *self.teachers.values()):
             while pool.queue and (actor := pool.free_actor()) is not None:
                 self._issue(pool, actor, pool.queue.popleft())
 
@@ -177,7 +195,7 @@ class Pipeline:
         pool.record(actor, shard, info)
         shard.reports[pool.kind] = info
         if pool.kind == "rollout":
-            self.teacher.queue.append(shard)
+            self.teachers[shard.teacher].queue.append(shard)
 
     def pump(self, watch: list[ray.ObjectRef] = (), timeout: float | None = None) -> list[ray.ObjectRef]:
         """Moves shards along until one of `watch` (or, with nothing to watch, one shard) is ready or
@@ -247,17 +265,19 @@ class Pipeline:
 
     @property
     def busy_seconds(self) -> dict[str, float]:
-        return {"rollout": self.rollout.busy_seconds, "teacher": self.teacher.busy_seconds}
+        return {"rollout": self.rollout.busy_seconds, "teacher": sum(p.busy_seconds for p in self.teachers.values())}
 
     def utilisation(self, step_s: float, busy_before: dict[str, float], learn_s: float) -> dict[str, float]:
         """Share of the step each role's actors spent computing (compute finished during the step, over
         step time x actors) and the idle seconds that leaves: where the pipeline waits."""
         out = {}
-        for pool in (self.rollout, self.teacher):
-            capacity = step_s * len(pool.actors)
-            busy = pool.busy_seconds - busy_before[pool.kind]
-            out[f"busy/{pool.kind}"] = min(1.0, busy / capacity)  # shards may span steps
-            out[f"idle_s/{pool.kind}"] = max(0.0, capacity - busy)
+        busy_now = self.busy_seconds
+        actors = {"rollout": len(self.rollout.actors), "teacher": sum(len(p.actors) for p in self.teachers.values())}
+        for kind, count in actors.items():
+            capacity = step_s * count
+            busy = busy_now[kind] - busy_before[kind]
+            out[f"busy/{kind}"] = min(1.0, busy / capacity)  # shards may span steps
+            out[f"idle_s/{kind}"] = max(0.0, capacity - busy)
         out["busy/learner"] = learn_s / step_s
         out["idle_s/learner"] = step_s - learn_s
         return out

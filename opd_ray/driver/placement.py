@@ -28,11 +28,25 @@ from opd_ray.spec import ExperimentSpec, ResourcesSpec
 RoleDemand = tuple[str, int, ResourcesSpec]  # (role, number of actors, resources of one actor)
 
 
+def teacher_role(spec: ExperimentSpec, name: str) -> str:
+    """A teacher's role name: "teacher" for the one-teacher shorthand, "teacher.<name>" for a named teacher."""
+    return f"teacher.{name}" if spec.named_teachers else "teacher"
+
+
+def role_kind(role: str) -> str:
+    """rollout, teacher or learner: what `placement.colocate` names."""
+    return role.split(".", 1)[0]
+
+
 def role_demands(spec: ExperimentSpec) -> list[RoleDemand]:
-    """(role, number of actors, resources of one actor) for every role of a run."""
+    """(role, number of actors, resources of one actor) for every role of a run; each teacher is a role."""
+    teachers = [
+        (teacher_role(spec, name), teacher.num_replicas, teacher.resources)
+        for name, teacher in spec.teacher_specs().items()
+    ]
     return [
         ("rollout", spec.rollout.num_workers, spec.rollout.resources),
-        ("teacher", spec.teacher.num_replicas, spec.teacher.resources),
+        *teachers,
         ("learner", spec.learner.num_ranks, spec.learner.resources),
     ]
 
@@ -59,7 +73,7 @@ class Pool:
 
 
 def plan_pools(spec: ExperimentSpec) -> list[Pool]:
-    shared = [demand for demand in role_demands(spec) if demand[0] in spec.placement.colocate]
+    shared = [demand for demand in role_demands(spec) if role_kind(demand[0]) in spec.placement.colocate]
     pools = [Pool(tuple(shared), spec.placement.colocated_strategy)] if shared else []
     pools += [Pool((demand,), demand[2].strategy) for demand in role_demands(spec) if demand not in shared]
     return pools

@@ -26,7 +26,7 @@ from opd_ray.actors.runtime import actor_env, get_or_raise_first
 from opd_ray.actors.teacher import TeacherScorer
 from opd_ray.actors.vllm_engine import ENGINE_ENV
 from opd_ray.console import console
-from opd_ray.driver.placement import Placement, reserve
+from opd_ray.driver.placement import Placement, reserve, teacher_role
 from opd_ray.errors import RunStopped, Stuck
 from opd_ray.files import write_json
 from opd_ray.spec import ExperimentSpec, ModelSpec, ResourcesSpec, TimeoutsSpec
@@ -37,7 +37,7 @@ SYNCING = "a rollout engine loading new weights (trainer.timeouts.sync_s)"
 @dataclass
 class Roles:
     rollout_workers: list[ray.actor.ActorHandle]
-    teachers: list[ray.actor.ActorHandle]
+    teacher_pools: dict[str, list[ray.actor.ActorHandle]]  # teacher name -> its replicas
     learners: LearnerGroup
     placement: Placement
     broadcast: WeightBroadcast | None = None  # weight_sync.method = collective
@@ -46,6 +46,17 @@ class Roles:
     restarts: Counter = field(default_factory=Counter)
     unfinished_sync: list[ray.ObjectRef] = field(default_factory=list)  # an asynchronous broadcast in flight
     timeouts: TimeoutsSpec = field(default_factory=TimeoutsSpec)  # how long each kind of wait may take
+    synced_teachers: list[str] = field(default_factory=list)  # `self` teachers with weights: current
+
+    @property
+    def teachers(self) -> list[ray.actor.ActorHandle]:
+        """Every teacher replica, of every teacher."""
+        return [actor for pool in self.teacher_pools.values() for actor in pool]
+
+    @property
+    def weight_receivers(self) -> list[ray.actor.ActorHandle]:
+        """Every actor that holds the student's current weights: rollout engines and synced `self` teachers."""
+        return self.rollout_workers + [actor for name in self.synced_teachers for actor in self.teacher_pools[name]]
 
     def shutdown(self) -> None:
         self.learners.shutdown()
@@ -55,7 +66,11 @@ class Roles:
 
     def locations(self) -> dict[str, list[dict]]:
         """Node (and GPUs) of every actor, by role: what a run records in placement.json."""
-        actors = {"rollout": self.rollout_workers, "teacher": self.teachers, "learner": self.learners.workers}
+        actors = {"rollout": self.rollout_workers, "learner": self.learners.workers}
+        if list(self.teacher_pools) == ["teacher"]:
+            actors["teacher"] = self.teachers
+        else:
+            actors.update({f"teacher.{name}": pool for name, pool in self.teacher_pools.items()})
         return {
             role: get_or_raise_first([actor.location.remote() for actor in handles], self.timeouts.start_s, role)
             for role, handles in actors.items()
@@ -74,7 +89,8 @@ def start_roles(spec: ExperimentSpec) -> Roles:
 
 def roles_env(spec: ExperimentSpec) -> dict:
     """Every role's actor environment; OpenMP waits passively when several actors compute at once."""
-    overlap = spec.trainer.max_staleness > 0 or spec.rollout.num_workers > 1 or spec.teacher.num_replicas > 1
+    teacher_replicas = sum(teacher.num_replicas for teacher in spec.teacher_specs().values())
+    overlap = spec.trainer.max_staleness > 0 or spec.rollout.num_workers > 1 or teacher_replicas > 1
     return actor_env(roles_overlap=overlap)
 
 
@@ -85,16 +101,35 @@ def engine_actor_options(spec: ExperimentSpec, resources: ResourcesSpec) -> dict
     return {**resources.actor_options(), "runtime_env": {"env_vars": {**env["env_vars"], **ENGINE_ENV}}, **restartable}
 
 
-def start_teacher(spec: ExperimentSpec, model: ModelSpec, index: int, bundle: dict) -> ray.actor.ActorHandle:
-    """Teacher replica `index` in its placement-group bundle (`opd-ray probe` also starts other candidates here)."""
-    options = engine_actor_options(spec, spec.teacher.resources)
-    return ray.remote(TeacherScorer).options(**options, **bundle).remote(model, spec.teacher, spec.run.seed + index)
+def start_teacher(
+    spec: ExperimentSpec, name: str, replica: int, bundle: dict, model: ModelSpec | None = None
+) -> ray.actor.ActorHandle:
+    """Replica `replica` of teacher `name` in its placement-group bundle; `model` replaces the teacher's own
+    (`opd-ray probe` starts other candidates in the same bundle)."""
+    settings = spec.teacher_specs()[name]
+    options = engine_actor_options(spec, settings.resources)
+    index = list(spec.teacher_specs()).index(name)  # what its batches are marked with
+    model = model or spec.teacher_model(name)
+    seed = spec.run.seed + 1000 * index + replica
+    return ray.remote(TeacherScorer).options(**options, **bundle).remote(model, settings, seed, index)
+
+
+def start_teachers(spec: ExperimentSpec, placement: Placement) -> dict[str, list[ray.actor.ActorHandle]]:
+    """Every teacher's replicas, each in its bundle."""
+    return {
+        name: [
+            start_teacher(spec, name, i, bundle)
+            for i, bundle in enumerate(placement.actor_options[teacher_role(spec, name)])
+        ]
+        for name in spec.teacher_specs()
+    }
 
 
 def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     rollout_options = engine_actor_options(spec, spec.rollout.resources)
     algorithm = spec.algorithm
-    student_top_k = (algorithm.top_k or spec.teacher.top_k) if algorithm.needs_student_topk else 0
+    teacher_top_k = min(teacher.top_k for teacher in spec.teacher_specs().values())
+    student_top_k = (algorithm.top_k or teacher_top_k) if algorithm.needs_student_topk else 0
     rollout_workers = [
         RolloutWorker.options(**rollout_options, **bundle).remote(
             spec.models.student,
@@ -107,12 +142,9 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
         )
         for i, bundle in enumerate(placement.actor_options["rollout"])
     ]
-    teachers = [
-        start_teacher(spec, spec.models.teacher, i, bundle)
-        for i, bundle in enumerate(placement.actor_options["teacher"])
-    ]
+    teacher_pools = start_teachers(spec, placement)
     sequences = spec.trainer.prompts_per_step * spec.rollout.samples_per_prompt
-    learner_teacher = spec.models.teacher if algorithm.objective == "full_vocab" else None
+    learner_teacher = spec.teacher_model(next(iter(teacher_pools))) if algorithm.objective == "full_vocab" else None
     timeouts = spec.trainer.timeouts
     learners = LearnerGroup(
         spec.models.student,
@@ -126,12 +158,21 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     )
     starting = "rollout workers starting (trainer.timeouts.start_s)"
     get_or_raise_first([w.version.remote() for w in rollout_workers], timeouts.start_s, starting)  # engines are up
+    teachers = [actor for pool in teacher_pools.values() for actor in pool]
     get_or_raise_first([t.ready.remote() for t in teachers], timeouts.start_s, "teachers starting")
     broadcast = None
     if spec.weight_sync.method == "collective":
         broadcast = WeightBroadcast(spec.weight_sync, group_backend(spec), learners.workers, rollout_workers)
+    synced = [name for name, teacher in spec.teacher_specs().items() if teacher.weights == "current"]
     return Roles(
-        rollout_workers, teachers, learners, placement, broadcast, spec.trainer.max_actor_restarts, timeouts=timeouts
+        rollout_workers,
+        teacher_pools,
+        learners,
+        placement,
+        broadcast,
+        spec.trainer.max_actor_restarts,
+        timeouts=timeouts,
+        synced_teachers=synced,
     )
 
 
@@ -171,7 +212,7 @@ def await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> None
             raise Stuck(f"a {kind} actor died and cannot be restarted: {exc}") from None
     if kind == "rollout" and roles.broadcast is not None:
         roles.broadcast.regroup()  # the restarted engine is not in the old group
-    if kind == "rollout" and roles.weight_version > 0:
+    if roles.weight_version > 0 and any(actor == receiver for receiver in roles.weight_receivers):
         weights = roles.learners.export_weights(roles.timeouts.sync_s)
         get_or_raise_first([actor.load_weights.remote(weights, roles.weight_version)], roles.timeouts.sync_s, SYNCING)
 
@@ -201,17 +242,19 @@ def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
         roles.weight_version = version
         return
     weights_ref = roles.learners.export_weights(limit)
+    receivers = [("rollout", actor) for actor in roles.rollout_workers]
+    receivers += [("teacher", actor) for actor in roles.weight_receivers[len(roles.rollout_workers) :]]
     if not wait:
-        for worker in roles.rollout_workers:
-            worker.load_weights.remote(weights_ref, version)
+        for _, actor in receivers:
+            actor.load_weights.remote(weights_ref, version)
         roles.weight_version = version
         return
-    for worker in roles.rollout_workers:
+    for kind, actor in receivers:
         try:
-            get_or_raise_first([worker.load_weights.remote(weights_ref, version)], limit, SYNCING)
+            get_or_raise_first([actor.load_weights.remote(weights_ref, version)], limit, SYNCING)
         except RayActorError:
-            await_restart(roles, "rollout", worker)
-            get_or_raise_first([worker.load_weights.remote(weights_ref, version)], limit, SYNCING)
+            await_restart(roles, kind, actor)
+            get_or_raise_first([actor.load_weights.remote(weights_ref, version)], limit, SYNCING)
     roles.weight_version = version
 
 

@@ -84,8 +84,8 @@ def launch_step(
     elif on_student_samples(spec, step):
         work.shards = pipeline.launch_rollouts(step, indices, spec.rollout.samples_per_prompt)
     else:
-        work.shards, work.dataset = (
-            pipeline.launch_scoring(step, supervised_refs(prepared, indices), [len(indices)]),
-            True,
-        )
+        groups = pipeline.by_teacher(indices)
+        refs = [ref for rows in groups.values() for ref in supervised_refs(prepared, rows)]
+        sequences = [len(rows) for rows in groups.values()]
+        work.shards, work.dataset = pipeline.launch_scoring(step, refs, sequences, list(groups)), True
     return work

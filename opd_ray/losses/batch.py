@@ -28,6 +28,8 @@ class RolloutBatch:
     teacher_topk_ids_BLK: torch.Tensor | None = None  # teacher's top-k token ids per position
     teacher_topk_logprobs_BLK: torch.Tensor | None = None
     teacher_logprobs_at_student_topk_BLK: torch.Tensor | None = None  # transformers backend only
+    teacher_id_B: torch.Tensor | None = None  # long: which of the run's teachers scored each row (its index)
+    teacher_coef_B: torch.Tensor | None = None  # that teacher's loss coefficient
     advantages_BL: torch.Tensor | None = None  # set by the learner over the whole batch, before sharding
     task_advantages_B: torch.Tensor | None = None  # likewise
 
@@ -138,3 +140,62 @@ def supervised_batch(rows: list[tuple[list[int], list[int]]], prompt_index: list
         [ResponseRow(prompt, answer, index) for (prompt, answer), index in zip(rows, indices, strict=True)],
         source="dataset",
     )
+
+
+def response_values(values_BL: torch.Tensor, from_mask_BL: torch.Tensor, to_mask_BL: torch.Tensor) -> torch.Tensor:
+    """Per-token values moved from one layout of the same responses to another (other prompts before them):
+    the k-th response token of a row keeps its value; everything off the responses is zero."""
+    out = values_BL.new_zeros((*to_mask_BL.shape, *values_BL.shape[2:]))
+    out[to_mask_BL.bool()] = values_BL[from_mask_BL.bool()]
+    return out
+
+
+PER_TOKEN_FIELDS = (
+    "rollout_logprobs_BL",
+    "student_topk_ids_BLK",
+    "teacher_logprobs_BL",
+    "teacher_topk_ids_BLK",
+    "teacher_topk_logprobs_BLK",
+    "teacher_logprobs_at_student_topk_BLK",
+    "advantages_BL",
+)
+
+
+def with_prompts(batch: RolloutBatch, prompts_P: dict[int, list[int]]) -> RolloutBatch:
+    """The batch's responses after other prompts (a teacher's own, e.g. with the reference answer shown):
+    what that teacher scores. Its per-token values follow the response tokens; `scores_from` maps back."""
+    rows = [
+        ResponseRow(prompts_P[int(index)], ids[mask.bool()].tolist(), int(index))
+        for ids, mask, index in zip(batch.input_ids_BL, batch.response_mask_BL, batch.prompt_index_B, strict=True)
+    ]
+    laid_out = batch_from_rows(rows)
+    moved = {
+        name: response_values(getattr(batch, name), batch.response_mask_BL, laid_out.response_mask_BL)
+        for name in PER_TOKEN_FIELDS
+        if getattr(batch, name) is not None
+    }
+    return replace(
+        batch,
+        input_ids_BL=laid_out.input_ids_BL,
+        attention_mask_BL=laid_out.attention_mask_BL,
+        response_mask_BL=laid_out.response_mask_BL,
+        **moved,
+    )
+
+
+TEACHER_FIELDS = (
+    "teacher_logprobs_BL",
+    "teacher_topk_ids_BLK",
+    "teacher_topk_logprobs_BLK",
+    "teacher_logprobs_at_student_topk_BLK",
+)
+
+
+def scores_from(batch: RolloutBatch, scored_view: RolloutBatch) -> RolloutBatch:
+    """The teacher's scores of `with_prompts(batch, ...)` back on the batch's own layout."""
+    moved = {
+        name: response_values(getattr(scored_view, name), scored_view.response_mask_BL, batch.response_mask_BL)
+        for name in TEACHER_FIELDS
+        if getattr(scored_view, name) is not None
+    }
+    return replace(batch, **moved)

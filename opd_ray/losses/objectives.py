@@ -308,6 +308,7 @@ def chunked_loss(
     teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     reverse_weight: float = 1.0,
     observe: Observer | None = None,
+    token_losses: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Weighted sum of per-token losses, computing logits `chunk_tokens` rows at a time.
 
@@ -319,6 +320,7 @@ def chunked_loss(
 
     `observe(logits_NV, chunk)` sees each chunk's detached logits once (not again in a
     recompute): the step's statistics and diagnostics come from the same head pass as the loss.
+    `token_losses` receives each chunk's detached per-token losses (per-teacher loss metrics).
     """
     checkpointed = tokens.num_tokens > chunk_tokens
     total = hidden_NH.new_zeros((), dtype=torch.float32)
@@ -326,7 +328,7 @@ def chunked_loss(
         part = slice(start, start + chunk_tokens)
         chunk = tokens.slice(part)
         teacher_part = None if teacher_hidden_NH is None else teacher_hidden_NH[part]
-        watch = _FirstPass(observe, chunk) if observe is not None else None
+        watch = _FirstPass(observe, chunk, token_losses)
         piece = partial(_chunk_loss, head, chunk, algorithm, teacher_part, teacher_head, reverse_weight, watch)
         chunk_loss = checkpoint(piece, hidden_NH[part], use_reentrant=False) if checkpointed else piece(hidden_NH[part])
         total = total + chunk_loss
@@ -334,17 +336,25 @@ def chunked_loss(
 
 
 class _FirstPass:
-    """Calls an observer on a chunk's logits the first time they are computed, not in the backward's recompute."""
+    """Hands a chunk's logits to an observer, and its per-token losses to a list, the first time they are
+    computed, not again in the backward's recompute."""
 
-    def __init__(self, observe: Observer, chunk: TokenBatch) -> None:
-        self.observe, self.chunk, self.done = observe, chunk, False
+    def __init__(self, observe: Observer | None, chunk: TokenBatch, token_losses: list | None) -> None:
+        self.observe, self.chunk, self.token_losses = observe, chunk, token_losses
+        self.logits_seen = self.losses_seen = False
 
-    def __call__(self, logits_NV: torch.Tensor) -> None:
-        if self.done:
+    def logits(self, logits_NV: torch.Tensor) -> None:
+        if self.observe is None or self.logits_seen:
             return
-        self.done = True
+        self.logits_seen = True
         with torch.no_grad():
             self.observe(logits_NV.detach(), self.chunk)
+
+    def losses(self, loss_N: torch.Tensor) -> None:
+        if self.token_losses is None or self.losses_seen:
+            return
+        self.losses_seen = True
+        self.token_losses.append(loss_N.detach())
 
 
 def _chunk_loss(
@@ -354,7 +364,7 @@ def _chunk_loss(
     teacher_hidden_NH: torch.Tensor | None,
     teacher_head: Callable[[torch.Tensor], torch.Tensor] | None,
     reverse_weight: float,
-    watch: _FirstPass | None,
+    watch: _FirstPass,
     hidden_NH: torch.Tensor,
 ) -> torch.Tensor:
     teacher_logits_NV = None
@@ -362,7 +372,7 @@ def _chunk_loss(
         with torch.no_grad():
             teacher_logits_NV = teacher_head(teacher_hidden_NH)
     student_logits_NV = head(hidden_NH)
-    if watch is not None:
-        watch(student_logits_NV)
-    inputs = ObjectiveInputs(student_logits_NV, tokens, teacher_logits_NV, reverse_weight)
-    return (token_loss(inputs, algorithm) * tokens.token_weight_N).sum()
+    watch.logits(student_logits_NV)
+    loss_N = token_loss(ObjectiveInputs(student_logits_NV, tokens, teacher_logits_NV, reverse_weight), algorithm)
+    watch.losses(loss_N)
+    return (loss_N * tokens.token_weight_N).sum()

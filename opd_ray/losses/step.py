@@ -70,6 +70,8 @@ def rank_share(
     batch = full.select(slice(rank, None, world_size))
     mask_BT = batch.response_mask_BL[:, 1:].to(device)
     weights_BT = aggregation_weights(mask_BT, algorithm.aggregation, global_tokens, global_sequences)
+    if batch.teacher_coef_B is not None:  # each teacher's loss coefficient weighs its rows' tokens
+        weights_BT = weights_BT * batch.teacher_coef_B[:, None].to(weights_BT)
     return RankShare(batch, mask_BT, flatten_tokens(batch, weights_BT, device))
 
 
@@ -176,9 +178,8 @@ def response_token_lists(batch: RolloutBatch) -> list[list[int]]:
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids_BL, batch.response_mask_BL, strict=True)]
 
 
-def batch_counts(share: RankShare) -> dict[str, Any]:
-    """What this rank's rows hold: tokens, sequences, truncations and the verifier's score of them."""
-    batch = share.batch
+def batch_counts(batch: RolloutBatch, tokens: TokenBatch) -> dict[str, Any]:
+    """What these rows hold: tokens, sequences, truncations and the verifier's score of them."""
     counts: dict[str, Any] = {
         "response_tokens": batch.num_response_tokens,
         "sequences": batch.num_sequences,
@@ -186,12 +187,46 @@ def batch_counts(share: RankShare) -> dict[str, Any]:
         "cut_off_share": (float((~batch.finished_B).sum()), float(batch.num_sequences)),  # a collapse runs long
         "repetitive_share": (float(sum(map(is_repetitive, response_token_lists(batch)))), float(batch.num_sequences)),
     }
-    if share.tokens.keep_N is not None:
-        counts["gate/kept_fraction"] = (float(share.tokens.keep_N.sum()), float(share.tokens.num_tokens))
+    if tokens.keep_N is not None:
+        counts["gate/kept_fraction"] = (float(tokens.keep_N.sum()), float(tokens.num_tokens))
     if batch.task_rewards_B is not None:  # NaN: a row without a reference answer, left out of the mean
         answered_B = ~batch.task_rewards_B.isnan()
         counts["sample_reward"] = (float(batch.task_rewards_B[answered_B].sum()), float(answered_B.sum()))
     return counts
+
+
+def token_teacher_ids(batch: RolloutBatch, tokens: TokenBatch) -> torch.Tensor:
+    """The teacher index of each flat response token (TokenBatch order: sequence, then position)."""
+    mask_BT = batch.response_mask_BL[:, 1:].bool()
+    return batch.teacher_id_B[:, None].expand(mask_BT.shape)[mask_BT].to(tokens.target_ids_N.device)
+
+
+def per_teacher_metrics(
+    share: RankShare,
+    per_token: dict[str, torch.Tensor],
+    token_losses: list[torch.Tensor] | None,
+    teacher_names: tuple[str, ...],
+    on_student_samples: bool,
+) -> dict[str, Any]:
+    """`teacher/<name>/...`: the step's statistics, diagnostics (not per position) and token-mean loss over
+    the rows each teacher scored; a teacher with no rows on this rank reports nothing (ranks are combined
+    key by key)."""
+    batch, tokens = share.batch, share.tokens
+    if batch.teacher_id_B is None or not teacher_names:
+        return {}
+    ids_N = token_teacher_ids(batch, tokens)
+    losses_N = torch.cat(token_losses) if token_losses else None
+    metrics: dict[str, Any] = {}
+    for index in sorted(set(batch.teacher_id_B.tolist())):
+        rows_B, in_N = batch.teacher_id_B == index, ids_N == index
+        own_tokens = tokens.slice(in_N)
+        values = token_statistics({k: v[in_N] for k, v in per_token.items()}, own_tokens, on_student_samples)
+        values.update(batch_counts(batch.select(rows_B), own_tokens))
+        if losses_N is not None:
+            values["loss"] = (float(losses_N[in_N].double().sum()), float(in_N.sum()))
+        name = teacher_names[index]
+        metrics.update({f"teacher/{name}/{key}": v for key, v in values.items() if key.count("/") < 2})
+    return metrics
 
 
 def step_loss(
@@ -202,8 +237,10 @@ def step_loss(
     world_size: int,
     diagnostics_k: int | None = None,
     step: int = 1,
+    teacher_names: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """This rank's share of the step's loss (with grad, ready for backward) and of its metrics.
+    """This rank's share of the step's loss (with grad, ready for backward) and of its metrics; with
+    `teacher_names` (the run's teachers, by index) also per teacher.
 
     The output head runs once per chunk for the loss, and its logits also give the statistics
     and diagnostics; only a vOPD baseline or an entropy gate (which change the loss) need a
@@ -226,6 +263,7 @@ def step_loss(
         share.tokens = finish_token_batch(share.tokens, {}, share.mask_BT, algorithm)
         collector = ValueCollector(wanted)
     reverse_weight = forward_to_reverse_weight(step, algorithm.anneal_steps)
+    token_losses: list[torch.Tensor] | None = [] if teacher_names else None
     loss = chunked_loss(
         hidden_NH,
         models.student_head,
@@ -236,27 +274,38 @@ def step_loss(
         models.teacher_head,
         reverse_weight,
         observe=None if collector is None else collector.collect,
+        token_losses=token_losses,
     )
     if collector is not None:
         per_token = collector.values()
     metrics = token_statistics(per_token, share.tokens, on_student_samples)
-    metrics.update(batch_counts(share))
+    metrics.update(batch_counts(share.batch, share.tokens))
+    metrics.update(per_teacher_metrics(share, per_token, token_losses, teacher_names, on_student_samples))
     if algorithm.divergence == "forward_to_reverse":
         metrics["reverse_kl_weight"] = (reverse_weight, 1.0)  # a (sum, count) pair: the same on every rank
     return loss, metrics
 
 
 def diagnose(
-    models: StepModels, full: RolloutBatch, algorithm: AlgorithmSpec, rank: int, world_size: int, diagnostics_k: int
+    models: StepModels,
+    full: RolloutBatch,
+    algorithm: AlgorithmSpec,
+    rank: int,
+    world_size: int,
+    diagnostics_k: int,
+    teacher_names: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """A step's metrics and diagnostics without a loss (`opd-ray probe`): what step 1 of a run would log."""
+    """A step's metrics and diagnostics without a loss (`opd-ray probe`): what step 1 of a run would log,
+    per teacher too with `teacher_names`."""
     share = rank_share(full, algorithm, rank, world_size, models.device)
     with torch.no_grad():
         hidden_NH = response_hidden_states(models.student, share.batch, models.device)
     wanted = wanted_values(share.tokens, algorithm, diagnostics_k, on_student_samples=True)
-    metrics = token_statistics(values_pass(models, hidden_NH, share.tokens, wanted), share.tokens, True)
+    per_token = values_pass(models, hidden_NH, share.tokens, wanted)
+    metrics = token_statistics(per_token, share.tokens, True)
     metrics["response_tokens"] = share.batch.num_response_tokens
     metrics["sequences"] = share.batch.num_sequences
+    metrics.update(per_teacher_metrics(share, per_token, None, teacher_names, True))
     return metrics
 
 
@@ -265,10 +314,12 @@ SLOWEST_RANK = ("time/learner_fetch", "time/learner_compute")  # the step waits 
 
 
 def combine_rank_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
-    """Ranks report shares of a global mean (added) or (sum, count) pairs (added, then divided)."""
+    """Ranks report shares of a global mean (added) or (sum, count) pairs (added, then divided). A key only
+    some ranks report (a teacher with rows on some ranks) is combined over those."""
+    keys = list(dict.fromkeys(key for r in per_rank for key in r))
     totals: dict[str, float] = {}
-    for key in per_rank[0]:
-        values = [r[key] for r in per_rank]
+    for key in keys:
+        values = [r[key] for r in per_rank if key in r]
         if values[0] is None or key in SAME_ON_EVERY_RANK:
             totals[key] = values[0]
         elif key in SLOWEST_RANK:

@@ -21,9 +21,11 @@ from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.data.order import PromptSampler
 from opd_ray.data.preflight import check_teacher
 from opd_ray.data.prompts import PromptSet
-from opd_ray.driver.evaluation import evaluate
+from opd_ray.driver.evaluation import Accuracy, evaluate_by_teacher
 from opd_ray.driver.pipeline import rollout_and_score
+from opd_ray.driver.placement import teacher_role
 from opd_ray.driver.roles import start_roles, start_teacher
+from opd_ray.errors import UserError
 from opd_ray.files import write_json
 from opd_ray.losses.step import combine_rank_metrics
 from opd_ray.recipe.startup import start
@@ -80,16 +82,14 @@ def judge(
     return Verdict(compatible and teaches, reasons)
 
 
-def first(prompts: PromptSet, count: int) -> PromptSet:
-    count = min(count, len(prompts))
-    return PromptSet(prompts.prompt_ids[:count], prompts.answers[:count], prompts.source)
-
-
 def check_candidates(spec: ExperimentSpec, student_tokenizer, paths: list[str]) -> list[ModelSpec]:
     """The spec's teacher and each other candidate, checked like the spec's teacher at pre-flight."""
-    candidates = [spec.models.teacher]
+    if paths and len(spec.teacher_specs()) > 1:
+        raise UserError("opd-ray probe --teacher compares candidates for one teacher; this spec names several")
+    own = spec.teacher_model(next(iter(spec.teacher_specs())))
+    candidates = [own]
     for i, path in enumerate(paths, start=1):
-        teacher = spec.models.teacher.model_copy(update={"path": path})
+        teacher = own.model_copy(update={"path": path})
         check_teacher(spec, teacher, f"--teacher #{i}", student_tokenizer)
         candidates.append(teacher)
     return candidates
@@ -108,14 +108,15 @@ def run_probe(spec: ExperimentSpec, other_teachers: list[str] = ()) -> dict:
         refs = rollout_and_score(roles, prepared.train, indices, step=0, seed=spec.run.seed)
         eval_prompts = None
         if prepared.eval is not None and all(answer is not None for answer in prepared.eval.answers):
-            eval_prompts = first(prepared.eval, spec.probe.eval_prompts)
-        student_accuracy = accuracy(spec, roles, prepared, eval_prompts, "rollout")
+            eval_prompts = prepared.eval.first(spec.probe.eval_prompts)
+        student_accuracy = accuracy(spec, roles, prepared, eval_prompts, "rollout")  # per teacher's rows too
         results = [measure(spec, roles, prepared, refs, eval_prompts, student_accuracy)]
-        for i, teacher in enumerate(candidates[1:], start=1):
-            bundle = roles.placement.actor_options["teacher"][0]
+        name = next(iter(spec.teacher_specs()))
+        for teacher in candidates[1:]:
+            bundle = roles.placement.actor_options[teacher_role(spec, name)][0]
             for old in roles.teachers:
                 ray.kill(old, no_restart=True)  # frees the bundle for the next candidate
-            roles.teachers = [start_teacher(spec, teacher, i, bundle)]
+            roles.teacher_pools = {name: [start_teacher(spec, name, 0, bundle, model=teacher)]}
             rescored = [roles.teachers[0].score.remote(ref)[0] for ref in refs]
             results.append(measure(spec, roles, prepared, rescored, eval_prompts, student_accuracy))
     finally:
@@ -137,27 +138,49 @@ def rank_key(result: dict) -> tuple:
     return (not result["verdict"]["likely_to_help"], -(result["signals"]["diag/overlap_ratio"] or 0.0), -gap)
 
 
-def accuracy(spec: ExperimentSpec, roles, prepared, eval_prompts: PromptSet | None, kind: str) -> float | None:
+def accuracy(spec: ExperimentSpec, roles, prepared, eval_prompts: PromptSet | None, kind: str) -> Accuracy | None:
     if eval_prompts is None:
         return None
-    return evaluate(roles, kind, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens)
+    return evaluate_by_teacher(roles, kind, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens)
 
 
 def measure(spec: ExperimentSpec, roles, prepared, refs: list, eval_prompts, student_accuracy) -> dict:
-    """Step 1's diagnostics of the scored samples `refs`, the current teacher's accuracy, and the verdict."""
+    """Step 1's diagnostics of the scored samples `refs`, the current teacher's accuracy, and the verdict;
+    with named teachers, the same for each teacher on its own rows (`teachers`)."""
     k = spec.diagnostics.top_k
     diagnosing = "learner ranks computing the diagnostics (trainer.timeouts.step_s)"
+    names = tuple(spec.teacher_specs()) if spec.named_teachers else ()
     per_rank = get_or_raise_first(
-        roles.learners.call("diagnose", refs, spec.algorithm, k), spec.trainer.timeouts.step_s, diagnosing
+        roles.learners.call("diagnose", refs, spec.algorithm, k, names), spec.trainer.timeouts.step_s, diagnosing
     )
     metrics = combine_rank_metrics(per_rank)
     teacher_accuracy = accuracy(spec, roles, prepared, eval_prompts, "teacher")
-    verdict = judge(metrics["diag/overlap_ratio"], teacher_accuracy, student_accuracy, spec.probe, k)
+    result = probe_result(metrics, "", k, spec.probe, teacher_accuracy, student_accuracy, None)
+    if names:
+        result["teachers"] = {
+            name: probe_result(metrics, f"teacher/{name}/", k, spec.probe, teacher_accuracy, student_accuracy, name)
+            for name in names
+            if f"teacher/{name}/sequences" in metrics
+        }
+    return result
+
+
+def probe_result(metrics: dict, prefix: str, k: int, probe: ProbeSpec, teacher, student, name: str | None) -> dict:
+    """What the probe reports for the metrics under `prefix` (all rows, or one teacher's), with the accuracies
+    over the same rows and the verdict."""
+
+    def on_rows(accuracy: Accuracy | None) -> float | None:
+        if accuracy is None:
+            return None
+        return accuracy.overall if name is None else accuracy.by_teacher.get(name)
+
+    teacher_accuracy, student_accuracy = on_rows(teacher), on_rows(student)
+    verdict = judge(metrics[f"{prefix}diag/overlap_ratio"], teacher_accuracy, student_accuracy, probe, k)
     return {
         "k": k,
-        "prompts": metrics["sequences"],
-        "response_tokens": metrics["response_tokens"],
-        "signals": {name: metrics.get(name) for name, _ in SIGNALS},
+        "prompts": metrics[f"{prefix}sequences"],
+        "response_tokens": metrics[f"{prefix}response_tokens"],
+        "signals": {signal: metrics.get(f"{prefix}{signal}") for signal, _ in SIGNALS},
         "teacher_accuracy": teacher_accuracy,
         "student_accuracy": student_accuracy,
         "verdict": asdict(verdict),
@@ -165,25 +188,29 @@ def measure(spec: ExperimentSpec, roles, prepared, refs: list, eval_prompts, stu
 
 
 def print_probe(result: dict) -> None:
+    """The signals and accuracies (a column per teacher when the spec names them), then each verdict."""
     from rich.table import Table
 
     from opd_ray.console import console
 
+    columns = {"value": result, **{f"teacher {name}": own for name, own in result.get("teachers", {}).items()}}
     table = Table(title=f"opd-ray probe: {result['prompts']} prompts, {result['response_tokens']} student tokens")
     table.add_column("signal")
-    table.add_column("value", justify="right")
+    for column in columns:
+        table.add_column(column, justify="right")
     for name, meaning in SIGNALS:
-        value = result["signals"][name]
-        table.add_row(meaning.replace("@k", f"@{result['k']}"), "-" if value is None else f"{value:.3f}")
+        values = [number(own["signals"][name]) for own in columns.values()]
+        table.add_row(meaning.replace("@k", f"@{result['k']}"), *values)
     for kind in ("teacher_accuracy", "student_accuracy"):
-        value = result[kind]
-        table.add_row(kind.replace("_", " "), "-" if value is None else f"{value:.3f}")
+        table.add_row(kind.replace("_", " "), *[number(own[kind]) for own in columns.values()])
     console.print(table)
-    verdict = result["verdict"]
-    headline = "OPD is likely to help" if verdict["likely_to_help"] else "OPD is unlikely to help as set up"
-    console.print(f"[bold]{headline}[/] ({result['wall_seconds']} s)")
-    for reason in verdict["reasons"]:
-        console.print(f"  - {reason}")
+    for column, own in columns.items():
+        verdict = own["verdict"]
+        headline = "OPD is likely to help" if verdict["likely_to_help"] else "OPD is unlikely to help as set up"
+        where = "" if own is result else f"{column}: "
+        console.print(f"[bold]{where}{headline}[/]" + (f" ({result['wall_seconds']} s)" if own is result else ""))
+        for reason in verdict["reasons"]:
+            console.print(f"  - {reason}")
     if "candidates" in result:
         print_ranking(result["candidates"], result["k"])
 

@@ -130,7 +130,7 @@ def ensure_imported_models(spec: ExperimentSpec) -> None:
     records = wanted_records(build, path)
     missing = [
         (label, Path(model.path))
-        for label, model in (("teacher", spec.models.teacher), ("student", spec.models.student))
+        for label, model in spec.models_by_role()
         if Path(model.path).resolve().is_relative_to(root) and not is_built(Path(model.path), records[label])
     ]
     if not missing:

@@ -97,8 +97,9 @@ def teacher_engine(spec: ExperimentSpec) -> ray.actor.ActorHandle:
             "max_new_tokens": settings.max_new_tokens or spec.rollout.max_new_tokens,
         }
     )
-    options = stage_engine_options(spec.teacher.resources)
-    return RolloutWorker.options(**options).remote(spec.models.teacher, spec.teacher.engine, rollout, spec.run.seed)
+    name, teacher = next(iter(spec.teacher_specs().items()))  # the spec allows one teacher with this stage
+    options = stage_engine_options(teacher.resources)
+    return RolloutWorker.options(**options).remote(spec.teacher_model(name), teacher.engine, rollout, spec.run.seed)
 
 
 def stage_engine_options(resources: ResourcesSpec) -> dict:

@@ -131,7 +131,7 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
     root = Path(build.directory)
     wanted = [
         (label, Path(model.path), model_recipe(spec, label))
-        for label, model in (("teacher", spec.models.teacher), ("student", spec.models.student))
+        for label, model in spec.models_by_role()
         if Path(model.path).resolve().is_relative_to(root.resolve())  # a model elsewhere is not ours to write
     ]
     missing = [(label, directory, recipe) for label, directory, recipe in wanted if not is_built(directory, recipe)]

@@ -727,6 +727,12 @@ class ExperimentSpec(Section):
         teacher = self.teacher_specs()[name]
         return self.models.student if teacher.is_self else teacher.model
 
+    def models_by_role(self) -> list[tuple[str, ModelSpec]]:
+        """("teacher", model) for every teacher with a model of its own, then ("student", model): what the
+        model builders (models.build_tiny, models.import_pretrained) make when missing."""
+        teachers = [("teacher", t.model) for t in self.teacher_specs().values() if not t.is_self]
+        return [*teachers, ("student", self.models.student)]
+
     def teacher_field(self, name: str) -> str:
         """Where a teacher's settings live in the spec, for error messages."""
         return f"teachers.{name}" if self.teachers is not None else "teacher"

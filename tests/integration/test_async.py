@@ -46,7 +46,7 @@ def two_of_each(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_
     slow = start_teacher_actor(SlowTeacherScorer, spec.models.teacher, spec.teacher, 7)  # starts beside the roles
     roles = start_roles(spec)
     local_ray.get(slow.ready.remote())
-    roles.teachers.append(slow)
+    roles.teacher_pools["teacher"].append(slow)
     try:
         yield roles, prepare(spec)
     finally:
@@ -68,10 +68,12 @@ def test_slow_teacher_replica_takes_fewer_shards_and_no_prompt_is_lost(two_of_ea
         rows = [i for b in batches for i in b.prompt_index_B.tolist()]
         assert rows == steps[step]  # every prompt of the step once, in order, whoever scored it
         assert all(b.teacher_logprobs_BL is not None for b in batches)
-    fast_shards, slow_shards = pipeline.teacher.shards_done
+    fast_shards, slow_shards = pipeline.teachers["teacher"].shards_done
     assert fast_shards + slow_shards == 24
-    assert slow_shards <= 24 / 4, pipeline.teacher.shards_done  # round-robin would give it 12
-    assert pipeline.teacher.seconds_per_sequence[1] > 3 * pipeline.teacher.seconds_per_sequence[0]
+    assert slow_shards <= 24 / 4, pipeline.teachers["teacher"].shards_done  # round-robin would give it 12
+    assert (
+        pipeline.teachers["teacher"].seconds_per_sequence[1] > 3 * pipeline.teachers["teacher"].seconds_per_sequence[0]
+    )
 
 
 @pytest.mark.integration
@@ -85,7 +87,7 @@ def test_which_actors_sample_and_score_a_shard_changes_nothing(two_of_each, loca
     from opd_ray.losses.batch import RolloutBatch
 
     roles, prepared = two_of_each
-    one = replace(roles, rollout_workers=roles.rollout_workers[:1], teachers=roles.teachers[:1])
+    one = replace(roles, rollout_workers=roles.rollout_workers[:1], teacher_pools={"teacher": roles.teachers[:1]})
     batches = {}
     for name, subset in (("one of each", one), ("two of each", roles)):
         pipeline = Pipeline(subset, prepared.train, run_seed=3, prompts_per_shard=4)

@@ -194,3 +194,45 @@ def test_activation_checkpointing_of_the_decoder_layers_changes_no_number(tiny_d
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
     assert_same_step(loss_gradients_and_metrics(checkpointed, 4), loss_gradients_and_metrics(plain, 4))
+
+
+def test_per_teacher_metrics_are_each_teachers_rows_alone_and_coefficients_weigh_the_loss(student) -> None:
+    """Rows 0 and 2 scored by teacher "a", rows 1 and 3 by "b" (coefficient 3): each teacher's numbers are
+    the one-teacher numbers of its rows alone, on one rank or split over two; the loss counts b's tokens 3x."""
+    algorithm = AlgorithmSpec(objective="topk")
+    batch = scored_batch()
+    batch.teacher_id_B = torch.tensor([0, 1, 0, 1])
+    names = ("a", "b")
+    _, metrics = step_loss(models(student), batch, algorithm, 0, 1, diagnostics_k=4, teacher_names=names)
+    for index, name in enumerate(names):
+        own = batch.select(batch.teacher_id_B == index)
+        own.teacher_id_B = None
+        own_loss, alone = step_loss(models(student), own, algorithm, 0, 1, diagnostics_k=4)
+        alone = combine_rank_metrics([alone])
+        for key in ("teacher_logprob", "student_logprob", "sampled_reverse_kl", "diag/overlap_ratio", "sample_reward"):
+            assert metrics[f"teacher/{name}/{key}"][0] / metrics[f"teacher/{name}/{key}"][1] == pytest.approx(
+                alone[key], rel=1e-6
+            ), (name, key)
+        assert metrics[f"teacher/{name}/response_tokens"] == own.num_response_tokens
+        loss_sum, loss_tokens = metrics[f"teacher/{name}/loss"]
+        assert loss_sum / loss_tokens == pytest.approx(float(own_loss), rel=1e-5)  # a token mean, coefficient 1
+    split = combine_rank_metrics(
+        [step_loss(models(student), batch, algorithm, r, 2, diagnostics_k=4, teacher_names=names)[1] for r in (0, 1)]
+    )
+    whole = combine_rank_metrics([metrics])
+    for key in [k for k in whole if k.startswith("teacher/")]:
+        assert split[key] == pytest.approx(whole[key], rel=1e-6), key
+
+    weighted = batch.select(slice(None))
+    weighted.teacher_coef_B = torch.tensor([1.0, 3.0, 1.0, 3.0])
+    loss_weighted, _ = step_loss(models(student), weighted, algorithm, 0, 1)
+    plain, _ = step_loss(models(student), batch, algorithm, 0, 1)
+    tokens_b = float(batch.response_mask_BL[batch.teacher_id_B == 1].sum())
+    per_token_b = metrics["teacher/b/loss"][0] / metrics["teacher/b/loss"][1]
+    expected = float(plain) + 2 * per_token_b * tokens_b / batch.num_response_tokens
+    assert float(loss_weighted) == pytest.approx(expected, rel=1e-5)
+
+
+def test_ranks_combine_keys_only_some_of_them_report() -> None:
+    combined = combine_rank_metrics([{"x": (2.0, 1.0), "teacher/a/x": (3.0, 1.0)}, {"x": (4.0, 1.0)}])
+    assert combined == {"x": 3.0, "teacher/a/x": 3.0}
