@@ -33,9 +33,15 @@ def actor_env(roles_overlap: bool = False) -> dict:
 
 
 def actor_location() -> dict:
-    """Where the calling actor runs: a run records this for every actor (placement.json)."""
+    """Where the calling actor runs (its process too: a restarted actor has a new one): a run records this
+    for every actor (placement.json)."""
     context = ray.get_runtime_context()
-    return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
+    return {
+        "node_id": context.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "gpu_ids": ray.get_gpu_ids(),
+        "pid": os.getpid(),
+    }
 
 
 def get_or_raise_first(refs: list[ray.ObjectRef], timeout_s: float | None = None, what: str = "calls") -> list[Any]:
