@@ -21,9 +21,14 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def parse_args(
-    doc: str | None, argv: list[str] | None, steps: int | None = None, sizes: list[str] | None = None
+    doc: str | None,
+    argv: list[str] | None,
+    steps: int | None = None,
+    sizes: list[str] | None = None,
+    variants: int | None = None,
 ) -> argparse.Namespace:
-    """`--tiny` (the CI size: prints, records nothing) and, for loop benchmarks, `--steps` and `--size`;
+    """`--tiny` (the CI size: prints, records nothing) and, for loop benchmarks, `--steps` and `--size`; with
+    `variants` (how many rows a benchmark has), `--variant I` (repeatable) measures only rows I (from 1).
     `argv` None reads the command line (the tests call `main(["--tiny"])` in their own process)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CI size; prints, records nothing")
@@ -31,6 +36,8 @@ def parse_args(
         parser.add_argument("--steps", type=int, default=steps)
     if sizes:
         parser.add_argument("--size", choices=sizes, default=sizes[0])
+    if variants:
+        parser.add_argument("--variant", type=int, action="append", choices=range(1, variants + 1))
     return parser.parse_args(argv)
 
 

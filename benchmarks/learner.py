@@ -10,7 +10,9 @@ Rows, each in a fresh process so peak memory is its own:
 - diagnostics folded: the default; statistics and diagnostics read off the loss's head pass;
 - diagnostics in a separate pass: what the learner did before (a no-grad head pass for them,
   then the loss under chunk checkpointing: three applications of the output head);
-- each of those with activation checkpointing of the decoder layers (`learner.gradient_checkpointing`).
+- each of those with activation checkpointing of the decoder layers (`learner.gradient_checkpointing`);
+- diagnostics folded, with the rows split among 4 teachers: every metric also per teacher
+  (`teacher/<name>/...`) and per-teacher loss coefficients, what a run with named teachers logs.
 
 MFU = model FLOPs (6 x parameters x tokens for the matmuls, + attention) per second over a
 matmul ceiling measured in the same run (the best of large square matmuls in the step's dtype);
@@ -18,14 +20,18 @@ the recompute of checkpointing is not model FLOPs. On CUDA: bf16, the full shape
 On CPU: float32, 2 of the 28 layers and 2 x 256 tokens (the vocabulary stays whole: at this
 vocabulary a small model is mostly output head).
 
-    python benchmarks/learner.py           # CUDA if present, else the reduced CPU shape; recorded
-    python benchmarks/learner.py --tiny    # CI: a smaller shape, nothing recorded
+    python benchmarks/learner.py               # CUDA if present, else the reduced CPU shape; recorded
+    python benchmarks/learner.py --variant 2 --variant 6   # only those rows (the first is the baseline)
+    python benchmarks/learner.py --tiny        # CI: a smaller shape, nothing recorded
+
+A variant that runs out of memory is reported as such (a row without numbers), not retried.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import time
+from queue import Empty
 
 import torch
 from common import markdown_table, parse_args, report, target
@@ -51,12 +57,13 @@ SHAPES = {  # name -> (config overrides, sequences, tokens per sequence, measure
 }
 PROMPT_TOKENS = 256  # per sequence (fewer in the smaller shapes); the rest is response
 TOP_K = 16
-VARIANTS = [  # name, diagnostics, separate statistics pass, activation checkpointing
-    ("no diagnostics", False, False, False),
-    ("diagnostics folded (default)", True, False, False),
-    ("diagnostics in a separate pass (before)", True, True, False),
-    ("no diagnostics + activation checkpointing", False, False, True),
-    ("diagnostics folded + activation checkpointing", True, False, True),
+VARIANTS = [  # name, diagnostics, separate statistics pass, activation checkpointing, teachers
+    ("no diagnostics", False, False, False, 0),
+    ("diagnostics folded (default)", True, False, False, 0),
+    ("diagnostics in a separate pass (before)", True, True, False, 0),
+    ("no diagnostics + activation checkpointing", False, False, True, 0),
+    ("diagnostics folded + activation checkpointing", True, False, True, 0),
+    ("diagnostics folded, 4 teachers (per-teacher metrics)", True, False, False, 4),
 ]
 
 
@@ -109,10 +116,10 @@ def measure(shape: str, variant: tuple, queue) -> None:
     """One variant in its own process: warm-up step, then the mean of the measured steps; peak memory."""
     import resource
 
-    from opd_ray.losses.step import StepModels, step_loss
+    from opd_ray.losses.step import StepModels
     from opd_ray.spec import AlgorithmSpec
 
-    name, diagnostics, separate, checkpointing = variant
+    name, diagnostics, separate, checkpointing, teachers = variant
     overrides, sequences, length, steps = SHAPES[shape]
     on_gpu = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
@@ -122,10 +129,32 @@ def measure(shape: str, variant: tuple, queue) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = scored_batch(sequences, length, model.config.vocab_size)
+    names = tuple(f"teacher{i}" for i in range(teachers))
+    if teachers:  # rows dealt out to the teachers, as their scorers mark them
+        batch.teacher_id_B = torch.arange(sequences) % teachers
+        batch.teacher_coef_B = 1.0 + batch.teacher_id_B.float()
     models = StepModels(model, model.get_output_embeddings(), device, chunk_tokens=8192)
     algorithm = AlgorithmSpec(objective="topk", top_k=TOP_K)
     k = TOP_K if diagnostics else None
     times = []
+    try:
+        run_steps(models, batch, algorithm, k, names, separate, optimizer, steps, times)
+    except torch.OutOfMemoryError:
+        queue.put((name, None, torch.cuda.max_memory_allocated() / 2**30, 0, sequences * length, model.config))
+        return
+    if on_gpu:
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, whole process
+    parameters = sum(p.numel() for p in model.parameters())
+    queue.put((name, sum(times) / len(times), peak_gib, parameters, sequences * length, model.config))
+
+
+def run_steps(models, batch, algorithm, k, names, separate: bool, optimizer, steps: int, times: list) -> None:
+    """A warm-up step, then `steps` timed ones (appended to `times`)."""
+    from opd_ray.losses.step import step_loss
+
+    on_gpu = torch.cuda.is_available()
     for step in range(steps + 1):  # the first is warm-up
         if on_gpu:
             torch.cuda.synchronize()
@@ -133,7 +162,7 @@ def measure(shape: str, variant: tuple, queue) -> None:
         if separate:
             loss, _ = old_step_loss(models, batch, algorithm, k)
         else:
-            loss, _ = step_loss(models, batch, algorithm, 0, 1, k)
+            loss, _ = step_loss(models, batch, algorithm, 0, 1, k, teacher_names=names)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -141,12 +170,6 @@ def measure(shape: str, variant: tuple, queue) -> None:
             torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - started)
-    if on_gpu:
-        peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, whole process
-    parameters = sum(p.numel() for p in model.parameters())
-    queue.put((name, sum(times) / len(times), peak_gib, parameters, sequences * length, model.config))
 
 
 def model_flops(parameters: int, tokens: int, sequence: int, config) -> float:
@@ -186,25 +209,36 @@ def run_variant(shape: str, variant: tuple) -> tuple:
     queue = context.Queue()
     process = context.Process(target=measure, args=(shape, variant, queue))
     process.start()
-    result = queue.get(timeout=1800)
+    while True:  # a variant whose process dies (killed for memory, a crash) ends the wait at once
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not process.is_alive():
+                return (variant[0], None, None, 0, 0, None)
     process.join(timeout=60)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, variants=len(VARIANTS))
     on_gpu = torch.cuda.is_available()
     shape = "tiny" if args.tiny else ("cuda" if on_gpu else "cpu")
     ceiling = matmul_ceiling(on_gpu, args.tiny)
-    results = [run_variant(shape, variant) for variant in VARIANTS]
-    baseline = results[0][1]
+    chosen = [VARIANTS[i - 1] for i in args.variant] if args.variant else VARIANTS
+    results = {variant[0]: run_variant(shape, variant) for variant in chosen}
+    baseline_name = chosen[0][0]
+    baseline = results[baseline_name][1]
     rows = []
-    for name, seconds, peak_gib, parameters, tokens, config in results:
+    for name, seconds, peak_gib, parameters, tokens, config in results.values():
+        if seconds is None:
+            rows.append([name, "out of memory", "-", "-", "-" if peak_gib is None else peak_gib, "-"])
+            continue
         flops = model_flops(parameters, tokens, SHAPES[shape][2], config)
         rows.append([name, seconds, tokens / seconds, seconds / baseline, peak_gib, flops / seconds / ceiling])
-    table = markdown_table(["learner step", "seconds", "tokens/s", "vs no diagnostics", "peak memory GiB", "MFU"], rows)
+    header = ["learner step", "seconds", "tokens/s", f"vs {baseline_name}", "peak memory GiB", "MFU"]
     overrides, sequences, length, steps = SHAPES[shape]
-    parameters = results[0][3]
+    parameters = next(r[3] for r in results.values() if r[1] is not None)
     config = (
         f"Qwen3-0.6B shape ({QWEN3_0P6B | overrides}), {parameters / 1e6:.0f}M parameters, random init; "
         f"{sequences} x {length} tokens ({min(PROMPT_TOKENS, length // 4)} prompt each), top-k reverse KL on the "
@@ -212,17 +246,23 @@ def main(argv: list[str] | None = None) -> None:
         f"warm-up; matmul ceiling {ceiling / 1e12:.2f} TFLOP/s; peak memory: "
         + ("CUDA allocated" if on_gpu else "the process's peak RSS")
     )
-    folded, separate = results[1][1], results[2][1]
-    report(
-        "learner",
-        config,
-        table,
-        [
-            target(folded / baseline - 1 <= 0.05, "diagnostics <= 5% of the learner's time"),
-            f"folding the diagnostics into the loss pass: {separate / folded:.2f}x faster than the separate pass",
-        ],
-        record=not args.tiny,
-    )
+    report("learner", config, markdown_table(header, rows), verdicts(results), record=not args.tiny)
+
+
+def verdicts(results: dict) -> list[str]:
+    """The targets whose rows were measured."""
+    seconds = {name: r[1] for name, r in results.items()}
+    plain, folded, separate, _, _, per_teacher = (seconds.get(v[0]) for v in VARIANTS)
+    out = []
+    if plain and folded:
+        out.append(target(folded / plain - 1 <= 0.05, "diagnostics <= 5% of the learner's time"))
+    if folded and separate:
+        out.append(
+            f"folding the diagnostics into the loss pass: {separate / folded:.2f}x faster than the separate pass"
+        )
+    if folded and per_teacher:
+        out.append(target(per_teacher / folded - 1 <= 0.02, "per-teacher metrics of 4 teachers <= 2% of the step"))
+    return out
 
 
 if __name__ == "__main__":

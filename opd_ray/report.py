@@ -67,6 +67,30 @@ def report_rows(run_dir: Path, window: int) -> list[tuple[str, str]]:
         start, end = window_mean(key, first), window_mean(key, last)
         if start is not None and end is not None:
             rows.append((f"{key} (first -> last {window} steps)", f"{start:.3f} -> {end:.3f}"))
+    for name, own in summary.get("teachers", {}).items():
+        rows += teacher_rows(name, own, first, last, window)
+    return rows
+
+
+PER_TEACHER = ("sampled_reverse_kl", "diag/overlap_ratio", "diag/entropy_gap")
+
+
+def teacher_rows(name: str, own: dict, first: list[dict], last: list[dict], window: int) -> list[tuple[str, str]]:
+    """One named teacher's rows: accuracies on its eval rows, then its main signals, first -> last."""
+
+    def number(key: str) -> str:
+        value = own.get(key)
+        return f"{value:.3f}" if isinstance(value, float) else "-"
+
+    accuracies = (
+        f"{number('teacher_accuracy')} / {number('student_accuracy_before')} -> "
+        f"{number('student_accuracy_after')} ({number('gap_recovery')})"
+    )
+    rows = [(f"teacher {name}: teacher / student before -> after (gap recovery)", accuracies)]
+    for key in PER_TEACHER:
+        start, end = window_mean(f"teacher/{name}/{key}", first), window_mean(f"teacher/{name}/{key}", last)
+        if start is not None and end is not None:
+            rows.append((f"teacher {name}: {key} (first -> last {window} steps)", f"{start:.3f} -> {end:.3f}"))
     return rows
 
 

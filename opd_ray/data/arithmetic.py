@@ -16,18 +16,24 @@ from pathlib import Path
 ALPHABET = "0123456789+="
 
 
-def make_problem(rng: random.Random, low: int = 10, high: int = 999) -> tuple[str, str]:
-    a, b = rng.randint(low, high), rng.randint(low, high)
-    return f"{a}+{b}=", str(a + b)[::-1]
+FAMILIES = ("sums", "three_sums")  # "47+385=" -> "234"; "47+38+12=" -> "79" (97 reversed)
 
 
-def make_split(seed: int, size: int, exclude: set[str] | None = None) -> list[dict[str, str]]:
-    """Distinct problems; `exclude` keeps held-out prompts out of a training split."""
+def make_problem(rng: random.Random, low: int = 10, high: int = 999, family: str = "sums") -> tuple[str, str]:
+    if family == "three_sums":  # two-digit terms: about as long as a sum of two, a different pattern
+        terms = [rng.randint(10, 99) for _ in range(3)]
+    else:
+        terms = [rng.randint(low, high), rng.randint(low, high)]
+    return "+".join(map(str, terms)) + "=", str(sum(terms))[::-1]
+
+
+def make_split(seed: int, size: int, exclude: set[str] | None = None, family: str = "sums") -> list[dict[str, str]]:
+    """Distinct problems of one family; `exclude` keeps held-out prompts out of a training split."""
     rng = random.Random(seed)
     seen = set(exclude or ())
     rows: list[dict[str, str]] = []
     while len(rows) < size:
-        prompt, answer = make_problem(rng)
+        prompt, answer = make_problem(rng, family=family)
         if prompt in seen:
             continue
         seen.add(prompt)
@@ -49,6 +55,23 @@ def write_task_files(directory: Path, seed: int, train_size: int, eval_size: int
     train_path, eval_path = directory / "train.jsonl", directory / "eval.jsonl"
     write_jsonl(train_rows, train_path)
     write_jsonl(eval_rows, eval_path)
+    return train_path, eval_path
+
+
+def write_mixed_task_files(directory: Path, seed: int, train_size: int, eval_size: int) -> tuple[Path, Path]:
+    """mixed_train.jsonl: the two families half and half, interleaved, with a `task` column naming the family
+    (what a multi-teacher spec routes by); three_sums_eval.jsonl: held-out sums of three. The sums are the
+    sums task's own training rows, so eval.jsonl stays held out from both."""
+    sums_eval = make_split(seed + 1, eval_size)
+    sums_train = make_split(seed, train_size, exclude={r["prompt"] for r in sums_eval})
+    three_eval = make_split(seed + 3, eval_size, family="three_sums")
+    three_train = make_split(seed + 2, train_size, exclude={r["prompt"] for r in three_eval}, family="three_sums")
+    half = train_size // 2
+    pairs = zip(sums_train[:half], three_train[: train_size - half], strict=False)
+    mixed = [{**row, "task": family} for pair in pairs for row, family in zip(pair, FAMILIES, strict=True)]
+    train_path, eval_path = directory / "mixed_train.jsonl", directory / "three_sums_eval.jsonl"
+    write_jsonl(mixed, train_path)
+    write_jsonl([{**row, "task": "three_sums"} for row in three_eval], eval_path)
     return train_path, eval_path
 
 

@@ -123,9 +123,10 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
         console.print(f"prompt selection: {prepared.selection}")
         write_json(run_dir / "selection.json", prepared.selection)
         summary["prompt_selection"] = prepared.selection
+    teachers = ", ".join(f"{t.num_replicas} {name}" for name, t in spec.teacher_specs().items())
     console.print(
         f"[bold]opd-ray[/] {spec.run.name}: starting roles ({spec.rollout.num_workers} rollout, "
-        f"{spec.teacher.num_replicas} teacher, {spec.learner.num_ranks} learner ranks)"
+        f"teachers: {teachers}, {spec.learner.num_ranks} learner ranks)"
     )
     roles = start_roles(spec)
     try:

@@ -178,14 +178,19 @@ def response_token_lists(batch: RolloutBatch) -> list[list[int]]:
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids_BL, batch.response_mask_BL, strict=True)]
 
 
-def batch_counts(batch: RolloutBatch, tokens: TokenBatch) -> dict[str, Any]:
+def repetitive_rows(batch: RolloutBatch) -> torch.Tensor:
+    """Whether each response repeats itself (data/repetition.py): what a collapse looks like."""
+    return torch.tensor([is_repetitive(ids) for ids in response_token_lists(batch)], dtype=torch.bool)
+
+
+def batch_counts(batch: RolloutBatch, tokens: TokenBatch, repetitive_B: torch.Tensor) -> dict[str, Any]:
     """What these rows hold: tokens, sequences, truncations and the verifier's score of them."""
     counts: dict[str, Any] = {
         "response_tokens": batch.num_response_tokens,
         "sequences": batch.num_sequences,
         "truncated_responses": int((~batch.finished_B).sum()),
         "cut_off_share": (float((~batch.finished_B).sum()), float(batch.num_sequences)),  # a collapse runs long
-        "repetitive_share": (float(sum(map(is_repetitive, response_token_lists(batch)))), float(batch.num_sequences)),
+        "repetitive_share": (float(repetitive_B.sum()), float(batch.num_sequences)),
     }
     if tokens.keep_N is not None:
         counts["gate/kept_fraction"] = (float(tokens.keep_N.sum()), float(tokens.num_tokens))
@@ -207,26 +212,70 @@ def per_teacher_metrics(
     token_losses: list[torch.Tensor] | None,
     teacher_names: tuple[str, ...],
     on_student_samples: bool,
+    repetitive_B: torch.Tensor,
 ) -> dict[str, Any]:
-    """`teacher/<name>/...`: the step's statistics, diagnostics (not per position) and token-mean loss over
-    the rows each teacher scored; a teacher with no rows on this rank reports nothing (ranks are combined
-    key by key)."""
+    """`teacher/<name>/...`: the step's statistics, diagnostics (not per position) and token-mean loss over the
+    rows each teacher scored, as (sum, count) pairs; a teacher with no rows on this rank reports nothing
+    (ranks are combined key by key). Every value is summed per teacher in one pass over the tokens, so the
+    cost does not grow with the number of teachers."""
     batch, tokens = share.batch, share.tokens
     if batch.teacher_id_B is None or not teacher_names:
         return {}
+    teachers = len(teacher_names)
     ids_N = token_teacher_ids(batch, tokens)
-    losses_N = torch.cat(token_losses) if token_losses else None
+    token_counts = torch.bincount(ids_N, minlength=teachers).tolist()
+    sums = {
+        key: sum_by(values_N, ids_N, teachers)
+        for key, values_N in per_token_values(per_token, tokens, token_losses, on_student_samples).items()
+    }
+    ids_B = batch.teacher_id_B
+    row_counts = torch.bincount(ids_B, minlength=teachers).tolist()
+    row_sums = {"cut_off_share": sum_by((~batch.finished_B).double(), ids_B, teachers)}
+    row_sums["repetitive_share"] = sum_by(repetitive_B.double(), ids_B, teachers)
+    answered = None
+    if batch.task_rewards_B is not None:
+        answered_B = ~batch.task_rewards_B.isnan()
+        row_sums["sample_reward"] = sum_by(batch.task_rewards_B.nan_to_num(0.0), ids_B, teachers)
+        answered = sum_by(answered_B.double(), ids_B, teachers)
     metrics: dict[str, Any] = {}
-    for index in sorted(set(batch.teacher_id_B.tolist())):
-        rows_B, in_N = batch.teacher_id_B == index, ids_N == index
-        own_tokens = tokens.slice(in_N)
-        values = token_statistics({k: v[in_N] for k, v in per_token.items()}, own_tokens, on_student_samples)
-        values.update(batch_counts(batch.select(rows_B), own_tokens))
-        if losses_N is not None:
-            values["loss"] = (float(losses_N[in_N].double().sum()), float(in_N.sum()))
-        name = teacher_names[index]
-        metrics.update({f"teacher/{name}/{key}": v for key, v in values.items() if key.count("/") < 2})
+    for t, name in enumerate(teacher_names):
+        if not row_counts[t]:
+            continue
+        own = {key: (values[t], float(token_counts[t])) for key, values in sums.items()}
+        own.update({key: (values[t], float(row_counts[t])) for key, values in row_sums.items()})
+        if answered is not None:
+            own["sample_reward"] = (row_sums["sample_reward"][t], answered[t])
+        own.update(response_tokens=token_counts[t], sequences=row_counts[t])
+        own["truncated_responses"] = int(row_sums["cut_off_share"][t])
+        metrics.update({f"teacher/{name}/{key}": value for key, value in own.items()})
     return metrics
+
+
+def per_token_values(
+    per_token: dict[str, torch.Tensor],
+    tokens: TokenBatch,
+    token_losses: list[torch.Tensor] | None,
+    on_student_samples: bool,
+) -> dict[str, torch.Tensor]:
+    """The per-token values behind a step's token-mean metrics, by metric name."""
+    values = {"student_logprob": per_token["student_logprob"]}
+    if tokens.teacher_logprobs_N is not None:
+        values["teacher_logprob"] = tokens.teacher_logprobs_N
+        values["teacher_logprob_sq"] = tokens.teacher_logprobs_N.double().square()
+        if on_student_samples:
+            values["sampled_reverse_kl"] = tokens.rollout_logprobs_N - tokens.teacher_logprobs_N
+    values.update({f"diag/{k.split(':', 1)[1]}": v for k, v in per_token.items() if k.startswith("diag:")})
+    if token_losses:
+        values["loss"] = torch.cat(token_losses)
+    if tokens.keep_N is not None:
+        values["gate/kept_fraction"] = tokens.keep_N
+    return values
+
+
+def sum_by(values: torch.Tensor, groups: torch.Tensor, count: int) -> list[float]:
+    """Sums of `values` per group id (0..count-1), in float64."""
+    totals = torch.zeros(count, dtype=torch.float64, device=values.device)
+    return totals.index_add_(0, groups.to(values.device), values.double()).tolist()
 
 
 def step_loss(
@@ -279,8 +328,9 @@ def step_loss(
     if collector is not None:
         per_token = collector.values()
     metrics = token_statistics(per_token, share.tokens, on_student_samples)
-    metrics.update(batch_counts(share.batch, share.tokens))
-    metrics.update(per_teacher_metrics(share, per_token, token_losses, teacher_names, on_student_samples))
+    repetitive_B = repetitive_rows(share.batch)
+    metrics.update(batch_counts(share.batch, share.tokens, repetitive_B))
+    metrics.update(per_teacher_metrics(share, per_token, token_losses, teacher_names, on_student_samples, repetitive_B))
     if algorithm.divergence == "forward_to_reverse":
         metrics["reverse_kl_weight"] = (reverse_weight, 1.0)  # a (sum, count) pair: the same on every rank
     return loss, metrics
@@ -305,7 +355,7 @@ def diagnose(
     metrics = token_statistics(per_token, share.tokens, True)
     metrics["response_tokens"] = share.batch.num_response_tokens
     metrics["sequences"] = share.batch.num_sequences
-    metrics.update(per_teacher_metrics(share, per_token, None, teacher_names, True))
+    metrics.update(per_teacher_metrics(share, per_token, None, teacher_names, True, repetitive_rows(share.batch)))
     return metrics
 
 

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from opd_ray.console import console
-from opd_ray.data.arithmetic import ALPHABET, write_task_files
+from opd_ray.data.arithmetic import ALPHABET, write_mixed_task_files, write_task_files
 from opd_ray.driver.cluster import connect
 from opd_ray.files import written_aside
 from opd_ray.recipe.sft import Example, train_sft
@@ -91,9 +91,10 @@ def sft_examples(tokenizer: PreTrainedTokenizerFast, rows: list[dict], digits: s
     return [(tokenizer(r["prompt"]).input_ids, tokenizer(r["answer"][::order]).input_ids + eos) for r in rows]
 
 
-def model_recipe(spec: ExperimentSpec, label: str) -> dict:
+def model_recipe(spec: ExperimentSpec, label: str, folder: str = "") -> dict:
     """Everything that decides one tiny model's weights; a model is rebuilt only when its recipe changes,
-    so specs that share the student but name another teacher reuse what is built."""
+    so specs that share the student but name another teacher reuse what is built. `folder` (the model's
+    folder name) picks its task from build_tiny.tasks; the sums task adds nothing, so the shipped recipes hold."""
     build = spec.models.build_tiny
     shared = {k: getattr(build, k) for k in ("sft_batch_size", "train_size", "eval_size")}
     shared.update(learner_ranks=spec.learner.num_ranks, seed=spec.run.seed)
@@ -103,6 +104,9 @@ def model_recipe(spec: ExperimentSpec, label: str) -> dict:
     else:
         own = {"layers": build.student_layers, "steps": build.student_sft_steps, "lr": build.student_sft_lr}
         own["digits"] = "reversed"
+    task = build.tasks.get(folder, "sums")
+    if task != "sums":
+        own["task"] = task
     return {**shared, **own}
 
 
@@ -130,16 +134,18 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
     build = spec.models.build_tiny
     root = Path(build.directory)
     wanted = [
-        (label, Path(model.path), model_recipe(spec, label))
+        (label, Path(model.path), model_recipe(spec, label, Path(model.path).name))
         for label, model in spec.models_by_role()
         if Path(model.path).resolve().is_relative_to(root.resolve())  # a model elsewhere is not ours to write
     ]
+    if build.tasks and not (root / "mixed_train.jsonl").is_file():
+        write_mixed_task_files(root, spec.run.seed, build.train_size, build.eval_size)
     missing = [(label, directory, recipe) for label, directory, recipe in wanted if not is_built(directory, recipe)]
     if not missing:
         return
     tokenizer = build_char_tokenizer(ALPHABET, root / "tokenizer")
-    train_path, _ = write_task_files(root, spec.run.seed, build.train_size, build.eval_size)
-    rows: list[dict] | None = None  # read once, and only if a model is trained
+    write_task_files(root, spec.run.seed, build.train_size, build.eval_size)
+    rows: dict[str, list[dict]] = {}  # task -> its training rows, read once, and only if a model is trained
     for label, output_dir, recipe in missing:
         shipped = None if from_scratch else shipped_model(label, recipe)
         if shipped is not None:
@@ -149,9 +155,18 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
             continue
         console.print(f"building tiny {label} in {output_dir} (once; cached for later runs)")
         connect(spec.ray)
-        if rows is None:
-            rows = [json.loads(line) for line in train_path.read_text().splitlines()]
-        build_model(spec, label, output_dir, recipe, tokenizer, rows)
+        task = recipe.get("task", "sums")
+        if task not in rows:
+            rows[task] = task_rows(root, task)
+        build_model(spec, label, output_dir, recipe, tokenizer, rows[task])
+
+
+def task_rows(root: Path, task: str) -> list[dict]:
+    """The training rows of a task: the sums file, or the mixed file (whole, or one family of it)."""
+    if task == "sums":
+        return [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    mixed = [json.loads(line) for line in (root / "mixed_train.jsonl").read_text().splitlines()]
+    return mixed if task == "mixed" else [row for row in mixed if row["task"] == task]
 
 
 def build_model(
@@ -161,7 +176,7 @@ def build_model(
     loss every 50 steps (what a rebuild is checked against)."""
     examples = sft_examples(tokenizer, rows, recipe["digits"])
     root = Path(spec.models.build_tiny.directory)
-    init_dir = save_random_model(tokenizer, recipe["layers"], root / f"init-{label}", seed=spec.run.seed)
+    init_dir = save_random_model(tokenizer, recipe["layers"], root / f"init-{output_dir.name}", seed=spec.run.seed)
     learner = sft_learner(spec, recipe["steps"], recipe["lr"])
     init = ModelSpec(path=str(init_dir))
     batch_size, seed = spec.models.build_tiny.sft_batch_size, spec.run.seed

@@ -52,6 +52,11 @@ class TinyModelsSpec(Section):
     )
     student_sft_steps: int = Field(600, ge=0)
     student_sft_lr: float = Field(1e-3, gt=0)
+    tasks: dict[str, Literal["sums", "three_sums", "mixed"]] = Field(
+        default_factory=dict,
+        description="what a model folder (its name inside `directory`) is trained on: sums (a+b, the default), "
+        "three_sums (a+b+c) or mixed (both, from mixed_train.jsonl, which is written when any is named)",
+    )
     sft_batch_size: int = Field(128, ge=1)
     train_size: int = Field(20000, ge=1)
     eval_size: int = Field(500, ge=1)

@@ -215,7 +215,9 @@ def test_per_teacher_metrics_are_each_teachers_rows_alone_and_coefficients_weigh
             ), (name, key)
         assert metrics[f"teacher/{name}/response_tokens"] == own.num_response_tokens
         loss_sum, loss_tokens = metrics[f"teacher/{name}/loss"]
-        assert loss_sum / loss_tokens == pytest.approx(float(own_loss), rel=1e-5)  # a token mean, coefficient 1
+        assert loss_sum / loss_tokens == pytest.approx(
+            float(own_loss.detach()), rel=1e-5
+        )  # a token mean, coefficient 1
     split = combine_rank_metrics(
         [step_loss(models(student), batch, algorithm, r, 2, diagnostics_k=4, teacher_names=names)[1] for r in (0, 1)]
     )
