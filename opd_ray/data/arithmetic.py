@@ -59,16 +59,20 @@ def write_task_files(directory: Path, seed: int, train_size: int, eval_size: int
 
 
 def write_mixed_task_files(directory: Path, seed: int, train_size: int, eval_size: int) -> tuple[Path, Path]:
-    """mixed_train.jsonl: the two families half and half, interleaved, with a `task` column naming the family
-    (what a multi-teacher spec routes by); three_sums_eval.jsonl: held-out sums of three. The sums are the
-    sums task's own training rows, so eval.jsonl stays held out from both."""
+    """mixed_train.jsonl: every sums training row and half as many sums of three, interleaved (two sums, then
+    one of three), with a `task` column naming the family (what a multi-teacher spec routes by);
+    three_sums_eval.jsonl: held-out sums of three. The sums are the sums task's own training rows, so
+    eval.jsonl stays held out from both. Sums of three are the easier family for a small model, hence the
+    2:1 mix: a student trained on it has a foothold on both."""
     sums_eval = make_split(seed + 1, eval_size)
     sums_train = make_split(seed, train_size, exclude={r["prompt"] for r in sums_eval})
     three_eval = make_split(seed + 3, eval_size, family="three_sums")
-    three_train = make_split(seed + 2, train_size, exclude={r["prompt"] for r in three_eval}, family="three_sums")
-    half = train_size // 2
-    pairs = zip(sums_train[:half], three_train[: train_size - half], strict=False)
-    mixed = [{**row, "task": family} for pair in pairs for row, family in zip(pair, FAMILIES, strict=True)]
+    three_train = make_split(seed + 2, train_size // 2, exclude={r["prompt"] for r in three_eval}, family="three_sums")
+    mixed = []
+    for i, row in enumerate(sums_train):
+        mixed.append({**row, "task": "sums"})
+        if i % 2 == 1:
+            mixed.append({**three_train[i // 2], "task": "three_sums"})
     train_path, eval_path = directory / "mixed_train.jsonl", directory / "three_sums_eval.jsonl"
     write_jsonl(mixed, train_path)
     write_jsonl([{**row, "task": "three_sums"} for row in three_eval], eval_path)

@@ -33,3 +33,26 @@ def test_another_recipe_or_from_scratch_trains(tmp_path: Path, recorded_training
     same = load_spec(QUICKSTART, [f"models.build_tiny.directory={tmp_path / 'b'}"])
     tiny_models.ensure_tiny_models(same, from_scratch=True)
     assert [label for label, _, _ in recorded_training] == ["student", "teacher", "student"]
+
+
+def test_the_multi_teacher_example_builds_a_specialist_and_a_student_of_both_families(
+    tmp_path: Path, recorded_training: list
+) -> None:
+    """examples/multi_teacher.yaml: the quickstart's teacher is copied; the three-sums teacher trains on
+    sums of three only and the student on the 2:1 mix; the eval files are held out from the mix."""
+    import json
+
+    spec = load_spec(REPO / "examples" / "multi_teacher.yaml", [f"models.build_tiny.directory={tmp_path}"])
+    tiny_models.ensure_tiny_models(spec)
+    trained = {directory.name: examples for _, directory, examples in recorded_training}
+    assert sorted(trained) == ["student-mixed", "teacher-three"]  # "teacher" is the shipped copy
+    tokenizer = tiny_models.build_char_tokenizer(tiny_models.ALPHABET, tmp_path / "tok")
+    pluses = lambda examples: sorted({tokenizer.decode(prompt).count("+") for prompt, _ in examples})  # noqa: E731
+    assert pluses(trained["teacher-three"]) == [2] and len(trained["teacher-three"]) == 10_000
+    assert pluses(trained["student-mixed"]) == [1, 2] and len(trained["student-mixed"]) == 30_000
+    rows = lambda name: [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+    mixed = rows("mixed_train.jsonl")
+    assert [row["task"] for row in mixed[:6]] == ["sums", "sums", "three_sums"] * 2
+    held_out = {row["prompt"] for row in rows("eval.jsonl") + rows("three_sums_eval.jsonl")}
+    assert not held_out & {row["prompt"] for row in mixed}
+    assert all(eval(row["prompt"][:-1]) == int(row["answer"][::-1]) for row in mixed)  # the sums are right
