@@ -137,8 +137,21 @@ def _import_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
+    """key=value overrides may come before or after the flags (`train SPEC --overwrite a=1` and
+    `train SPEC a=1 --overwrite`): argparse stops collecting them at the first flag."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_command_line(argv)
     try:
         if args.command == "report":
             from opd_ray.report import render

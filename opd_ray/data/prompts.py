@@ -60,8 +60,10 @@ class PromptSet:
         """The other rows, renumbered: e.g. the prompts the cold start did not use, for OPD."""
         return self.rows([i for i in range(len(self)) if i not in rows])
 
-    def first(self, count: int) -> PromptSet:
-        return self.rows(list(range(min(count, len(self)))))
+    def spread(self, count: int) -> PromptSet:
+        """`count` rows evenly spaced over the set, in order: every file and route of it represented."""
+        count = min(count, len(self))
+        return self.rows([i * len(self) // count for i in range(count)])
 
     @staticmethod
     def join(parts: list[PromptSet]) -> PromptSet:

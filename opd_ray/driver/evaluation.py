@@ -73,6 +73,8 @@ def accuracy_of(completions: list, prompts: PromptSet, verifier: GuardedVerifier
 
 
 def gap_recovery(before: float, after: float, teacher: float) -> float | None:
-    """Share of the teacher-student accuracy gap that distillation closed."""
+    """Share of the teacher-student accuracy gap that distillation closed; None when the teacher was not
+    ahead (a teacher below the student, e.g. a self-teacher that cannot use its hint, leaves no gap: a
+    ratio of two negative numbers would read as success)."""
     gap = teacher - before
-    return (after - before) / gap if abs(gap) > 1e-9 else None
+    return (after - before) / gap if gap > 1e-9 else None

@@ -108,7 +108,7 @@ def run_probe(spec: ExperimentSpec, other_teachers: list[str] = ()) -> dict:
         refs = rollout_and_score(roles, prepared.train, indices, step=0, seed=spec.run.seed)
         eval_prompts = None
         if prepared.eval is not None and all(answer is not None for answer in prepared.eval.answers):
-            eval_prompts = prepared.eval.first(spec.probe.eval_prompts)
+            eval_prompts = prepared.eval.spread(spec.probe.eval_prompts)
         student_accuracy = accuracy(spec, roles, prepared, eval_prompts, "rollout")  # per teacher's rows too
         results = [measure(spec, roles, prepared, refs, eval_prompts, student_accuracy)]
         name = next(iter(spec.teacher_specs()))

@@ -107,6 +107,8 @@ def model_recipe(spec: ExperimentSpec, label: str, folder: str = "") -> dict:
     task = build.tasks.get(folder, "sums")
     if task != "sums":
         own["task"] = task
+    if folder in build.sft_steps:
+        own["steps"] = build.sft_steps[folder]
     return {**shared, **own}
 
 
@@ -176,7 +178,7 @@ def build_model(
     loss every 50 steps (what a rebuild is checked against)."""
     examples = sft_examples(tokenizer, rows, recipe["digits"])
     root = Path(spec.models.build_tiny.directory)
-    init_dir = save_random_model(tokenizer, recipe["layers"], root / f"init-{output_dir.name}", seed=spec.run.seed)
+    init_dir = save_random_model(tokenizer, recipe["layers"], root / f"init-{output_dir.name}", spec.run.seed)
     learner = sft_learner(spec, recipe["steps"], recipe["lr"])
     init = ModelSpec(path=str(init_dir))
     batch_size, seed = spec.models.build_tiny.sft_batch_size, spec.run.seed

@@ -57,6 +57,9 @@ class TinyModelsSpec(Section):
         description="what a model folder (its name inside `directory`) is trained on: sums (a+b, the default), "
         "three_sums (a+b+c) or mixed (both, from mixed_train.jsonl, which is written when any is named)",
     )
+    sft_steps: dict[str, int] = Field(
+        default_factory=dict, description="a model folder -> its SFT steps, instead of teacher/student_sft_steps"
+    )
     sft_batch_size: int = Field(128, ge=1)
     train_size: int = Field(20000, ge=1)
     eval_size: int = Field(500, ge=1)
@@ -625,7 +628,9 @@ class ProbeSpec(Section):
     """`opd-ray probe`: how much to sample before training, and the thresholds of its verdict."""
 
     prompts: int = Field(256, ge=1, description="training prompts the student samples and the teacher scores")
-    eval_prompts: int = Field(200, ge=1, description="eval prompts for both models' greedy accuracy")
+    eval_prompts: int = Field(
+        200, ge=1, description="eval prompts (evenly spaced over data.eval) for both models' greedy accuracy"
+    )
     min_overlap: float = Field(
         0.6,
         ge=0,

@@ -165,22 +165,30 @@ def test_a_dead_teacher_replica_is_restarted_alone(teachers_started, local_ray) 
     assert {name: pid for name, pid in after.items() if name != "a"} == {n: p for n, p in pids.items() if n != "a"}
 
 
-def test_a_run_with_four_teachers_logs_and_evaluates_each(tiny_dir, tmp_path, local_ray) -> None:
-    """The whole loop: per-teacher keys on every step, each teacher's eval rows and gap in the summary."""
+def test_a_run_with_two_teachers_logs_and_evaluates_each(tiny_dir, tmp_path, local_ray) -> None:
+    """The whole loop (sampled-token objective) with a teacher and a current `self` teacher (transformers:
+    quick to start): per-teacher keys on every step, each teacher's eval rows and gap in the summary, each
+    teacher a role."""
     from opd_ray.recipe.stages import run_stages
 
     raw = four_teachers(tiny_dir, tmp_path)
+    raw["teachers"] = {name: raw["teachers"][name] for name in ("a", "now")}
+    for teacher in raw["teachers"].values():
+        teacher.update(backend="transformers")
+    raw["data"]["route"]["teachers"] = {"a": "a", "b": "a", "now": "now", "frozen": "now"}
     raw["trainer"].update(steps=2, eval_every=1)
     raw["learner"]["lr"] = 3e-3
+    raw["algorithm"] = {"objective": "sampled_token"}  # the fixture's update used topk
     summary = run_stages(ExperimentSpec.model_validate(raw))
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for m in metrics:
-        for name in ROUTES:
+        for name in ("a", "now"):
             for key in ("loss", "teacher_logprob", "sampled_reverse_kl", "diag/overlap_ratio", "response_tokens"):
                 assert f"teacher/{name}/{key}" in m, (name, key)
-        assert sum(m[f"teacher/{name}/sequences"] for name in ROUTES) == m["sequences"] == 16
-    assert set(summary["teachers"]) == set(ROUTES)
+        assert m["teacher/a/sequences"] + m["teacher/now/sequences"] == m["sequences"] == 16
+    assert "teacher/a/eval/student_accuracy" in metrics[0]  # step 1 of 2 is evaluated (the last by the summary)
+    assert set(summary["teachers"]) == {"a", "now"}
     for own in summary["teachers"].values():
         assert {"teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "gap_recovery"} <= set(own)
     placement = json.loads((tmp_path / "run" / "placement.json").read_text())
-    assert {f"teacher.{name}" for name in ROUTES} <= set(placement)
+    assert {"teacher.a", "teacher.now"} <= set(placement)

@@ -11,5 +11,6 @@ def test_gap_recovery_and_split() -> None:
 
     assert gap_recovery(before=0.2, after=0.6, teacher=1.0) == pytest.approx(0.5)
     assert gap_recovery(before=0.5, after=0.4, teacher=0.5) is None  # no gap to recover
+    assert gap_recovery(before=0.17, after=0.0, teacher=0.0) is None  # a teacher below the student: not 1.0
     assert split(list(range(5)), 2) == [[0, 2, 4], [1, 3]]
     assert split([7], 3) == [[7]]  # idle workers get nothing rather than an empty request

@@ -154,3 +154,14 @@ def test_layer_lists_name_the_bad_value(tmp_path: Path, bad: str) -> None:
     )
     with pytest.raises(SpecError, match="student_layers"):
         load_spec(write(tmp_path, spec))
+
+
+def test_overrides_may_follow_the_flags() -> None:
+    """`opd-ray train SPEC --overwrite run.name=x` (examples/paper_miniature/run.py's order) and the other order."""
+    from opd_ray.cli import parse_command_line
+
+    for argv in (["train", "s.yaml", "--overwrite", "a=1", "b=2"], ["train", "s.yaml", "a=1", "--overwrite", "b=2"]):
+        args = parse_command_line(argv)
+        assert args.overwrite and args.overrides == ["a=1", "b=2"], argv
+    with pytest.raises(SystemExit):
+        parse_command_line(["train", "s.yaml", "--overwrite", "stray"])

@@ -95,3 +95,37 @@ def test_a_train_file_may_name_its_teacher(raw) -> None:
     spec_raw["data"]["train"][1]["teacher"] = "nobody"
     with pytest.raises(ValidationError, match=r"data\.train\[1\]\.teacher: no teacher named 'nobody'"):
         ExperimentSpec.model_validate(spec_raw)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["data.route.teachers.three_sums=sums"], ["data.route.teachers.sums=three"], ["algorithm.objective=sft"]],
+)
+def test_the_multi_teacher_example_and_its_comparison_runs_load(overrides: list[str]) -> None:
+    """The commands in examples/multi_teacher.yaml's header: the routed run, each single-teacher run, the control."""
+    from opd_ray.spec import load_spec
+    from tests.conftest import REPO
+
+    spec = load_spec(REPO / "examples" / "multi_teacher.yaml", overrides)
+    assert list(spec.teacher_specs()) == ["sums", "three"]
+    assert [d.teacher for d in spec.data.eval_files] == ["sums", "three"]  # accuracy per family in every run
+    routed = set(spec.data.route.teachers.values())
+    assert routed == (
+        {"sums"}
+        if "three_sums=sums" in str(overrides)
+        else {"three"}
+        if "sums=three" in str(overrides)
+        else {"sums", "three"}
+    )
+
+
+def test_the_self_distillation_example_is_the_student_shown_the_answer() -> None:
+    from opd_ray.spec import load_spec
+    from tests.conftest import REPO
+
+    spec = load_spec(REPO / "examples" / "self_distill.yaml")
+    ((name, teacher),) = spec.teacher_specs().items()
+    assert teacher.is_self and teacher.weights == "current" and "{answer}" in teacher.prompt_template
+    assert spec.teacher_model(name) == spec.models.student
+    frozen = load_spec(REPO / "examples" / "self_distill.yaml", [f"teachers.{name}.weights=frozen"])
+    assert frozen.teacher_specs()[name].weights == "frozen"
