@@ -171,6 +171,8 @@ class Pipeline:
         handle = pool.actors[actor]
         if pool.kind == "rollout":
             shard.batch_ref, info_ref = handle.sample.remote(shard.prompts_P, shard.seed, shard.answers_P)
+        elif shard.teacher_prompts_P is None:  # the teacher reads the student's prompt
+            shard.scored_ref, info_ref = handle.score.remote(shard.batch_ref)
         else:
             shard.scored_ref, info_ref = handle.score.remote(shard.batch_ref, shard.teacher_prompts_P)
         pool.running[actor] = shard

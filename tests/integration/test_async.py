@@ -22,8 +22,8 @@ class SlowTeacherScorer(TeacherScorer):
     DELAY_PER_SEQUENCE_S = 0.5
 
     @ray.method(num_returns=2)
-    def score(self, batch):
-        scored, report = super().score(batch)
+    def score(self, batch, teacher_prompts_P=None):
+        scored, report = super().score(batch, teacher_prompts_P)
         time.sleep(self.DELAY_PER_SEQUENCE_S * batch.num_sequences)
         report["seconds"] += self.DELAY_PER_SEQUENCE_S * batch.num_sequences  # what the replica measures
         return scored, report

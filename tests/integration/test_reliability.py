@@ -52,12 +52,12 @@ def hangs_once(marker: Path, on_call: int) -> type:
         calls = 0
 
         @ray.method(num_returns=2)
-        def score(self, batch):
+        def score(self, batch, teacher_prompts_P=None):
             HangingTeacherScorer.calls += 1
             if HangingTeacherScorer.calls == on_call and not marker.exists():
                 marker.touch()
                 time.sleep(3600)
-            return super().score(batch)
+            return super().score(batch, teacher_prompts_P)
 
     return HangingTeacherScorer
 

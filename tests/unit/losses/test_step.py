@@ -231,7 +231,7 @@ def test_per_teacher_metrics_are_each_teachers_rows_alone_and_coefficients_weigh
     plain, _ = step_loss(models(student), batch, algorithm, 0, 1)
     tokens_b = float(batch.response_mask_BL[batch.teacher_id_B == 1].sum())
     per_token_b = metrics["teacher/b/loss"][0] / metrics["teacher/b/loss"][1]
-    expected = float(plain) + 2 * per_token_b * tokens_b / batch.num_response_tokens
+    expected = float(plain.detach()) + 2 * per_token_b * tokens_b / batch.num_response_tokens
     assert float(loss_weighted.detach()) == pytest.approx(expected, rel=1e-5)
 
 
