@@ -200,8 +200,10 @@ def check_prompts_fit(spec: ExperimentSpec, prompts: PromptSet, section: str) ->
     longest prompt each teacher reads (its own, when it has a prompt_template) that teacher's."""
     new_tokens = spec.rollout.max_new_tokens + 1
     reads = {"rollout.engine": (spec.rollout.engine, [len(p) for p in prompts.prompt_ids])}
-    for name, settings in spec.teacher_specs().items():
-        rows = [i for i in range(len(prompts)) if prompts.teacher_of(i, name) == name]
+    teachers = spec.teacher_specs()
+    rows_of = prompts.rows_by_teacher(list(range(len(prompts))), default=next(iter(teachers)))
+    for name, settings in teachers.items():
+        rows = rows_of.get(name, [])
         own = prompts.teacher_prompt_ids
         lengths = [len(own[i] if own is not None and own[i] is not None else prompts.prompt_ids[i]) for i in rows]
         reads[f"{spec.teacher_field(name)}.engine"] = (settings.engine, lengths)

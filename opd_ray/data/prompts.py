@@ -38,6 +38,13 @@ class PromptSet:
     def teacher_of(self, index: int, default: str = "teacher") -> str:
         return default if self.teachers is None else self.teachers[index]
 
+    def rows_by_teacher(self, indices: list[int], default: str = "teacher") -> dict[str, list[int]]:
+        """These rows grouped by their teacher, each group in the order given."""
+        groups: dict[str, list[int]] = {}
+        for i in indices:
+            groups.setdefault(self.teacher_of(i, default), []).append(i)
+        return groups
+
     def teacher_prompts(self, indices: list[int]) -> dict[int, list[int]] | None:
         """The teacher's own prompts of these rows; None when every one reads the student's prompt."""
         if self.teacher_prompt_ids is None or all(self.teacher_prompt_ids[i] is None for i in indices):

@@ -32,10 +32,7 @@ def evaluate_by_teacher(
 ) -> Accuracy:
     """The student answers every row with its prompt; a teacher answers the rows routed to it, with its own
     prompt if it has one. A response cut off by the length limit counts as wrong."""
-    default = next(iter(roles.teacher_pools))
-    rows_of: dict[str, list[int]] = {}
-    for i in range(len(prompts)):
-        rows_of.setdefault(prompts.teacher_of(i, default), []).append(i)
+    rows_of = prompts.rows_by_teacher(list(range(len(prompts))), default=next(iter(roles.teacher_pools)))
     if kind == "rollout":
         completions = greedy_on(
             roles, "rollout", roles.rollout_workers, prompts.subset(list(range(len(prompts)))), max_new_tokens
@@ -45,10 +42,7 @@ def evaluate_by_teacher(
         for name, rows in rows_of.items():
             own = prompts.teacher_prompts(rows) or prompts.subset(rows)
             completions += greedy_on(roles, "teacher", roles.teacher_pools[name], own, max_new_tokens)
-    correct = {
-        c.prompt_index: c.finished and verifier(c.text, prompts.answers[c.prompt_index], c.prompt_index)
-        for c in completions
-    }
+    correct = {c.prompt_index: is_correct(c, prompts, verifier) for c in completions}
     by_teacher = {name: sum(correct[i] for i in rows) / len(rows) for name, rows in rows_of.items()}
     return Accuracy(sum(correct.values()) / len(correct), by_teacher)
 

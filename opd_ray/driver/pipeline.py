@@ -148,11 +148,7 @@ class Pipeline:
 
     def by_teacher(self, indices: list[int]) -> dict[str, list[int]]:
         """The rows of each teacher, in the order given (one teacher: all of them, unchanged)."""
-        default = next(iter(self.teachers))
-        groups: dict[str, list[int]] = {}
-        for i in indices:
-            groups.setdefault(self.prompts.teacher_of(i, default), []).append(i)
-        return groups
+        return self.prompts.rows_by_teacher(indices, default=next(iter(self.teachers)))
 
     def launch_scoring(
         self, step: int, batch_refs: list[ray.ObjectRef], sequences: list[int], teachers: list[str]

@@ -157,20 +157,28 @@ def values_pass(models: StepModels, hidden_NH: torch.Tensor, tokens: TokenBatch,
 def token_statistics(
     per_token: dict[str, torch.Tensor], tokens: TokenBatch, on_student_samples: bool
 ) -> dict[str, Any]:
-    """A step's metrics from its per-token values: log-probs, sampled reverse KL and the diagnostics."""
+    """A step's metrics from its per-token values: log-probs, sampled reverse KL and the diagnostics (overall
+    and by position)."""
     count = float(tokens.num_tokens)
-    metrics: dict[str, Any] = {"student_logprob": (float(per_token["student_logprob"].sum()), count)}
-    if tokens.teacher_logprobs_N is not None:
-        teacher_N = tokens.teacher_logprobs_N.double()
-        metrics["teacher_logprob"] = (float(teacher_N.sum()), count)
-        metrics["teacher_logprob_sq"] = (float(teacher_N.square().sum()), count)  # a constant teacher: no spread
-        if on_student_samples:  # dataset answers have no sampling log-probs
-            sampled_kl = (tokens.rollout_logprobs_N - tokens.teacher_logprobs_N).double().sum()
-            metrics["sampled_reverse_kl"] = (float(sampled_kl), count)
+    values = token_mean_values(per_token, tokens, on_student_samples)
+    metrics: dict[str, Any] = {key: (float(v.double().sum()), count) for key, v in values.items()}
     diagnostics = {name.split(":", 1)[1]: values for name, values in per_token.items() if name.startswith("diag:")}
     if diagnostics:
         metrics.update(masked_sums(diagnostics, tokens.bucket_N))
     return metrics
+
+
+def token_mean_values(
+    per_token: dict[str, torch.Tensor], tokens: TokenBatch, on_student_samples: bool
+) -> dict[str, torch.Tensor]:
+    """The per-token values behind the log-prob and sampled-KL metrics, by metric name."""
+    values = {"student_logprob": per_token["student_logprob"]}
+    if tokens.teacher_logprobs_N is not None:
+        values["teacher_logprob"] = tokens.teacher_logprobs_N
+        values["teacher_logprob_sq"] = tokens.teacher_logprobs_N.double().square()  # a constant teacher: no spread
+        if on_student_samples:  # dataset answers have no sampling log-probs
+            values["sampled_reverse_kl"] = tokens.rollout_logprobs_N - tokens.teacher_logprobs_N
+    return values
 
 
 def response_token_lists(batch: RolloutBatch) -> list[list[int]]:
@@ -257,13 +265,9 @@ def per_token_values(
     token_losses: list[torch.Tensor] | None,
     on_student_samples: bool,
 ) -> dict[str, torch.Tensor]:
-    """The per-token values behind a step's token-mean metrics, by metric name."""
-    values = {"student_logprob": per_token["student_logprob"]}
-    if tokens.teacher_logprobs_N is not None:
-        values["teacher_logprob"] = tokens.teacher_logprobs_N
-        values["teacher_logprob_sq"] = tokens.teacher_logprobs_N.double().square()
-        if on_student_samples:
-            values["sampled_reverse_kl"] = tokens.rollout_logprobs_N - tokens.teacher_logprobs_N
+    """The per-token values behind a step's token-mean metrics, by metric name: `token_mean_values`, the
+    diagnostics (not by position), the loss and the entropy gate's kept share."""
+    values = token_mean_values(per_token, tokens, on_student_samples)
     values.update({f"diag/{k.split(':', 1)[1]}": v for k, v in per_token.items() if k.startswith("diag:")})
     if token_losses:
         values["loss"] = torch.cat(token_losses)
