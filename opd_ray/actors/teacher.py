@@ -15,6 +15,7 @@ from dataclasses import replace
 import ray
 import torch
 
+from opd_ray.actors.cross_tokenizer import CrossTokenizer
 from opd_ray.actors.hf_model import load_causal_lm
 from opd_ray.actors.runtime import actor_location
 from opd_ray.actors.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
@@ -137,19 +138,33 @@ class TeacherScorer:
     with the teacher's loss coefficient, so the learners know which teacher scored which row. A `self`
     teacher with `weights: current` receives every weight sync (`load_weights`)."""
 
-    def __init__(self, model: ModelSpec, teacher: NamedTeacherSpec | TeacherSpec, seed: int, index: int = 0) -> None:
-        """A plain TeacherSpec (the one-teacher settings, as benchmarks use it) is a frozen teacher of weight 1."""
+    def __init__(
+        self,
+        model: ModelSpec,
+        teacher: NamedTeacherSpec | TeacherSpec,
+        seed: int,
+        index: int = 0,
+        student: ModelSpec | None = None,
+    ) -> None:
+        """A plain TeacherSpec (the one-teacher settings, as benchmarks use it) is a frozen teacher of weight 1.
+        `student` (cross_tokenizer teachers): the student whose tokens the scores are aligned back to; with
+        identical vocabularies the ids are scored directly, as for any teacher."""
+        from transformers import AutoTokenizer
+
         self.teacher, self.index = teacher, index
         self.coef = getattr(teacher, "coef", 1.0)
+        self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        self.cross = None
+        if student is not None:
+            student_tokenizer = AutoTokenizer.from_pretrained(student.path, trust_remote_code=student.trust_remote_code)
+            if student_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                self.cross = CrossTokenizer(student_tokenizer, self.tokenizer)
         if teacher.backend == "vllm":
             receives_weights = getattr(teacher, "weights", "frozen") == "current"
             self.llm = create_engine(model, teacher.engine, seed, WORKER_EXTENSION if receives_weights else None)
         else:
-            from transformers import AutoTokenizer
-
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model = load_causal_lm(model, device)
-            self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
         self.weight_version = 0
 
     @ray.method(num_returns=2)
@@ -157,12 +172,16 @@ class TeacherScorer:
         """The scored batch, and a small report the driver waits on without fetching the batch.
 
         With `teacher_prompts_P` (row -> this teacher's own prompt) the responses are scored after those
-        prompts instead of the student's; only response positions are scored either way."""
+        prompts instead of the student's; only response positions are scored either way. A teacher with
+        another tokenizer scores the responses' text in its own tokens (actors/cross_tokenizer.py)."""
         started = time.perf_counter()
-        view = batch if teacher_prompts_P is None else with_prompts(batch, teacher_prompts_P)
-        scored = self._score(view)
-        if teacher_prompts_P is not None:
-            scored = scores_from(batch, scored)
+        if self.cross is not None:
+            view, chunks = self.cross.teacher_view(batch, teacher_prompts_P)
+            scored = self.cross.student_scores(batch, self._score(view), chunks)
+        elif teacher_prompts_P is not None:
+            scored = scores_from(batch, self._score(with_prompts(batch, teacher_prompts_P)))
+        else:
+            scored = self._score(batch)
         rows = scored.num_sequences
         scored = replace(
             scored,

@@ -84,18 +84,30 @@ def check_engine_fits_model(model: ModelSpec, engine: EngineSpec, field: str, mo
 
 
 def check_same_vocabulary(
-    student: ModelSpec, teacher: ModelSpec, student_tokenizer, teacher_tokenizer, teacher_field: str
+    student: ModelSpec,
+    teacher: ModelSpec,
+    student_tokenizer,
+    teacher_tokenizer,
+    teacher_field: str,
+    cross_tokenizer: bool = False,
 ) -> None:
-    """Per-token distillation compares distributions over the same token ids."""
+    """Per-token distillation compares distributions over the same token ids; a teacher whose vocabulary
+    differs is refused unless its settings say `cross_tokenizer: true`."""
     student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     if student_vocab != teacher_vocab:
+        if cross_tokenizer:
+            return
         only_student = len(set(student_vocab.items()) - set(teacher_vocab.items()))
         only_teacher = len(set(teacher_vocab.items()) - set(student_vocab.items()))
+        settings = teacher_field.rsplit(".", 1)[0] if teacher_field.startswith("teachers.") else "teacher"
         raise UserError(
             f"{teacher_field}: student and teacher tokenizers differ "
             f"({len(student_vocab)} vs {len(teacher_vocab)} tokens; {only_student} ids only in the student's, "
-            f"{only_teacher} only in the teacher's): token-level distillation needs one vocabulary"
+            f"{only_teacher} only in the teacher's): set {settings}.cross_tokenizer: true to score the student's "
+            "text with the teacher's own tokenizer, aligned by bytes (README: A teacher with another tokenizer)"
         )
+    if cross_tokenizer:
+        console.print(f"{teacher_field}: the same tokenizer as the student's; cross_tokenizer scoring is not needed")
     student_rows = vocab_size(student, "models.student")
     teacher_rows = vocab_size(teacher, teacher_field)
     if student_rows != teacher_rows:
@@ -111,7 +123,8 @@ def check_teacher(spec: ExperimentSpec, teacher: ModelSpec, field: str, student_
     settings = settings or next(iter(spec.teacher_specs().values()))
     check_model_dir(teacher, field)
     teacher_tokenizer = load_tokenizer(teacher, field)
-    check_same_vocabulary(spec.models.student, teacher, student_tokenizer, teacher_tokenizer, field)
+    cross = settings.cross_tokenizer
+    check_same_vocabulary(spec.models.student, teacher, student_tokenizer, teacher_tokenizer, field, cross)
     if settings.backend == "vllm" or "teacher_generate" in spec.stages:
         engine_field = f"{field.rsplit('.', 1)[0]}.engine" if spec.named_teachers else "teacher.engine"
         check_engine_fits_model(teacher, settings.engine, engine_field, field)
@@ -134,6 +147,13 @@ def check_teachers(spec: ExperimentSpec, student_tokenizer) -> dict:
     return tokenizers
 
 
+def cross_tokenizers(teacher_tokenizers: dict, student_tokenizer) -> dict:
+    """The teachers whose vocabulary differs from the student's (allowed by their cross_tokenizer setting, or
+    pre-flight stopped): name -> tokenizer. They read prompts in their own tokens (data/routing.py)."""
+    student_vocab = student_tokenizer.get_vocab()
+    return {name: t for name, t in teacher_tokenizers.items() if t.get_vocab() != student_vocab}
+
+
 def prepare(spec: ExperimentSpec) -> Prepared:
     check_model_dir(spec.models.student, "models.student")
     student_tokenizer = load_tokenizer(spec.models.student, "models.student")
@@ -153,7 +173,7 @@ def prepare(spec: ExperimentSpec) -> Prepared:
             f"data.use_chat_template: the tokenizer of {owner} ({path}) has no chat template; set "
             "data.template_source to the model that has one, or use data.prompt_template"
         )
-    routing = routing_for(spec)
+    routing = routing_for(spec, cross_tokenizers(teacher_tokenizers, student_tokenizer))
     selection = None
     if spec.data.selection is not None:
         train, selection = load_selected_prompts(spec.data, template_tokenizer, spec.run.seed, routing)

@@ -10,7 +10,7 @@ actor starts, so a row with no teacher is named with its file and row number.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opd_ray.errors import UserError
 from opd_ray.spec import DatasetSpec, ExperimentSpec, RouteSpec, template_fields
@@ -18,10 +18,12 @@ from opd_ray.spec import DatasetSpec, ExperimentSpec, RouteSpec, template_fields
 
 @dataclass(frozen=True)
 class Routing:
-    """The run's teachers (name -> prompt template, None = the student's prompt) and its route."""
+    """The run's teachers (name -> prompt template, None = the student's prompt), its route, and the tokenizers
+    of teachers with another vocabulary (they read every prompt in their own tokens)."""
 
     templates: dict[str, str | None]
     route: RouteSpec | None = None
+    tokenizers: dict[str, object] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -72,6 +74,7 @@ class Routing:
         return template.format(**{name: row[name] for name in fields})
 
 
-def routing_for(spec: ExperimentSpec) -> Routing:
+def routing_for(spec: ExperimentSpec, cross_tokenizers: dict | None = None) -> Routing:
+    """`cross_tokenizers`: name -> tokenizer of the teachers whose vocabulary differs from the student's."""
     templates = {name: teacher.prompt_template for name, teacher in spec.teacher_specs().items()}
-    return Routing(templates, spec.data.route)
+    return Routing(templates, spec.data.route, dict(cross_tokenizers or {}))

@@ -111,7 +111,8 @@ def start_teacher(
     index = list(spec.teacher_specs()).index(name)  # what its batches are marked with
     model = model or spec.teacher_model(name)
     seed = spec.run.seed + 1000 * index + replica
-    return ray.remote(TeacherScorer).options(**options, **bundle).remote(model, settings, seed, index)
+    student = spec.models.student if settings.cross_tokenizer else None  # whose tokens the scores go back to
+    return ray.remote(TeacherScorer).options(**options, **bundle).remote(model, settings, seed, index, student)
 
 
 def start_teachers(spec: ExperimentSpec, placement: Placement) -> dict[str, list[ray.actor.ActorHandle]]:

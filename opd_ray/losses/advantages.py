@@ -134,6 +134,7 @@ def flatten_tokens(batch: RolloutBatch, weights_BT: torch.Tensor, device: torch.
         advantage_N=flat(batch.advantages_BL),
         task_advantage_N=task_advantage_N,
         bucket_N=position_buckets(mask_BT.float())[mask_BT].to(device),
+        aligned_N=flat(batch.aligned_BL),
     )
 
 

@@ -30,6 +30,7 @@ class RolloutBatch:
     teacher_logprobs_at_student_topk_BLK: torch.Tensor | None = None  # transformers backend only
     teacher_id_B: torch.Tensor | None = None  # long: which of the run's teachers scored each row (its index)
     teacher_coef_B: torch.Tensor | None = None  # that teacher's loss coefficient
+    aligned_BL: torch.Tensor | None = None  # cross-tokenizer teachers: 1 where a token is one aligned chunk alone
     advantages_BL: torch.Tensor | None = None  # set by the learner over the whole batch, before sharding
     task_advantages_B: torch.Tensor | None = None  # likewise
 
@@ -69,6 +70,10 @@ class RolloutBatch:
                 joined[f.name] = min(values)
             elif f.name == "source":
                 joined[f.name] = values[0]
+            elif f.name == "aligned_BL" and any(v is not None for v in values):
+                # rows of a same-tokenizer teacher beside a cross-tokenizer one: every position is aligned
+                values = [b.response_mask_BL if v is None else v for b, v in zip(batches, values, strict=True)]
+                joined[f.name] = torch.cat([_pad_positions(v, length) for v in values])
             elif any(v is None for v in values):
                 joined[f.name] = None
             elif values[0].dim() == 1:

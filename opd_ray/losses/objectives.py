@@ -39,6 +39,7 @@ class TokenBatch:
     task_advantage_N: torch.Tensor | None = None  # verifier reward, centred, on every token of a sequence
     bucket_N: torch.Tensor | None = None  # 0/1/2 = start/middle/end third of its response (diagnostics)
     keep_N: torch.Tensor | None = None  # entropy gate: 0 = no gradient from this token
+    aligned_N: torch.Tensor | None = None  # cross-tokenizer teachers: 1 where the teacher's top-k applies
 
     @property
     def num_tokens(self) -> int:
@@ -128,10 +129,12 @@ def topk_support(tokens: TokenBatch, support: str, k: int) -> tuple[torch.Tensor
 
     student / teacher: that model's top-k. intersection: the student's top-k ids the teacher
     also ranks in its top-k. union: the student's top-k plus the teacher's ids not already in it.
+    A teacher id of -1 is a token the student's vocabulary lacks (a cross-tokenizer teacher,
+    actors/cross_tokenizer.py): it is left off the support, so its mass falls in the tail.
     """
     if support == "teacher":
         ids_NS = tokens.teacher_topk_ids_NK[:, :k]
-        return ids_NS, tokens.teacher_topk_logprobs_NK[:, :k], torch.ones_like(ids_NS, dtype=torch.bool)
+        return ids_NS.clamp(min=0), tokens.teacher_topk_logprobs_NK[:, :k], ids_NS >= 0
     student_ids_Nk = tokens.student_topk_ids_NK[:, :k]
     teacher_at_student_Nk = tokens.teacher_logprobs_at_student_topk_NK[:, :k]
     if support == "student":

@@ -163,8 +163,14 @@ def token_statistics(
     values = token_mean_values(per_token, tokens, on_student_samples)
     metrics: dict[str, Any] = {key: (float(v.double().sum()), count) for key, v in values.items()}
     diagnostics = {name.split(":", 1)[1]: values for name, values in per_token.items() if name.startswith("diag:")}
+    buckets_N = tokens.bucket_N
+    if tokens.aligned_N is not None:  # a cross-tokenizer teacher: its top-k exists at aligned positions only
+        aligned_N = tokens.aligned_N.bool()
+        metrics["cross_tokenizer/aligned_share"] = (float(aligned_N.sum()), count)
+        diagnostics = {name: values[aligned_N] for name, values in diagnostics.items()}
+        buckets_N = buckets_N[aligned_N]
     if diagnostics:
-        metrics.update(masked_sums(diagnostics, tokens.bucket_N))
+        metrics.update(masked_sums(diagnostics, buckets_N))
     return metrics
 
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from opd_ray.console import console
@@ -41,6 +41,30 @@ def build_char_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerF
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(directory)
     return tokenizer
+
+
+def build_digit_pair_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerFast:
+    """A second tokenizer for the same text: every pair of digits is one token (BPE merges, lower pairs
+    first, so "123" is "12" "3" and "321" is "3" "21"), the hundred pairs take ids 0-99, then the special
+    tokens, then the single characters in reverse order: no id means what it means in `build_char_tokenizer`."""
+    digits = "0123456789"
+    pairs = [a + b for a in digits for b in digits]
+    vocab = {pair: i for i, pair in enumerate(pairs)}
+    for token in (EOS, PAD, UNK, *reversed(alphabet)):
+        vocab.setdefault(token, len(vocab))
+    merges = [(a, b) for a in digits for b in digits]
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(r"\d+|\D"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="right"
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+TOKENIZERS = {"chars": build_char_tokenizer, "digit_pairs": build_digit_pair_tokenizer}
 
 
 def tiny_qwen2_config(vocab_size: int, num_layers: int, eos_id: int, pad_id: int) -> Qwen2Config:
@@ -109,6 +133,8 @@ def model_recipe(spec: ExperimentSpec, label: str, folder: str = "") -> dict:
         own["task"] = task
     if folder in build.sft_steps:
         own["steps"] = build.sft_steps[folder]
+    if build.tokenizers.get(folder, "chars") != "chars":
+        own["tokenizer"] = build.tokenizers[folder]
     return {**shared, **own}
 
 
@@ -160,7 +186,9 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
         task = recipe.get("task", "sums")
         if task not in rows:
             rows[task] = task_rows(root, task)
-        build_model(spec, label, output_dir, recipe, tokenizer, rows[task])
+        kind = recipe.get("tokenizer", "chars")
+        own_tokenizer = tokenizer if kind == "chars" else TOKENIZERS[kind](ALPHABET, root / f"tokenizer-{kind}")
+        build_model(spec, label, output_dir, recipe, own_tokenizer, rows[task])
 
 
 def task_rows(root: Path, task: str) -> list[dict]:

@@ -60,6 +60,11 @@ class TinyModelsSpec(Section):
     sft_steps: dict[str, int] = Field(
         default_factory=dict, description="a model folder -> its SFT steps, instead of teacher/student_sft_steps"
     )
+    tokenizers: dict[str, Literal["chars", "digit_pairs"]] = Field(
+        default_factory=dict,
+        description="a model folder -> its tokenizer: chars (one token a character, the default) or digit_pairs "
+        "(pairs of digits merged into one token, other ids in another order: a student for cross-tokenizer runs)",
+    )
     sft_batch_size: int = Field(128, ge=1)
     train_size: int = Field(20000, ge=1)
     eval_size: int = Field(500, ge=1)
@@ -287,6 +292,11 @@ class TeacherSpec(Section):
         description="transformers: with rollout.samples_per_prompt > 1, run each prompt once and its samples "
         "on top of its KV cache (vLLM recomputes prompts whenever prompt log-probs are asked for)",
     )
+    cross_tokenizer: bool = Field(
+        False,
+        description="the teacher's tokenizer differs from the student's: it scores the student's text in its own "
+        "tokens, aligned back to the student's by bytes (README: A teacher with another tokenizer)",
+    )
     engine: EngineSpec = EngineSpec()
     resources: ResourcesSpec = ResourcesSpec()
 
@@ -340,6 +350,17 @@ TEACHER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # names become metric keys: tea
 LONG_RESPONSE_TOKENS = 512
 
 
+class LoraSpec(Section):
+    """Low-rank adapters (peft) on the student: only they train and hold optimizer state."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0, description="the adapters' output is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (q_proj, v_proj, ...), or every linear layer but the head"
+    )
+
+
 class LearnerSpec(Section):
     num_ranks: int = Field(2, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -363,7 +384,16 @@ class LearnerSpec(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="auto = flash_attention_2 on CUDA when flash-attn is installed, else sdpa"
     )
+    lora: LoraSpec | None = Field(
+        None, description="train low-rank adapters instead of every weight; rollouts get the merged weights"
+    )
     resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="after")
+    def _lora_under_zero_two(self) -> LearnerSpec:
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("learner.lora: adapters train under zero_stage 0-2 (the frozen base is not partitioned)")
+        return self
 
     @field_validator("deepspeed")
     @classmethod
@@ -813,6 +843,37 @@ class ExperimentSpec(Section):
             )
         if self.cold_start is not None and "teacher_generate" in self.stages and len(self.teachers) > 1:
             raise ValueError("stages: teacher_generate answers with one teacher; it does not take several yet")
+
+    @model_validator(mode="after")
+    def _cross_tokenizer_scoring_fits(self) -> ExperimentSpec:
+        """What a teacher with another vocabulary can give: a chunk reward, and its top-k on shared tokens."""
+        algorithm = self.algorithm
+        for name, teacher in self.teacher_specs().items():
+            if not teacher.cross_tokenizer:
+                continue
+            field = f"{self.teacher_field(name)}.cross_tokenizer"
+            if teacher.is_self:
+                raise ValueError(f"{field}: a self teacher has the student's tokenizer")
+            if algorithm.objective in ("full_vocab", "sft"):
+                raise ValueError(
+                    f"{field}: objective {algorithm.objective} needs one vocabulary; use sampled_token or topk"
+                )
+            if algorithm.objective == "topk" and algorithm.topk_support != "teacher":
+                raise ValueError(
+                    f"{field}: topk_support {algorithm.topk_support} needs the teacher's log-probs at student ids; "
+                    "use topk_support=teacher (its top-k, matched to the student's tokens by text)"
+                )
+            if "teacher_generate" in self.stages:
+                raise ValueError(f"{field}: stages teacher_generate trains on the teacher's token ids")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_syncs_through_the_object_store(self) -> ExperimentSpec:
+        if self.learner.lora is not None and self.weight_sync.method == "collective":
+            raise ValueError(
+                "learner.lora: merged weights are sent through the object store; use weight_sync.method=object_store"
+            )
+        return self
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> ExperimentSpec:

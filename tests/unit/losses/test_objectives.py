@@ -145,6 +145,26 @@ def test_empty_intersection_gives_zero_loss_and_finite_gradient() -> None:
     assert torch.all(torch.isfinite(grad))
 
 
+@pytest.mark.parametrize("tail", [False, True])
+def test_teacher_ids_the_student_lacks_fall_in_the_tail(tail: bool) -> None:
+    """A cross-tokenizer teacher marks top-k tokens with no student counterpart -1: the divergence is the one
+    over the matched ids alone (the rest of both distributions in the tail bucket), and a position with no
+    matched id has none."""
+    inputs = make_inputs(5)
+    matched = inputs.tokens.teacher_topk_ids_NK.clone()
+    inputs.tokens.teacher_topk_ids_NK[:, 1] = -1  # the teacher's second choice is not a student token
+    inputs.tokens.teacher_topk_ids_NK[0, :] = -1  # nothing comparable at the first position
+    spec = algorithm(topk_support="teacher", topk_tail=tail)
+    got = topk_divergence(inputs, spec)
+    kept = torch.tensor([0, 2, 3])
+    reference = make_inputs(5, k=3)
+    reference.tokens.teacher_topk_ids_NK = matched[:, kept]
+    reference.tokens.teacher_topk_logprobs_NK = inputs.tokens.teacher_topk_logprobs_NK[:, kept]
+    want = topk_divergence(reference, algorithm(topk_support="teacher", topk_tail=tail, top_k=3))
+    assert got[0] == 0
+    assert torch.allclose(got[1:], want[1:], atol=1e-10)
+
+
 @pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd", "forward_to_reverse"])
 def test_full_vocab_matches_brute_force(kind: str) -> None:
     inputs = make_inputs(4)
