@@ -23,6 +23,7 @@ import torch
 
 from opd_ray.actors.collective_sync import BucketPlan, join_group, plan_buckets, send_bucket, weight_entries
 from opd_ray.actors.hf_model import DTYPES, check_head_reproduces_logits, dtype_name, load_causal_lm
+from opd_ray.actors.lora import ADAPTER_DIR, merged_state_dict, trainable_parameters, with_lora
 from opd_ray.actors.runtime import actor_location, get_or_raise_first
 from opd_ray.actors.weight_sync import pack_state_dict
 from opd_ray.errors import UserError
@@ -147,7 +148,11 @@ class LearnerWorker:
             attn_implementation=attention_implementation(learner.attn_implementation, on_gpu),
         )
         prepare_for_training(module, bool(learner.gradient_checkpointing))
-        optimizer = torch.optim.AdamW(module.parameters(), lr=learner.lr, weight_decay=learner.weight_decay)
+        if learner.lora is not None:
+            module = with_lora(module, learner.lora)
+        self.lora = learner.lora is not None
+        parameters = trainable_parameters(module)  # with LoRA, the adapters alone hold optimizer state
+        optimizer = torch.optim.AdamW(parameters, lr=learner.lr, weight_decay=learner.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(learner, total_steps))
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.device = self.engine.device
@@ -233,6 +238,20 @@ class LearnerWorker:
             handle.write(actor_location()["node_ip"])
         return path
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters in the model, those that train, and the numbers of optimizer state this rank holds
+        (Adam's two moments, its ZeRO share): what a LoRA student saves."""
+        module = self.engine.module
+        optimizer = self.engine.optimizer
+        while hasattr(optimizer, "optimizer"):  # DeepSpeed's ZeRO wrapper around the torch optimizer
+            optimizer = optimizer.optimizer
+        state = sum(v.numel() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+        return {
+            "total": sum(p.numel() for p in module.parameters()),
+            "trainable": sum(p.numel() for p in trainable_parameters(module)),
+            "optimizer_state": state,
+        }
+
     def parameters_finite(self) -> bool:
         """All ranks must call this: under ZeRO-3 each holds a shard."""
         finite = all(
@@ -242,12 +261,16 @@ class LearnerWorker:
         return not self._any_rank(not finite)
 
     def save_checkpoint(self, directory: str, tokenizer_path: str) -> None:
-        """All ranks: DeepSpeed state (weights, optimizer, scheduler; each rank its shard) and the HF student."""
-        self.engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state", save_latest=False)
+        """All ranks: DeepSpeed state (weights, optimizer, scheduler; each rank its shard) and the HF student.
+        A LoRA student's DeepSpeed state holds the adapters only (the frozen base is the initial student)."""
+        deepspeed_dir = os.path.join(directory, "deepspeed")
+        self.engine.save_checkpoint(deepspeed_dir, tag="state", save_latest=False, exclude_frozen_parameters=self.lora)
         self.save_pretrained(os.path.join(directory, "student"), tokenizer_path)
 
     def load_checkpoint(self, directory: str) -> None:
-        path, _ = self.engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
+        path, _ = self.engine.load_checkpoint(
+            os.path.join(directory, "deepspeed"), tag="state", load_module_strict=not self.lora
+        )
         if path is None:
             raise UserError(f"checkpoint {directory} has no DeepSpeed state for this learner layout")
 
@@ -287,6 +310,8 @@ class LearnerWorker:
         import deepspeed
 
         module = self.engine.module
+        if self.lora:  # ZeRO 0-2 only (the spec says so): every rank holds the whole model
+            return merged_state_dict(module) if self.rank == 0 else None
         params = list(module.parameters())
         live = not copy and torch.device(self.device).type == "cpu" and self.engine.zero_optimization_stage() < 3
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -327,7 +352,11 @@ class LearnerWorker:
         state_dict = self.full_state_dict()
         if state_dict is None:
             return
-        self.engine.module.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        module = self.engine.module
+        if self.lora:  # the merged model where a student belongs, the adapters beside it
+            module.save_pretrained(os.path.join(directory, ADAPTER_DIR))
+            module = module.get_base_model()
+        module.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=self.trust_remote_code)
         tokenizer.save_pretrained(directory)
 
