@@ -12,7 +12,10 @@ Rows, each in a fresh process so peak memory is its own:
   then the loss under chunk checkpointing: three applications of the output head);
 - each of those with activation checkpointing of the decoder layers (`learner.gradient_checkpointing`);
 - diagnostics folded, with the rows split among 4 teachers: every metric also per teacher
-  (`teacher/<name>/...`) and per-teacher loss coefficients, what a run with named teachers logs.
+  (`teacher/<name>/...`) and per-teacher loss coefficients, what a run with named teachers logs;
+- diagnostics folded with a LoRA student (`learner.lora`, rank 16 on every linear layer): adapters
+  alone train and hold AdamW state (its MFU is left out: without weight gradients 6 x P x T is wrong),
+  with and without activation checkpointing.
 
 MFU = model FLOPs (6 x parameters x tokens for the matmuls, + attention) per second over a
 matmul ceiling measured in the same run (the best of large square matmuls in the step's dtype);
@@ -57,13 +60,16 @@ SHAPES = {  # name -> (config overrides, sequences, tokens per sequence, measure
 }
 PROMPT_TOKENS = 256  # per sequence (fewer in the smaller shapes); the rest is response
 TOP_K = 16
-VARIANTS = [  # name, diagnostics, separate statistics pass, activation checkpointing, teachers
-    ("no diagnostics", False, False, False, 0),
-    ("diagnostics folded (default)", True, False, False, 0),
-    ("diagnostics in a separate pass (before)", True, True, False, 0),
-    ("no diagnostics + activation checkpointing", False, False, True, 0),
-    ("diagnostics folded + activation checkpointing", True, False, True, 0),
-    ("diagnostics folded, 4 teachers (per-teacher metrics)", True, False, False, 4),
+LORA_RANK = 16
+VARIANTS = [  # name, diagnostics, separate statistics pass, activation checkpointing, teachers, LoRA
+    ("no diagnostics", False, False, False, 0, False),
+    ("diagnostics folded (default)", True, False, False, 0, False),
+    ("diagnostics in a separate pass (before)", True, True, False, 0, False),
+    ("no diagnostics + activation checkpointing", False, False, True, 0, False),
+    ("diagnostics folded + activation checkpointing", True, False, True, 0, False),
+    ("diagnostics folded, 4 teachers (per-teacher metrics)", True, False, False, 4, False),
+    (f"diagnostics folded, LoRA rank {LORA_RANK} on every linear layer", True, False, False, 0, True),
+    (f"diagnostics folded + activation checkpointing, LoRA rank {LORA_RANK}", True, False, True, 0, True),
 ]
 
 
@@ -119,7 +125,10 @@ def measure(shape: str, variant: tuple, queue) -> None:
     from opd_ray.losses.step import StepModels
     from opd_ray.spec import AlgorithmSpec
 
-    name, diagnostics, separate, checkpointing, teachers = variant
+    from opd_ray.actors.lora import trainable_parameters, with_lora
+    from opd_ray.spec import LoraSpec
+
+    name, diagnostics, separate, checkpointing, teachers, lora = variant
     overrides, sequences, length, steps = SHAPES[shape]
     on_gpu = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
@@ -127,7 +136,9 @@ def measure(shape: str, variant: tuple, queue) -> None:
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if lora:  # as the learner wraps it: adapters alone train and hold optimizer state
+        model = with_lora(model, LoraSpec(rank=LORA_RANK, alpha=2 * LORA_RANK))
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-5)
     batch = scored_batch(sequences, length, model.config.vocab_size)
     names = tuple(f"teacher{i}" for i in range(teachers))
     if teachers:  # rows dealt out to the teachers, as their scorers mark them
@@ -235,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append([name, "out of memory", "-", "-", "-" if peak_gib is None else peak_gib, "-"])
             continue
         flops = model_flops(parameters, tokens, SHAPES[shape][2], config)
-        rows.append([name, seconds, tokens / seconds, seconds / baseline, peak_gib, flops / seconds / ceiling])
+        mfu = "-" if "LoRA" in name else flops / seconds / ceiling  # no weight gradients: 6 x P x T does not hold
+        rows.append([name, seconds, tokens / seconds, seconds / baseline, peak_gib, mfu])
     header = ["learner step", "seconds", "tokens/s", f"vs {baseline_name}", "peak memory GiB", "MFU"]
     overrides, sequences, length, steps = SHAPES[shape]
     parameters = next(r[3] for r in results.values() if r[1] is not None)
@@ -252,13 +264,21 @@ def main(argv: list[str] | None = None) -> None:
 def verdicts(results: dict) -> list[str]:
     """The targets whose rows were measured."""
     seconds = {name: r[1] for name, r in results.items()}
-    plain, folded, separate, _, _, per_teacher = (seconds.get(v[0]) for v in VARIANTS)
+    plain, folded, separate, _, folded_checkpointed, per_teacher, lora, lora_checkpointed = (
+        seconds.get(v[0]) for v in VARIANTS
+    )
     out = []
     if plain and folded:
         out.append(target(folded / plain - 1 <= 0.05, "diagnostics <= 5% of the learner's time"))
     if folded and separate:
         out.append(
             f"folding the diagnostics into the loss pass: {separate / folded:.2f}x faster than the separate pass"
+        )
+    if folded and lora:
+        out.append(f"a LoRA student's step: {folded / lora:.2f}x the speed of training every weight")
+    if folded_checkpointed and lora_checkpointed:
+        out.append(
+            f"with activation checkpointing, a LoRA student's step: {folded_checkpointed / lora_checkpointed:.2f}x"
         )
     if folded and per_teacher:
         out.append(target(per_teacher / folded - 1 <= 0.02, "per-teacher metrics of 4 teachers <= 2% of the step"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from opd_ray.console import console
 from opd_ray.data.arithmetic import ALPHABET, write_mixed_task_files, write_task_files
@@ -84,10 +84,19 @@ def tiny_qwen2_config(vocab_size: int, num_layers: int, eos_id: int, pad_id: int
     )
 
 
-def save_random_model(tokenizer: PreTrainedTokenizerFast, num_layers: int, directory: Path, seed: int) -> Path:
+def save_random_model(
+    tokenizer: PreTrainedTokenizerFast, num_layers: int, directory: Path, seed: int, architecture: str = "qwen2"
+) -> Path:
+    """`architecture` llama: the same shape without Qwen2's attention biases, for a tokenizer of its own:
+    transformers loads a qwen2 model's tokenizer as Qwen2's, whose pre-tokenizer splits every digit,
+    while a llama model's keeps the tokenizer.json it was saved with (the digit-pair student's)."""
     torch.manual_seed(seed)
     config = tiny_qwen2_config(len(tokenizer), num_layers, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model = Qwen2ForCausalLM(config)
+    if architecture == "llama":
+        config = LlamaConfig(**{k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")})
+        model = LlamaForCausalLM(config)
+    else:
+        model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory, safe_serialization=True)
@@ -206,7 +215,10 @@ def build_model(
     loss every 50 steps (what a rebuild is checked against)."""
     examples = sft_examples(tokenizer, rows, recipe["digits"])
     root = Path(spec.models.build_tiny.directory)
-    init_dir = save_random_model(tokenizer, recipe["layers"], root / f"init-{output_dir.name}", spec.run.seed)
+    architecture = "llama" if recipe.get("tokenizer", "chars") != "chars" else "qwen2"  # see save_random_model
+    init_dir = save_random_model(
+        tokenizer, recipe["layers"], root / f"init-{output_dir.name}", spec.run.seed, architecture
+    )
     learner = sft_learner(spec, recipe["steps"], recipe["lr"])
     init = ModelSpec(path=str(init_dir))
     batch_size, seed = spec.models.build_tiny.sft_batch_size, spec.run.seed
