@@ -122,11 +122,9 @@ def measure(shape: str, variant: tuple, queue) -> None:
     """One variant in its own process: warm-up step, then the mean of the measured steps; peak memory."""
     import resource
 
-    from opd_ray.losses.step import StepModels
-    from opd_ray.spec import AlgorithmSpec
-
     from opd_ray.actors.lora import trainable_parameters, with_lora
-    from opd_ray.spec import LoraSpec
+    from opd_ray.losses.step import StepModels
+    from opd_ray.spec import AlgorithmSpec, LoraSpec
 
     name, diagnostics, separate, checkpointing, teachers, lora = variant
     overrides, sequences, length, steps = SHAPES[shape]
