@@ -158,7 +158,8 @@ def token_statistics(
     per_token: dict[str, torch.Tensor], tokens: TokenBatch, on_student_samples: bool
 ) -> dict[str, Any]:
     """A step's metrics from its per-token values: log-probs, sampled reverse KL and the diagnostics (overall
-    and by position)."""
+    and by position). With a cross-tokenizer teacher the diagnostics cover the positions where its top-k
+    applies (one-to-one chunks, over the tokens both vocabularies share); their share is logged."""
     count = float(tokens.num_tokens)
     values = token_mean_values(per_token, tokens, on_student_samples)
     metrics: dict[str, Any] = {key: (float(v.double().sum()), count) for key, v in values.items()}

@@ -27,13 +27,9 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SHIPPED = Path(__file__).parent / "shipped"  # the quickstart's teacher and student, as its recipe builds them
 
 
-def build_char_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerFast:
-    """One token per character; decoding joins characters back without spaces."""
-    vocab = {PAD: 0, EOS: 1, UNK: 2}
-    for ch in alphabet:
-        vocab.setdefault(ch, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+def saved_tokenizer(core: Tokenizer, directory: Path) -> PreTrainedTokenizerFast:
+    """A tokenizers pipeline as a transformers tokenizer with the tiny task's special tokens, saved in
+    `directory`; decoding joins tokens back without spaces."""
     core.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="right"
@@ -41,6 +37,16 @@ def build_char_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerF
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(directory)
     return tokenizer
+
+
+def build_char_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerFast:
+    """One token per character; decoding joins characters back without spaces."""
+    vocab = {PAD: 0, EOS: 1, UNK: 2}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    return saved_tokenizer(core, directory)
 
 
 def build_digit_pair_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerFast:
@@ -55,13 +61,7 @@ def build_digit_pair_tokenizer(alphabet: str, directory: Path) -> PreTrainedToke
     merges = [(a, b) for a in digits for b in digits]
     core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(r"\d+|\D"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="right"
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+    return saved_tokenizer(core, directory)
 
 
 TOKENIZERS = {"chars": build_char_tokenizer, "digit_pairs": build_digit_pair_tokenizer}
