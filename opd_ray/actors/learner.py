@@ -89,6 +89,11 @@ def prepare_for_training(module: Any, gradient_checkpointing: bool) -> None:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def full_size(parameter: torch.nn.Parameter) -> int:
+    """Numbers in a parameter; under ZeRO-3 the whole one's, not this rank's shard."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -247,8 +252,8 @@ class LearnerWorker:
             optimizer = optimizer.optimizer
         state = sum(v.numel() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
         return {
-            "total": sum(p.numel() for p in module.parameters()),
-            "trainable": sum(p.numel() for p in trainable_parameters(module)),
+            "total": sum(full_size(p) for p in module.parameters()),
+            "trainable": sum(full_size(p) for p in trainable_parameters(module)),
             "optimizer_state": state,
         }
 

@@ -42,7 +42,7 @@ from opd_ray.driver.fingerprint import run_fingerprint
 from opd_ray.driver.interrupts import StopRequest, stop_between_steps
 from opd_ray.driver.metrics import MetricsWriter, read_metrics, timed, training_trend
 from opd_ray.driver.pipeline import Pipeline
-from opd_ray.driver.roles import Roles, record_placement, start_roles, sync_weights
+from opd_ray.driver.roles import Roles, learner_parameters, record_placement, start_roles, sync_weights
 from opd_ray.driver.steps import StepWork, launch_step, prompts_digest
 from opd_ray.errors import Interrupted, RunStopped, Stuck
 from opd_ray.files import write_json, write_text_durably
@@ -132,6 +132,7 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
     try:
         record_placement(roles, run_dir)
         check_shared_storage(roles.learners, run_dir, spec.trainer.timeouts.start_s)
+        summary["learner_parameters"] = learner_parameters(roles, spec.trainer.timeouts.start_s)
         if spec.data.selection is not None and spec.data.selection.keep_top_fraction is not None:
             train = keep_aligned_prompts(spec, roles, prepared.train, run_dir, resume=state is not None)
             prepared = replace(prepared, train=train)

@@ -186,6 +186,15 @@ def record_placement(roles: Roles, run_dir: Path) -> None:
         console.print(f"  {role}: " + ", ".join(f"{count} on node {node}" for node, count in nodes.items()))
 
 
+def learner_parameters(roles: Roles, timeout_s: float) -> dict[str, int]:
+    """Parameters of the student, those that train (fewer with LoRA) and the optimizer state summed over the
+    learner ranks (ZeRO splits it); printed at the start and kept in summary.json."""
+    per_rank = get_or_raise_first(roles.learners.call("parameter_counts"), timeout_s, "learner parameter counts")
+    counts = {**per_rank[0], "optimizer_state": sum(rank["optimizer_state"] for rank in per_rank)}
+    console.print(f"  student: {counts['trainable']:,} of {counts['total']:,} parameters train")
+    return counts
+
+
 def split(items: list[int], parts: int) -> list[list[int]]:
     return [items[i::parts] for i in range(parts) if items[i::parts]]
 

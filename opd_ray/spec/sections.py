@@ -854,7 +854,7 @@ class ExperimentSpec(Section):
             field = f"{self.teacher_field(name)}.cross_tokenizer"
             if teacher.is_self:
                 raise ValueError(f"{field}: a self teacher has the student's tokenizer")
-            if algorithm.objective in ("full_vocab", "sft"):
+            if algorithm.objective == "full_vocab":
                 raise ValueError(
                     f"{field}: objective {algorithm.objective} needs one vocabulary; use sampled_token or topk"
                 )
