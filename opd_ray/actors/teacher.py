@@ -131,6 +131,14 @@ def greedy_with_transformers(
     return completions
 
 
+def head_rows(model: ModelSpec) -> int:
+    """Rows of a model's output head (its config's vocab_size: the tokenizer's tokens and any padding rows)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    return int(config.get_text_config().vocab_size)
+
+
 class TeacherScorer:
     """A teacher replica (run as a Ray actor by `roles.start_roles`); a plain class so tests can extend it.
 
@@ -157,7 +165,8 @@ class TeacherScorer:
         self.cross = None
         if student is not None:
             student_tokenizer = AutoTokenizer.from_pretrained(student.path, trust_remote_code=student.trust_remote_code)
-            if student_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            same_rows = head_rows(student) == head_rows(model)  # else padding rows differ: ids past them are dropped
+            if student_tokenizer.get_vocab() != self.tokenizer.get_vocab() or not same_rows:
                 self.cross = CrossTokenizer(student_tokenizer, self.tokenizer)
         if teacher.backend == "vllm":
             receives_weights = getattr(teacher, "weights", "frozen") == "current"

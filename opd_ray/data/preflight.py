@@ -94,26 +94,28 @@ def check_same_vocabulary(
     """Per-token distillation compares distributions over the same token ids; a teacher whose vocabulary
     differs is refused unless its settings say `cross_tokenizer: true`."""
     student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    settings = teacher_field.rsplit(".", 1)[0] if teacher_field.startswith("teachers.") else "teacher"
     if student_vocab != teacher_vocab:
         if cross_tokenizer:
             return
         only_student = len(set(student_vocab.items()) - set(teacher_vocab.items()))
         only_teacher = len(set(teacher_vocab.items()) - set(student_vocab.items()))
-        settings = teacher_field.rsplit(".", 1)[0] if teacher_field.startswith("teachers.") else "teacher"
         raise UserError(
             f"{teacher_field}: student and teacher tokenizers differ "
             f"({len(student_vocab)} vs {len(teacher_vocab)} tokens; {only_student} ids only in the student's, "
             f"{only_teacher} only in the teacher's): set {settings}.cross_tokenizer: true to score the student's "
             "text with the teacher's own tokenizer, aligned by bytes (README: A teacher with another tokenizer)"
         )
-    if cross_tokenizer:
-        console.print(f"{teacher_field}: the same tokenizer as the student's; cross_tokenizer scoring is not needed")
     student_rows = vocab_size(student, "models.student")
     teacher_rows = vocab_size(teacher, teacher_field)
-    if student_rows != teacher_rows:
+    if student_rows != teacher_rows and not cross_tokenizer:
         raise UserError(
-            f"{teacher_field}: student vocab_size {student_rows} != teacher vocab_size {teacher_rows} in config.json"
+            f"{teacher_field}: student vocab_size {student_rows} != teacher vocab_size {teacher_rows} in config.json "
+            f"(the tokenizers are the same: padding rows differ); set {settings}.cross_tokenizer: true and the "
+            "teacher's ids past the student's tokenizer are dropped"
         )
+    if cross_tokenizer and student_rows == teacher_rows:
+        console.print(f"{teacher_field}: the same tokenizer as the student's; cross_tokenizer scoring is not needed")
 
 
 def check_teacher(spec: ExperimentSpec, teacher: ModelSpec, field: str, student_tokenizer, settings=None):

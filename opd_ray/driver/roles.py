@@ -187,10 +187,10 @@ def record_placement(roles: Roles, run_dir: Path) -> None:
 
 
 def learner_parameters(roles: Roles, timeout_s: float) -> dict[str, int]:
-    """Parameters of the student, those that train (fewer with LoRA) and the optimizer state summed over the
-    learner ranks (ZeRO splits it); printed at the start and kept in summary.json."""
+    """Parameters of the student and those that train (fewer with LoRA); printed at the start and kept in
+    summary.json. (AdamW's state does not exist yet: it is made at the first step.)"""
     per_rank = get_or_raise_first(roles.learners.call("parameter_counts"), timeout_s, "learner parameter counts")
-    counts = {**per_rank[0], "optimizer_state": sum(rank["optimizer_state"] for rank in per_rank)}
+    counts = {"total": per_rank[0]["total"], "trainable": per_rank[0]["trainable"]}
     console.print(f"  student: {counts['trainable']:,} of {counts['total']:,} parameters train")
     return counts
 

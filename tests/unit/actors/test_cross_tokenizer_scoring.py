@@ -11,7 +11,7 @@ from opd_ray.actors.cross_tokenizer import CrossTokenizer
 from opd_ray.actors.teacher import TeacherScorer
 from opd_ray.data.arithmetic import ALPHABET
 from opd_ray.losses.batch import ResponseRow, batch_from_rows
-from opd_ray.recipe.tiny_models import SHIPPED, build_digit_pair_tokenizer
+from opd_ray.recipe.tiny_models import SHIPPED, build_digit_pair_tokenizer, save_random_model
 from opd_ray.spec import ModelSpec, NamedTeacherSpec
 
 PROMPTS = ["12+34=", "5+7=", "40+60="]
@@ -42,8 +42,10 @@ def cross_scorer(student_dir) -> TeacherScorer:
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
+    """A digit-pair student's folder (random weights: only its tokenizer and head size matter here)."""
     directory = tmp_path_factory.mktemp("digit-pairs")
-    return directory, build_digit_pair_tokenizer(ALPHABET, directory)
+    tokenizer = build_digit_pair_tokenizer(ALPHABET, directory)
+    return save_random_model(tokenizer, 1, directory, seed=0, architecture="llama"), tokenizer
 
 
 def test_chunk_values_and_aligned_top_k_match_the_teachers_own_forward(pairs) -> None:

@@ -31,6 +31,22 @@ def test_preflight_rejects_vocabulary_mismatch(tiny_dir: Path, tmp_path: Path) -
         prepare(ExperimentSpec.model_validate(raw))
 
 
+def test_padding_rows_are_refused_unless_cross_tokenizer_scoring_drops_them(tiny_dir: Path, tmp_path: Path) -> None:
+    """Two sizes of one family: the same tokenizer, heads of different sizes (padding rows)."""
+    from opd_ray.recipe.tiny_models import build_char_tokenizer, save_random_model
+
+    tokenizer = build_char_tokenizer("0123456789+=", tmp_path / "tok")
+    teacher = save_random_model(tokenizer, 1, tmp_path / "teacher", seed=0)
+    config = (teacher / "config.json").read_text().replace('"vocab_size": 15', '"vocab_size": 64')
+    (teacher / "config.json").write_text(config)
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["models"]["teacher"]["path"] = str(teacher)
+    with pytest.raises(UserError, match=r"vocab_size 15 != teacher vocab_size 64 .* teacher\.cross_tokenizer: true"):
+        prepare(ExperimentSpec.model_validate(raw))
+    raw["teacher"]["cross_tokenizer"] = True
+    assert prepare(ExperimentSpec.model_validate(raw)).train is not None
+
+
 def test_preflight_rejects_empty_dataset(tiny_dir: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
