@@ -49,22 +49,39 @@ def build_char_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerF
     return saved_tokenizer(core, directory)
 
 
-def build_digit_pair_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerFast:
-    """A second tokenizer for the same text: every pair of digits is one token (BPE merges, lower pairs
-    first, so "123" is "12" "3" and "321" is "3" "21"), the hundred pairs take ids 0-99, then the special
-    tokens, then the single characters in reverse order: no id means what it means in `build_char_tokenizer`."""
+def digit_pair_vocabulary(alphabet: str) -> dict[str, int]:
+    """The hundred digit pairs at ids 0-99, then the special tokens, then the single characters in reverse
+    order: no id means what it means in `build_char_tokenizer`."""
     digits = "0123456789"
-    pairs = [a + b for a in digits for b in digits]
-    vocab = {pair: i for i, pair in enumerate(pairs)}
+    vocab = {a + b: i for i, (a, b) in enumerate((a, b) for a in digits for b in digits)}
     for token in (EOS, PAD, UNK, *reversed(alphabet)):
         vocab.setdefault(token, len(vocab))
+    return vocab
+
+
+def build_digit_pair_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerFast:
+    """A second tokenizer for the same text: every pair of digits is one token (BPE merges, lower pairs
+    first, so "123" is "12" "3" and "321" is "3" "21"), ids as in `digit_pair_vocabulary`."""
+    digits = "0123456789"
     merges = [(a, b) for a in digits for b in digits]
-    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK))
+    core = Tokenizer(models.BPE(vocab=digit_pair_vocabulary(alphabet), merges=merges, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(r"\d+|\D"), behavior="isolated")
     return saved_tokenizer(core, directory)
 
 
-TOKENIZERS = {"chars": build_char_tokenizer, "digit_pairs": build_digit_pair_tokenizer}
+def build_reordered_char_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerFast:
+    """The character tokenizer's tokenization under other ids, with the digit pairs as extra tokens that text
+    never produces: another vocabulary whose every chunk is one-to-one with the character teacher's."""
+    core = Tokenizer(models.WordLevel(vocab=digit_pair_vocabulary(alphabet), unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    return saved_tokenizer(core, directory)
+
+
+TOKENIZERS = {
+    "chars": build_char_tokenizer,
+    "digit_pairs": build_digit_pair_tokenizer,
+    "reordered_chars": build_reordered_char_tokenizer,
+}
 
 
 def tiny_qwen2_config(vocab_size: int, num_layers: int, eos_id: int, pad_id: int) -> Qwen2Config:

@@ -60,10 +60,11 @@ class TinyModelsSpec(Section):
     sft_steps: dict[str, int] = Field(
         default_factory=dict, description="a model folder -> its SFT steps, instead of teacher/student_sft_steps"
     )
-    tokenizers: dict[str, Literal["chars", "digit_pairs"]] = Field(
+    tokenizers: dict[str, Literal["chars", "digit_pairs", "reordered_chars"]] = Field(
         default_factory=dict,
-        description="a model folder -> its tokenizer: chars (one token a character, the default) or digit_pairs "
-        "(pairs of digits merged into one token, other ids in another order: a student for cross-tokenizer runs)",
+        description="a model folder -> its tokenizer: chars (one token a character, the default), digit_pairs "
+        "(pairs of digits merged into one token, other ids in another order) or reordered_chars (characters under "
+        "other ids, with extra tokens): students for cross-tokenizer runs",
     )
     sft_batch_size: int = Field(128, ge=1)
     train_size: int = Field(20000, ge=1)

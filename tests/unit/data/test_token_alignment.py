@@ -99,3 +99,17 @@ def test_vocabulary_matching_pairs_tokens_with_the_same_text():
     teacher = [b"a", b"bc", EOS_BYTE, b"zz", b""]
     student = [b"bc", b"a", b"q", EOS_BYTE, b"a"]
     assert vocabulary_map(teacher, student).tolist() == [1, 0, 3, -1, -1]
+
+
+def test_characters_under_other_ids_align_one_to_one_and_match_by_text(tmp_path):
+    from opd_ray.recipe.tiny_models import build_reordered_char_tokenizer
+
+    chars = build_char_tokenizer(ALPHABET, tmp_path / "chars")
+    reordered = build_reordered_char_tokenizer(ALPHABET, tmp_path / "reordered")
+    char_table, reordered_table = token_bytes(chars), token_bytes(reordered)
+    student, teacher = reordered("407+19=").input_ids, chars("407+19=").input_ids
+    assert student != teacher  # the same tokens under other ids
+    chunks = aligned_chunks([len(reordered_table[i]) for i in student], [len(char_table[i]) for i in teacher])
+    assert all(c.one_to_one for c in chunks) and len(chunks) == len(student)
+    to_student = vocabulary_map(char_table, reordered_table)
+    assert to_student[torch.tensor(teacher)].tolist() == student
