@@ -63,7 +63,7 @@ class CrossTokenizer:
             alignments.append(
                 aligned_chunks(
                     [len(self.student_table[i]) for i in student_ids],
-                    [len(self.teacher_table[i]) if i < len(self.teacher_table) else 0 for i in teacher_ids],
+                    [len(self.teacher_table[i]) for i in teacher_ids],
                 )
             )
         return batch_from_rows(rows, batch.policy_version, batch.source), alignments
