@@ -38,6 +38,8 @@ class CrossTokenizer:
         self.teacher_table = token_bytes(teacher_tokenizer)
         self.teacher_tokenizer = teacher_tokenizer
         self.to_student_V = vocabulary_map(self.teacher_table, self.student_table)
+        # one tokenizer, heads of different sizes (padding rows): the student's prompt ids are the teacher's too
+        self.same_vocabulary = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
 
     @property
     def shared_tokens(self) -> int:
@@ -47,8 +49,14 @@ class CrossTokenizer:
         self, batch: RolloutBatch, teacher_prompts_P: dict[int, list[int]] | None
     ) -> tuple[RolloutBatch, list[list[Chunk]]]:
         """The batch as the teacher reads it (its prompts, the responses in its tokens) and each row's chunks."""
-        if teacher_prompts_P is None:
+        if teacher_prompts_P is None and not self.same_vocabulary:
             raise ValueError("a cross-tokenizer teacher needs its own prompts (tokenized by its tokenizer)")
+        if teacher_prompts_P is None:
+            prompt_BL = batch.attention_mask_BL.bool() & ~batch.response_mask_BL.bool()
+            teacher_prompts_P = {
+                int(i): ids[m].tolist()
+                for ids, m, i in zip(batch.input_ids_BL, prompt_BL, batch.prompt_index_B, strict=True)
+            }
         rows, alignments = [], []
         eos = self.teacher_tokenizer.eos_token_id
         for ids_L, mask_L, index, finished in zip(

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd_ray.actors.cross_tokenizer import CrossTokenizer
-from opd_ray.actors.teacher import TeacherScorer
+from opd_ray.actors.teacher import TeacherScorer, score_with_transformers
 from opd_ray.data.arithmetic import ALPHABET
 from opd_ray.losses.batch import ResponseRow, batch_from_rows
 from opd_ray.recipe.tiny_models import SHIPPED, build_digit_pair_tokenizer, save_random_model
@@ -92,3 +92,27 @@ def test_cross_tokenizer_scoring_with_one_tokenizer_gives_the_plain_scores() -> 
     response_BL = batch.response_mask_BL.bool()
     assert aligned.teacher_topk_ids_BLK[response_BL].equal(plain.teacher_topk_ids_BLK[response_BL])
     assert aligned.aligned_BL.equal(batch.response_mask_BL)
+
+
+def test_a_teacher_with_padding_rows_is_scored_through_the_alignment_and_its_extra_ids_dropped(tmp_path) -> None:
+    """Two sizes of one family: the same tokenizer, a teacher head of 64 rows against the student's 15."""
+    from transformers import Qwen2ForCausalLM
+
+    from opd_ray.recipe.tiny_models import tiny_qwen2_config
+
+    chars = AutoTokenizer.from_pretrained(SHIPPED / "student")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(tiny_qwen2_config(64, 1, chars.eos_token_id, chars.pad_token_id)).save_pretrained(tmp_path)
+    chars.save_pretrained(tmp_path)
+    teacher = ModelSpec(path=str(tmp_path))
+    settings = NamedTeacherSpec(model=teacher, backend="transformers", top_k=30, cross_tokenizer=True)
+    scorer = TeacherScorer(teacher, settings, seed=0, student=ModelSpec(path=str(SHIPPED / "student")))
+    assert scorer.cross is not None and scorer.cross.same_vocabulary
+    batch = samples(chars)
+    scored, _ = scorer.score(batch)  # no prompts of its own: the student's ids are its ids
+    response_BL = batch.response_mask_BL.bool()
+    ids = scored.teacher_topk_ids_BLK[response_BL]
+    assert ids.max() < len(chars) and (ids == -1).any()  # 30 of 64 rows ranked: padding ids among them, dropped
+    assert scored.aligned_BL.equal(batch.response_mask_BL)
+    expected = score_with_transformers(scorer.model, batch, top_k=30, chunk_tokens=64, share_prompts=False)
+    torch.testing.assert_close(scored.teacher_logprobs_BL, expected.teacher_logprobs_BL, rtol=1e-5, atol=1e-5)
