@@ -232,7 +232,7 @@ def build_model(
     loss every 50 steps (what a rebuild is checked against)."""
     examples = sft_examples(tokenizer, rows, recipe["digits"])
     root = Path(spec.models.build_tiny.directory)
-    architecture = "llama" if recipe.get("tokenizer", "chars") != "chars" else "qwen2"  # see save_random_model
+    architecture = "llama" if recipe.get("tokenizer") == "digit_pairs" else "qwen2"  # see save_random_model
     init_dir = save_random_model(
         tokenizer, recipe["layers"], root / f"init-{output_dir.name}", spec.run.seed, architecture
     )
