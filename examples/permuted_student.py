@@ -16,19 +16,16 @@ import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd_ray.recipe.tiny_models import SHIPPED, UNK, saved_tokenizer
+from opd_ray.recipe.tiny_models import SHIPPED, build_char_level_tokenizer
 
 
 def permuted_student(source: Path, output: Path) -> list[int]:
     """Writes the model of `source` with its token ids reversed; returns new id -> old id."""
     old_ids = AutoTokenizer.from_pretrained(source).get_vocab()
     tokens = sorted(old_ids, key=lambda token: -old_ids[token])
-    core = Tokenizer(models.WordLevel(vocab={token: i for i, token in enumerate(tokens)}, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tokenizer = saved_tokenizer(core, output)
+    tokenizer = build_char_level_tokenizer({token: i for i, token in enumerate(tokens)}, output)
     model = AutoModelForCausalLM.from_pretrained(source)
     order = [old_ids[token] for token in tokens]
     with torch.no_grad():  # tied: the head's rows move with the embedding's

@@ -29,12 +29,6 @@ def with_lora(module: torch.nn.Module, lora: LoraSpec) -> torch.nn.Module:
     return get_peft_model(module, config)
 
 
-def is_lora(module: torch.nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(module, PeftModel)
-
-
 def merged_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The base model's weights with each adapter's delta added, under the plain model's names; the base
     parameters themselves are not touched (merging in place and back would drift in bf16)."""

@@ -20,6 +20,7 @@ from opd_ray.actors.hf_model import load_causal_lm
 from opd_ray.actors.runtime import actor_location
 from opd_ray.actors.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
 from opd_ray.actors.weight_sync import WORKER_EXTENSION, unpack_state_dict
+from opd_ray.data.preflight import vocab_size
 from opd_ray.losses.batch import RolloutBatch, scores_from, with_prompts
 from opd_ray.losses.hidden import prompt_groups, response_hidden_states, shared_prompt_response_hidden
 from opd_ray.spec import ModelSpec, NamedTeacherSpec, TeacherSpec
@@ -131,14 +132,6 @@ def greedy_with_transformers(
     return completions
 
 
-def head_rows(model: ModelSpec) -> int:
-    """Rows of a model's output head (its config's vocab_size: the tokenizer's tokens and any padding rows)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-    return int(config.get_text_config().vocab_size)
-
-
 class TeacherScorer:
     """A teacher replica (run as a Ray actor by `roles.start_roles`); a plain class so tests can extend it.
 
@@ -165,7 +158,8 @@ class TeacherScorer:
         self.cross = None
         if student is not None:
             student_tokenizer = AutoTokenizer.from_pretrained(student.path, trust_remote_code=student.trust_remote_code)
-            same_rows = head_rows(student) == head_rows(model)  # else padding rows differ: ids past them are dropped
+            # heads of different sizes (padding rows): the alignment drops the teacher's ids past the student's
+            same_rows = vocab_size(student, "models.student") == vocab_size(model, "teacher model")
             if student_tokenizer.get_vocab() != self.tokenizer.get_vocab() or not same_rows:
                 self.cross = CrossTokenizer(student_tokenizer, self.tokenizer)
         if teacher.backend == "vllm":

@@ -39,14 +39,19 @@ def saved_tokenizer(core: Tokenizer, directory: Path) -> PreTrainedTokenizerFast
     return tokenizer
 
 
+def build_char_level_tokenizer(vocab: dict[str, int], directory: Path) -> PreTrainedTokenizerFast:
+    """One token per character, with these ids; tokens of several characters in `vocab` are never produced."""
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    return saved_tokenizer(core, directory)
+
+
 def build_char_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerFast:
     """One token per character; decoding joins characters back without spaces."""
     vocab = {PAD: 0, EOS: 1, UNK: 2}
     for ch in alphabet:
         vocab.setdefault(ch, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    return saved_tokenizer(core, directory)
+    return build_char_level_tokenizer(vocab, directory)
 
 
 def digit_pair_vocabulary(alphabet: str) -> dict[str, int]:
@@ -72,9 +77,7 @@ def build_digit_pair_tokenizer(alphabet: str, directory: Path) -> PreTrainedToke
 def build_reordered_char_tokenizer(alphabet: str, directory: Path) -> PreTrainedTokenizerFast:
     """The character tokenizer's tokenization under other ids, with the digit pairs as extra tokens that text
     never produces: another vocabulary whose every chunk is one-to-one with the character teacher's."""
-    core = Tokenizer(models.WordLevel(vocab=digit_pair_vocabulary(alphabet), unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    return saved_tokenizer(core, directory)
+    return build_char_level_tokenizer(digit_pair_vocabulary(alphabet), directory)
 
 
 TOKENIZERS = {
