@@ -16,7 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from opd_ray.errors import UserError
+
 PARTIAL = ".partial-"
+REPLACED = ".replaced-"
+BUILD_RECORD = "build.json"  # what opd-ray writes into every model folder it builds or imports
 
 
 def partial_path(final: Path) -> Path:
@@ -63,10 +67,30 @@ def written_aside(final: Path, directory: bool = False) -> Iterator[Path]:
         partial.mkdir()
     yield partial
     fsync_tree(partial)
-    if final.is_dir():  # a directory cannot be replaced by a rename
-        shutil.rmtree(final)
-    os.replace(partial, final)
+    if final.is_dir():  # a directory cannot be replaced by a rename: move it aside first, delete it last
+        old = final.with_name(REPLACED + final.name)
+        remove(old)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, final)
     fsync_path(final.parent)
+
+
+def check_replaceable(folder: Path, field: str) -> None:
+    """Refuses to write a model over `folder` unless it is absent, empty or a folder opd-ray built (it holds
+    a build.json): a user's folder, a model someone copied in or a directory of other files is never
+    deleted to make room."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UserError(f"{field}: {folder} is a file; opd-ray writes a model folder there only where nothing is")
+    if any(folder.iterdir()) and not (folder / BUILD_RECORD).is_file():
+        raise UserError(
+            f"{field}: {folder} holds files opd-ray did not write (no {BUILD_RECORD}); it is never replaced: "
+            "name a new folder, or move that one away"
+        )
 
 
 def write_text_durably(path: Path, text: str) -> None:
@@ -77,3 +101,9 @@ def write_text_durably(path: Path, text: str) -> None:
 
 def write_json(path: Path, value: object) -> None:
     write_text_durably(path, json.dumps(value, indent=2))
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    """One JSON object a line, written aside: a reader never sees a half-written file."""
+    with written_aside(path) as partial:
+        partial.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -9,9 +9,10 @@ dataset (jsonl) so that it travels through the same data path as a user's own pr
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from opd_ray.files import write_jsonl
 
 ALPHABET = "0123456789+="
 
@@ -39,13 +40,6 @@ def make_split(seed: int, size: int, exclude: set[str] | None = None, family: st
         seen.add(prompt)
         rows.append({"prompt": prompt, "answer": answer})
     return rows
-
-
-def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 def write_task_files(directory: Path, seed: int, train_size: int, eval_size: int) -> tuple[Path, Path]:

@@ -157,10 +157,11 @@ def save_checkpoint(spec: ExperimentSpec, roles, run_dir: Path, state: TrainerSt
     write_checkpoint(run_dir, state, learners_write, spec.trainer.keep_checkpoints)
 
 
-def check_shared_storage(learners, run_dir: Path, timeout_s: float) -> None:
+def check_shared_storage(learners, run_dir: Path, timeout_s: float, field: str = "run.output_dir") -> None:
     """Before training: every learner rank writes a probe file into the run directory and the driver
     reads it back. On a multi-node cluster without shared storage a rank on another node writes to its
-    own disk, and its checkpoint shards would never be found; that stops the run here, not at resume."""
+    own disk, and its checkpoint shards (or the SFT student) would never be found; that stops the run
+    here, not at resume or after training."""
     token = f".storage-probe-{uuid.uuid4().hex[:8]}"
     written = get_or_raise_first(
         learners.call("write_probe", str(run_dir), token), timeout_s, "learner ranks (trainer.timeouts.start_s)"
@@ -171,7 +172,7 @@ def check_shared_storage(learners, run_dir: Path, timeout_s: float) -> None:
     if unseen:
         raise UserError(
             f"learner ranks {unseen} wrote into {run_dir} on their node, but this node (the driver's) does not see "
-            "the files: run.output_dir must be on storage every node shares (NFS, a mounted bucket), or place the "
+            f"the files: {field} must be on storage every node shares (NFS, a mounted bucket), or place the "
             "learners on the driver's node (learner.resources.custom / placement)"
         )
 

@@ -14,6 +14,7 @@ folders carry a `build.json` of what made them and are rebuilt only when that ch
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -23,7 +24,8 @@ import torch
 
 from opd_ray.console import console
 from opd_ray.errors import UserError
-from opd_ray.files import written_aside
+from opd_ray.files import BUILD_RECORD, check_replaceable, written_aside
+from opd_ray.recipe.model_cache import check_distinct_folders, ensure_built
 from opd_ray.spec import ExperimentSpec, ImportedModelsSpec
 
 PACKAGE_PREFIX = "package:"
@@ -90,58 +92,87 @@ def save_folder(model: Any, tokenizer: Any, output: Path, record: dict) -> Path:
     with written_aside(output, directory=True) as partial:
         model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
-        (partial / "build.json").write_text(json.dumps(record, indent=2))
+        (partial / BUILD_RECORD).write_text(json.dumps(record, indent=2))
     return output
+
+
+def check_import_target(source: Path, output: Path) -> None:
+    """`import-model`'s OUTPUT is written only where nothing of the user's is: absent, empty, or an earlier
+    import; never the source itself or a folder that holds it."""
+    source, target = source.resolve(), output.resolve()
+    if source == target or source.is_relative_to(target):
+        raise UserError(f"OUTPUT {output} holds the source {source}: name a new folder for the imported model")
+    check_replaceable(output, "OUTPUT")
 
 
 def import_model(source: str, output: Path, layers: list[int] | None = None, dtype: str = "float32") -> Path:
     """`opd-ray import-model`: one checkpoint (GGUF or folder) to an opd-ray model folder, optionally layer-pruned."""
     path = resolve_source(source)
+    check_import_target(path, output)
     model, tokenizer = load_pretrained(path, dtype)
     if layers is not None:
         keep_layers(model, layers)
-    record = {"source": source, "source_bytes": source_size(path), "layers": layers, "dtype": dtype}
+    record = {"source": source, "source_sha256": source_digest(path), "layers": layers, "dtype": dtype}
     return save_folder(model, tokenizer, output, record)
 
 
-def source_size(path: Path) -> int:
-    """Bytes of the source: a changed file (another quantization, another release) rebuilds the folders."""
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def source_digest(path: Path) -> str:
+    """sha256 of the source's bytes (a folder: of each file's name and bytes): another quantization or
+    release under the same name and size still rebuilds the folders (about 1 s per GB)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def wanted_records(build: ImportedModelsSpec, path: Path) -> dict[str, dict]:
-    common = {"source": build.source, "source_bytes": source_size(path), "dtype": build.dtype}
+    common = {"source": build.source, "source_sha256": source_digest(path), "dtype": build.dtype}
     return {"teacher": {**common, "layers": None}, "student": {**common, "layers": build.student_layers}}
 
 
 def is_built(folder: Path, record: dict) -> bool:
-    marker = folder / "build.json"
+    marker = folder / BUILD_RECORD
     return marker.is_file() and json.loads(marker.read_text()) == record
 
 
 def ensure_imported_models(spec: ExperimentSpec) -> None:
     """Builds `models.import_pretrained`'s teacher and pruned student if missing or made from something else.
 
-    Only folders inside its `directory` are written: a model path elsewhere (a user's folder, the
-    cold-started student of a run) is left as it is."""
+    Only folders inside its `directory` are written, and only ones opd-ray built (a user's folder there is
+    refused, not replaced): a model path elsewhere (a user's folder, the cold-started student of a run) is
+    left as it is. The directory is a shared cache, built under its lock (model_cache.py)."""
     build = spec.models.import_pretrained
     root = Path(build.directory).resolve()
     path = resolve_source(build.source, "models.import_pretrained.source")
     records = wanted_records(build, path)
-    missing = [
+    ours = [
         (label, Path(model.path))
         for label, model in spec.models_by_role()
-        if Path(model.path).resolve().is_relative_to(root) and not is_built(Path(model.path), records[label])
+        if Path(model.path).resolve().is_relative_to(root)
     ]
-    if not missing:
-        return
-    console.print(f"importing {path.name} into {build.directory} (once; cached for later runs)")
-    model, tokenizer = load_pretrained(path, build.dtype)
-    for label, folder in sorted(missing, key=lambda item: item[0] == "student"):  # the teacher before pruning
-        if label == "student":
-            keep_layers(model, build.student_layers)
-        save_folder(model, tokenizer, folder, records[label])
-        console.print(f"  {label}: {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
+    check_distinct_folders(ours, "models.import_pretrained")
+    for label, folder in ours:
+        check_replaceable(folder, f"models.{label}.path (built by models.import_pretrained)")
+        if path.resolve().is_relative_to(folder.resolve()):
+            raise UserError(f"models.{label}.path: {folder} holds models.import_pretrained.source; name another folder")
+
+    def pending() -> list[tuple[str, Path]]:
+        return [(label, folder) for label, folder in ours if not is_built(folder, records[label])]
+
+    def build_missing(missing: list[tuple[str, Path]]) -> None:
+        console.print(f"importing {path.name} into {build.directory} (once; cached for later runs)")
+        model, tokenizer = load_pretrained(path, build.dtype)
+        for label, folder in sorted(missing, key=lambda item: item[0] == "student"):  # the teacher before pruning
+            if label == "student":
+                keep_layers(model, build.student_layers)
+            save_folder(model, tokenizer, folder, records[label])
+            console.print(f"  {label}: {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
+
+    ensure_built(root, pending, build_missing, spec.trainer.timeouts.build_wait_s)
 
 
 # Qwen3's special tokens, ids 151643-151668 after its 151,643 BPE ranks.

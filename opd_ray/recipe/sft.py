@@ -7,6 +7,8 @@ so an interrupted SFT never leaves a half-written model where a later stage woul
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -14,6 +16,7 @@ import ray
 from opd_ray.actors.learner import LearnerGroup
 from opd_ray.actors.runtime import actor_env, get_or_raise_first
 from opd_ray.console import step_progress
+from opd_ray.driver.checkpoint import check_shared_storage
 from opd_ray.files import written_aside
 from opd_ray.spec import LearnerSpec, ModelSpec, TimeoutsSpec
 
@@ -31,15 +34,20 @@ def train_sft(
     seed: int,
     label: str,
     timeouts: TimeoutsSpec | None = None,
+    records: Callable[[list[float]], dict[str, object]] | None = None,
 ) -> list[float]:
     """`steps` optimizer steps of `batch_size` rows drawn from `examples`; returns the loss at the end of
-    every chunk of `SFT_CHUNK` steps (the last one last)."""
+    every chunk of `SFT_CHUNK` steps (the last one last). `records(losses)` names JSON files to write into
+    the folder before it takes its name (what built it). The learner ranks must see `output_dir`'s folder
+    as the driver does: checked before training, not after it."""
     timeouts = timeouts or TimeoutsSpec()
     micro_batch = batch_size // learner.num_ranks
     group = LearnerGroup(init, learner, micro_batch, steps, actor_env(), start_timeout_s=timeouts.start_s)
     examples_ref = ray.put(examples)
     chunk_losses: list[float] = []
     try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        check_shared_storage(group, output_dir.parent, timeouts.start_s, field=f"the SFT output {output_dir}")
         with step_progress(f"sft {label}", steps) as progress:
             done = 0
             while done < steps:
@@ -52,6 +60,8 @@ def train_sft(
         with written_aside(output_dir) as staging:
             refs = group.call("save_pretrained", str(staging), init.path)
             get_or_raise_first(refs, timeouts.checkpoint_s, "learner ranks saving (trainer.timeouts.checkpoint_s)")
+            for name, value in (records(chunk_losses) if records else {}).items():
+                (staging / name).write_text(json.dumps(value, indent=2))
     finally:
         group.shutdown()
     return chunk_losses

@@ -19,7 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from opd_ray.console import console
 from opd_ray.data.arithmetic import ALPHABET, write_mixed_task_files, write_task_files
 from opd_ray.driver.cluster import connect
-from opd_ray.files import written_aside
+from opd_ray.files import BUILD_RECORD, check_replaceable, written_aside
+from opd_ray.recipe.model_cache import check_distinct_folders, ensure_built
 from opd_ray.recipe.sft import Example, train_sft
 from opd_ray.spec import ExperimentSpec, LearnerSpec, ModelSpec
 
@@ -168,7 +169,7 @@ def model_recipe(spec: ExperimentSpec, label: str, folder: str = "") -> dict:
 
 
 def is_built(directory: Path, recipe: dict) -> bool:
-    marker = directory / "build.json"
+    marker = directory / BUILD_RECORD
     return marker.is_file() and json.loads(marker.read_text()) == recipe
 
 
@@ -186,7 +187,9 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
     order; `build_tiny.teacher_digits: forward` trains a teacher that answers the same sums most
     significant digit first (the miniature's teacher with a different thinking pattern). Only models
     inside `build_tiny.directory` are written: a path elsewhere (a user's model, the cold-started
-    student of a run) is left as it is.
+    student of a run) is left as it is, and so is a folder inside it that opd-ray did not build. The
+    directory is a shared cache: builds hold its lock (model_cache.py), so a run reading it is never
+    rebuilt under.
     """
     build = spec.models.build_tiny
     root = Path(build.directory)
@@ -195,11 +198,34 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
         for label, model in spec.models_by_role()
         if Path(model.path).resolve().is_relative_to(root.resolve())  # a model elsewhere is not ours to write
     ]
-    if build.tasks and not (root / "mixed_train.jsonl").is_file():
-        write_mixed_task_files(root, spec.run.seed, build.train_size, build.eval_size)
-    missing = [(label, directory, recipe) for label, directory, recipe in wanted if not is_built(directory, recipe)]
-    if not missing:
-        return
+    check_distinct_folders(wanted, "models.build_tiny")
+    for label, directory, _ in wanted:
+        check_replaceable(directory, f"models.{label} (built by models.build_tiny)")
+
+    def missing_models() -> list[tuple[str, Path, dict]]:
+        return [(label, directory, recipe) for label, directory, recipe in wanted if not is_built(directory, recipe)]
+
+    def mixed_missing() -> bool:
+        return bool(build.tasks) and not (root / "mixed_train.jsonl").is_file()
+
+    def pending() -> list[str]:
+        return [str(directory) for _, directory, _ in missing_models()] + (
+            ["mixed task files"] if mixed_missing() else []
+        )
+
+    def build_missing(_: list[str]) -> None:
+        if mixed_missing():
+            write_mixed_task_files(root, spec.run.seed, build.train_size, build.eval_size)
+        if missing_models():
+            build_models(spec, missing_models(), from_scratch)
+
+    ensure_built(root, pending, build_missing, spec.trainer.timeouts.build_wait_s)
+
+
+def build_models(spec: ExperimentSpec, missing: list[tuple[str, Path, dict]], from_scratch: bool) -> None:
+    """The task files, then each missing model: copied when a shipped build has its recipe, else trained."""
+    build = spec.models.build_tiny
+    root = Path(build.directory)
     tokenizer = build_char_tokenizer(ALPHABET, root / "tokenizer")
     write_task_files(root, spec.run.seed, build.train_size, build.eval_size)
     rows: dict[str, list[dict]] = {}  # task -> its training rows, read once, and only if a model is trained
@@ -231,8 +257,8 @@ def task_rows(root: Path, task: str) -> list[dict]:
 def build_model(
     spec: ExperimentSpec, label: str, output_dir: Path, recipe: dict, tokenizer: PreTrainedTokenizerFast, rows: list
 ) -> None:
-    """Random init, then SFT on the task's answers; `build.json` (the recipe) last, `build_log.json` with the
-    loss every 50 steps (what a rebuild is checked against)."""
+    """Random init, then SFT on the task's answers; `build.json` (the recipe) and `build_log.json` (the loss
+    every 50 steps, what a rebuild is checked against) are written into the folder before it takes its name."""
     examples = sft_examples(tokenizer, rows, recipe["digits"])
     root = Path(spec.models.build_tiny.directory)
     architecture = "llama" if recipe.get("tokenizer") == "digit_pairs" else "qwen2"  # see save_random_model
@@ -242,6 +268,8 @@ def build_model(
     learner = sft_learner(spec, recipe["steps"], recipe["lr"])
     init = ModelSpec(path=str(init_dir))
     batch_size, seed = spec.models.build_tiny.sft_batch_size, spec.run.seed
-    losses = train_sft(init, output_dir, examples, learner, recipe["steps"], batch_size, seed, label)
-    (output_dir / "build_log.json").write_text(json.dumps({"loss_every_50_steps": losses}, indent=2))
-    (output_dir / "build.json").write_text(json.dumps(recipe, indent=2))
+
+    def records(losses: list[float]) -> dict[str, object]:
+        return {BUILD_RECORD: recipe, "build_log.json": {"loss_every_50_steps": losses}}
+
+    train_sft(init, output_dir, examples, learner, recipe["steps"], batch_size, seed, label, records=records)

@@ -522,6 +522,15 @@ class TimeoutsSpec(Section):
     )
     sync_s: float = Field(600, gt=0, description="new weights reaching every rollout engine")
     checkpoint_s: float = Field(1800, gt=0, description="learners saving or loading a checkpoint or the final student")
+    eval_s: float = Field(
+        3600,
+        gt=0,
+        description="one actor's share of a greedy evaluation (a stuck one is killed, restarted and its share "
+        "re-issued, at most trainer.max_actor_restarts times)",
+    )
+    build_wait_s: float = Field(
+        3600, gt=0, description="another process building the models this spec uses in the shared model cache"
+    )
 
 
 ConditionName = Literal[

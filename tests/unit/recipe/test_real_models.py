@@ -189,3 +189,67 @@ def test_the_qwen3_vocabulary_matches_tiktoken_and_qwens_own_ids(tmp_path: Path)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         assert ids == reference.encode(unicodedata.normalize("NFC", text))
     assert AutoTokenizer.from_pretrained(tmp_path / "qwen3")("Hello world").input_ids == [9707, 1879]
+
+
+def test_import_model_never_deletes_the_folder_it_is_given(source, tmp_path: Path, capsys) -> None:
+    """OUTPUT naming the source's own folder, or a folder of the user's, is refused with both left whole;
+    an earlier import is replaced."""
+    models = tmp_path / "models"
+    models.mkdir()
+    gguf_file = models / "smol.gguf"
+    gguf_file.write_bytes(source[1].read_bytes())
+    (models / "notes.txt").write_text("mine")
+    assert main(["import-model", str(gguf_file), str(models)]) == 2
+    assert "holds the source" in capsys.readouterr().err
+    assert main(["import-model", str(source[1]), str(models)]) == 2
+    assert "holds files opd-ray did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in models.iterdir()) == ["notes.txt", "smol.gguf"]
+    assert gguf_file.read_bytes() == source[1].read_bytes()
+    (tmp_path / "a-file").write_text("x")
+    assert main(["import-model", str(source[1]), str(tmp_path / "a-file")]) == 2
+    assert (tmp_path / "a-file").read_text() == "x"
+
+    imported = import_model(str(gguf_file), models / "imported")
+    again = import_model(str(gguf_file), imported, layers=[0])  # an earlier import is opd-ray's to replace
+    assert json.loads((again / "build.json").read_text())["layers"] == [0]
+    assert not list(models.glob(".replaced-*")) and not list(models.glob(".partial-*"))
+
+
+def import_spec(source_path: Path, directory: Path, **paths: Path):
+    from opd_ray.spec import ExperimentSpec
+
+    models = {
+        "student": {"path": str(paths.get("student", directory / "student"))},
+        "teacher": {"path": str(paths.get("teacher", directory / "teacher"))},
+        "import_pretrained": {"source": str(source_path), "directory": str(directory), "student_layers": [0, 2]},
+    }
+    return ExperimentSpec.model_validate({"models": models, "data": {"train": {"path": "unused.jsonl"}}})
+
+
+def test_spec_imports_refuse_folders_they_did_not_write_and_rebuild_on_new_content(source, tmp_path: Path) -> None:
+    from opd_ray.recipe.real_models import ensure_imported_models
+
+    cache = tmp_path / "cache"
+    same = cache / "teacher"
+    with pytest.raises(UserError, match="name the same folder"):
+        ensure_imported_models(import_spec(source[1], cache, student=same, teacher=same))
+    assert not same.exists()
+    users = cache / "student"
+    users.mkdir(parents=True)
+    (users / "weights.bin").write_text("the user's")
+    with pytest.raises(UserError, match="did not write"):
+        ensure_imported_models(import_spec(source[1], cache))
+    assert (users / "weights.bin").read_text() == "the user's"
+    users.rename(tmp_path / "moved")
+
+    changing = tmp_path / "model.gguf"
+    changing.write_bytes(source[1].read_bytes())
+    ensure_imported_models(import_spec(changing, cache))
+    first = json.loads((cache / "student" / "build.json").read_text())["source_sha256"]
+    other = tiny_llama()
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2.0)
+    write_gguf(other, changing)  # another model, the same name and byte count
+    assert changing.stat().st_size == source[1].stat().st_size
+    ensure_imported_models(import_spec(changing, cache))
+    assert json.loads((cache / "student" / "build.json").read_text())["source_sha256"] != first

@@ -5,6 +5,9 @@ from __future__ import annotations
 import filecmp
 from pathlib import Path
 
+import pytest
+
+from opd_ray.errors import UserError
 from opd_ray.recipe import tiny_models
 from opd_ray.spec import load_spec
 from tests.conftest import REPO
@@ -56,3 +59,15 @@ def test_the_multi_teacher_example_builds_a_specialist_and_a_student_of_both_fam
     held_out = {row["prompt"] for row in rows("eval.jsonl") + rows("three_sums_eval.jsonl")}
     assert not held_out & {row["prompt"] for row in mixed}
     assert all(eval(row["prompt"][:-1]) == int(row["answer"][::-1]) for row in mixed)  # the sums are right
+
+
+def test_a_folder_opd_ray_did_not_build_is_never_replaced(tmp_path: Path, recorded_training: list) -> None:
+    users = tmp_path / "student"
+    users.mkdir()
+    (users / "my-notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"models.student .*holds files opd-ray did not write"):
+        tiny_models.ensure_tiny_models(load_spec(QUICKSTART, [f"models.build_tiny.directory={tmp_path}"]))
+    assert (users / "my-notes.txt").read_text() == "mine" and recorded_training == []
+    same = [f"models.build_tiny.directory={tmp_path}", f"models.teacher.path={tmp_path / 'x'}"]
+    with pytest.raises(UserError, match="name the same folder"):
+        tiny_models.ensure_tiny_models(load_spec(QUICKSTART, [*same, f"models.student.path={tmp_path / 'x'}"]))
