@@ -26,6 +26,7 @@ from ray.exceptions import RayActorError
 from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.console import console
 from opd_ray.driver.fingerprint import check_same_run
+from opd_ray.driver.run_dir import TRAINING_RECORDS, previous_results
 from opd_ray.errors import RunStopped, UserError
 from opd_ray.files import written_aside
 from opd_ray.spec import ExperimentSpec
@@ -135,12 +136,28 @@ def resume_point(
             "or set run.output_dir to a new directory"
         )
     if resume and latest is None:
-        console.print(f"--resume: no complete checkpoint in {run_dir}, starting at step 1")
+        refuse_resume_without_checkpoint(spec, run_dir)
+        console.print(f"--resume: no checkpoint in {run_dir} and nothing trained yet; OPD starts at step 1")
     if latest is None:
         return None, None
     state = TrainerState.read(latest)
     check_same_run(state.fingerprint, spec, f"checkpoint {latest}", force)
     return latest, state
+
+
+def refuse_resume_without_checkpoint(spec: ExperimentSpec, run_dir: Path) -> None:
+    """Without a checkpoint a resume would start OPD over and replace what it recorded (metrics.jsonl,
+    TensorBoard, summary.json, the student): refused, naming what is there and what would work."""
+    recorded = previous_results(run_dir, TRAINING_RECORDS)
+    if not recorded:
+        return
+    every = spec.trainer.checkpoint_every
+    why = "checkpoints are off (trainer.checkpoint_every: 0)" if not every else "it never reached a checkpoint"
+    raise UserError(
+        f"--resume: {run_dir} has no checkpoint to continue from ({why}); resuming would start over and replace "
+        f"its {', '.join(recorded)}. Start over with --overwrite, or train further into a new run.output_dir "
+        "with models.student.path set to its student/ (set trainer.checkpoint_every to make later runs resumable)"
+    )
 
 
 def save_checkpoint(spec: ExperimentSpec, roles, run_dir: Path, state: TrainerState) -> None:

@@ -45,7 +45,7 @@ from opd_ray.driver.pipeline import Pipeline
 from opd_ray.driver.roles import Roles, learner_parameters, record_placement, start_roles, sync_weights
 from opd_ray.driver.steps import StepWork, launch_step, prompts_digest
 from opd_ray.errors import Interrupted, RunStopped, Stuck
-from opd_ray.files import write_json, write_text_durably
+from opd_ray.files import write_json, write_text_durably, written_aside
 from opd_ray.health.doctor import Diagnosis, Doctor
 from opd_ray.spec import ExperimentSpec, spec_to_yaml
 
@@ -224,12 +224,19 @@ def finish_run(run: Run, started: float) -> dict:
             own["student_accuracy_before"], own["student_accuracy_after"], own["teacher_accuracy"]
         )
     if spec.trainer.save_final:
-        final_dir = run.run_dir / "student"
-        saving = "learner ranks saving the student (trainer.timeouts.checkpoint_s)"
-        refs = run.roles.learners.call("save_pretrained", str(final_dir), spec.models.student.path)
-        get_or_raise_first(refs, spec.trainer.timeouts.checkpoint_s, saving)
-        summary["student_path"] = str(final_dir)
+        summary["student_path"] = str(save_student(run))
     return write_summary(run, spec.trainer.steps, wall_seconds=round(time.perf_counter() - started, 1))
+
+
+def save_student(run: Run) -> Path:
+    """The trained student in `student/`, written aside and renamed: a kill mid-save leaves the previous
+    one (or none), never a torn folder."""
+    final_dir = run.run_dir / "student"
+    saving = "learner ranks saving the student (trainer.timeouts.checkpoint_s)"
+    with written_aside(final_dir) as staging:
+        refs = run.roles.learners.call("save_pretrained", str(staging), run.spec.models.student.path)
+        get_or_raise_first(refs, run.spec.trainer.timeouts.checkpoint_s, saving)
+    return final_dir
 
 
 def write_summary(run: Run, steps: int, **extra: float) -> dict:

@@ -31,10 +31,14 @@ RECORDS = ("spec.yaml", "placement.json", "selection.json", "alignment.json", "t
 Mode = Literal["new", "resume", "overwrite"]
 
 
-def previous_results(run_dir: Path) -> list[str]:
-    """The result files and folders in `run_dir` that hold something."""
+# What the OPD stage itself recorded: a resume without a checkpoint would start over and replace these.
+TRAINING_RECORDS = ("metrics.jsonl", "summary.json", "student")
+
+
+def previous_results(run_dir: Path, names: tuple[str, ...] = RESULTS) -> list[str]:
+    """The result files and folders in `run_dir` (of `names`) that hold something."""
     found = []
-    for name in RESULTS:
+    for name in names:
         path = run_dir / name
         if (path.is_file() and path.stat().st_size > 0) or (path.is_dir() and any(path.iterdir())):
             found.append(name)
@@ -42,8 +46,14 @@ def previous_results(run_dir: Path) -> list[str]:
 
 
 def refuse_to_clobber(run_dir: Path, mode: Mode) -> None:
-    """A new run into a directory with results stops here; --overwrite removes them first."""
+    """A new run into a directory with results stops here; --overwrite removes them first; --resume needs
+    something to continue (HF Trainer's "no valid checkpoint found")."""
     found = previous_results(run_dir)
+    if mode == "resume" and not found:
+        raise UserError(
+            f"--resume: {run_dir} holds no run to continue (no checkpoint, finished stage or metrics); "
+            "run without --resume to start one"
+        )
     if not found or mode == "resume":
         return
     if mode == "new":

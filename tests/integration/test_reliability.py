@@ -243,6 +243,12 @@ class RankOnItsOwnDisk:
         real.write_text("node")
         return str(seen_as)
 
+    def save_pretrained(self, directory: str, tokenizer_path: str) -> None:
+        """Dies half-way through writing the student, as a rank killed mid-save would."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("killed mid-save")
+
 
 class FakeLearnerGroup:
     def __init__(self, ranks: list) -> None:
@@ -250,6 +256,9 @@ class FakeLearnerGroup:
 
     def call(self, method: str, *args):
         return [getattr(rank, method).remote(*args) for rank in self.ranks]
+
+    def shutdown(self) -> None:
+        pass
 
 
 @pytest.mark.integration
@@ -264,3 +273,37 @@ def test_learner_ranks_that_do_not_share_the_run_directory_stop_the_run(tmp_path
     split = FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, str(tmp_path / "node2"))])
     with pytest.raises(UserError, match=r"learner ranks \[1\] wrote into .* must be on storage every node shares"):
         check_shared_storage(split, run_dir, timeout_s=60)
+
+
+@pytest.mark.integration
+def test_a_save_killed_midway_leaves_the_previous_student_whole(tmp_path: Path, local_ray) -> None:
+    from types import SimpleNamespace
+
+    from opd_ray.driver.loop import save_student
+
+    run_dir = tmp_path / "run"
+    (run_dir / "student").mkdir(parents=True)
+    (run_dir / "student" / "model.safetensors").write_bytes(b"the whole previous student")
+    spec = ExperimentSpec.model_validate(
+        {"models": {"student": {"path": "s"}, "teacher": {"path": "t"}}, "data": {"train": {"path": "d"}}}
+    )
+    run = SimpleNamespace(
+        run_dir=run_dir, spec=spec, roles=SimpleNamespace(learners=FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None)]))
+    )
+    with pytest.raises(ray.exceptions.RayTaskError, match="killed mid-save"):
+        save_student(run)
+    assert (run_dir / "student" / "model.safetensors").read_bytes() == b"the whole previous student"
+
+
+@pytest.mark.integration
+def test_sft_without_shared_storage_stops_before_it_trains(tmp_path: Path, local_ray, monkeypatch) -> None:
+    from opd_ray.errors import UserError
+    from opd_ray.recipe import sft
+    from opd_ray.spec import LearnerSpec, ModelSpec
+
+    split = FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, str(tmp_path / "node2"))])
+    monkeypatch.setattr(sft, "LearnerGroup", lambda *args, **kwargs: split)  # RankOnItsOwnDisk cannot train
+    output = tmp_path / "run" / "stages" / "sft" / "student"
+    with pytest.raises(UserError, match=r"learner ranks \[1\] .*the SFT output .* must be on storage every node"):
+        sft.train_sft(ModelSpec(path="s"), output, [([1], [2])], LearnerSpec(num_ranks=2), 10, 2, 0, "student")
+    assert not output.exists()

@@ -106,6 +106,21 @@ def test_resume_refuses_another_teacher_or_data_and_allows_more_steps(tiny_dir: 
         resume_point(checkpointed(tiny_dir, tmp_path, algorithm={"objective": "full_vocab"}), tmp_path, resume=True)
 
 
+def test_resume_without_a_checkpoint_is_refused_and_leaves_a_finished_run_whole(tmp_path: Path) -> None:
+    """Checkpoints are off by default: `--resume trainer.steps=200` on a finished run used to start over and
+    truncate its metrics, TensorBoard, summary and student."""
+    files = previous_run(tmp_path)
+    spec = checkpointed_spec_free()
+    with claimed(tmp_path, "resume"):
+        with pytest.raises(UserError, match=r"no checkpoint to continue from .*replace its metrics.jsonl, summary"):
+            resume_point(spec, tmp_path, resume=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != LOCK_FILE} == files
+    never_ran = tmp_path / "never-ran"
+    with pytest.raises(UserError, match="holds no run to continue"):
+        with claimed(never_ran, "resume"):
+            pass
+
+
 def test_a_finished_stage_is_reused_only_by_the_run_that_finished_it(tiny_dir: Path, tmp_path: Path) -> None:
     from opd_ray.recipe.stages import finished, mark_done
 
