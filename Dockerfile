@@ -27,9 +27,10 @@ COPY cluster_configs ./cluster_configs
 RUN pip install --no-cache-dir -c constraints-image.txt -e ".[gpu]" \
     && python -c "import opd_ray.cli, opd_ray.actors.collective_sync, vllm, deepspeed, ray; print('opd-ray image ok')"
 
-# Training runs as an unprivileged user: a compromised job cannot write to the image or the host's
+# Training runs as an unprivileged user who cannot rewrite the installed source (root owns it,
+# read-only to everyone): a compromised job cannot change what later jobs run, nor write to the host's
 # root-owned mounts. Mount run directories and caches where this user can write (e.g. /models/runs).
-RUN useradd --create-home --uid 1000 opd && chown -R opd /opt/opd-ray
+RUN useradd --create-home --uid 1000 opd && chown -R root:root /opt/opd-ray && chmod -R a-w /opt/opd-ray
 USER opd
 
 ENTRYPOINT []

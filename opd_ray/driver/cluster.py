@@ -8,6 +8,7 @@ import warnings
 
 import ray
 
+from opd_ray.driver.interrupts import reclaim_signals
 from opd_ray.errors import UserError
 from opd_ray.spec import RaySpec
 
@@ -40,3 +41,4 @@ def connect(spec: RaySpec) -> None:
         ray.init(address=spec.address, **kwargs)
     except ConnectionError as exc:
         raise UserError(f"ray.address: cannot connect to Ray at {spec.address!r}: {exc}") from None
+    reclaim_signals()  # a SIGTERM from here on still stops the command cleanly

@@ -1,10 +1,12 @@
 """SIGTERM and SIGINT end a run between steps, with a checkpoint, instead of mid-write.
 
 `ray job stop`, a Slurm time limit and a Kubernetes eviction all send SIGTERM (then SIGKILL
-after a grace period). The first signal asks the loop to stop after the step in progress: it
-writes a checkpoint when checkpoints are on, shuts every actor and placement group down and
-exits non-zero with a message naming the checkpoint. A second signal abandons the step at once
-(the actors are still shut down). Outside the loop Ray's own handler (SystemExit) applies.
+after a grace period). During training the first signal asks the loop to stop after the step in
+progress: it writes a checkpoint when checkpoints are on, shuts every actor and placement group down
+and exits non-zero with a message naming the checkpoint; a second signal abandons the step at once
+(the actors are still shut down). Before training (models built, engines started, the accuracies
+measured before training, a cold-start stage) there is nothing a checkpoint would keep, so the first
+signal stops the command at once, within seconds (stages already finished stay finished).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 @dataclass
 class StopRequest:
     signal_number: int | None = None
+    training: bool = False  # set when the loop starts: from then on a signal waits for the step's end
 
     @property
     def requested(self) -> bool:
@@ -39,18 +42,29 @@ class StopRequest:
         return 128 + (self.signal_number or 0)  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
 
 
+ACTIVE: list[StopRequest] = []  # the request of the outermost block, shared by nested ones
+HANDLERS: list = []  # and its signal handler
+
+
 @contextmanager
 def stop_between_steps() -> Iterator[StopRequest]:
-    """A StopRequest the loop checks after each step; the previous handlers come back afterwards.
-    Off the main thread (where Python cannot install handlers) nothing is installed."""
+    """A StopRequest the loop checks after each step; the previous handlers come back afterwards. A nested
+    block shares the outer one's request. Off the main thread (where Python cannot install handlers)
+    nothing is installed."""
+    if ACTIVE:
+        yield ACTIVE[0]
+        return
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
 
     def on_signal(number: int, frame: FrameType | None) -> None:
+        name = signal.Signals(number).name
+        if not request.training:
+            raise Interrupted(f"{name} before training started: stopped (nothing to checkpoint yet)", 128 + number)
         if request.requested:
-            raise Interrupted(f"{signal.Signals(number).name} again: the step in progress was abandoned", 128 + number)
+            raise Interrupted(f"{name} again: the step in progress was abandoned", 128 + number)
         request.signal_number = number
         console.print(
             f"[yellow]{request.name}: stopping after the step in progress (with a checkpoint when checkpoints "
@@ -58,8 +72,20 @@ def stop_between_steps() -> Iterator[StopRequest]:
         )
 
     previous = {number: signal.signal(number, on_signal) for number in SIGNALS}
+    ACTIVE.append(request)
+    HANDLERS.append(on_signal)
     try:
         yield request
     finally:
+        ACTIVE.clear()
+        HANDLERS.clear()
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def reclaim_signals() -> None:
+    """`ray.init` installs Ray's own SIGTERM handlers (its C++ one kills the process at once): called after
+    it, this puts the active block's handler back in front."""
+    if HANDLERS and threading.current_thread() is threading.main_thread():
+        for number in SIGNALS:
+            signal.signal(number, HANDLERS[0])

@@ -81,22 +81,24 @@ def distill(spec: ExperimentSpec, prepared: Prepared, resume: bool = False, forc
     `prepared` is what `recipe.startup.start` checked and tokenized; `force` resumes a checkpoint
     whose fingerprint differs from the spec's. Returns the run's summary."""
     started = time.perf_counter()
-    run = start_run(spec, prepared, resume, force)
-    try:
-        first_step = run.next_launch
-        with stop_between_steps() as run.stop, step_progress("distill", spec.trainer.steps, first_step - 1) as progress:
-            for step in range(first_step, spec.trainer.steps + 1):
-                loss = run_step(run, step)["loss"]
-                note = "update skipped" if loss is None else f"loss {loss:.3f}"
-                warnings = run.doctor.active(step)
-                progress.advance(step, note + (f" [health: {', '.join(warnings)}]" if warnings else ""))
-                if run.stop.requested and step < spec.trainer.steps:
-                    raise Interrupted(stopped_message(run, step), run.stop.exit_code)
-        return finish_run(run, started)
-    except Stuck as exc:
-        raise Stuck(f"{exc}; last checkpoint: {latest_checkpoint(run.run_dir) or 'none'}") from None
-    finally:
-        run.close()
+    with stop_between_steps() as stop:  # before the loop a signal stops at once (interrupts.py)
+        run = start_run(spec, prepared, resume, force)
+        run.stop, stop.training = stop, True
+        try:
+            first_step = run.next_launch
+            with step_progress("distill", spec.trainer.steps, first_step - 1) as progress:
+                for step in range(first_step, spec.trainer.steps + 1):
+                    loss = run_step(run, step)["loss"]
+                    note = "update skipped" if loss is None else f"loss {loss:.3f}"
+                    warnings = run.doctor.active(step)
+                    progress.advance(step, note + (f" [health: {', '.join(warnings)}]" if warnings else ""))
+                    if run.stop.requested and step < spec.trainer.steps:
+                        raise Interrupted(stopped_message(run, step), run.stop.exit_code)
+            return finish_run(run, started)
+        except Stuck as exc:
+            raise Stuck(f"{exc}; last checkpoint: {latest_checkpoint(run.run_dir) or 'none'}") from None
+        finally:
+            run.close()
 
 
 def stopped_message(run: Run, step: int) -> str:

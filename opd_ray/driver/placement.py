@@ -15,6 +15,7 @@ cluster has in total but not free (another job holds it) after `placement.timeou
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -22,8 +23,11 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from opd_ray.console import console
 from opd_ray.errors import UserError
 from opd_ray.spec import ExperimentSpec, ResourcesSpec
+
+NODE_POLL_S = 2.0
 
 RoleDemand = tuple[str, int, ResourcesSpec]  # (role, number of actors, resources of one actor)
 
@@ -127,15 +131,31 @@ def missing_resources(pools: list[Pool], cluster_total: dict[str, float], nodes:
 
 
 def check_cluster_fits(spec: ExperimentSpec) -> None:
-    """Raises a UserError naming what is missing; call after connecting, before starting roles."""
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    problems = missing_resources(plan_pools(spec), ray.cluster_resources(), nodes)
-    if problems:
-        raise UserError(
-            "the Ray cluster cannot hold this run's actors (they would wait forever): "
-            + "; ".join(problems)
-            + ". Lower the roles' resources in the spec or add nodes."
+    """Raises a UserError naming what is missing; call after connecting, before starting roles. Nodes still
+    joining are waited for up to `placement.wait_for_nodes_s` (bounded; a Slurm start-up brings its
+    workers up after the head)."""
+    deadline, announced = time.monotonic() + spec.placement.wait_for_nodes_s, False
+    while True:
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        problems = missing_resources(plan_pools(spec), ray.cluster_resources(), nodes)
+        if not problems:
+            return
+        if time.monotonic() >= deadline:
+            break
+        if not announced:
+            console.print(f"waiting up to {spec.placement.wait_for_nodes_s:g} s for nodes to join: {problems[0]}")
+            announced = True
+        time.sleep(NODE_POLL_S)
+    raise UserError(
+        "the Ray cluster cannot hold this run's actors (they would wait forever): "
+        + "; ".join(problems)
+        + ". Lower the roles' resources in the spec or add nodes"
+        + (
+            f" (waited {spec.placement.wait_for_nodes_s:g} s for them: placement.wait_for_nodes_s)."
+            if announced
+            else "."
         )
+    )
 
 
 @dataclass

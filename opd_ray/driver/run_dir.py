@@ -100,10 +100,32 @@ def run_directory_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def in_ray_job_copy(directory: Path) -> bool:
+    """`ray job submit --working-dir` runs the command in Ray's temporary copy of that folder
+    (/tmp/ray/session_*/runtime_resources/working_dir_files/...), which Ray deletes with the session."""
+    return "runtime_resources" in directory.parts
+
+
+def run_directory(output_dir: str | Path) -> Path:
+    """`run.output_dir` made absolute, before anything is written: refused when it would land in Ray's
+    temporary copy of a job's working directory, or when it names a file."""
+    path = Path(output_dir)
+    if not path.is_absolute() and in_ray_job_copy(Path.cwd()):
+        raise UserError(
+            f"run.output_dir {output_dir!r} is relative, and this command runs in Ray's temporary copy of the "
+            f"job's working directory ({Path.cwd()}), which Ray deletes: set run.output_dir to an absolute path "
+            "on storage every node shares, e.g. run.output_dir=/shared/runs/<name>"
+        )
+    path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run.output_dir: {path} is a file, not a directory: name a directory for the run")
+    return path
+
+
 @contextmanager
 def claimed(run_dir: Path, mode: Mode) -> Iterator[Path]:
     """The run directory, made absolute, locked for this process and checked for a previous run's results."""
-    run_dir = run_dir.resolve()
+    run_dir = run_directory(run_dir)
     with run_directory_lock(run_dir):
         refuse_to_clobber(run_dir, mode)
         yield run_dir

@@ -25,6 +25,7 @@ from opd_ray.driver.evaluation import Accuracy, evaluate_by_teacher
 from opd_ray.driver.pipeline import rollout_and_score
 from opd_ray.driver.placement import teacher_role
 from opd_ray.driver.roles import start_roles, start_teacher
+from opd_ray.driver.run_dir import run_directory
 from opd_ray.errors import UserError
 from opd_ray.files import write_json
 from opd_ray.losses.step import combine_rank_metrics
@@ -99,6 +100,7 @@ def run_probe(spec: ExperimentSpec, other_teachers: list[str] = ()) -> dict:
     """Starts the roles, samples and scores `probe.prompts` prompts, measures, writes probe.json. With
     `other_teachers`, each of them scores the same student samples too (one replica at a time, in the
     teacher's bundle), and `candidates` ranks them all by the paper's two conditions."""
+    run_dir = run_directory(spec.run.output_dir)  # refused now rather than after the probe's work
     prepared = start(spec)
     candidates = check_candidates(spec, prepared.tokenizer, list(other_teachers))
     started = time.perf_counter()  # the probe's own time, not start-up's (which may build tiny models)
@@ -126,7 +128,6 @@ def run_probe(spec: ExperimentSpec, other_teachers: list[str] = ()) -> dict:
     result = dict(results[0])  # the spec's own teacher, as a probe of one teacher reports it
     if len(results) > 1:
         result["candidates"] = sorted(results, key=rank_key)
-    run_dir = Path(spec.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "probe.json", result)
     return result

@@ -34,6 +34,7 @@ from opd_ray.data.repetition import is_repetitive
 from opd_ray.data.verifiers import GuardedVerifier
 from opd_ray.driver.evaluation import accuracy_of, gap_recovery
 from opd_ray.driver.fingerprint import check_same_run, run_fingerprint
+from opd_ray.driver.interrupts import stop_between_steps
 from opd_ray.driver.loop import distill
 from opd_ray.driver.run_dir import claimed
 from opd_ray.errors import UserError
@@ -218,7 +219,7 @@ def run_stages(spec: ExperimentSpec, resume: bool = False, overwrite: bool = Fal
     holds another run's results, unless resume or overwrite); the summary is OPD's, with what the cold
     start did. `force` resumes checkpoints and stages whose fingerprint differs from the spec's."""
     mode = "resume" if resume else "overwrite" if overwrite else "new"
-    with claimed(Path(spec.run.output_dir), mode) as run_dir:
+    with stop_between_steps(), claimed(Path(spec.run.output_dir), mode) as run_dir:  # a signal before OPD: stop now
         spec = spec.model_copy(update={"run": spec.run.model_copy(update={"output_dir": str(run_dir)})})
         prepared = start(spec)
         records = run_cold_start(spec, prepared, force)

@@ -694,6 +694,12 @@ class PlacementSpec(Section):
     timeout_s: float = Field(
         120, gt=0, description="seconds to wait for the placement groups before stopping with what is missing"
     )
+    wait_for_nodes_s: float = Field(
+        0,
+        ge=0,
+        description="seconds to wait for nodes still joining the cluster (a Slurm or autoscaled start) before the "
+        "cluster is judged too small for the run; 0 = judge at once",
+    )
 
     @model_validator(mode="after")
     def _colocate_at_least_two_roles(self) -> PlacementSpec:

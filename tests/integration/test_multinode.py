@@ -141,6 +141,18 @@ def test_quickstart_by_ray_job_submit_places_roles_on_their_nodes(
         "learner.resources.custom={learner_node: 1}",
         "learner.resources.strategy=STRICT_PACK",
     ]
+    working_dir = tmp_path / "submitted-from"
+    working_dir.mkdir()
+    relative = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(working_dir), "--",
+         sys.executable, "-m", "opd_ray.cli", "train", str(REPO / "examples" / "quickstart.yaml"), *overrides,
+         "run.output_dir=runs/relative"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    said = relative.stdout + relative.stderr
+    assert relative.returncode != 0 and "Ray's temporary copy" in said and "Traceback" not in said, said[-3000:]
+    assert not (working_dir / "runs").exists()
+
     job_id = f"opd-ray-two-nodes-{os.getpid()}"
     submitted = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--",

@@ -46,3 +46,21 @@ def test_resources_held_by_someone_else_stop_after_the_timeout(tiny_dir: Path, t
         assert states.count("CREATED") == 1  # the squatter; the run's own groups were removed
     finally:
         remove_placement_group(squatter)
+
+
+@pytest.mark.integration
+def test_nodes_still_joining_are_waited_for_a_bounded_time(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+    """A Slurm start-up brings its worker nodes up after the head: `placement.wait_for_nodes_s` waits for the
+    resource they bring (here one that never comes), then names it and the setting."""
+    import time
+
+    from opd_ray.driver.placement import check_cluster_fits
+    from opd_ray.errors import UserError
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["learner"]["resources"] = {"num_cpus": 1, "custom": {"worker_node": 1}}
+    raw["placement"] = {"wait_for_nodes_s": 3}
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"worker_node.*waited 3 s for them: placement.wait_for_nodes_s"):
+        check_cluster_fits(ExperimentSpec.model_validate(raw))
+    assert 3 <= time.monotonic() - started < 30

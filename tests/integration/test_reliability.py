@@ -307,3 +307,28 @@ def test_sft_without_shared_storage_stops_before_it_trains(tmp_path: Path, local
     with pytest.raises(UserError, match=r"learner ranks \[1\] .*the SFT output .* must be on storage every node"):
         sft.train_sft(ModelSpec(path="s"), output, [([1], [2])], LearnerSpec(num_ranks=2), 10, 2, 0, "student")
     assert not output.exists()
+
+
+@pytest.mark.integration
+def test_sigterm_during_start_up_stops_within_seconds(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
+    """Before training there is nothing to checkpoint: SIGTERM while the engines start (the run's spec.yaml
+    is written just before) stops the command at once, exit 143, one line, no step recorded."""
+    run_dir, spec_path = tmp_path / "run", tmp_path / "spec.yaml"
+    raw = tiny_spec_dict(tiny_dir, run_dir)
+    raw["ray"] = {"address": ray.get_runtime_context().gcs_address}
+    spec_path.write_text(yaml.safe_dump(raw))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "opd_ray.cli", "train", str(spec_path)],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (run_dir / "spec.yaml").is_file():
+        assert time.time() < deadline and run.poll() is None, "the run never reached its start-up"
+        time.sleep(0.05)
+    signalled = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 143, stderr
+    assert time.monotonic() - signalled < 20, "start-up was not interrupted"
+    assert "SIGTERM before training started" in stderr and "Traceback" not in stderr
+    assert not (run_dir / "metrics.jsonl").exists()

@@ -198,3 +198,36 @@ def test_cluster_configs_keep_ray_token_authentication_on() -> None:
     validate_pod_template(submitter)
     env = {e["name"] for e in submitter["spec"]["containers"][0]["env"]}
     assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} <= env
+
+
+def test_launch_paths_deliver_sigterm_to_the_driver_with_time_to_checkpoint() -> None:
+    """A scheduler's stop reaches the driver as SIGTERM first, and Ray waits long enough before its SIGKILL
+    (its default is 3 s) for a step and a checkpoint; run directories are absolute (not Ray's job copy)."""
+    slurm = (CONFIGS / "slurm-opd-ray.sbatch").read_text()
+    assert "#SBATCH --signal=B:TERM@600" in slurm and "trap stop_job TERM" in slurm and "ray job stop" in slurm
+    assert slurm.index("export RAY_JOB_STOP_WAIT_TIME_S") < slurm.index("ray start --head")
+    assert '"run.output_dir=$RUN_DIR"' in slurm and "RUN_DIR=${OPD_RAY_RUN_DIR:-$SLURM_SUBMIT_DIR/" in slurm
+    assert "sleep 15" not in slurm and "NODES_WAIT_S" in slurm  # start-up waits for its nodes, bounded
+    for name in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml"):
+        config = load(name)["spec"]
+        cluster = config.get("rayClusterSpec", config)
+        for template in pod_templates(cluster):
+            assert template["spec"]["terminationGracePeriodSeconds"] >= 600, name
+        head_env = {e["name"]: e for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        assert 300 <= int(head_env["RAY_JOB_STOP_WAIT_TIME_S"]["value"]) < 600, name
+    entrypoint = load("kuberay-rayjob.yaml")["spec"]["entrypoint"]
+    assert "run.output_dir=/" in entrypoint
+
+
+def test_the_aws_cluster_runs_with_a_token_and_the_image_source_is_read_only() -> None:
+    config = load("ray-cluster-aws-gpu.yaml")
+    assert "~/.opd-ray-token" in config["file_mounts"].values()
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert "RAY_AUTH_TOKEN=$(cat ~/.opd-ray-token)" in start and "RAY_AUTH_MODE=disabled" not in start
+    assert "RAY_JOB_STOP_WAIT_TIME_S=540" in next(c for c in config["head_start_ray_commands"] if "ray start" in c)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "chown -R root:root /opt/opd-ray && chmod -R a-w /opt/opd-ray" in dockerfile
+    assert dockerfile.index("chmod -R a-w") < dockerfile.index("USER opd")
+    pins = (CONFIGS / "constraints-image.txt").read_text()
+    assert "peft==" in pins
