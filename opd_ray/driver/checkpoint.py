@@ -4,15 +4,16 @@ A checkpoint is `run_dir/checkpoints/step_00000050/` holding the student in Hugg
 format (`student/`, safetensors), the DeepSpeed engine state (`deepspeed/`: weights,
 optimizer, scheduler, per rank) and `trainer_state.json` (step, weight version, data-order
 position, the accuracies measured before training, the run's fingerprint) and `manifest.json`
-(every file and its size). Everything is written under a `.partial-` name first and fsynced;
-only then is the directory renamed to `step_*` (atomic), the rename fsynced, and older
-checkpoints pruned. A kill or a host crash mid-write leaves the previous checkpoint the latest
-one, and a checkpoint whose files do not match its manifest (a disk that lost them) is
-skipped in favour of the one before.
+(every file, its size and sha256, checked before a resume loads it). Everything is written
+under a `.partial-` name first and fsynced; only then is the directory renamed to `step_*`
+(atomic), the rename fsynced, and older checkpoints pruned. A kill or a host crash mid-write
+leaves the previous checkpoint the latest one, and a checkpoint whose files do not match its
+manifest (a disk that lost them) is skipped in favour of the one before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import uuid
@@ -61,28 +62,59 @@ def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_manifest(directory: Path) -> None:
-    """{relative path: size} of every file the checkpoint holds so far."""
+    """{relative path: {size, sha256}} of every file the checkpoint holds so far: sizes are checked whenever
+    checkpoints are listed, contents before a resume loads one (its DeepSpeed files are pickles)."""
     files = {
-        str(path.relative_to(directory)): path.stat().st_size for path in sorted(directory.rglob("*")) if path.is_file()
+        str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": sha256_of(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
     }
     (directory / MANIFEST_FILE).write_text(json.dumps(files, indent=1))
 
 
+def read_manifest(checkpoint: Path) -> dict[str, dict] | None:
+    """The manifest as {name: {"size": ..., "sha256": ...}} (older ones hold sizes only); None if unreadable."""
+    try:
+        listed = json.loads((checkpoint / MANIFEST_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {name: entry if isinstance(entry, dict) else {"size": entry} for name, entry in listed.items()}
+
+
 def missing_files(checkpoint: Path) -> list[str]:
     """Files the checkpoint's manifest lists that are absent or of another size; [] when it is whole."""
-    manifest = checkpoint / MANIFEST_FILE
-    if not manifest.is_file():
-        return [MANIFEST_FILE]
-    try:
-        listed = json.loads(manifest.read_text())
-    except json.JSONDecodeError:
+    listed = read_manifest(checkpoint)
+    if listed is None:
         return [MANIFEST_FILE]
     return [
         name
-        for name, size in listed.items()
-        if not ((checkpoint / name).is_file() and (checkpoint / name).stat().st_size == size)
+        for name, entry in listed.items()
+        if not ((checkpoint / name).is_file() and (checkpoint / name).stat().st_size == entry["size"])
     ]
+
+
+def check_contents(checkpoint: Path) -> None:
+    """Before anything is loaded (unpickled) from `checkpoint`: every file's sha256 against its manifest."""
+    listed = read_manifest(checkpoint) or {}
+    if any("sha256" not in entry for entry in listed.values()):
+        console.print(f"[yellow]{checkpoint}: its manifest has no content hashes (an older opd-ray wrote it)[/]")
+        return
+    changed = [name for name, entry in listed.items() if sha256_of(checkpoint / name) != entry["sha256"]]
+    if changed:
+        raise UserError(
+            f"checkpoint {checkpoint}: {', '.join(changed[:3])} differ from the contents its manifest recorded "
+            "(changed or corrupted since it was written); not loaded. Remove that checkpoint to resume from the "
+            "one before"
+        )
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -142,6 +174,7 @@ def resume_point(
         return None, None
     state = TrainerState.read(latest)
     check_same_run(state.fingerprint, spec, f"checkpoint {latest}", force)
+    check_contents(latest)
     return latest, state
 
 

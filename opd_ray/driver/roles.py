@@ -31,6 +31,7 @@ from opd_ray.errors import RunStopped, Stuck
 from opd_ray.files import write_json
 from opd_ray.spec import ExperimentSpec, ModelSpec, ResourcesSpec, TimeoutsSpec
 
+STEP_LIMIT = "trainer.timeouts.step_s"
 SYNCING = "a rollout engine loading new weights (trainer.timeouts.sync_s)"
 
 
@@ -270,28 +271,45 @@ def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
 
 def call_restarting(roles: Roles, kind: str, actors: list, method: str, args: list[tuple]) -> list:
     """Values of actors[i].method(*args[i]), each re-issued with the same arguments if its actor died
-    (evaluation): all calls run at once, and a restart only repeats the lost one. An actor that takes
-    longer than trainer.timeouts.step_s is killed, so that it is restarted and its call repeated."""
+    (evaluation): all calls run at once, and a restart only repeats the lost one. An actor's whole share
+    may take trainer.timeouts.eval_s (not step_s: a share is a whole evaluation's part, not one shard);
+    past it the actor is killed, restarted and its share repeated, at most trainer.max_actor_restarts
+    times before the run stops naming it."""
+    limit = roles.timeouts.eval_s
     refs = [getattr(actor, method).remote(*call_args) for actor, call_args in zip(actors, args, strict=True)]
     values = []
     for i, actor in enumerate(actors):
+        reissued = 0
         while True:
             try:
-                values.append(ray.get(refs[i], timeout=roles.timeouts.step_s))
+                values.append(ray.get(refs[i], timeout=limit))
                 break
             except GetTimeoutError:
-                kill_stuck(kind, i, actor, f"{method} call", roles.timeouts.step_s)
+                if reissued >= roles.max_restarts:
+                    raise Stuck(
+                        f"{kind} actor {i}: its {method} share did not finish within {limit:g} s "
+                        f"(trainer.timeouts.eval_s), {reissued + 1} times"
+                    ) from None
+                kill_stuck(kind, i, actor, f"{method} call", limit, "trainer.timeouts.eval_s")
             except RayActorError:
                 await_restart(roles, kind, actor)
+                reissued += 1
                 refs[i] = getattr(actor, method).remote(*args[i])
     return values
 
 
-def kill_stuck(kind: str, index: int, actor: ray.actor.ActorHandle, work: str, limit: float) -> None:
-    """A rollout worker or teacher that has held one piece of work past trainer.timeouts.step_s is killed;
+def kill_stuck(
+    kind: str,
+    index: int,
+    actor: ray.actor.ActorHandle,
+    work: str,
+    limit: float,
+    setting: str = "trainer.timeouts.step_s",
+) -> None:
+    """A rollout worker or teacher that has held one piece of work past its limit (`setting`) is killed;
     Ray restarts it (trainer.max_actor_restarts) and the caller's restart path re-issues the work."""
     console.print(
-        f"[red]{kind} actor {index} has held a {work} for more than {limit:g} s (trainer.timeouts.step_s): "
+        f"[red]{kind} actor {index} has held a {work} for more than {limit:g} s ({setting}): "
         "killing it so that it is restarted and the work re-issued[/]"
     )
     ray.kill(actor, no_restart=False)

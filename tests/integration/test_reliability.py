@@ -332,3 +332,32 @@ def test_sigterm_during_start_up_stops_within_seconds(tiny_dir: Path, tmp_path: 
     assert time.monotonic() - signalled < 20, "start-up was not interrupted"
     assert "SIGTERM before training started" in stderr and "Traceback" not in stderr
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+@ray.remote(max_restarts=5)
+class EvaluatorThatHangs:
+    """A fake rollout worker (what is not under test: why an engine hangs): its greedy share never ends."""
+
+    def ready(self) -> bool:
+        return True
+
+    def greedy(self, prompts, max_new_tokens):
+        time.sleep(3600)
+
+
+@pytest.mark.integration
+def test_an_evaluation_share_has_its_own_timeout_and_bounded_reissues(local_ray) -> None:
+    from opd_ray.driver.roles import Roles, call_restarting
+    from opd_ray.errors import Stuck
+    from opd_ray.spec import TimeoutsSpec
+
+    worker = EvaluatorThatHangs.remote()
+    roles = Roles([worker], {}, learners=None, placement=None, max_restarts=1)
+    roles.timeouts = TimeoutsSpec(eval_s=2, step_s=3600)
+    started = time.monotonic()
+    with pytest.raises(
+        Stuck, match=r"rollout actor 0: its greedy share did not finish within 2 s \(trainer.timeouts.eval_s\), 2 times"
+    ):
+        call_restarting(roles, "rollout", [worker], "greedy", [({0: [1]}, 4)])
+    assert time.monotonic() - started < 60  # two shares of 2 s and one restart, not an hour
+    ray.kill(worker, no_restart=True)

@@ -168,3 +168,14 @@ def test_report_reads_a_run_with_a_torn_line(tmp_path: Path) -> None:
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
     assert "| steps | 1 |" in render([tmp_path], window=1)  # the torn step 2 is not counted
+
+
+def test_a_checkpoint_whose_contents_changed_is_not_loaded(tmp_path: Path) -> None:
+    """Its DeepSpeed files are pickles: a file changed since it was written (same size) is refused before
+    anything is unpickled."""
+    state = TrainerState(2, 2, 0, 2)
+    write_checkpoint(tmp_path, state, lambda d: (d / "state.pt").write_bytes(b"pickle-a"), keep=2)
+    checkpoint, _ = resume_point(checkpointed_spec_free(), tmp_path, resume=True)
+    (checkpoint / "state.pt").write_bytes(b"pickle-b")
+    with pytest.raises(UserError, match=r"state.pt differ from the contents its manifest recorded"):
+        resume_point(checkpointed_spec_free(), tmp_path, resume=True)
