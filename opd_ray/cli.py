@@ -98,6 +98,20 @@ def _print_summary(summary: dict) -> None:
         console.print(conditions)
 
 
+def code_the_spec_runs(spec) -> list[str]:
+    """What a spec makes opd-ray import and run besides opd-ray itself: a reviewer's checklist."""
+    notes = []
+    verifier = spec.data.verifier or ""
+    if ":" in verifier and not verifier.startswith("opd_ray."):
+        notes.append(
+            f"data.verifier imports and runs {verifier.partition(':')[0]} on the driver and every rollout worker"
+        )
+    remote = [label for label, model in spec.models_by_role() if model.trust_remote_code]
+    if remote:
+        notes.append(f"trust_remote_code runs the Python files in the model folders of {', '.join(remote)}")
+    return notes
+
+
 def _check_files(spec) -> None:
     """The pre-flight of `train` (model folders, tokenizers, vocabularies, data rows, the verifier), without
     Ray; models the spec builds itself are checked once they exist."""
@@ -169,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec, args.overrides)
         if args.command == "validate":
             print(spec_to_yaml(spec), end="")
+            for note in code_the_spec_runs(spec):
+                print(f"opd-ray: note: {note} (README: What a spec can run)", file=sys.stderr)
             if not args.no_files:
                 _check_files(spec)
             return 0

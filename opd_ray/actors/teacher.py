@@ -53,6 +53,20 @@ def attach_teacher_scores(batch: RolloutBatch, scored_B: list, top_k: int) -> Ro
     )
 
 
+class ContextTooShort(ValueError):
+    """A sequence the teacher must score is longer than its engine's context (its own prompt, or a response that
+    takes more of its tokens than the student's): one line for the driver, not an engine traceback."""
+
+
+def check_context(longest: int, max_model_len: int, cross_tokenizer: bool) -> None:
+    if longest > max_model_len:
+        why = " (the student's response takes more tokens in the teacher's vocabulary)" if cross_tokenizer else ""
+        raise ContextTooShort(
+            f"the teacher must score a sequence of {longest} tokens, longer than its engine.max_model_len "
+            f"({max_model_len}){why}: raise the teacher's engine.max_model_len or lower rollout.max_new_tokens"
+        )
+
+
 def score_with_transformers(
     model, batch: RolloutBatch, top_k: int, chunk_tokens: int, share_prompts: bool = True
 ) -> RolloutBatch:
@@ -203,6 +217,7 @@ class TeacherScorer:
         sequences = [
             batch.input_ids_BL[b, : int(batch.attention_mask_BL[b].sum())].tolist() for b in range(batch.num_sequences)
         ]
+        check_context(max(map(len, sequences), default=0), settings.engine.max_model_len, self.cross is not None)
         scores = prompt_logprobs(self.llm, sequences, settings.top_k)
         return attach_teacher_scores(batch, scores, settings.top_k)
 

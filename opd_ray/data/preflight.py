@@ -55,6 +55,29 @@ def text_config(model: ModelSpec, field: str):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def check_lora_targets(spec: ExperimentSpec) -> None:
+    """learner.lora.target_modules must name modules the student has (peft would stop the learners with a
+    traceback once the engines are up): the student is built on the meta device, without its weights."""
+    lora = spec.learner.lora
+    if lora is None or not isinstance(lora.target_modules, list):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    student = spec.models.student
+    config = AutoConfig.from_pretrained(student.path, trust_remote_code=student.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=student.trust_remote_code)
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if not list(m.children())})
+        raise UserError(
+            f"learner.lora.target_modules: the student has no module named {unknown}; its layers' modules are "
+            f"{', '.join(leaves)} (or use all-linear)"
+        )
+
+
 def vocab_size(model: ModelSpec, field: str) -> int:
     return int(text_config(model, field).vocab_size)
 
@@ -207,6 +230,7 @@ def prepare(spec: ExperimentSpec) -> Prepared:
     if evaluation is not None and any(a is None for a in evaluation.answers):
         raise UserError(f"data.eval: every row of {evaluation.source} needs a reference answer for the verifier")
     check_engine_fits_model(spec.models.student, spec.rollout.engine, "rollout.engine", "models.student")
+    check_lora_targets(spec)
     check_prompts_fit(spec, train, "data.train")
     if evaluation is not None:
         check_prompts_fit(spec, evaluation, "data.eval")

@@ -41,6 +41,11 @@ class Routing:
         if route.field not in row:
             raise UserError(f"{where}: data.route.field {route.field!r} is not a column of {dataset.path}")
         value = row[route.field]
+        if isinstance(value, float):  # 1.0 would route as "1.0", never as the "1" the spec names
+            raise UserError(
+                f"{where}: data.route.field {route.field!r} = {value!r} is a float; route by a column of text or "
+                "integers (data.route.teachers keys are matched as text)"
+            )
         teacher = route.teachers.get(str(value), route.default)
         if teacher is None:
             listed = ", ".join(sorted(route.teachers))

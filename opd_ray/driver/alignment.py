@@ -23,6 +23,7 @@ from opd_ray.data.prompts import PromptSet
 from opd_ray.data.selection import outside_count
 from opd_ray.driver.pipeline import rollout_and_score
 from opd_ray.driver.roles import Roles
+from opd_ray.errors import UserError
 from opd_ray.files import write_json
 from opd_ray.losses.batch import RolloutBatch
 from opd_ray.spec import ExperimentSpec
@@ -86,6 +87,19 @@ def keep_aligned_prompts(
         dropped = set(json.loads(record.read_text())["dropped_rows"])
     else:
         dropped, stats = select_aligned(roles, train, spec)
+        check_every_route_kept(spec, train, dropped, default=next(iter(roles.teacher_pools)))
         console.print(f"alignment selection: {stats}")
         write_json(record, {**stats, "dropped_rows": sorted(dropped)})
     return train.without(dropped)
+
+
+def check_every_route_kept(spec: ExperimentSpec, train: PromptSet, dropped: set[int], default: str) -> None:
+    """A teacher whose every prompt the selection dropped would hold its resources and teach nothing."""
+    everything = train.rows_by_teacher(list(range(len(train))), default=default)
+    kept = train.rows_by_teacher([row for row in range(len(train)) if row not in dropped], default=default)
+    emptied = sorted(name for name, rows in everything.items() if rows and not kept.get(name))
+    if emptied:
+        raise UserError(
+            f"data.selection.keep_top_fraction ({spec.data.selection.keep_top_fraction}) keeps no training prompt of "
+            f"teachers {emptied}: raise it, or give those teachers prompts the selection does not score"
+        )

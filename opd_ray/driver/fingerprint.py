@@ -44,6 +44,11 @@ MAY_CHANGE_ON_RESUME = (
     "teacher.engine",
     "teacher.chunk_tokens",
     "teacher.share_prompts",
+    "teachers.*.num_replicas",  # each named teacher's, as the one teacher's above
+    "teachers.*.resources",
+    "teachers.*.engine",
+    "teachers.*.chunk_tokens",
+    "teachers.*.share_prompts",
     "learner.resources",
     "learner.chunk_tokens",
     "learner.gradient_checkpointing",
@@ -66,7 +71,15 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def may_change(key: str) -> bool:
-    return any(key == allowed or key.startswith(allowed + ".") for allowed in MAY_CHANGE_ON_RESUME)
+    """`key` is one of MAY_CHANGE_ON_RESUME or inside one (`*` stands for one name: a teacher's)."""
+    parts = key.split(".")
+    for allowed in MAY_CHANGE_ON_RESUME:
+        pattern = allowed.split(".")
+        if len(parts) >= len(pattern) and all(
+            want in ("*", got) for want, got in zip(pattern, parts[: len(pattern)], strict=True)
+        ):
+            return True
+    return False
 
 
 def file_digest(path: Path) -> str:

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from opd_ray.data.order import mix_seed
 from opd_ray.data.prompts import PromptSet
 from opd_ray.driver.roles import Roles, await_restart, kill_stuck
-from opd_ray.errors import Stuck
+from opd_ray.errors import RunStopped, Stuck
 
 SPEED_MEMORY = 0.5  # weight of the newest measurement in an actor's seconds-per-sequence estimate
 
@@ -190,6 +190,10 @@ class Pipeline:
             await_restart(self.roles, pool.kind, pool.actors[actor])
             pool.queue.appendleft(shard)  # the same prompts and seed, first in line
             return
+        except RayTaskError as exc:  # the call raised: repeating it would raise again
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise RunStopped(f"{pool.kind} actor {actor} failed on a shard: {first_line}") from None
         pool.record(actor, shard, info)
         shard.reports[pool.kind] = info
         if pool.kind == "rollout":

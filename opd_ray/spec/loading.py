@@ -53,19 +53,21 @@ def _describe(error: dict[str, Any]) -> str:
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
     """Reads YAML, applies `a.b=value` overrides, resolves interpolations, validates."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path} is a directory: give the spec's YAML file (e.g. examples/quickstart.yaml)")
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise SpecError(f"override must look like key=value: {bad[0]!r}")
+    config = read_yaml(path)
+    for override in overrides:
+        try:
+            config = OmegaConf.merge(config, parse_override(override))
+        except (OmegaConfBaseException, TypeError, ValueError) as exc:
+            key = override.partition("=")[0]
+            raise SpecError(
+                f"override {override!r}: its value does not fit what {path} holds at {key} ({exc})".splitlines()[0]
+            ) from None
     try:
-        config = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
         raw = OmegaConf.to_container(config, resolve=True)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        hint = " (quote values that hold ${...} inside {...})" if "${" in path.read_text() else ""
-        raise SpecError(f"{where}: YAML syntax error: {exc.problem or exc.context}{hint}") from None
     except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise SpecError(f"{path}: {exc}".splitlines()[0]) from None
     if not isinstance(raw, dict):
@@ -79,11 +81,40 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return spec
 
 
+def read_yaml(path: Path) -> Any:
+    """The spec file as OmegaConf reads it; a syntax error names the file, line and column."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        hint = " (quote values that hold ${...} inside {...})" if "${" in path.read_text() else ""
+        raise SpecError(f"{where}: YAML syntax error: {exc.problem or exc.context}{hint}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: {exc}".splitlines()[0]) from None
+
+
+def parse_override(override: str) -> Any:
+    """One `key=value` from the command line; a value that is not YAML is blamed on the override, not the file."""
+    key, equals, value = override.partition("=")
+    if not equals or not key.strip():
+        raise SpecError(f"override must look like key=value: {override!r}")
+    try:
+        return OmegaConf.from_dotlist([override])
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(
+            f"override {override!r}: the value {value!r} is not valid YAML ({problem}); quote it, e.g. "
+            f"{key}='\"{value}\"'"
+        ) from None
+
+
 def environment_lookups(unresolved: Any, location: tuple[str, ...] = ()) -> dict[tuple[str, ...], str]:
     """{location: "${oc.env:...}"} of every value read from the environment (tokens, passwords, paths)."""
-    if isinstance(unresolved, dict):
+    if isinstance(unresolved, (dict, list)):
         found: dict[tuple[str, ...], str] = {}
-        for key, value in unresolved.items():
+        items = unresolved.items() if isinstance(unresolved, dict) else enumerate(unresolved)
+        for key, value in items:
             found.update(environment_lookups(value, (*location, str(key))))
         return found
     if isinstance(unresolved, str) and "${oc.env:" in unresolved:
@@ -96,9 +127,20 @@ def spec_to_yaml(spec: ExperimentSpec) -> str:
     `opd-ray validate` prints and a run writes to spec.yaml never holds a secret from the environment."""
     dumped = spec.model_dump(mode="json")
     for location, interpolation in spec._environment_values.items():
-        section = dumped
+        section: Any = dumped
         for key in location[:-1]:
-            section = section.get(key) if isinstance(section, dict) else None
+            section = child(section, key)
         if isinstance(section, dict) and location[-1] in section:
             section[location[-1]] = interpolation
+        elif isinstance(section, list) and location[-1].isdigit() and int(location[-1]) < len(section):
+            section[int(location[-1])] = interpolation
     return OmegaConf.to_yaml(OmegaConf.create(dumped))
+
+
+def child(section: Any, key: str) -> Any:
+    """A mapping's value or a list's item by its (string) index; None where there is none."""
+    if isinstance(section, dict):
+        return section.get(key)
+    if isinstance(section, list) and key.isdigit() and int(key) < len(section):
+        return section[int(key)]
+    return None

@@ -80,7 +80,17 @@ def parse_layer_list(value: Any) -> Any:
         first, dash, last = part.partition("-")
         if not first.isdigit() or (dash and not last.isdigit()):
             raise ValueError(f"{value!r}: write layer indices as a list or as ranges like '0-21,28,29'")
+        if dash and int(last) < int(first):
+            raise ValueError(f"{value!r}: the range {part} runs backwards; write it as {last}-{first}")
         layers.extend(range(int(first), int(last) + 1) if dash else [int(first)])
+    return layers
+
+
+def check_distinct_layers(layers: list[int]) -> list[int]:
+    """A layer kept twice would share its weights between two places of the pruned model."""
+    repeated = sorted({i for i in layers if layers.count(i) > 1})
+    if repeated:
+        raise ValueError(f"layers {repeated} are listed more than once; each source layer can be kept once")
     return layers
 
 
@@ -102,6 +112,14 @@ class ImportedModelsSpec(Section):
     def _ranges(cls, value: Any) -> Any:
         try:
             return parse_layer_list(value)
+        except ValueError as exc:
+            raise ValueError(f"models.import_pretrained.student_layers: {exc}") from None
+
+    @field_validator("student_layers")
+    @classmethod
+    def _each_layer_once(cls, value: list[int]) -> list[int]:
+        try:
+            return check_distinct_layers(value)
         except ValueError as exc:
             raise ValueError(f"models.import_pretrained.student_layers: {exc}") from None
 
@@ -358,8 +376,17 @@ class LoraSpec(Section):
     alpha: float = Field(16.0, gt=0, description="the adapters' output is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="module names to adapt (q_proj, v_proj, ...), or every linear layer but the head"
+        "all-linear",
+        description="module names to adapt (q_proj, v_proj, ...), or every linear layer but the head; the student's "
+        "module names are checked before anything starts",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("learner.lora.target_modules is empty: name the modules to adapt, or all-linear")
+        return value
 
 
 class LearnerSpec(Section):
@@ -537,6 +564,15 @@ ConditionName = Literal[
     "collapse", "entropy_explosion", "no_alignment", "teacher_broken", "reward_divergence", "grad_spike"
 ]
 CONDITIONS: tuple[str, ...] = get_args(ConditionName)
+# What the doctor needs to judge a condition (health/conditions.py): the diagnostics' signals, and enough steps
+# for its "now" and "start" windows not to overlap (or, for no_alignment, health.alignment_steps).
+CONDITIONS_FROM_DIAGNOSTICS = ("no_alignment", "entropy_explosion")
+CONDITION_FIRST_STEP = {
+    "collapse": lambda health: 2 * health.window,
+    "entropy_explosion": lambda health: 2 * health.window,
+    "reward_divergence": lambda health: 2 * health.window,
+    "no_alignment": lambda health: health.alignment_steps,
+}
 
 
 class HealthSpec(Section):
@@ -763,8 +799,8 @@ class ExperimentSpec(Section):
         if not isinstance(data, dict):
             return data
         learner = data.get("learner") or {}
-        if isinstance(learner, dict) and learner.get("gradient_checkpointing") is None:
-            rollout = data.get("rollout") or {}
+        rollout = data.get("rollout") or {}
+        if isinstance(learner, dict) and isinstance(rollout, dict) and learner.get("gradient_checkpointing") is None:
             max_new_tokens = rollout.get("max_new_tokens", RolloutSpec.model_fields["max_new_tokens"].default)
             if isinstance(max_new_tokens, int):
                 long_responses = max_new_tokens >= LONG_RESPONSE_TOKENS
@@ -889,6 +925,25 @@ class ExperimentSpec(Section):
             raise ValueError(
                 "learner.lora: merged weights are sent through the object store; use weight_sync.method=object_store"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _stop_on_can_fire(self) -> ExperimentSpec:
+        """A condition in trainer.stop_on that can never be judged would promise a stop that never comes."""
+        stop_on, steps = self.trainer.stop_on, self.trainer.steps
+        if stop_on and not self.health.enabled:
+            raise ValueError(f"trainer.stop_on {stop_on}: health.enabled is false, so the doctor never judges them")
+        for name in stop_on:
+            if name in CONDITIONS_FROM_DIAGNOSTICS and not self.diagnostics.enabled:
+                raise ValueError(
+                    f"trainer.stop_on: {name} is judged from the diagnostics, and diagnostics.enabled is false"
+                )
+            first = CONDITION_FIRST_STEP.get(name, lambda health: 1)(self.health)
+            if first > steps:
+                raise ValueError(
+                    f"trainer.stop_on: {name} is judged from step {first} on (health.window / health.alignment_steps), "
+                    f"after the run's last step (trainer.steps {steps})"
+                )
         return self
 
     @model_validator(mode="after")

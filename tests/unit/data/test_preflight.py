@@ -103,3 +103,30 @@ def test_preflight_rejects_an_engine_the_model_cannot_fill(
     raw["rollout"]["engine"].update(engine)
     with pytest.raises(UserError, match=message):
         prepare(ExperimentSpec.model_validate(raw))
+
+
+def test_a_lora_module_the_student_lacks_is_named_before_anything_starts(tiny_dir: Path, tmp_path: Path) -> None:
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["learner"]["lora"] = {"target_modules": ["q_proj", "qkv_proj"]}
+    with pytest.raises(UserError, match=r"the student has no module named \['qkv_proj'\]; .*q_proj"):
+        prepare(ExperimentSpec.model_validate(raw))
+    raw["learner"]["lora"] = {"target_modules": ["q_proj", "v_proj"]}
+    prepare(ExperimentSpec.model_validate(raw))
+
+
+def test_a_sequence_longer_than_the_teachers_context_is_one_line() -> None:
+    from opd_ray.actors.teacher import ContextTooShort, check_context
+
+    check_context(32, 32, cross_tokenizer=True)
+    with pytest.raises(
+        ContextTooShort, match=r"sequence of 40 tokens, longer than its engine.max_model_len \(32\) \(the student's"
+    ):
+        check_context(40, 32, cross_tokenizer=True)
+
+
+def test_a_named_teachers_replicas_engine_and_resources_may_change_on_resume() -> None:
+    from opd_ray.driver.fingerprint import may_change
+
+    assert may_change("teachers.math.num_replicas") and may_change("teachers.math.engine.kv_cache_gib")
+    assert may_change("teachers.code.resources.num_gpus") and may_change("teacher.engine.max_model_len")
+    assert not may_change("teachers.math.model.path") and not may_change("teachers.math.top_k")

@@ -69,3 +69,13 @@ def test_a_teacher_prompt_too_long_for_its_engine_is_refused(tiny_dir: Path, tmp
     raw["data"].pop("eval")
     with pytest.raises(UserError, match=r"teachers\.hinted\.engine\.max_model_len \(32\) is shorter than"):
         prepare(ExperimentSpec.model_validate(raw))
+
+
+def test_a_float_route_column_is_refused_instead_of_never_matching(tiny_dir: Path, tmp_path: Path) -> None:
+    """JSON's 1.0 would route as "1.0", never as the "1" a spec names, and fall to the default silently."""
+    raw = two_teachers(tiny_spec_dict(tiny_dir, tmp_path / "run"))
+    raw["data"]["route"]["teachers"] = {"1": "sums", "2": "hinted"}
+    raw["data"]["train"] = {"path": str(routed_rows(tiny_dir, tmp_path, [1.0, 2.0]))}
+    raw["data"].pop("eval")
+    with pytest.raises(UserError, match=r"routed\.jsonl row 1: data\.route\.field 'task' = 1.0 is a float"):
+        prepare(ExperimentSpec.model_validate(raw))
