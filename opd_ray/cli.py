@@ -141,10 +141,10 @@ def _build_tiny(spec, from_scratch: bool) -> int:
 
 def _import_model(args: argparse.Namespace) -> int:
     from opd_ray.recipe.real_models import import_model
-    from opd_ray.spec import parse_layer_list
+    from opd_ray.spec import check_distinct_layers, parse_layer_list
 
     try:
-        layers = parse_layer_list(args.keep_layers) if args.keep_layers else None
+        layers = check_distinct_layers(parse_layer_list(args.keep_layers)) if args.keep_layers else None
     except ValueError as exc:
         raise UserError(f"--keep-layers {exc}") from None
     print(f"wrote {import_model(args.source, Path(args.output), layers, args.dtype)}")

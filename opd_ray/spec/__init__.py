@@ -38,6 +38,7 @@ from opd_ray.spec.sections import (
     TinyModelsSpec,
     TrainerSpec,
     WeightSyncSpec,
+    check_distinct_layers,
     parse_layer_list,
     template_fields,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "TinyModelsSpec",
     "TrainerSpec",
     "WeightSyncSpec",
+    "check_distinct_layers",
     "load_spec",
     "parse_layer_list",
     "spec_to_yaml",

@@ -164,6 +164,11 @@ def test_bad_sources_and_layers_are_one_line_errors(source, tmp_path: Path, caps
     assert not (tmp_path / "out").exists()  # nothing half-written
     assert main(["import-model", str(source[1]), str(tmp_path / "out"), "--keep-layers", "0-x"]) == 2
     assert "--keep-layers" in capsys.readouterr().err
+    assert main(["import-model", str(source[1]), str(tmp_path / "out"), "--keep-layers", "0,1,1"]) == 2
+    assert "layers [1] are listed more than once" in capsys.readouterr().err
+    assert main(["import-model", str(source[1]), str(tmp_path / "out"), "--keep-layers", "2-0"]) == 2
+    assert "runs backwards" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_qwen3_vocabulary_matches_tiktoken_and_qwens_own_ids(tmp_path: Path) -> None:
