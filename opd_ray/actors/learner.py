@@ -24,7 +24,7 @@ import torch
 from opd_ray.actors.collective_sync import BucketPlan, join_group, plan_buckets, send_bucket, weight_entries
 from opd_ray.actors.hf_model import DTYPES, check_head_reproduces_logits, dtype_name, load_causal_lm
 from opd_ray.actors.lora import ADAPTER_DIR, merged_state_dict, trainable_parameters, with_lora
-from opd_ray.actors.runtime import actor_location, get_or_raise_first
+from opd_ray.actors.runtime import actor_location, clear_stale_build_locks, get_or_raise_first
 from opd_ray.actors.weight_sync import pack_state_dict
 from opd_ray.errors import UserError
 from opd_ray.losses.batch import RolloutBatch, supervised_batch
@@ -137,6 +137,7 @@ class LearnerWorker:
         on_gpu = torch.cuda.is_available()
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         backend = learner.backend if learner.backend != "auto" else ("nccl" if on_gpu else "gloo")
+        clear_stale_build_locks()  # DeepSpeed builds its CPU comm op here; a killed build's lock would hang it
         deepspeed.init_distributed(dist_backend=backend)
         config = deepspeed_config(learner, model, micro_batch)
         self.chunk_tokens = learner.chunk_tokens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -58,3 +59,30 @@ def get_or_raise_first(refs: list[ray.ObjectRef], timeout_s: float | None = None
             raise Stuck(f"{what}: {stuck} of {len(refs)} did not finish within {timeout_s:g} s")
         ray.get(ready)  # raises this rank's error now
     return ray.get(refs)
+
+
+STALE_BUILD_LOCK_S = 600  # building DeepSpeed's CPU comm op takes about a minute on 2 cores
+
+
+def clear_stale_build_locks(root: Path | None = None, max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """torch builds an extension (DeepSpeed's CPU comm op, at a learner's first start) under a `lock` file that
+    every other process waits on, without a limit, until its builder deletes it. A builder killed mid-build
+    leaves it behind, and every later learner then waits until trainer.timeouts.start_s. A lock older than any
+    build is removed, saying so; a newer one is named, so a wait on it is explained. Returns what was removed."""
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue  # its build just finished
+        if age > max_age_s:
+            print(f"opd-ray: removing {lock}, {age:.0f} s old: its builder died mid-build (a build takes ~1 min)")
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+        else:
+            print(f"opd-ray: {lock} is held by a torch extension build in progress; waiting for it")
+    return removed
