@@ -242,9 +242,6 @@ class TeacherScorer:
             and name.endswith("lm_head.weight")
         )
 
-    def version(self) -> int:
-        return self.weight_version
-
     def ready(self) -> bool:
         return True
 

@@ -17,9 +17,6 @@ from opd_ray.files import write_jsonl
 ALPHABET = "0123456789+="
 
 
-FAMILIES = ("sums", "three_sums")  # "47+385=" -> "234"; "47+38+12=" -> "79" (97 reversed)
-
-
 def make_problem(rng: random.Random, low: int = 10, high: int = 999, family: str = "sums") -> tuple[str, str]:
     if family == "three_sums":  # two-digit terms: about as long as a sum of two, a different pattern
         terms = [rng.randint(10, 99) for _ in range(3)]

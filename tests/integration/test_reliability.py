@@ -31,14 +31,14 @@ def resumable_spec(tiny_dir: Path, run_dir: Path) -> dict:
     return raw
 
 
-def kill_actor_after(run_dir: Path, step: int, actor_class: str) -> list[int]:
-    """SIGKILLs every process of `actor_class` once the run has logged `step` steps; their pids."""
+def kill_actor_after(run_dir: Path, step: int, role: str) -> list[int]:
+    """SIGKILLs every actor of `role` of this run (their pids from the run's placement.json, never a search by
+    name: another run on the machine has processes of the same names) once it has logged `step` steps."""
     deadline = time.time() + 300
     metrics = run_dir / "metrics.jsonl"
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= step) and time.time() < deadline:
         time.sleep(0.05)
-    found = subprocess.run(["pgrep", "-f", f"ray::{actor_class}"], capture_output=True, text=True, check=False)
-    pids = list(map(int, found.stdout.split()))
+    pids = [actor["pid"] for actor in json.loads((run_dir / "placement.json").read_text())[role]]
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     return pids
@@ -83,7 +83,7 @@ def run_with_actor_faults(tiny_dir: Path, tmp_path_factory: pytest.TempPathFacto
     killed: dict[str, list[int]] = {}
 
     def kill_rollout_worker() -> None:
-        killed["RolloutWorker"] = kill_actor_after(run_dir, 2, "RolloutWorker")
+        killed["rollout"] = kill_actor_after(run_dir, 2, "rollout")
 
     killer = threading.Thread(target=kill_rollout_worker)
     killer.start()
@@ -103,7 +103,7 @@ def test_a_killed_rollout_worker_and_a_hung_teacher_lose_no_prompt(run_with_acto
     from opd_ray.driver.steps import prompts_digest
 
     spec, killed = run_with_actor_faults["spec"], run_with_actor_faults["killed"]
-    assert len(killed["RolloutWorker"]) == 1 and run_with_actor_faults["hung"].exists(), killed
+    assert len(killed["rollout"]) == 1 and run_with_actor_faults["hung"].exists(), killed
     metrics = read_metrics(run_with_actor_faults["run_dir"])
     sampler = PromptSampler(len(prepare(spec).train), spec.run.seed)
     expected = [prompts_digest(sampler.next(spec.trainer.prompts_per_step)) for _ in range(10)]
@@ -214,8 +214,8 @@ def test_learner_rank_killed_stops_cleanly_and_points_at_resume(tiny_dir: Path, 
         metrics = tmp_path / "run" / "metrics.jsonl"
         while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
             time.sleep(0.05)
-        found = subprocess.run(["pgrep", "-f", "ray::LearnerWorker"], capture_output=True, text=True, check=False)
-        os.kill(int(found.stdout.split()[0]), signal.SIGKILL)
+        rank_0 = json.loads((tmp_path / "run" / "placement.json").read_text())["learner"][0]["pid"]
+        os.kill(rank_0, signal.SIGKILL)  # this run's own rank, by the pid it recorded
 
     killer = threading.Thread(target=kill_one_learner_rank_after_step_2)
     killer.start()

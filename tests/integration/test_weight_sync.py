@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,10 +108,9 @@ def test_an_engine_restarted_between_calls_rejoins_a_re_formed_group(zero3, loca
     from opd_ray.driver.roles import sync_weights
 
     before = engine_logprobs(zero3, local_ray)
-    found = subprocess.run(["pgrep", "-f", "ray::RolloutWorker"], capture_output=True, text=True, check=False)
-    pids = list(map(int, found.stdout.split()))
+    pids = [location["pid"] for location in local_ray.get([w.location.remote() for w in zero3.roles.rollout_workers])]
     assert len(pids) == 2
-    os.kill(pids[0], signal.SIGKILL)
+    os.kill(pids[0], signal.SIGKILL)  # this test's own engine, by the pid it reports
     train(zero3, 1)
     assert zero3.roles.restarts["rollout"] == 1
     sync_weights(zero3.roles, zero3.version)
