@@ -100,6 +100,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def skip_inference_comm_op() -> None:
+    """On a CPU, DeepSpeed compiles its shared-memory all-reduce (`deepspeed_shm_comm`) at the first
+    `init_distributed`: 66-74 s on a fresh 2-core machine, under a lock file that a killed build leaves behind
+    for every later start to wait on. It serves only DeepSpeed-inference's tensor-parallel all-reduce; training
+    reduces through torch.distributed (gloo), so it is marked unavailable (DeepSpeed keeps that dict for the
+    process, edits included) and never built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 @ray.remote
 class LearnerWorker:
     def location(self) -> dict:
@@ -137,7 +148,9 @@ class LearnerWorker:
         on_gpu = torch.cuda.is_available()
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         backend = learner.backend if learner.backend != "auto" else ("nccl" if on_gpu else "gloo")
-        clear_stale_build_locks()  # DeepSpeed builds its CPU comm op here; a killed build's lock would hang it
+        if not on_gpu:
+            skip_inference_comm_op()
+        clear_stale_build_locks()  # a torch extension build killed earlier must not hang this start
         deepspeed.init_distributed(dist_backend=backend)
         config = deepspeed_config(learner, model, micro_batch)
         self.chunk_tokens = learner.chunk_tokens
