@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from opd_ray.spec.sections import MAX_NGRAM_REPEATS, REPEAT_NGRAM
+from opd_ray.spec.trainer import MAX_NGRAM_REPEATS, REPEAT_NGRAM
 
 
 def most_repeated_ngram(tokens: list[int], n: int) -> int:

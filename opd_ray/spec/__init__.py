@@ -1,46 +1,33 @@
-"""The experiment spec: its sections (sections.py) and how a YAML file becomes one (loading.py)."""
+"""The experiment spec: its sections, one module per part (experiment.py holds the whole; base.py what they share),
+and how a YAML file becomes one (loading.py)."""
 
+from opd_ray.spec.algorithm import AlgorithmSpec, DiagnosticsSpec, EntropyGateSpec
+from opd_ray.spec.base import check_distinct_layers, parse_layer_list, template_fields
+from opd_ray.spec.cluster import PlacementSpec, RaySpec, WeightSyncSpec
+from opd_ray.spec.data import DatasetSpec, DataSpec, PromptSelectionSpec, RouteSpec
+from opd_ray.spec.experiment import ExperimentSpec, RunSpec
 from opd_ray.spec.loading import load_spec, spec_to_yaml
-from opd_ray.spec.sections import (
-    CONDITIONS,
-    STAGE_ORDER,
-    AlgorithmSpec,
-    ColdStartSpec,
-    ConditionName,
-    DatasetSpec,
-    DataSpec,
-    DiagnosticsSpec,
+from opd_ray.spec.models import ImportedModelsSpec, ModelSpec, ModelsSpec, TinyModelsSpec
+from opd_ray.spec.recipe import ColdStartSpec, ProbeSpec, SftStageSpec, TeacherGenerationSpec
+from opd_ray.spec.roles import (
     EngineSpec,
-    EntropyGateSpec,
-    ExperimentSpec,
-    HealthSpec,
-    ImportedModelsSpec,
     LearnerSpec,
     LoraSpec,
-    ModelSpec,
-    ModelsSpec,
     NamedTeacherSpec,
-    PlacementSpec,
-    ProbeSpec,
-    PromptSelectionSpec,
-    RaySpec,
     ResourcesSpec,
     RoleName,
     RolloutSpec,
-    RouteSpec,
-    RunSpec,
-    SftStageSpec,
-    StageName,
     Strategy,
-    TeacherGenerationSpec,
     TeacherSpec,
+)
+from opd_ray.spec.trainer import (
+    CONDITIONS,
+    STAGE_ORDER,
+    ConditionName,
+    HealthSpec,
+    StageName,
     TimeoutsSpec,
-    TinyModelsSpec,
     TrainerSpec,
-    WeightSyncSpec,
-    check_distinct_layers,
-    parse_layer_list,
-    template_fields,
 )
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Reading a spec: YAML by OmegaConf, then pydantic; every mistake becomes one line naming the key.
 
 OmegaConf gives interpolation (`${run.output_dir}`), environment lookups and `key=value`
-overrides from the command line; pydantic (sections.py) gives types and ranges.
+overrides from the command line; pydantic (the section modules, experiment.py) gives types and ranges.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
 from opd_ray.errors import SpecError
-from opd_ray.spec.sections import ExperimentSpec
+from opd_ray.spec.experiment import ExperimentSpec
 
 
 def _allowed_keys(model: type[BaseModel], location: tuple[Any, ...]) -> list[str]:

@@ -1,0 +1,46 @@
+"""What every section of a spec shares: strict pydantic models, and the small parsers several sections use."""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Section(BaseModel):
+    """strict: `steps: true` is not 1 and `lr: "1e-3"` is not a number (YAML already types both);
+    no inf/nan anywhere: an infinite lr or temperature would only show up as a NaN loss much later."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def parse_layer_list(value: Any) -> Any:
+    """`"0-21,28,29"` -> [0, 1, ..., 21, 28, 29]; a list passes through (pydantic checks its items)."""
+    if not isinstance(value, str):
+        return value
+    layers: list[int] = []
+    for part in value.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"{value!r}: write layer indices as a list or as ranges like '0-21,28,29'")
+        if dash and int(last) < int(first):
+            raise ValueError(f"{value!r}: the range {part} runs backwards; write it as {last}-{first}")
+        layers.extend(range(int(first), int(last) + 1) if dash else [int(first)])
+    return layers
+
+
+def check_distinct_layers(layers: list[int]) -> list[int]:
+    """A layer kept twice would share its weights between two places of the pruned model."""
+    repeated = sorted({i for i in layers if layers.count(i) > 1})
+    if repeated:
+        raise ValueError(f"layers {repeated} are listed more than once; each source layer can be kept once")
+    return layers
+
+
+def template_fields(template: str, field: str) -> set[str]:
+    """The {placeholders} of a prompt template; a stray brace is named with the spec field."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc} (write a literal brace as {{{{ or }}}})") from None

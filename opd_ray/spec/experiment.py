@@ -1,0 +1,290 @@
+"""The whole spec: every section, and the validators that involve several sections at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, PrivateAttr, model_validator
+
+from opd_ray.spec.algorithm import AlgorithmSpec, DiagnosticsSpec
+from opd_ray.spec.base import Section
+from opd_ray.spec.cluster import PlacementSpec, RaySpec, WeightSyncSpec
+from opd_ray.spec.data import DataSpec
+from opd_ray.spec.models import ModelSpec, ModelsSpec
+from opd_ray.spec.recipe import ColdStartSpec, ProbeSpec
+from opd_ray.spec.roles import (
+    LONG_RESPONSE_TOKENS,
+    TEACHER_NAME,
+    LearnerSpec,
+    NamedTeacherSpec,
+    RolloutSpec,
+    TeacherSpec,
+)
+from opd_ray.spec.trainer import (
+    CONDITION_FIRST_STEP,
+    CONDITIONS_FROM_DIAGNOSTICS,
+    STAGE_ORDER,
+    HealthSpec,
+    StageName,
+    TrainerSpec,
+)
+
+
+class RunSpec(Section):
+    name: str = "opd"
+    output_dir: str = "runs/opd"
+    seed: int = 0
+
+
+class ExperimentSpec(Section):
+    run: RunSpec = RunSpec()
+    models: ModelsSpec
+    data: DataSpec
+    rollout: RolloutSpec = RolloutSpec()
+    teacher: TeacherSpec = TeacherSpec()
+    teachers: dict[str, NamedTeacherSpec] | None = Field(
+        None,
+        description="several teachers by name (or the student itself, `model: self`); rows reach one each through "
+        "data.route or their train file's `teacher`. Without it: models.teacher with the `teacher:` settings",
+    )
+    learner: LearnerSpec = LearnerSpec()
+    algorithm: AlgorithmSpec = AlgorithmSpec()
+    diagnostics: DiagnosticsSpec = DiagnosticsSpec()
+    health: HealthSpec = HealthSpec()
+    trainer: TrainerSpec = TrainerSpec()
+    stages: list[StageName] = Field(
+        default_factory=lambda: ["opd"],
+        description="run in this order, each skipped when its output exists: teacher_generate -> sft -> opd",
+    )
+    cold_start: ColdStartSpec | None = None
+    probe: ProbeSpec = ProbeSpec()
+    placement: PlacementSpec = PlacementSpec()
+    weight_sync: WeightSyncSpec = WeightSyncSpec()
+    ray: RaySpec = RaySpec()
+    # {location: "${oc.env:...}"}: set by load_spec so that spec_to_yaml never writes an environment value
+    _environment_values: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpointing_follows_response_length(cls, data: Any) -> Any:
+        """Resolves learner.gradient_checkpointing=null here, so `opd-ray validate` prints what a run will do."""
+        if not isinstance(data, dict):
+            return data
+        learner = data.get("learner") or {}
+        rollout = data.get("rollout") or {}
+        if isinstance(learner, dict) and isinstance(rollout, dict) and learner.get("gradient_checkpointing") is None:
+            max_new_tokens = rollout.get("max_new_tokens", RolloutSpec.model_fields["max_new_tokens"].default)
+            if isinstance(max_new_tokens, int):
+                long_responses = max_new_tokens >= LONG_RESPONSE_TOKENS
+                data = {**data, "learner": {**learner, "gradient_checkpointing": long_responses}}
+        return data
+
+    def teacher_specs(self) -> dict[str, NamedTeacherSpec]:
+        """Every teacher by name; the one-teacher shorthand (models.teacher + teacher:) is named "teacher"."""
+        if self.teachers is not None:
+            return dict(self.teachers)
+        settings = {name: getattr(self.teacher, name) for name in TeacherSpec.model_fields}
+        return {"teacher": NamedTeacherSpec(model=self.models.teacher, **settings)}
+
+    def teacher_model(self, name: str) -> ModelSpec:
+        """The model a teacher loads: its own, or the student's initial one for `model: self`."""
+        teacher = self.teacher_specs()[name]
+        return self.models.student if teacher.is_self else teacher.model
+
+    def models_by_role(self) -> list[tuple[str, ModelSpec]]:
+        """("teacher", model) for every teacher with a model of its own, then ("student", model): what the
+        model builders (models.build_tiny, models.import_pretrained) make when missing."""
+        teachers = [("teacher", t.model) for t in self.teacher_specs().values() if not t.is_self]
+        return [*teachers, ("student", self.models.student)]
+
+    def teacher_field(self, name: str) -> str:
+        """Where a teacher's settings live in the spec, for error messages."""
+        return f"teachers.{name}" if self.teachers is not None else "teacher"
+
+    @property
+    def named_teachers(self) -> bool:
+        """Whether the spec names its teachers (`teachers:`): then metrics are also logged per teacher."""
+        return self.teachers is not None
+
+    @model_validator(mode="after")
+    def _teachers_named_once(self) -> ExperimentSpec:
+        if self.teachers is None:
+            if self.models.teacher is None:
+                raise ValueError("models.teacher (one teacher) or teachers (several, by name) is required")
+            if self.data.route is not None or any(d.teacher for d in self.data.train_files + self.data.eval_files):
+                raise ValueError("data.route and a data file's teacher name teachers: list them under teachers:")
+            return self
+        if self.models.teacher is not None or "teacher" in self.model_fields_set:
+            raise ValueError(
+                "teachers: replaces models.teacher and the teacher: section (the one-teacher shorthand); "
+                "give each teacher its model and settings under teachers:"
+            )
+        if not self.teachers:
+            raise ValueError("teachers: name at least one teacher")
+        for name in self.teachers:
+            if not TEACHER_NAME.match(name):
+                raise ValueError(f"teachers.{name}: a name may hold letters, digits, '_', '-' and '.' only")
+        self._check_routes()
+        self._check_teachers_fit_one_batch()
+        return self
+
+    def _check_routes(self) -> None:
+        """Every route names a teacher; with several teachers every train row has a route."""
+        names = set(self.teachers)
+        route = self.data.route
+        named = {}
+        if route is not None:
+            named.update({f"data.route.teachers.{value}": name for value, name in route.teachers.items()})
+            if route.default is not None:
+                named["data.route.default"] = route.default
+        for section, files in (("data.train", self.data.train_files), ("data.eval", self.data.eval_files)):
+            named.update({f"{section}[{i}].teacher": d.teacher for i, d in enumerate(files) if d.teacher})
+        for field, name in named.items():
+            if name not in names:
+                raise ValueError(f"{field}: no teacher named {name!r} (teachers: {', '.join(sorted(names))})")
+        unrouted = [d.path for d in self.data.train_files if d.teacher is None]
+        if len(names) > 1 and route is None and unrouted:
+            raise ValueError(
+                f"teachers: {len(names)} teachers but no route for the rows of {unrouted[0]}: set data.route "
+                "(a field's value -> teacher) or the file's teacher"
+            )
+
+    def _check_teachers_fit_one_batch(self) -> None:
+        """A step's rows from several teachers are trained as one batch, with one top-k width."""
+        top_ks = {name: teacher.top_k for name, teacher in self.teachers.items()}
+        if len(set(top_ks.values())) > 1:
+            raise ValueError(f"teachers: every teacher needs the same top_k (rows of several are one batch): {top_ks}")
+        current = [name for name, teacher in self.teachers.items() if teacher.weights == "current"]
+        if current and self.weight_sync.method == "collective":
+            raise ValueError(
+                f"teachers.{current[0]}: weights current receives the student's weights through the object store; "
+                "use weight_sync.method=object_store"
+            )
+        if self.algorithm.objective == "full_vocab" and (len(self.teachers) > 1 or current):
+            raise ValueError(
+                "algorithm.objective=full_vocab loads one frozen teacher copy on each learner rank: name one "
+                "teacher, with weights frozen"
+            )
+        if self.cold_start is not None and "teacher_generate" in self.stages and len(self.teachers) > 1:
+            raise ValueError("stages: teacher_generate answers with one teacher; it does not take several yet")
+
+    @model_validator(mode="after")
+    def _cross_tokenizer_scoring_fits(self) -> ExperimentSpec:
+        """What a teacher with another vocabulary can give: a chunk reward, and its top-k on shared tokens."""
+        algorithm = self.algorithm
+        for name, teacher in self.teacher_specs().items():
+            if not teacher.cross_tokenizer:
+                continue
+            field = f"{self.teacher_field(name)}.cross_tokenizer"
+            if teacher.is_self:
+                raise ValueError(f"{field}: a self teacher has the student's tokenizer")
+            if algorithm.objective == "full_vocab":
+                raise ValueError(
+                    f"{field}: objective {algorithm.objective} needs one vocabulary; use sampled_token or topk"
+                )
+            if algorithm.objective == "topk" and algorithm.topk_support != "teacher":
+                raise ValueError(
+                    f"{field}: topk_support {algorithm.topk_support} needs the teacher's log-probs at student ids; "
+                    "use topk_support=teacher (its top-k, matched to the student's tokens by text)"
+                )
+            if "teacher_generate" in self.stages:
+                raise ValueError(f"{field}: stages teacher_generate trains on the teacher's token ids")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_syncs_through_the_object_store(self) -> ExperimentSpec:
+        if self.learner.lora is not None and self.weight_sync.method == "collective":
+            raise ValueError(
+                "learner.lora: merged weights are sent through the object store; use weight_sync.method=object_store"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _stop_on_can_fire(self) -> ExperimentSpec:
+        """A condition in trainer.stop_on that can never be judged would promise a stop that never comes."""
+        stop_on, steps = self.trainer.stop_on, self.trainer.steps
+        if stop_on and not self.health.enabled:
+            raise ValueError(f"trainer.stop_on {stop_on}: health.enabled is false, so the doctor never judges them")
+        for name in stop_on:
+            if name in CONDITIONS_FROM_DIAGNOSTICS and not self.diagnostics.enabled:
+                raise ValueError(
+                    f"trainer.stop_on: {name} is judged from the diagnostics, and diagnostics.enabled is false"
+                )
+            first = CONDITION_FIRST_STEP.get(name, lambda health: 1)(self.health)
+            if first > steps:
+                raise ValueError(
+                    f"trainer.stop_on: {name} is judged from step {first} on (health.window / health.alignment_steps), "
+                    f"after the run's last step (trainer.steps {steps})"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> ExperimentSpec:
+        stages = list(self.stages)
+        if not stages or stages != [s for s in STAGE_ORDER if s in stages] or len(set(stages)) < len(stages):
+            raise ValueError(f"stages {stages}: name each at most once, in the order {' -> '.join(STAGE_ORDER)}")
+        if "sft" in stages and "teacher_generate" not in stages:
+            raise ValueError("stages: sft trains on teacher_generate's answers; list teacher_generate before it")
+        if "teacher_generate" in stages and self.cold_start is None:
+            raise ValueError("stages: teacher_generate needs cold_start.teacher_generate (at least its prompts)")
+        if self.cold_start is not None and "sft" in stages:
+            if self.cold_start.sft.batch_size % self.learner.num_ranks:
+                raise ValueError(
+                    f"cold_start.sft.batch_size ({self.cold_start.sft.batch_size}) does not divide across "
+                    f"learner.num_ranks = {self.learner.num_ranks}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_divides_across_ranks(self) -> ExperimentSpec:
+        sequences = self.trainer.prompts_per_step * self.rollout.samples_per_prompt
+        if sequences % self.learner.num_ranks:
+            raise ValueError(
+                f"trainer.prompts_per_step x rollout.samples_per_prompt = {sequences} sequences "
+                f"do not divide across learner.num_ranks = {self.learner.num_ranks}"
+            )
+        algorithm = self.algorithm
+        teachers = self.teacher_specs()
+        top_k = min(teacher.top_k for teacher in teachers.values())
+        if algorithm.top_k is not None and algorithm.top_k > top_k:
+            raise ValueError(f"algorithm.top_k ({algorithm.top_k}) exceeds teacher.top_k ({top_k})")
+        if algorithm.needs_student_topk:
+            vllm_teachers = [self.teacher_field(n) for n, t in teachers.items() if t.backend != "transformers"]
+            if vllm_teachers:
+                raise ValueError(
+                    f"algorithm.topk_support={algorithm.topk_support} needs the teacher's log-probs at the "
+                    f"student's top-k ids, which only {vllm_teachers[0]}.backend=transformers returns"
+                )
+            k = algorithm.top_k or top_k
+            if k > self.rollout.engine.max_logprobs:
+                raise ValueError(
+                    f"the student's top-{k} exceeds rollout.engine.max_logprobs ({self.rollout.engine.max_logprobs})"
+                )
+        roles = {"rollout": self.rollout, "learner": self.learner}
+        roles.update({self.teacher_field(name): teacher for name, teacher in teachers.items()})
+        for role, settings in roles.items():
+            if not any(amount > 0 for amount in settings.resources.demand().values()):
+                raise ValueError(
+                    f"{role}.resources: an actor must ask for some CPU, GPU or custom resource "
+                    "(its placement-group bundle cannot be empty)"
+                )
+        shares_gpu = {"rollout", "learner"} <= set(self.placement.colocate) and self.rollout.resources.num_gpus > 0
+        if shares_gpu and self.weight_sync.method == "collective" and self.weight_sync.backend != "gloo":
+            raise ValueError(
+                "weight_sync.method=collective cannot run NCCL between a rollout engine and a learner on the "
+                "same GPU (placement.colocate): use weight_sync.method=object_store"
+            )
+        engines = {"rollout.engine": self.rollout.engine}
+        engines.update({f"{self.teacher_field(name)}.engine": t.engine for name, t in teachers.items()})
+        for field, engine in engines.items():
+            if self.rollout.max_new_tokens >= engine.max_model_len:
+                raise ValueError(
+                    f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) leaves no room for a prompt in "
+                    f"{field}.max_model_len ({engine.max_model_len})"
+                )
+        if self.diagnostics.enabled and self.diagnostics.top_k > top_k:
+            raise ValueError(
+                f"diagnostics.top_k ({self.diagnostics.top_k}) exceeds teacher.top_k ({top_k}): "
+                "the overlap needs the teacher's top-k"
+            )
+        return self

@@ -1,0 +1,91 @@
+"""models: the student and teacher folders, and the builders that make them (tiny models, imports)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from opd_ray.spec.base import Section, check_distinct_layers, parse_layer_list
+
+
+class ModelSpec(Section):
+    path: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto = bfloat16 on a GPU with bf16, float32 elsewhere (CPUs without bf16 units run it "
+        "through slow generic kernels)",
+    )
+    trust_remote_code: bool = False
+
+
+class TinyModelsSpec(Section):
+    """Builds the synthetic task, its tokenizer and a trained teacher/student if missing."""
+
+    directory: str
+    teacher_layers: int = Field(4, ge=1)
+    student_layers: int = Field(2, ge=1)
+    teacher_sft_steps: int = Field(1500, ge=0)
+    teacher_sft_lr: float = Field(
+        2e-3, gt=0, description="at 1e-3 the 4-layer teacher's loss plateaus for ~1300 steps; at 2e-3 for ~400"
+    )
+    teacher_digits: Literal["reversed", "forward"] = Field(
+        "reversed",
+        description="the order the teacher learns to write the sum's digits; the student always learns reversed",
+    )
+    student_sft_steps: int = Field(600, ge=0)
+    student_sft_lr: float = Field(1e-3, gt=0)
+    tasks: dict[str, Literal["sums", "three_sums", "mixed"]] = Field(
+        default_factory=dict,
+        description="what a model folder (its name inside `directory`) is trained on: sums (a+b, the default), "
+        "three_sums (a+b+c) or mixed (both, from mixed_train.jsonl, which is written when any is named)",
+    )
+    sft_steps: dict[str, int] = Field(
+        default_factory=dict, description="a model folder -> its SFT steps, instead of teacher/student_sft_steps"
+    )
+    tokenizers: dict[str, Literal["chars", "digit_pairs", "reordered_chars"]] = Field(
+        default_factory=dict,
+        description="a model folder -> its tokenizer: chars (one token a character, the default), digit_pairs "
+        "(pairs of digits merged into one token, other ids in another order) or reordered_chars (characters under "
+        "other ids, with extra tokens): students for cross-tokenizer runs",
+    )
+    sft_batch_size: int = Field(128, ge=1)
+    train_size: int = Field(20000, ge=1)
+    eval_size: int = Field(500, ge=1)
+
+
+class ImportedModelsSpec(Section):
+    """A pretrained teacher imported from a GGUF file or a transformers folder, and a layer-pruned copy of it
+    as the student; built once into `directory` (see opd_ray/recipe/real_models.py)."""
+
+    source: str = Field(
+        ..., description="a .gguf file or a model folder; package:<module>/<file> = a file inside an installed package"
+    )
+    directory: str
+    student_layers: list[int] = Field(
+        ..., min_length=1, description="the source's decoder layers the student keeps, e.g. '0-21,28,29'"
+    )
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("student_layers", mode="before")
+    @classmethod
+    def _ranges(cls, value: Any) -> Any:
+        try:
+            return parse_layer_list(value)
+        except ValueError as exc:
+            raise ValueError(f"models.import_pretrained.student_layers: {exc}") from None
+
+    @field_validator("student_layers")
+    @classmethod
+    def _each_layer_once(cls, value: list[int]) -> list[int]:
+        try:
+            return check_distinct_layers(value)
+        except ValueError as exc:
+            raise ValueError(f"models.import_pretrained.student_layers: {exc}") from None
+
+
+class ModelsSpec(Section):
+    student: ModelSpec
+    teacher: ModelSpec | None = Field(None, description="the one teacher; several go under `teachers:` instead")
+    build_tiny: TinyModelsSpec | None = None
+    import_pretrained: ImportedModelsSpec | None = None
