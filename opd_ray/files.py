@@ -9,6 +9,7 @@ crash (not just a killed process) the name points at complete contents.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,15 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB blocks (model weights and optimizer states run to GBs)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_path(path: Path) -> None:

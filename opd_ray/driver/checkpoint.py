@@ -13,7 +13,6 @@ manifest (a disk that lost them) is skipped in favour of the one before.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import uuid
@@ -29,7 +28,7 @@ from opd_ray.console import console
 from opd_ray.driver.fingerprint import check_same_run
 from opd_ray.driver.run_dir import TRAINING_RECORDS, previous_results
 from opd_ray.errors import RunStopped, UserError
-from opd_ray.files import written_aside
+from opd_ray.files import sha256_file, written_aside
 from opd_ray.spec import ExperimentSpec
 
 PREFIX = "step_"
@@ -62,19 +61,11 @@ def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path) -> None:
     """{relative path: {size, sha256}} of every file the checkpoint holds so far: sizes are checked whenever
     checkpoints are listed, contents before a resume loads one (its DeepSpeed files are pickles)."""
     files = {
-        str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": sha256_of(path)}
+        str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": sha256_file(path)}
         for path in sorted(directory.rglob("*"))
         if path.is_file()
     }
@@ -108,7 +99,7 @@ def check_contents(checkpoint: Path) -> None:
     if any("sha256" not in entry for entry in listed.values()):
         console.print(f"[yellow]{checkpoint}: its manifest has no content hashes (an older opd-ray wrote it)[/]")
         return
-    changed = [name for name, entry in listed.items() if sha256_of(checkpoint / name) != entry["sha256"]]
+    changed = [name for name, entry in listed.items() if sha256_file(checkpoint / name) != entry["sha256"]]
     if changed:
         raise UserError(
             f"checkpoint {checkpoint}: {', '.join(changed[:3])} differ from the contents its manifest recorded "

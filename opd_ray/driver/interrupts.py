@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -42,8 +42,7 @@ class StopRequest:
         return 128 + (self.signal_number or 0)  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
 
 
-ACTIVE: list[StopRequest] = []  # the request of the outermost block, shared by nested ones
-HANDLERS: list = []  # and its signal handler
+ACTIVE: list[tuple[StopRequest, Callable]] = []  # the outermost block's request and handler, shared by nested ones
 
 
 @contextmanager
@@ -52,7 +51,7 @@ def stop_between_steps() -> Iterator[StopRequest]:
     block shares the outer one's request. Off the main thread (where Python cannot install handlers)
     nothing is installed."""
     if ACTIVE:
-        yield ACTIVE[0]
+        yield ACTIVE[0][0]
         return
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
@@ -72,13 +71,11 @@ def stop_between_steps() -> Iterator[StopRequest]:
         )
 
     previous = {number: signal.signal(number, on_signal) for number in SIGNALS}
-    ACTIVE.append(request)
-    HANDLERS.append(on_signal)
+    ACTIVE.append((request, on_signal))
     try:
         yield request
     finally:
         ACTIVE.clear()
-        HANDLERS.clear()
         for number, handler in previous.items():
             signal.signal(number, handler)
 
@@ -86,6 +83,6 @@ def stop_between_steps() -> Iterator[StopRequest]:
 def reclaim_signals() -> None:
     """`ray.init` installs Ray's own SIGTERM handlers (its C++ one kills the process at once): called after
     it, this puts the active block's handler back in front."""
-    if HANDLERS and threading.current_thread() is threading.main_thread():
+    if ACTIVE and threading.current_thread() is threading.main_thread():
         for number in SIGNALS:
-            signal.signal(number, HANDLERS[0])
+            signal.signal(number, ACTIVE[0][1])

@@ -134,10 +134,10 @@ def check_cluster_fits(spec: ExperimentSpec) -> None:
     """Raises a UserError naming what is missing; call after connecting, before starting roles. Nodes still
     joining are waited for up to `placement.wait_for_nodes_s` (bounded; a Slurm start-up brings its
     workers up after the head)."""
-    deadline, announced = time.monotonic() + spec.placement.wait_for_nodes_s, False
+    pools, deadline, announced = plan_pools(spec), time.monotonic() + spec.placement.wait_for_nodes_s, False
     while True:
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        problems = missing_resources(plan_pools(spec), ray.cluster_resources(), nodes)
+        problems = missing_resources(pools, ray.cluster_resources(), nodes)
         if not problems:
             return
         if time.monotonic() >= deadline:

@@ -304,7 +304,7 @@ def kill_stuck(
     actor: ray.actor.ActorHandle,
     work: str,
     limit: float,
-    setting: str = "trainer.timeouts.step_s",
+    setting: str = STEP_LIMIT,
 ) -> None:
     """A rollout worker or teacher that has held one piece of work past its limit (`setting`) is killed;
     Ray restarts it (trainer.max_actor_restarts) and the caller's restart path re-issues the work."""

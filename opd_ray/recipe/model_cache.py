@@ -23,6 +23,7 @@ from typing import TextIO
 
 from opd_ray.console import console
 from opd_ray.errors import UserError
+from opd_ray.files import BUILD_RECORD
 
 LOCK_FILE = ".opd-ray-cache.lock"
 READERS_GRACE_S = 5.0  # how long a would-be builder waits for other readers to let go before it refuses
@@ -55,6 +56,12 @@ def try_lock(handle: TextIO, mode: int) -> bool:
         return True
     except BlockingIOError:
         return False
+
+
+def is_built(folder: Path, record: dict) -> bool:
+    """The folder holds a model built from exactly `record` (its build.json): a tiny recipe or an import's source."""
+    marker = folder / BUILD_RECORD
+    return marker.is_file() and json.loads(marker.read_text()) == record
 
 
 def check_distinct_folders(wanted: list[tuple], field: str) -> None:

@@ -24,8 +24,8 @@ import torch
 
 from opd_ray.console import console
 from opd_ray.errors import UserError
-from opd_ray.files import BUILD_RECORD, check_replaceable, written_aside
-from opd_ray.recipe.model_cache import check_distinct_folders, ensure_built
+from opd_ray.files import BUILD_RECORD, check_replaceable, sha256_file, written_aside
+from opd_ray.recipe.model_cache import check_distinct_folders, ensure_built, is_built
 from opd_ray.spec import ExperimentSpec, ImportedModelsSpec
 
 PACKAGE_PREFIX = "package:"
@@ -117,26 +117,18 @@ def import_model(source: str, output: Path, layers: list[int] | None = None, dty
 
 
 def source_digest(path: Path) -> str:
-    """sha256 of the source's bytes (a folder: of each file's name and bytes): another quantization or
+    """sha256 of the source's bytes (a folder: of each file's name and sha256): another quantization or
     release under the same name and size still rebuilds the folders (about 1 s per GB)."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = "".join(f"{file.relative_to(path)}:{sha256_file(file)};" for file in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def wanted_records(build: ImportedModelsSpec, path: Path) -> dict[str, dict]:
     common = {"source": build.source, "source_sha256": source_digest(path), "dtype": build.dtype}
     return {"teacher": {**common, "layers": None}, "student": {**common, "layers": build.student_layers}}
-
-
-def is_built(folder: Path, record: dict) -> bool:
-    marker = folder / BUILD_RECORD
-    return marker.is_file() and json.loads(marker.read_text()) == record
 
 
 def ensure_imported_models(spec: ExperimentSpec) -> None:

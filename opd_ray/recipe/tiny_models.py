@@ -20,7 +20,7 @@ from opd_ray.console import console
 from opd_ray.data.arithmetic import ALPHABET, write_mixed_task_files, write_task_files
 from opd_ray.driver.cluster import connect
 from opd_ray.files import BUILD_RECORD, check_replaceable, written_aside
-from opd_ray.recipe.model_cache import check_distinct_folders, ensure_built
+from opd_ray.recipe.model_cache import check_distinct_folders, ensure_built, is_built
 from opd_ray.recipe.sft import Example, train_sft
 from opd_ray.spec import ExperimentSpec, LearnerSpec, ModelSpec
 
@@ -168,11 +168,6 @@ def model_recipe(spec: ExperimentSpec, label: str, folder: str = "") -> dict:
     return {**shared, **own}
 
 
-def is_built(directory: Path, recipe: dict) -> bool:
-    marker = directory / BUILD_RECORD
-    return marker.is_file() and json.loads(marker.read_text()) == recipe
-
-
 def shipped_model(label: str, recipe: dict) -> Path | None:
     """The committed copy of a tiny model, if it was built by exactly this recipe (the quickstart's)."""
     candidate = SHIPPED / label
@@ -216,8 +211,9 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
     def build_missing(_: list[str]) -> None:
         if mixed_missing():
             write_mixed_task_files(root, spec.run.seed, build.train_size, build.eval_size)
-        if missing_models():
-            build_models(spec, missing_models(), from_scratch)
+        missing = missing_models()
+        if missing:
+            build_models(spec, missing, from_scratch)
 
     ensure_built(root, pending, build_missing, spec.trainer.timeouts.build_wait_s)
 
