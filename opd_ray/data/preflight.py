@@ -210,7 +210,7 @@ def prepare(spec: ExperimentSpec) -> Prepared:
     warn_idle_teachers(routing, train)
     algorithm = spec.algorithm
     needs_answers = {
-        "algorithm.objective=sft": algorithm.objective == "sft",
+        f"algorithm.objective={algorithm.objective}": algorithm.record.trains_on_answers,
         "algorithm.student_data_fraction < 1": algorithm.student_data_fraction < 1,
         "algorithm.task_reward_coef > 0": algorithm.task_reward_coef > 0,
         "cold_start.teacher_generate.require_correct": spec.cold_start is not None

@@ -146,7 +146,7 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     ]
     teacher_pools = start_teachers(spec, placement)
     sequences = spec.trainer.prompts_per_step * spec.rollout.samples_per_prompt
-    learner_teacher = spec.teacher_model(next(iter(teacher_pools))) if algorithm.objective == "full_vocab" else None
+    learner_teacher = spec.teacher_model(next(iter(teacher_pools))) if algorithm.record.learner_teacher else None
     timeouts = spec.trainer.timeouts
     learners = LearnerGroup(
         spec.models.student,

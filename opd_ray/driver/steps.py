@@ -79,7 +79,7 @@ def launch_step(
     or (sft, GKD's dataset share) the dataset's answers."""
     indices = sampler.next(spec.trainer.prompts_per_step)
     work = StepWork(step, tuple(indices), (sampler.epoch, sampler.position), pipeline.roles.weight_version)
-    if spec.algorithm.objective == "sft":
+    if spec.algorithm.record.trains_on_answers:
         work.ready_refs, work.dataset = supervised_refs(prepared, indices), True
     elif on_student_samples(spec, step):
         work.shards = pipeline.launch_rollouts(step, indices, spec.rollout.samples_per_prompt)

@@ -99,7 +99,7 @@ def entropy_gate_keep(
 def with_batch_statistics(full: RolloutBatch, algorithm: AlgorithmSpec) -> RolloutBatch:
     """What needs every rank's rows: returns/standardised rewards and centred task rewards."""
     updates = {}
-    if algorithm.objective == "sampled_token" and full.teacher_logprobs_BL is not None:
+    if algorithm.record.sequence_advantages and full.teacher_logprobs_BL is not None:
         updates["advantages_BL"] = reverse_kl_advantages(
             full.teacher_logprobs_BL,
             full.rollout_logprobs_BL,
@@ -143,7 +143,7 @@ def finish_token_batch(
 ) -> TokenBatch:
     """Adds what needed the current student: the vOPD baseline, IW-OPD weights, task reward, entropy gate."""
     updates = {}
-    if algorithm.objective == "sampled_token" and tokens.advantage_N is not None:
+    if algorithm.record.sequence_advantages and tokens.advantage_N is not None:
         advantage_N = tokens.advantage_N
         if "vopd_baseline" in per_token:
             advantage_N = advantage_N - per_token["vopd_baseline"].to(advantage_N.dtype)

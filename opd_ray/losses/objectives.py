@@ -6,8 +6,9 @@ the student's N x |V| logits exist one chunk at a time (see `chunked_loss`). An 
 maps an `ObjectiveInputs` chunk to per-token losses; `token_weight_N` then turns them into
 this rank's share of the global token-mean or sequence-mean.
 
-A new objective is one function `(ObjectiveInputs, AlgorithmSpec) -> loss_N` and one entry
-in `OBJECTIVES`.
+A new objective is one record in spec/objectives.py (what it needs from the other roles, which
+`algorithm.*` keys it reads) and one function `(ObjectiveInputs, AlgorithmSpec) -> loss_N` in
+`OBJECTIVES` here; `register_objective` adds both.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from opd_ray.spec import AlgorithmSpec
+from opd_ray.spec.objectives import ObjectiveRecord, add_objective
 
 
 @dataclass
@@ -255,13 +257,20 @@ def sft_cross_entropy(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torc
 
 Objective = Callable[[ObjectiveInputs, AlgorithmSpec], torch.Tensor]
 
-# name in `algorithm.objective` -> per-token loss; a new objective is one function and one entry.
+# name in `algorithm.objective` -> per-token loss. A new objective is one record in spec/objectives.py (what it
+# needs, its keys) and one function here; `register_objective` adds both at once.
 OBJECTIVES: dict[str, Objective] = {
     "sampled_token": sampled_token_reverse_kl,
     "topk": topk_divergence,
     "full_vocab": full_vocab_divergence,
     "sft": sft_cross_entropy,
 }
+
+
+def register_objective(record: ObjectiveRecord, loss: Objective) -> None:
+    """Adds an objective: its record (validators, driver and learner read it) and its per-token loss."""
+    add_objective(record)
+    OBJECTIVES[record.name] = loss
 
 
 def token_loss(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
@@ -271,10 +280,12 @@ def token_loss(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tenso
     (sampled_token already carries the task reward inside its advantage, tinker-style, and its
     importance ratio inside its surrogate.)
     """
-    loss_N = OBJECTIVES[algorithm.objective](inputs, algorithm)
+    record = algorithm.record
+    loss_N = OBJECTIVES[record.name](inputs, algorithm)
     tokens = inputs.tokens
-    add_task_reward = tokens.task_advantage_N is not None and algorithm.objective != "sampled_token"
-    apply_cap = algorithm.importance_cap is not None and algorithm.objective in ("topk", "full_vocab")
+    add_task_reward = tokens.task_advantage_N is not None and not record.sequence_advantages
+    # a policy-gradient surrogate carries its own ratio; the supervised control has no rollout to weigh
+    apply_cap = algorithm.importance_cap is not None and record.needs_teacher and not record.sequence_advantages
     if add_task_reward or apply_cap:  # one pass over the chunk's logits serves both
         student_logprobs_N = token_logprobs(inputs.student_logits_NV, tokens.target_ids_N)
     if add_task_reward:

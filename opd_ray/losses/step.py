@@ -95,7 +95,7 @@ def wanted_values(
 ) -> WantedValues:
     has_teacher_topk = tokens.teacher_logprobs_N is not None and tokens.teacher_topk_ids_NK is not None
     return WantedValues(
-        vopd=has_teacher_topk and algorithm.objective == "sampled_token" and algorithm.baseline == "vopd",
+        vopd=has_teacher_topk and algorithm.record.sequence_advantages and algorithm.baseline == "vopd",
         entropies=has_teacher_topk and algorithm.entropy_gate.enabled,
         diagnostics_k=diagnostics_k if has_teacher_topk and on_student_samples else None,
     )

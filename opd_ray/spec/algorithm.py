@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from opd_ray.spec.base import Section
+from opd_ray.spec.objectives import OBJECTIVE_RECORDS, SHARED_KEYS, ObjectiveRecord, key_owners, objective_record
 
 
 class EntropyGateSpec(Section):
@@ -28,11 +29,10 @@ class EntropyGateSpec(Section):
 
 
 class AlgorithmSpec(Section):
-    objective: Literal["sampled_token", "topk", "full_vocab", "sft"] = Field(
+    objective: str = Field(
         "topk",
-        description="sampled_token = one-sample reverse KL as a dense reward; topk = analytic divergence on a "
-        "top-k support; full_vocab = exact divergence against a teacher copy on each learner rank; "
-        "sft = supervised on the dataset's reference answers (a control, no teacher)",
+        description="; ".join(f"{record.name} = {record.summary}" for record in OBJECTIVE_RECORDS.values())
+        + " (spec/objectives.py: what each needs, and which of the keys below it reads)",
     )
     divergence: Literal["reverse_kl", "forward_kl", "jsd", "forward_to_reverse"] = Field(
         "reverse_kl", description="topk / full_vocab: what is measured between student and teacher"
@@ -65,6 +65,30 @@ class AlgorithmSpec(Section):
         "null = none",
     )
 
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, name: str) -> str:
+        objective_record(name)
+        return name
+
+    @property
+    def record(self) -> ObjectiveRecord:
+        """What this objective needs (spec/objectives.py)."""
+        return objective_record(self.objective)
+
+    @model_validator(mode="after")
+    def _keys_belong_to_objective(self) -> AlgorithmSpec:
+        """A key only another family reads would be silently ignored: refuse it instead. A key at its default
+        changes nothing, so the full spec a run writes (spec.yaml) still loads."""
+        for key in sorted(self.model_fields_set - set(SHARED_KEYS) - set(self.record.keys)):
+            owners = key_owners(key)
+            if owners and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(
+                    f"algorithm.{key} is read by objective {' / '.join(owners)} only, and this spec's objective is "
+                    f"{self.objective}: remove it, or change algorithm.objective"
+                )
+        return self
+
     @model_validator(mode="after")
     def _options_fit_objective(self) -> AlgorithmSpec:
         if self.baseline == "vopd" and (self.discount > 0 or self.standardize_rewards):
@@ -74,9 +98,7 @@ class AlgorithmSpec(Section):
             )
         if self.divergence == "forward_to_reverse" and self.anneal_steps < 1:
             raise ValueError("algorithm.divergence=forward_to_reverse needs algorithm.anneal_steps >= 1")
-        if self.student_data_fraction < 1 and not (
-            self.objective == "full_vocab" or (self.objective == "topk" and self.topk_support == "teacher")
-        ):
+        if self.student_data_fraction < 1 and not self.record.trains_on_dataset_answers_ok(self):
             raise ValueError(
                 "algorithm.student_data_fraction < 1 trains on dataset answers, which have no rollout "
                 "log-probs or student top-k: use objective full_vocab, or topk with topk_support=teacher"
@@ -85,7 +107,7 @@ class AlgorithmSpec(Section):
 
     @property
     def needs_student_topk(self) -> bool:
-        return self.objective == "topk" and self.topk_support != "teacher"
+        return self.record.student_topk(self)
 
 
 class DiagnosticsSpec(Section):

@@ -160,9 +160,10 @@ class ExperimentSpec(Section):
                 f"teachers.{current[0]}: weights current receives the student's weights through the object store; "
                 "use weight_sync.method=object_store"
             )
-        if self.algorithm.objective == "full_vocab" and (len(self.teachers) > 1 or current):
+        record = self.algorithm.record
+        if (len(self.teachers) > 1 and not record.several_teachers) or (current and record.learner_teacher):
             raise ValueError(
-                "algorithm.objective=full_vocab loads one frozen teacher copy on each learner rank: name one "
+                f"algorithm.objective={record.name} loads one frozen teacher copy on each learner rank: name one "
                 "teacher, with weights frozen"
             )
         if self.cold_start is not None and "teacher_generate" in self.stages and len(self.teachers) > 1:
@@ -178,11 +179,11 @@ class ExperimentSpec(Section):
             field = f"{self.teacher_field(name)}.cross_tokenizer"
             if teacher.is_self:
                 raise ValueError(f"{field}: a self teacher has the student's tokenizer")
-            if algorithm.objective == "full_vocab":
+            if not algorithm.record.cross_tokenizer:
                 raise ValueError(
                     f"{field}: objective {algorithm.objective} needs one vocabulary; use sampled_token or topk"
                 )
-            if algorithm.objective == "topk" and algorithm.topk_support != "teacher":
+            if algorithm.needs_student_topk:
                 raise ValueError(
                     f"{field}: topk_support {algorithm.topk_support} needs the teacher's log-probs at student ids; "
                     "use topk_support=teacher (its top-k, matched to the student's tokens by text)"

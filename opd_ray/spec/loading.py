@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
+from opd_ray.console import console
 from opd_ray.errors import SpecError
 from opd_ray.spec.experiment import ExperimentSpec
+from opd_ray.spec.objectives import OBJECTIVE_RECORDS, SHARED_KEYS, key_owners
 
 
 def _allowed_keys(model: type[BaseModel], location: tuple[Any, ...]) -> list[str]:
@@ -57,7 +59,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise SpecError(f"{path} is a directory: give the spec's YAML file (e.g. examples/quickstart.yaml)")
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    config = read_yaml(path)
+    config = set_aside_other_objective_keys(read_yaml(path), overrides)
     for override in overrides:
         try:
             config = OmegaConf.merge(config, parse_override(override))
@@ -79,6 +81,29 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise SpecError(f"{path}: " + "; ".join(messages)) from None
     spec._environment_values = environment_lookups(OmegaConf.to_container(config, resolve=False))
     return spec
+
+
+def set_aside_other_objective_keys(config: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """`algorithm.objective=X` on the command line switches a spec to another objective (a control arm, a
+    comparison): the file's keys that only its own objective reads are set aside, said in one line, instead of
+    refused; the same keys given on the command line are still refused."""
+    switched = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "algorithm.objective"]
+    algorithm = config.get("algorithm") if isinstance(config, DictConfig) else None
+    if not switched or not isinstance(algorithm, DictConfig) or switched[-1] not in OBJECTIVE_RECORDS:
+        return config
+    kept = set(SHARED_KEYS) | set(OBJECTIVE_RECORDS[switched[-1]].keys)
+    aside = [str(key) for key in algorithm if str(key) not in kept and key_owners(str(key))]
+    if aside:
+        console.print(
+            f"algorithm.objective={switched[-1]} from the command line: the file's algorithm."
+            f"{', algorithm.'.join(aside)} (not read by {switched[-1]}) set aside",
+            highlight=False,
+            soft_wrap=True,
+        )
+        config = config.copy()
+        for key in aside:
+            del config.algorithm[key]
+    return config
 
 
 def read_yaml(path: Path) -> Any:

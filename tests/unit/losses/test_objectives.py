@@ -301,7 +301,8 @@ def test_chunked_loss_equals_unchunked_values_and_gradients(objective: str, chun
     tokens = inputs.tokens
     tokens.token_weight_N = torch.rand(N, generator=g, dtype=torch.float64)
     tokens.advantage_N = torch.randn(N, generator=g, dtype=torch.float64)
-    spec = AlgorithmSpec(objective=objective, divergence="forward_to_reverse", anneal_steps=4)
+    divergence = {} if objective == "sampled_token" else {"divergence": "forward_to_reverse", "anneal_steps": 4}
+    spec = AlgorithmSpec(objective=objective, **divergence)
 
     whole = ObjectiveInputs(head(hidden), tokens, teacher_head(teacher_hidden).detach(), reverse_weight=0.4)
     want = (token_loss(whole, spec) * tokens.token_weight_N).sum()

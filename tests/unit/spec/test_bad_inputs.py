@@ -57,6 +57,17 @@ def validate_fails(tmp_path: Path, capsys: pytest.CaptureFixture, text: str, ove
         ("learner: {deepspeed: {bf16: {enabled: true}}}\n", [], "use models.student.dtype"),
         ("run: {name: x, output_dir: runs/${run.name}}\n", [], "spec.yaml:6:34: YAML syntax error"),
         ("trainer: {steps: 3\n", [], "spec.yaml:7:1: YAML syntax error"),
+        ("", ["algorithm.objective=reverse"], "algorithm.objective 'reverse' is not an objective; choose one of"),
+        (
+            "",
+            ["algorithm.clip_eps=0.1"],
+            "algorithm.clip_eps is read by objective sampled_token only, and this spec's objective is topk",
+        ),
+        (
+            "",
+            ["algorithm.objective=sft", "algorithm.divergence=jsd"],
+            "algorithm.divergence is read by objective topk / full_vocab only",
+        ),
     ],
 )
 def test_validate_names_the_bad_value_in_one_line(

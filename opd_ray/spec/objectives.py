@@ -1,0 +1,120 @@
+"""What each objective needs and which `algorithm.*` keys it reads: one record per objective.
+
+The spec's validators, the driver, the data pre-flight and the learner read these records
+instead of comparing objective names, so a new objective is one record here (`add_objective`)
+and one loss function in `opd_ray/losses/objectives.py` (`OBJECTIVES`). This module imports
+no torch: the spec layer validates a YAML file without loading a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+def _never(algorithm: Any) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class ObjectiveRecord:
+    """One objective: what it is, what it needs from the other roles, and where it is supported."""
+
+    name: str
+    summary: str
+    # the algorithm.* keys only this family reads (a key another family owns is refused in the spec)
+    keys: tuple[str, ...] = ()
+    # trains on the dataset's reference answers on every step, with no teacher (the supervised control)
+    trains_on_answers: bool = False
+    # the loss reads `advantage_N`, built from whole sequences (returns, standardisation, a baseline, position
+    # weights, the task reward) and carries its own importance ratio: a policy-gradient surrogate
+    sequence_advantages: bool = False
+    # the teacher scores the student's own rollouts (false for the supervised control)
+    needs_teacher: bool = True
+    # a frozen teacher copy on every learner rank (the exact full-vocabulary divergence)
+    learner_teacher: bool = False
+    # the rollout engine returns the student's top-k ids at every token, for the options given
+    student_topk: Callable[[Any], bool] = _never
+    # a teacher with another tokenizer can score for it (it gives log-probs on shared tokens only)
+    cross_tokenizer: bool = True
+    # several teachers, each scoring its own rows, can feed one batch
+    several_teachers: bool = True
+
+    def trains_on_dataset_answers_ok(self, algorithm: Any) -> bool:
+        """Whether GKD's dataset share (student_data_fraction < 1) works: dataset answers have no rollout
+        log-probs (a policy-gradient ratio) and no rollout-time student top-k."""
+        return self.needs_teacher and not self.sequence_advantages and not self.student_topk(algorithm)
+
+
+# keys every objective reads; every other algorithm.* key belongs to the families that name it
+SHARED_KEYS = (
+    "objective",
+    "entropy_gate",
+    "task_reward_coef",
+    "student_data_fraction",
+    "aggregation",
+    "importance_cap",
+)
+DIVERGENCE_KEYS = ("divergence", "jsd_beta", "anneal_steps")
+
+OBJECTIVE_RECORDS: dict[str, ObjectiveRecord] = {}
+
+
+def add_objective(record: ObjectiveRecord) -> ObjectiveRecord:
+    """Registers an objective's record; its loss function goes into losses.objectives.OBJECTIVES under the name."""
+    if record.name in OBJECTIVE_RECORDS:
+        raise ValueError(f"objective {record.name!r} is already registered")
+    OBJECTIVE_RECORDS[record.name] = record
+    return record
+
+
+def objective_record(name: str) -> ObjectiveRecord:
+    """The record of `algorithm.objective`; an unknown name is refused naming the known ones."""
+    try:
+        return OBJECTIVE_RECORDS[name]
+    except KeyError:
+        raise ValueError(
+            f"algorithm.objective {name!r} is not an objective; choose one of {', '.join(OBJECTIVE_RECORDS)}"
+        ) from None
+
+
+def key_owners(key: str) -> list[str]:
+    """The objectives that read `algorithm.<key>` (empty for a shared key)."""
+    return [record.name for record in OBJECTIVE_RECORDS.values() if key in record.keys]
+
+
+add_objective(
+    ObjectiveRecord(
+        name="sampled_token",
+        summary="one-sample reverse KL as a dense reward inside an importance-sampled policy gradient",
+        keys=("clip_eps", "discount", "standardize_rewards", "baseline", "position_gamma"),
+        sequence_advantages=True,
+    )
+)
+add_objective(
+    ObjectiveRecord(
+        name="topk",
+        summary="analytic divergence on a top-k support",
+        keys=(*DIVERGENCE_KEYS, "top_k", "topk_support", "topk_tail"),
+        student_topk=lambda algorithm: algorithm.topk_support != "teacher",
+    )
+)
+add_objective(
+    ObjectiveRecord(
+        name="full_vocab",
+        summary="exact divergence against a teacher copy on each learner rank",
+        keys=DIVERGENCE_KEYS,
+        learner_teacher=True,
+        cross_tokenizer=False,
+        several_teachers=False,
+    )
+)
+add_objective(
+    ObjectiveRecord(
+        name="sft",
+        summary="supervised on the dataset's reference answers (a control, no teacher)",
+        trains_on_answers=True,
+        needs_teacher=False,
+    )
+)
