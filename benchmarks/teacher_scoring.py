@@ -72,13 +72,14 @@ def measure(
     from transformers import AutoConfig
 
     from opd_ray.actors.teacher import TeacherScorer
-    from opd_ray.spec import EngineSpec, ModelSpec, TeacherSpec
+    from opd_ray.spec import EngineSpec, ModelSpec, NamedTeacherSpec
 
     vocab = AutoConfig.from_pretrained(path).vocab_size
     k = min(TOP_K, vocab)  # the tiny teacher has 15 tokens
     engine = EngineSpec(max_model_len=prompt + response + 8, kv_cache_gib=0.5, max_logprobs=k)
-    teacher = TeacherSpec(backend=backend, top_k=k, engine=engine, share_prompts=share)
-    scorer = TeacherScorer(ModelSpec(path=str(path)), teacher, 0)
+    model = ModelSpec(path=str(path))
+    teacher = NamedTeacherSpec(model=model, backend=backend, top_k=k, engine=engine, share_prompts=share)
+    scorer = TeacherScorer(model, teacher, 0)
     batch = random_batch(min(vocab, 32_000), prompt, response, samples)
     best = float("inf")
     for attempt in range(repeats + 1):  # the first warms up

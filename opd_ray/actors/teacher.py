@@ -23,7 +23,7 @@ from opd_ray.actors.weight_sync import WORKER_EXTENSION, unpack_state_dict
 from opd_ray.data.preflight import vocab_size
 from opd_ray.losses.batch import RolloutBatch, scores_from, with_prompts
 from opd_ray.losses.hidden import prompt_groups, response_hidden_states, shared_prompt_response_hidden
-from opd_ray.spec import ModelSpec, NamedTeacherSpec, TeacherSpec
+from opd_ray.spec import ModelSpec, NamedTeacherSpec
 
 
 def attach_teacher_scores(batch: RolloutBatch, scored_B: list, top_k: int) -> RolloutBatch:
@@ -156,18 +156,17 @@ class TeacherScorer:
     def __init__(
         self,
         model: ModelSpec,
-        teacher: NamedTeacherSpec | TeacherSpec,
+        teacher: NamedTeacherSpec,
         seed: int,
         index: int = 0,
         student: ModelSpec | None = None,
     ) -> None:
-        """A plain TeacherSpec (the one-teacher settings, as benchmarks use it) is a frozen teacher of weight 1.
-        `student` (cross_tokenizer teachers): the student whose tokens the scores are aligned back to; with
+        """`student` (cross_tokenizer teachers): the student whose tokens the scores are aligned back to; with
         identical vocabularies the ids are scored directly, as for any teacher."""
         from transformers import AutoTokenizer
 
         self.teacher, self.index = teacher, index
-        self.coef = getattr(teacher, "coef", 1.0)
+        self.coef = teacher.coef
         self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
         self.cross = None
         if student is not None:
@@ -177,7 +176,7 @@ class TeacherScorer:
             if student_tokenizer.get_vocab() != self.tokenizer.get_vocab() or not same_rows:
                 self.cross = CrossTokenizer(student_tokenizer, self.tokenizer)
         if teacher.backend == "vllm":
-            receives_weights = getattr(teacher, "weights", "frozen") == "current"
+            receives_weights = teacher.weights == "current"
             self.llm = create_engine(model, teacher.engine, seed, WORKER_EXTENSION if receives_weights else None)
         else:
             device = "cuda" if torch.cuda.is_available() else "cpu"

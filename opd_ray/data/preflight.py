@@ -113,11 +113,11 @@ def check_same_vocabulary(
     teacher_tokenizer,
     teacher_field: str,
     cross_tokenizer: bool = False,
+    settings: str = "teachers.teacher",
 ) -> None:
     """Per-token distillation compares distributions over the same token ids; a teacher whose vocabulary
-    differs is refused unless its settings say `cross_tokenizer: true`."""
+    differs is refused unless its settings (`settings`, where they live in the spec) say `cross_tokenizer: true`."""
     student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    settings = teacher_field.rsplit(".", 1)[0] if teacher_field.startswith("teachers.") else "teacher"
     if student_vocab != teacher_vocab:
         if cross_tokenizer:
             return
@@ -141,18 +141,20 @@ def check_same_vocabulary(
         console.print(f"{teacher_field}: the same tokenizer as the student's; cross_tokenizer scoring is not needed")
 
 
-def check_teacher(spec: ExperimentSpec, teacher: ModelSpec, field: str, student_tokenizer, settings=None):
+def check_teacher(spec: ExperimentSpec, teacher: ModelSpec, field: str, student_tokenizer, name: str | None = None):
     """A teacher as pre-flight checks it (one of the spec's, or a candidate of `opd-ray probe --teacher`): its
     folder, its vocabulary against the student's, and, when an engine loads it, the engine's context and KV
-    cache. `settings` is its NamedTeacherSpec (default: the spec's first teacher). Returns its tokenizer."""
-    settings = settings or next(iter(spec.teacher_specs().values()))
+    cache. `name`: the teacher whose settings it runs with (default: the spec's first). Returns its tokenizer."""
+    name = name or next(iter(spec.teachers))
+    settings = spec.teachers[name]
     check_model_dir(teacher, field)
     teacher_tokenizer = load_tokenizer(teacher, field)
     cross = settings.cross_tokenizer
-    check_same_vocabulary(spec.models.student, teacher, student_tokenizer, teacher_tokenizer, field, cross)
+    check_same_vocabulary(
+        spec.models.student, teacher, student_tokenizer, teacher_tokenizer, field, cross, f"teachers.{name}"
+    )
     if settings.backend == "vllm" or "teacher_generate" in spec.stages:
-        engine_field = f"{field.rsplit('.', 1)[0]}.engine" if spec.named_teachers else "teacher.engine"
-        check_engine_fits_model(teacher, settings.engine, engine_field, field)
+        check_engine_fits_model(teacher, settings.engine, f"teachers.{name}.engine", field)
     return teacher_tokenizer
 
 
@@ -160,15 +162,15 @@ def check_teachers(spec: ExperimentSpec, student_tokenizer) -> dict:
     """Every teacher of the spec, each against the student's vocabulary; name -> tokenizer. A `self` teacher
     is the student's own model, so only its engine is checked."""
     tokenizers = {}
-    for name, settings in spec.teacher_specs().items():
+    for name, settings in spec.teachers.items():
         model = spec.teacher_model(name)
-        field = f"teachers.{name}.model" if spec.named_teachers else "models.teacher"
+        field = f"teachers.{name}.model"
         if settings.is_self:
             if settings.backend == "vllm":
                 check_engine_fits_model(model, settings.engine, f"teachers.{name}.engine", "models.student")
             tokenizers[name] = student_tokenizer
         else:
-            tokenizers[name] = check_teacher(spec, model, field, student_tokenizer, settings)
+            tokenizers[name] = check_teacher(spec, model, field, student_tokenizer, name)
     return tokenizers
 
 
@@ -192,7 +194,7 @@ def prepare(spec: ExperimentSpec) -> Prepared:
         first_name = next(iter(teacher_tokenizers))
         owner, path = ("models.student", spec.models.student.path)
         if spec.data.template_source == "teacher":
-            owner = f"teachers.{first_name}.model" if spec.named_teachers else "models.teacher"
+            owner = f"teachers.{first_name}.model"
             path = spec.teacher_model(first_name).path
         raise UserError(
             f"data.use_chat_template: the tokenizer of {owner} ({path}) has no chat template; set "
@@ -246,13 +248,13 @@ def check_prompts_fit(spec: ExperimentSpec, prompts: PromptSet, section: str) ->
     longest prompt each teacher reads (its own, when it has a prompt_template) that teacher's."""
     new_tokens = spec.rollout.max_new_tokens + 1
     reads = {"rollout.engine": (spec.rollout.engine, [len(p) for p in prompts.prompt_ids])}
-    teachers = spec.teacher_specs()
+    teachers = spec.teachers
     rows_of = prompts.rows_by_teacher(list(range(len(prompts))), default=next(iter(teachers)))
     for name, settings in teachers.items():
         rows = rows_of.get(name, [])
         own = prompts.teacher_prompt_ids
         lengths = [len(own[i] if own is not None and own[i] is not None else prompts.prompt_ids[i]) for i in rows]
-        reads[f"{spec.teacher_field(name)}.engine"] = (settings.engine, lengths)
+        reads[f"teachers.{name}.engine"] = (settings.engine, lengths)
     for field, (engine, lengths) in reads.items():
         if lengths and max(lengths) + new_tokens > engine.max_model_len:
             raise UserError(
@@ -270,7 +272,7 @@ def warn_idle_teachers(routing, train: PromptSet) -> None:
 
 def check_top_k_fits_vocabulary(spec: ExperimentSpec, vocabulary: int) -> None:
     """A top-k larger than the vocabulary has no meaning (and vLLM would fail on it at the first step)."""
-    ks = {f"{spec.teacher_field(name)}.top_k": t.top_k for name, t in spec.teacher_specs().items()}
+    ks = {f"teachers.{name}.top_k": t.top_k for name, t in spec.teachers.items()}
     ks["algorithm.top_k"] = spec.algorithm.top_k
     if spec.diagnostics.enabled:
         ks["diagnostics.top_k"] = spec.diagnostics.top_k

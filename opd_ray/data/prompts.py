@@ -113,7 +113,7 @@ def read_rows(dataset: DatasetSpec, section: str) -> list[dict]:
     return rows[: dataset.limit] if dataset.limit else rows
 
 
-ONE_TEACHER = Routing({"teacher": None})  # the one-teacher shorthand: every row to "teacher", its own prompt
+ONE_TEACHER = Routing({"teacher": None})  # every row to one teacher, named as the shorthand names it, own prompt
 
 
 def render_prompt(text: str, data: DataSpec, tokenizer) -> list[int]:

@@ -81,5 +81,5 @@ class Routing:
 
 def routing_for(spec: ExperimentSpec, cross_tokenizers: dict | None = None) -> Routing:
     """`cross_tokenizers`: name -> tokenizer of the teachers whose vocabulary differs from the student's."""
-    templates = {name: teacher.prompt_template for name, teacher in spec.teacher_specs().items()}
+    templates = {name: teacher.prompt_template for name, teacher in spec.teachers.items()}
     return Routing(templates, spec.data.route, dict(cross_tokenizers or {}))

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from opd_ray.errors import UserError
-from opd_ray.spec import ExperimentSpec
+from opd_ray.spec import ExperimentSpec, NamedTeacherSpec, TeacherSpec
+from opd_ray.spec.roles import SHORTHAND_TEACHER
 
 MAY_CHANGE_ON_RESUME = (
     "run.name",
@@ -39,12 +40,7 @@ MAY_CHANGE_ON_RESUME = (
     "rollout.num_workers",
     "rollout.resources",
     "rollout.engine",
-    "teacher.num_replicas",
-    "teacher.resources",
-    "teacher.engine",
-    "teacher.chunk_tokens",
-    "teacher.share_prompts",
-    "teachers.*.num_replicas",  # each named teacher's, as the one teacher's above
+    "teachers.*.num_replicas",  # each teacher's (the one-teacher shorthand's is teachers.teacher)
     "teachers.*.resources",
     "teachers.*.engine",
     "teachers.*.chunk_tokens",
@@ -111,9 +107,9 @@ def contents_digest(path: Path) -> str:
 def input_files(spec: ExperimentSpec) -> dict[str, str]:
     """{spec key: path} of every model folder and data file the run reads."""
     files = {"models.student": spec.models.student.path}
-    for name, teacher in spec.teacher_specs().items():
+    for name, teacher in spec.teachers.items():
         if not teacher.is_self:
-            files[f"teachers.{name}.model" if spec.named_teachers else "models.teacher"] = teacher.model.path
+            files[f"teachers.{name}.model"] = teacher.model.path
     for section, datasets in (("data.train", spec.data.train_files), ("data.eval", spec.data.eval_files)):
         for i, dataset in enumerate(datasets):
             files[section if len(datasets) == 1 else f"{section}[{i}]"] = dataset.path
@@ -132,6 +128,28 @@ def run_fingerprint(spec: ExperimentSpec) -> dict[str, str]:
     return defining
 
 
+def in_current_shape(recorded: dict[str, str]) -> dict[str, str]:
+    """A fingerprint recorded before the one-teacher shorthand became teachers.teacher at load, in today's keys:
+    a shorthand run's teacher.* and models.teacher* move under teachers.teacher (with the named-teacher
+    settings the shorthand could not set, at their defaults); a named run's unused teacher.* defaults go."""
+    if not any(key == "models.teacher" or key.startswith(("teacher.", "models.teacher")) for key in recorded):
+        return recorded
+    named = any(key.startswith("teachers.") for key in recorded)
+    shape: dict[str, str] = {}
+    for key, value in recorded.items():
+        if key.startswith("models.teacher") and not named:
+            shape[f"teachers.{SHORTHAND_TEACHER}.model{key.removeprefix('models.teacher')}"] = value
+        elif key.startswith("teacher.") and not named:
+            shape[f"teachers.{SHORTHAND_TEACHER}.{key.removeprefix('teacher.')}"] = value
+        elif key != "models.teacher" and not key.startswith("teacher."):
+            shape[key] = value
+    if not named:
+        defaults = NamedTeacherSpec(model="self").model_dump(mode="json")
+        for field in set(NamedTeacherSpec.model_fields) - set(TeacherSpec.model_fields) - {"model"}:
+            shape.setdefault(f"teachers.{SHORTHAND_TEACHER}.{field}", json.dumps(defaults[field]))
+    return shape
+
+
 def differing_keys(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
     return sorted(key for key in recorded.keys() | current.keys() if recorded.get(key) != current.get(key))
 
@@ -140,7 +158,7 @@ def check_same_run(recorded: dict[str, str] | None, spec: ExperimentSpec, what: 
     """Refuses to continue `what` (a checkpoint, a finished stage) under a spec that defines another run."""
     if not recorded:
         return  # written before fingerprints existed: nothing to compare
-    differences = differing_keys(recorded, run_fingerprint(spec))
+    differences = differing_keys(in_current_shape(recorded), run_fingerprint(spec))
     if not differences:
         return
     shown = ", ".join(differences[:8]) + (f" and {len(differences) - 8} more" if len(differences) > 8 else "")

@@ -125,7 +125,7 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
         console.print(f"prompt selection: {prepared.selection}")
         write_json(run_dir / "selection.json", prepared.selection)
         summary["prompt_selection"] = prepared.selection
-    teachers = ", ".join(f"{t.num_replicas} {name}" for name, t in spec.teacher_specs().items())
+    teachers = ", ".join(f"{t.num_replicas} {name}" for name, t in spec.teachers.items())
     console.print(
         f"[bold]opd-ray[/] {spec.run.name}: starting roles ({spec.rollout.num_workers} rollout, "
         f"teachers: {teachers}, {spec.learner.num_ranks} learner ranks)"
@@ -179,7 +179,7 @@ def measure_before_training(run: Run) -> None:
     teacher, student = accuracies(run, "teacher"), accuracies(run, "rollout")
     run.summary["teacher_accuracy"] = None if teacher is None else teacher.overall
     run.summary["student_accuracy_before"] = None if student is None else student.overall
-    if run.spec.named_teachers and teacher is not None:
+    if run.spec.several_teachers and teacher is not None:
         run.summary["teachers"] = {
             name: {"teacher_accuracy": teacher.by_teacher[name], "student_accuracy_before": student.by_teacher[name]}
             for name in teacher.by_teacher
@@ -306,7 +306,7 @@ def learn(run: Run, step: int, refs: list[ray.ObjectRef], metrics: dict) -> None
     """One update on the step's batches; a skipped (non-finite) one leaves the weight version as it was."""
     spec = run.spec
     diagnostics_k = spec.diagnostics.top_k if spec.diagnostics.enabled else None
-    names = tuple(spec.teacher_specs()) if spec.named_teachers else ()
+    names = tuple(spec.teachers) if spec.several_teachers else ()
     with timed("learn", metrics), learner_death_stops_run(run.run_dir):
         learners = run.roles.learners
         metrics.update(learners.train_step(refs, spec.algorithm, diagnostics_k, step, run.pipeline.get, names))

@@ -39,9 +39,9 @@ class Shard:
     step: int
     index: int
     sequences: int
+    teacher: str  # the teacher (by its name under teachers:) that scores every row of the shard: their route
     prompts_P: dict[int, list[int]] | None = None  # None: a dataset batch that only needs scoring
     answers_P: dict[int, str | None] | None = None
-    teacher: str = "teacher"  # the teacher that scores every row of the shard (its route)
     teacher_prompts_P: dict[int, list[int]] | None = None  # that teacher's own prompts; None = the student's
     seed: int = 0
     batch_ref: ray.ObjectRef | None = None  # the rollout's output, the teacher's input
@@ -135,9 +135,9 @@ class Pipeline:
                         step,
                         index,
                         len(rows) * samples_per_prompt,
+                        teacher,
                         prompts_P=self.prompts.subset(rows),
                         answers_P={i: self.prompts.answers[i] for i in rows},
-                        teacher=teacher,
                         teacher_prompts_P=self.prompts.teacher_prompts(rows),
                         seed=mix_seed(self.run_seed, step, index),
                     )
@@ -156,7 +156,7 @@ class Pipeline:
         """Batches that already exist (the dataset's answers, one batch per teacher) go straight to their teacher."""
         shards = []
         for i, (ref, n, teacher) in enumerate(zip(batch_refs, sequences, teachers, strict=True)):
-            shards.append(Shard(step, i, n, batch_ref=ref, teacher=teacher))
+            shards.append(Shard(step, i, n, teacher, batch_ref=ref))
             self.teachers[teacher].queue.append(shards[-1])
         self._dispatch()
         return StepShards(shards)

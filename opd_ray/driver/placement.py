@@ -33,8 +33,8 @@ RoleDemand = tuple[str, int, ResourcesSpec]  # (role, number of actors, resource
 
 
 def teacher_role(spec: ExperimentSpec, name: str) -> str:
-    """A teacher's role name: "teacher" for the one-teacher shorthand, "teacher.<name>" for a named teacher."""
-    return f"teacher.{name}" if spec.named_teachers else "teacher"
+    """A teacher's role name: "teacher" when the run has one, "teacher.<name>" for each of several."""
+    return f"teacher.{name}" if spec.several_teachers else "teacher"
 
 
 def role_kind(role: str) -> str:
@@ -45,8 +45,7 @@ def role_kind(role: str) -> str:
 def role_demands(spec: ExperimentSpec) -> list[RoleDemand]:
     """(role, number of actors, resources of one actor) for every role of a run; each teacher is a role."""
     teachers = [
-        (teacher_role(spec, name), teacher.num_replicas, teacher.resources)
-        for name, teacher in spec.teacher_specs().items()
+        (teacher_role(spec, name), teacher.num_replicas, teacher.resources) for name, teacher in spec.teachers.items()
     ]
     return [
         ("rollout", spec.rollout.num_workers, spec.rollout.resources),

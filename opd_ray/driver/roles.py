@@ -90,7 +90,7 @@ def start_roles(spec: ExperimentSpec) -> Roles:
 
 def roles_env(spec: ExperimentSpec) -> dict:
     """Every role's actor environment; OpenMP waits passively when several actors compute at once."""
-    teacher_replicas = sum(teacher.num_replicas for teacher in spec.teacher_specs().values())
+    teacher_replicas = sum(teacher.num_replicas for teacher in spec.teachers.values())
     overlap = spec.trainer.max_staleness > 0 or spec.rollout.num_workers > 1 or teacher_replicas > 1
     return actor_env(roles_overlap=overlap)
 
@@ -107,9 +107,9 @@ def start_teacher(
 ) -> ray.actor.ActorHandle:
     """Replica `replica` of teacher `name` in its placement-group bundle; `model` replaces the teacher's own
     (`opd-ray probe` starts other candidates in the same bundle)."""
-    settings = spec.teacher_specs()[name]
+    settings = spec.teachers[name]
     options = engine_actor_options(spec, settings.resources)
-    index = list(spec.teacher_specs()).index(name)  # what its batches are marked with
+    index = list(spec.teachers).index(name)  # what its batches are marked with
     model = model or spec.teacher_model(name)
     seed = spec.run.seed + 1000 * index + replica
     student = spec.models.student if settings.cross_tokenizer else None  # whose tokens the scores go back to
@@ -123,14 +123,14 @@ def start_teachers(spec: ExperimentSpec, placement: Placement) -> dict[str, list
             start_teacher(spec, name, i, bundle)
             for i, bundle in enumerate(placement.actor_options[teacher_role(spec, name)])
         ]
-        for name in spec.teacher_specs()
+        for name in spec.teachers
     }
 
 
 def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     rollout_options = engine_actor_options(spec, spec.rollout.resources)
     algorithm = spec.algorithm
-    teacher_top_k = min(teacher.top_k for teacher in spec.teacher_specs().values())
+    teacher_top_k = min(teacher.top_k for teacher in spec.teachers.values())
     student_top_k = (algorithm.top_k or teacher_top_k) if algorithm.needs_student_topk else 0
     rollout_workers = [
         RolloutWorker.options(**rollout_options, **bundle).remote(
@@ -165,7 +165,7 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     broadcast = None
     if spec.weight_sync.method == "collective":
         broadcast = WeightBroadcast(spec.weight_sync, group_backend(spec), learners.workers, rollout_workers)
-    synced = [name for name, teacher in spec.teacher_specs().items() if teacher.weights == "current"]
+    synced = [name for name, teacher in spec.teachers.items() if teacher.weights == "current"]
     return Roles(
         rollout_workers,
         teacher_pools,

@@ -85,9 +85,9 @@ def judge(
 
 def check_candidates(spec: ExperimentSpec, student_tokenizer, paths: list[str]) -> list[ModelSpec]:
     """The spec's teacher and each other candidate, checked like the spec's teacher at pre-flight."""
-    if paths and len(spec.teacher_specs()) > 1:
+    if paths and len(spec.teachers) > 1:
         raise UserError("opd-ray probe --teacher compares candidates for one teacher; this spec names several")
-    own = spec.teacher_model(next(iter(spec.teacher_specs())))
+    own = spec.teacher_model(next(iter(spec.teachers)))
     candidates = [own]
     for i, path in enumerate(paths, start=1):
         teacher = own.model_copy(update={"path": path})
@@ -113,7 +113,7 @@ def run_probe(spec: ExperimentSpec, other_teachers: list[str] = ()) -> dict:
             eval_prompts = prepared.eval.spread(spec.probe.eval_prompts)
         student_accuracy = accuracy(spec, roles, prepared, eval_prompts, "rollout")  # per teacher's rows too
         results = [measure(spec, roles, prepared, refs, eval_prompts, student_accuracy)]
-        name = next(iter(spec.teacher_specs()))
+        name = next(iter(spec.teachers))
         for teacher in candidates[1:]:
             bundle = roles.placement.actor_options[teacher_role(spec, name)][0]
             for old in roles.teachers:
@@ -150,7 +150,7 @@ def measure(spec: ExperimentSpec, roles, prepared, refs: list, eval_prompts, stu
     with named teachers, the same for each teacher on its own rows (`teachers`)."""
     k = spec.diagnostics.top_k
     diagnosing = "learner ranks computing the diagnostics (trainer.timeouts.step_s)"
-    names = tuple(spec.teacher_specs()) if spec.named_teachers else ()
+    names = tuple(spec.teachers) if spec.several_teachers else ()
     per_rank = get_or_raise_first(
         roles.learners.call("diagnose", refs, spec.algorithm, k, names), spec.trainer.timeouts.step_s, diagnosing
     )

@@ -98,7 +98,7 @@ def teacher_engine(spec: ExperimentSpec) -> ray.actor.ActorHandle:
             "max_new_tokens": settings.max_new_tokens or spec.rollout.max_new_tokens,
         }
     )
-    name, teacher = next(iter(spec.teacher_specs().items()))  # the spec allows one teacher with this stage
+    name, teacher = next(iter(spec.teachers.items()))  # the spec allows one teacher with this stage
     options = stage_engine_options(teacher.resources)
     return RolloutWorker.options(**options).remote(spec.teacher_model(name), teacher.engine, rollout, spec.run.seed)
 

@@ -14,11 +14,12 @@ from opd_ray.spec.models import ModelSpec, ModelsSpec
 from opd_ray.spec.recipe import ColdStartSpec, ProbeSpec
 from opd_ray.spec.roles import (
     LONG_RESPONSE_TOKENS,
+    SHORTHAND_TEACHER,
     TEACHER_NAME,
     LearnerSpec,
     NamedTeacherSpec,
     RolloutSpec,
-    TeacherSpec,
+    expand_one_teacher_shorthand,
 )
 from opd_ray.spec.trainer import (
     CONDITION_FIRST_STEP,
@@ -41,11 +42,11 @@ class ExperimentSpec(Section):
     models: ModelsSpec
     data: DataSpec
     rollout: RolloutSpec = RolloutSpec()
-    teacher: TeacherSpec = TeacherSpec()
-    teachers: dict[str, NamedTeacherSpec] | None = Field(
-        None,
-        description="several teachers by name (or the student itself, `model: self`); rows reach one each through "
-        "data.route or their train file's `teacher`. Without it: models.teacher with the `teacher:` settings",
+    teachers: dict[str, NamedTeacherSpec] = Field(
+        ...,
+        description="every teacher by name (or the student itself, `model: self`); rows reach one each through "
+        "data.route or their train file's `teacher`. The one-teacher shorthand, models.teacher with the "
+        f"`teacher:` settings, becomes teachers.{SHORTHAND_TEACHER} when the spec loads",
     )
     learner: LearnerSpec = LearnerSpec()
     algorithm: AlgorithmSpec = AlgorithmSpec()
@@ -66,6 +67,12 @@ class ExperimentSpec(Section):
 
     @model_validator(mode="before")
     @classmethod
+    def _one_teacher_shorthand(cls, data: Any) -> Any:
+        """models.teacher + teacher: become teachers.teacher here, so nothing past loading knows two spellings."""
+        return expand_one_teacher_shorthand(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="before")
+    @classmethod
     def _checkpointing_follows_response_length(cls, data: Any) -> Any:
         """Resolves learner.gradient_checkpointing=null here, so `opd-ray validate` prints what a run will do."""
         if not isinstance(data, dict):
@@ -79,46 +86,24 @@ class ExperimentSpec(Section):
                 data = {**data, "learner": {**learner, "gradient_checkpointing": long_responses}}
         return data
 
-    def teacher_specs(self) -> dict[str, NamedTeacherSpec]:
-        """Every teacher by name; the one-teacher shorthand (models.teacher + teacher:) is named "teacher"."""
-        if self.teachers is not None:
-            return dict(self.teachers)
-        settings = {name: getattr(self.teacher, name) for name in TeacherSpec.model_fields}
-        return {"teacher": NamedTeacherSpec(model=self.models.teacher, **settings)}
-
     def teacher_model(self, name: str) -> ModelSpec:
         """The model a teacher loads: its own, or the student's initial one for `model: self`."""
-        teacher = self.teacher_specs()[name]
+        teacher = self.teachers[name]
         return self.models.student if teacher.is_self else teacher.model
 
     def models_by_role(self) -> list[tuple[str, ModelSpec]]:
         """("teacher", model) for every teacher with a model of its own, then ("student", model): what the
         model builders (models.build_tiny, models.import_pretrained) make when missing."""
-        teachers = [("teacher", t.model) for t in self.teacher_specs().values() if not t.is_self]
+        teachers = [("teacher", t.model) for t in self.teachers.values() if not t.is_self]
         return [*teachers, ("student", self.models.student)]
 
-    def teacher_field(self, name: str) -> str:
-        """Where a teacher's settings live in the spec, for error messages."""
-        return f"teachers.{name}" if self.teachers is not None else "teacher"
-
     @property
-    def named_teachers(self) -> bool:
-        """Whether the spec names its teachers (`teachers:`): then metrics are also logged per teacher."""
-        return self.teachers is not None
+    def several_teachers(self) -> bool:
+        """More than one teacher: then metrics are also logged per teacher, and each is a role of its own."""
+        return len(self.teachers) > 1
 
     @model_validator(mode="after")
     def _teachers_named_once(self) -> ExperimentSpec:
-        if self.teachers is None:
-            if self.models.teacher is None:
-                raise ValueError("models.teacher (one teacher) or teachers (several, by name) is required")
-            if self.data.route is not None or any(d.teacher for d in self.data.train_files + self.data.eval_files):
-                raise ValueError("data.route and a data file's teacher name teachers: list them under teachers:")
-            return self
-        if self.models.teacher is not None or "teacher" in self.model_fields_set:
-            raise ValueError(
-                "teachers: replaces models.teacher and the teacher: section (the one-teacher shorthand); "
-                "give each teacher its model and settings under teachers:"
-            )
         if not self.teachers:
             raise ValueError("teachers: name at least one teacher")
         for name in self.teachers:
@@ -173,10 +158,10 @@ class ExperimentSpec(Section):
     def _cross_tokenizer_scoring_fits(self) -> ExperimentSpec:
         """What a teacher with another vocabulary can give: a chunk reward, and its top-k on shared tokens."""
         algorithm = self.algorithm
-        for name, teacher in self.teacher_specs().items():
+        for name, teacher in self.teachers.items():
             if not teacher.cross_tokenizer:
                 continue
-            field = f"{self.teacher_field(name)}.cross_tokenizer"
+            field = f"teachers.{name}.cross_tokenizer"
             if teacher.is_self:
                 raise ValueError(f"{field}: a self teacher has the student's tokenizer")
             if not algorithm.record.cross_tokenizer:
@@ -245,12 +230,12 @@ class ExperimentSpec(Section):
                 f"do not divide across learner.num_ranks = {self.learner.num_ranks}"
             )
         algorithm = self.algorithm
-        teachers = self.teacher_specs()
+        teachers = self.teachers
         top_k = min(teacher.top_k for teacher in teachers.values())
         if algorithm.top_k is not None and algorithm.top_k > top_k:
             raise ValueError(f"algorithm.top_k ({algorithm.top_k}) exceeds teacher.top_k ({top_k})")
         if algorithm.needs_student_topk:
-            vllm_teachers = [self.teacher_field(n) for n, t in teachers.items() if t.backend != "transformers"]
+            vllm_teachers = [f"teachers.{n}" for n, t in teachers.items() if t.backend != "transformers"]
             if vllm_teachers:
                 raise ValueError(
                     f"algorithm.topk_support={algorithm.topk_support} needs the teacher's log-probs at the "
@@ -262,7 +247,7 @@ class ExperimentSpec(Section):
                     f"the student's top-{k} exceeds rollout.engine.max_logprobs ({self.rollout.engine.max_logprobs})"
                 )
         roles = {"rollout": self.rollout, "learner": self.learner}
-        roles.update({self.teacher_field(name): teacher for name, teacher in teachers.items()})
+        roles.update({f"teachers.{name}": teacher for name, teacher in teachers.items()})
         for role, settings in roles.items():
             if not any(amount > 0 for amount in settings.resources.demand().values()):
                 raise ValueError(
@@ -276,7 +261,7 @@ class ExperimentSpec(Section):
                 "same GPU (placement.colocate): use weight_sync.method=object_store"
             )
         engines = {"rollout.engine": self.rollout.engine}
-        engines.update({f"{self.teacher_field(name)}.engine": t.engine for name, t in teachers.items()})
+        engines.update({f"teachers.{name}.engine": t.engine for name, t in teachers.items()})
         for field, engine in engines.items():
             if self.rollout.max_new_tokens >= engine.max_model_len:
                 raise ValueError(

@@ -86,6 +86,5 @@ class ImportedModelsSpec(Section):
 
 class ModelsSpec(Section):
     student: ModelSpec
-    teacher: ModelSpec | None = Field(None, description="the one teacher; several go under `teachers:` instead")
     build_tiny: TinyModelsSpec | None = None
     import_pretrained: ImportedModelsSpec | None = None

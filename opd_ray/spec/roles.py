@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from omegaconf import OmegaConf
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from opd_ray.spec.base import Section, template_fields
 from opd_ray.spec.models import ModelSpec
@@ -133,6 +134,38 @@ class NamedTeacherSpec(TeacherSpec):
 
 
 TEACHER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # names become metric keys: teacher/<name>/loss
+SHORTHAND_TEACHER = "teacher"  # the name the one-teacher shorthand's teacher gets under teachers:
+
+
+def expand_one_teacher_shorthand(data: dict[str, Any]) -> dict[str, Any]:
+    """The raw spec with models.teacher and the `teacher:` section moved to teachers.teacher (its model and
+    settings); a spec with `teachers:` is returned as it is, and one with both spellings refused, except
+    `teachers.teacher.<setting>` beside the shorthand: the same teacher's address (an override, or what an
+    error message names), merged in."""
+    models = data.get("models")
+    teacher_model = models.get("teacher") if isinstance(models, dict) else None
+    settings = data.get("teacher")
+    if isinstance(settings, BaseModel):
+        settings = settings.model_dump(exclude_unset=True)
+    if settings is not None and not isinstance(settings, dict):
+        raise ValueError(f"teacher: a mapping of the teacher's settings is needed here (got {settings!r})")
+    teachers = data.get("teachers")
+    if teachers is not None:
+        addressed = isinstance(teachers, dict) and set(teachers) == {SHORTHAND_TEACHER}
+        if teacher_model is not None and addressed and "model" not in (teachers[SHORTHAND_TEACHER] or {}):
+            settings = OmegaConf.to_container(OmegaConf.merge(settings or {}, teachers[SHORTHAND_TEACHER] or {}))
+        elif teacher_model is not None or settings is not None:
+            raise ValueError(
+                "teachers: replaces models.teacher and the teacher: section (the one-teacher shorthand); "
+                "give each teacher its model and settings under teachers:"
+            )
+        else:
+            return data
+    if teacher_model is None:
+        raise ValueError("models.teacher (one teacher) or teachers (several, by name) is required")
+    rest = {key: value for key, value in data.items() if key != "teacher"}
+    models = {key: value for key, value in models.items() if key != "teacher"}
+    return {**rest, "models": models, "teachers": {SHORTHAND_TEACHER: {**(settings or {}), "model": teacher_model}}}
 
 
 # Responses at least this long turn on the learner's activation checkpointing by default: from

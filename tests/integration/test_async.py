@@ -43,7 +43,9 @@ def two_of_each(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_
     raw["rollout"]["num_workers"] = 2
     raw["learner"]["num_ranks"] = 1  # the learners are not what these tests are about
     spec = ExperimentSpec.model_validate(raw)
-    slow = start_teacher_actor(SlowTeacherScorer, spec.models.teacher, spec.teacher, 7)  # starts beside the roles
+    slow = start_teacher_actor(
+        SlowTeacherScorer, spec.teacher_model("teacher"), spec.teachers["teacher"], 7
+    )  # starts beside the roles
     roles = start_roles(spec)
     local_ray.get(slow.ready.remote())
     roles.teacher_pools["teacher"].append(slow)

@@ -30,7 +30,7 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
     spec = ExperimentSpec.model_validate(raw)
     prepared = prepare(spec)
     vllm_teacher = start_teacher_actor(  # starts while the roles do
-        TeacherScorer, spec.models.teacher, spec.teacher.model_copy(update={"backend": "vllm"}), 0
+        TeacherScorer, spec.teacher_model("teacher"), spec.teachers["teacher"].model_copy(update={"backend": "vllm"}), 0
     )
     roles = start_roles(spec)
     try:

@@ -104,7 +104,7 @@ def test_every_row_is_scored_by_its_routes_teacher_on_that_teachers_prompt(teach
     from opd_ray.driver.pipeline import rollout_and_score
 
     spec, prepared, roles = teachers_started
-    train, names = prepared.train, list(spec.teacher_specs())
+    train, names = prepared.train, list(spec.teachers)
     models = {"a": AutoModelForCausalLM.from_pretrained(spec.teacher_model("a").path).eval()}
     models["b"] = models["now"] = models["frozen"] = AutoModelForCausalLM.from_pretrained(
         spec.models.student.path
@@ -129,7 +129,7 @@ def test_a_self_teacher_follows_the_learner_only_with_current_weights(teachers_s
     from opd_ray.driver.roles import sync_weights
 
     spec, prepared, roles = teachers_started
-    train, names = prepared.train, list(spec.teacher_specs())
+    train, names = prepared.train, list(spec.teachers)
     refs = rollout_and_score(roles, train, list(range(16, 32)), step=2)
     metrics = roles.learners.train_step(refs, spec.algorithm, 4, 1, teacher_names=tuple(names))
     assert {f"teacher/{name}/loss" for name in names} <= set(metrics)

@@ -115,13 +115,10 @@ def test_real_model_specs_pass_opd_ray_validate(spec: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)
+    roles = [resolved["rollout"], *resolved["teachers"].values(), resolved["learner"]]
     gpus = sum(
-        resolved[role]["resources"]["num_gpus"] * count
-        for role, count in (
-            ("rollout", resolved["rollout"]["num_workers"]),
-            ("teacher", resolved["teacher"]["num_replicas"]),
-            ("learner", resolved["learner"]["num_ranks"]),
-        )
+        role["resources"]["num_gpus"] * role.get("num_workers", role.get("num_replicas", role.get("num_ranks")))
+        for role in roles
     )
     assert gpus == (16 if "2nodes" in spec.name else 8)
 

@@ -41,7 +41,9 @@ def test_padding_rows_are_refused_unless_cross_tokenizer_scoring_drops_them(tiny
     (teacher / "config.json").write_text(config)
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["models"]["teacher"]["path"] = str(teacher)
-    with pytest.raises(UserError, match=r"vocab_size 15 != teacher vocab_size 64 .* teacher\.cross_tokenizer: true"):
+    with pytest.raises(
+        UserError, match=r"vocab_size 15 != teacher vocab_size 64 .* teachers\.teacher\.cross_tokenizer: true"
+    ):
         prepare(ExperimentSpec.model_validate(raw))
     raw["teacher"]["cross_tokenizer"] = True
     assert prepare(ExperimentSpec.model_validate(raw)).train is not None
@@ -128,5 +130,5 @@ def test_a_named_teachers_replicas_engine_and_resources_may_change_on_resume() -
     from opd_ray.driver.fingerprint import may_change
 
     assert may_change("teachers.math.num_replicas") and may_change("teachers.math.engine.kv_cache_gib")
-    assert may_change("teachers.code.resources.num_gpus") and may_change("teacher.engine.max_model_len")
+    assert may_change("teachers.code.resources.num_gpus") and may_change("teachers.teacher.engine.max_model_len")
     assert not may_change("teachers.math.model.path") and not may_change("teachers.math.top_k")

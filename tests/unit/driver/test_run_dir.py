@@ -93,7 +93,9 @@ def test_resume_refuses_another_teacher_or_data_and_allows_more_steps(tiny_dir: 
     assert resume_point(more_steps, tmp_path, resume=True)[1].step == 2
 
     other_teacher = checkpointed(tiny_dir, tmp_path, models={"teacher": {"path": str(tiny_dir / "student")}})
-    with pytest.raises(UserError, match=r"\(models.teacher \(contents\), models.teacher.path differ\); pass --force"):
+    with pytest.raises(
+        UserError, match=r"\(teachers.teacher.model \(contents\), teachers.teacher.model.path differ\); pass"
+    ):
         resume_point(other_teacher, tmp_path, resume=True)
     assert resume_point(other_teacher, tmp_path, resume=True, force=True)[1].step == 2
 
@@ -104,6 +106,34 @@ def test_resume_refuses_another_teacher_or_data_and_allows_more_steps(tiny_dir: 
         resume_point(other_data, tmp_path, resume=True)
     with pytest.raises(UserError, match=r"algorithm.objective differ"):
         resume_point(checkpointed(tiny_dir, tmp_path, algorithm={"objective": "full_vocab"}), tmp_path, resume=True)
+
+
+def fingerprint_of_an_older_build(current: dict[str, str]) -> dict[str, str]:
+    """The keys a build before teachers.teacher wrote for a shorthand run: teacher.*, models.teacher*, and no
+    named-teacher settings."""
+    older = {}
+    for key, value in current.items():
+        if key.startswith("teachers.teacher.model"):
+            older[key.replace("teachers.teacher.model", "models.teacher", 1)] = value
+        elif key.startswith("teachers.teacher."):
+            if key.rsplit(".", 1)[1] not in ("weights", "coef", "prompt_template"):
+                older[key.replace("teachers.teacher.", "teacher.", 1)] = value
+        else:
+            older[key] = value
+    return older
+
+
+def test_a_checkpoint_of_an_older_build_resumes_and_still_refuses_another_teacher(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    spec = checkpointed(tiny_dir, tmp_path)
+    older = fingerprint_of_an_older_build(run_fingerprint(spec))
+    assert "models.teacher (contents)" in older and "teacher.top_k" in older
+    write_checkpoint(tmp_path, TrainerState(2, 2, 0, 32, fingerprint=older), lambda d: None, keep=2)
+    assert resume_point(spec, tmp_path, resume=True)[1].step == 2
+    other_teacher = checkpointed(tiny_dir, tmp_path, teacher={"top_k": 8})
+    with pytest.raises(UserError, match=r"\(teachers.teacher.top_k differ\)"):
+        resume_point(other_teacher, tmp_path, resume=True)
 
 
 def test_resume_without_a_checkpoint_is_refused_and_leaves_a_finished_run_whole(tmp_path: Path) -> None:
@@ -128,7 +158,7 @@ def test_a_finished_stage_is_reused_only_by_the_run_that_finished_it(tiny_dir: P
     mark_done(spec, "teacher_generate", {"kept": 3})
     assert finished(checkpointed(tiny_dir, tmp_path, trainer={"steps": 9}), "teacher_generate")["kept"] == 3
     other_teacher = checkpointed(tiny_dir, tmp_path, models={"teacher": {"path": str(tiny_dir / "student")}})
-    with pytest.raises(UserError, match=r"finished stage teacher_generate .* models.teacher"):
+    with pytest.raises(UserError, match=r"finished stage teacher_generate .* teachers.teacher.model"):
         finished(other_teacher, "teacher_generate")
 
 

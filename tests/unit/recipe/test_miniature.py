@@ -61,9 +61,9 @@ def test_the_three_runs_resolve_to_one_student_and_the_named_teachers(tmp_path: 
     assert len({s.models.student.path for s in specs.values()}) == 1
     compatible, incompatible, cold = specs["compatible"], specs["incompatible"], specs["cold_start"]
     assert compatible.models.build_tiny.teacher_digits == "reversed"
-    assert incompatible.models.teacher.path.endswith("/teacher-forward")
+    assert incompatible.teacher_model("teacher").path.endswith("/teacher-forward")
     assert incompatible.models.build_tiny.teacher_digits == "forward"
-    assert cold.models.teacher == incompatible.models.teacher
+    assert cold.teachers == incompatible.teachers
     assert compatible.stages == incompatible.stages == ["opd"]
     assert cold.stages == ["teacher_generate", "sft", "opd"]
     assert {s.data.verifier for s in specs.values()} == {"opd_ray.data.arithmetic:either_digit_order"}

@@ -51,7 +51,7 @@ def test_opd_stage_distils_the_cold_started_student_and_builds_nothing(tmp_path:
     spec = opd_spec(ExperimentSpec.model_validate(raw))
     assert spec.models.student.path == str(tmp_path / "run" / "stages" / "sft" / "student")
     assert spec.models.build_tiny is None
-    assert spec.models.teacher.path == raw["models"]["teacher"]["path"]
+    assert spec.teacher_model("teacher").path == raw["models"]["teacher"]["path"]
 
 
 def test_prompt_set_without_rows_keeps_the_rest_in_order() -> None:

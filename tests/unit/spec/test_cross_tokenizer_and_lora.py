@@ -36,7 +36,7 @@ def test_cross_tokenizer_scoring_refuses_what_needs_one_vocabulary(raw, algorith
 def test_cross_tokenizer_scoring_takes_the_chunk_reward_and_the_teachers_top_k(raw, algorithm: dict) -> None:
     raw["teacher"]["cross_tokenizer"] = True
     raw["algorithm"] = algorithm
-    assert ExperimentSpec.model_validate(raw).teacher_specs()["teacher"].cross_tokenizer
+    assert ExperimentSpec.model_validate(raw).teachers["teacher"].cross_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -61,6 +61,6 @@ def test_the_examples_load(name: str) -> None:
 
     spec = load_spec(REPO / "examples" / name, [])
     if name == "cross_tokenizer.yaml":
-        assert spec.teacher.cross_tokenizer and spec.models.build_tiny.tokenizers
+        assert spec.teachers["teacher"].cross_tokenizer and spec.models.build_tiny.tokenizers
     else:
         assert spec.learner.lora is not None and spec.learner.lora.rank == 8

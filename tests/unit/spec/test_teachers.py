@@ -43,15 +43,17 @@ def two_teachers(raw: dict) -> dict:
 
 def test_the_one_teacher_shorthand_is_a_teacher_named_teacher(raw) -> None:
     spec = ExperimentSpec.model_validate(raw)
-    assert list(spec.teacher_specs()) == ["teacher"] and not spec.named_teachers
-    assert spec.teacher_model("teacher") == spec.models.teacher
+    assert list(spec.teachers) == ["teacher"] and not spec.several_teachers
+    assert spec.teacher_model("teacher").path == raw["models"]["teacher"]["path"]
+    assert spec.teachers["teacher"].top_k == raw["teacher"]["top_k"]  # the teacher: settings come along
+    assert "teacher" not in spec.model_dump() and "teacher" not in spec.models.model_dump()
 
 
 def test_named_teachers_and_self(raw) -> None:
     spec = ExperimentSpec.model_validate(two_teachers(raw))
-    assert spec.named_teachers and list(spec.teacher_specs()) == ["sums", "hinted"]
+    assert spec.several_teachers and list(spec.teachers) == ["sums", "hinted"]
     assert spec.teacher_model("hinted") == spec.models.student  # self: the student's initial weights
-    assert spec.teacher_specs()["hinted"].is_self and spec.teacher_specs()["hinted"].coef == 0.5
+    assert spec.teachers["hinted"].is_self and spec.teachers["hinted"].coef == 0.5
     assert [label for label, _ in spec.models_by_role()] == ["teacher", "student"]  # self is not built
 
 
@@ -107,7 +109,7 @@ def test_the_multi_teacher_example_and_its_comparison_runs_load(overrides: list[
     from tests.conftest import REPO
 
     spec = load_spec(REPO / "examples" / "multi_teacher.yaml", overrides)
-    assert list(spec.teacher_specs()) == ["sums", "three"]
+    assert list(spec.teachers) == ["sums", "three"]
     assert [d.teacher for d in spec.data.eval_files] == ["sums", "three"]  # accuracy per family in every run
     routed = set(spec.data.route.teachers.values())
     assert routed == (
@@ -124,8 +126,8 @@ def test_the_self_distillation_example_is_the_student_shown_the_answer() -> None
     from tests.conftest import REPO
 
     spec = load_spec(REPO / "examples" / "self_distill.yaml")
-    ((name, teacher),) = spec.teacher_specs().items()
+    ((name, teacher),) = spec.teachers.items()
     assert teacher.is_self and teacher.weights == "current" and "{answer}" in teacher.prompt_template
     assert spec.teacher_model(name) == spec.models.student
     frozen = load_spec(REPO / "examples" / "self_distill.yaml", [f"teachers.{name}.weights=frozen"])
-    assert frozen.teacher_specs()[name].weights == "frozen"
+    assert frozen.teachers[name].weights == "frozen"
