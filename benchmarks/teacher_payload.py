@@ -32,7 +32,7 @@ def scored_batch(sequences: int, prompt_len: int, response_len: int, top_k: int)
         rollout_logprobs_BL=torch.randn(sequences, length),
         prompt_index_B=torch.arange(sequences),
         finished_B=torch.ones(sequences, dtype=torch.bool),
-        policy_version=0,
+        weight_version=0,
         teacher_logprobs_BL=torch.randn(sequences, length),
         teacher_topk_ids_BLK=torch.randint(0, 1000, (sequences, length, top_k)),
         teacher_topk_logprobs_BLK=torch.randn(sequences, length, top_k),

@@ -70,10 +70,12 @@ def measure(path: Path) -> dict:
     env = actor_env()
     learners = LearnerGroup(model, LearnerSpec(num_ranks=1, zero_stage=2, lr=1e-4), 1, 10, env)
     engine = EngineSpec(max_model_len=32, kv_cache_gib=0.25)
-    worker = RolloutWorker.options(runtime_env={"env_vars": {**env["env_vars"], **ENGINE_ENV}}).remote(
-        model, engine, RolloutSpec(), 0
+    worker = (
+        ray.remote(RolloutWorker)
+        .options(runtime_env={"env_vars": {**env["env_vars"], **ENGINE_ENV}})
+        .remote(model, engine, RolloutSpec(), 0)
     )
-    ray.get(worker.version.remote())
+    ray.get(worker.ready.remote())
     broadcast = WeightBroadcast(WeightSyncSpec(method="collective"), "gloo", learners.workers, [worker])
     timings: dict[str, list[float]] = {"export": [], "load": [], "object_store": [], "collective": []}
     size = 0

@@ -74,7 +74,7 @@ class CrossTokenizer:
                     [len(self.teacher_table[i]) for i in teacher_ids],
                 )
             )
-        return batch_from_rows(rows, batch.policy_version, batch.source), alignments
+        return batch_from_rows(rows, batch.weight_version, batch.source), alignments
 
     def student_ids(self, teacher_ids: torch.Tensor) -> torch.Tensor:
         """Teacher ids -> student ids with the same text, -1 where none (or past the tokenizer: padding rows)."""

@@ -13,7 +13,7 @@ import ray
 import torch
 
 from opd_ray.actors.collective_sync import BucketPlan
-from opd_ray.actors.runtime import actor_location
+from opd_ray.actors.runtime import EngineActor
 from opd_ray.actors.vllm_engine import Completion, create_engine, generate, greedy, prompt_logprobs
 from opd_ray.actors.weight_sync import WORKER_EXTENSION
 from opd_ray.data.verifiers import resolve_verifier
@@ -22,18 +22,19 @@ from opd_ray.spec import EngineSpec, ModelSpec, RolloutSpec
 
 
 def completions_to_batch(
-    prompts_P: dict[int, list[int]], completions: list[Completion], policy_version: int, top_k_ids: int = 0
+    prompts_P: dict[int, list[int]], completions: list[Completion], weight_version: int, top_k_ids: int = 0
 ) -> RolloutBatch:
     """The engine's completions as a batch, tagged with the weights that sampled them."""
     rows = [
         ResponseRow(prompts_P[c.prompt_index], c.token_ids, c.prompt_index, c.finished, c.logprobs, c.topk_ids)
         for c in completions
     ]
-    return batch_from_rows(rows, policy_version, top_k_ids=top_k_ids)
+    return batch_from_rows(rows, weight_version, top_k_ids=top_k_ids)
 
 
-@ray.remote
-class RolloutWorker:
+class RolloutWorker(EngineActor):
+    """A rollout worker (run as a Ray actor: `ray.remote(RolloutWorker)`, like every engine-holding actor)."""
+
     def __init__(
         self,
         model: ModelSpec,
@@ -49,7 +50,6 @@ class RolloutWorker:
         self.seed = seed
         self.student_top_k = student_top_k
         self.verifier = resolve_verifier(verifier, verifier_errors) if verifier else None
-        self.policy_version = 0
 
     def reward(self, completion: Completion, answer: str | None) -> float:
         """1.0 correct, 0.0 wrong or cut off, NaN for a row without a reference answer (not counted)."""
@@ -72,13 +72,13 @@ class RolloutWorker:
         """
         started = time.perf_counter()
         completions = self.complete(prompts_P, seed)
-        batch = completions_to_batch(prompts_P, completions, self.policy_version, self.student_top_k)
+        batch = completions_to_batch(prompts_P, completions, self._weight_version, self.student_top_k)
         if answers_P is not None and self.verifier is not None:
             batch.task_rewards_B = torch.tensor([self.reward(c, answers_P[c.prompt_index]) for c in completions])
         report = {
             "sequences": batch.num_sequences,
             "response_tokens": batch.num_response_tokens,
-            "policy_version": self.policy_version,
+            "weight_version": self._weight_version,
             "seconds": time.perf_counter() - started,
         }
         return batch, report
@@ -102,15 +102,15 @@ class RolloutWorker:
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
         return greedy(self.llm, prompts_P, max_new_tokens)
 
-    def load_weights(self, payload: dict, policy_version: int) -> None:
+    def load_weights(self, payload: dict, weight_version: int) -> None:
         """In place, without restarting the engine; cached prefixes of the old weights are dropped."""
-        self._reload("load_packed_weights", payload, policy_version)
+        self._reload("load_packed_weights", payload, weight_version)
 
-    def _reload(self, extension_method: str, argument: object, policy_version: int) -> None:
+    def _reload(self, extension_method: str, argument: object, weight_version: int) -> None:
         """Runs a weight-receiving method of the engine's worker extension (weight_sync.py)."""
         self.llm.collective_rpc(extension_method, args=(argument,))
         self.llm.reset_prefix_cache()
-        self.policy_version = policy_version
+        self._weight_version = weight_version
 
     def join_weight_group(
         self, address: tuple[str, int], rank: int, world_size: int, backend: str, timeout_s: float
@@ -118,21 +118,11 @@ class RolloutWorker:
         """The engine's worker joins learner rank 0's broadcast group (weight_sync.method = collective)."""
         self.llm.collective_rpc("join_weight_group", args=(address, rank, world_size, backend, timeout_s))
 
-    def receive_weights(self, plan: BucketPlan, policy_version: int) -> None:
+    def receive_weights(self, plan: BucketPlan, weight_version: int) -> None:
         """Takes part in one broadcast; the engine loads each bucket as it arrives."""
-        self._reload("receive_weight_buckets", plan, policy_version)
+        self._reload("receive_weight_buckets", plan, weight_version)
 
     def sequence_logprobs(self, sequence: list[int]) -> list[float]:
         """log p(token_i | tokens_<i) for i >= 1 under the engine's current weights."""
         entries = prompt_logprobs(self.llm, [sequence], top_k=1)[0]
         return [entries[i][sequence[i]].logprob for i in range(1, len(sequence))]
-
-    def version(self) -> int:
-        return self.policy_version
-
-    def ready(self) -> bool:
-        """Answers once the engine is up: after a restart, the driver waits on this."""
-        return True
-
-    def location(self) -> dict:
-        return actor_location()

@@ -45,6 +45,27 @@ def actor_location() -> dict:
     }
 
 
+class EngineActor:
+    """What the driver asks of every actor that holds an engine (a rollout worker, a teacher replica): whether it
+    is up (after a start or a restart, the driver waits on `ready`), where it runs, and which weights it holds.
+    Subclasses take new weights in `load_weights(payload, weight_version)` and record the version there."""
+
+    _weight_version = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def location(self) -> dict:
+        return actor_location()
+
+    def weight_version(self) -> int:
+        """The student weight version this engine holds (0: the initial weights; teachers not synced stay 0)."""
+        return self._weight_version
+
+    def load_weights(self, payload: dict, weight_version: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not take new weights")
+
+
 def get_or_raise_first(refs: list[ray.ObjectRef], timeout_s: float | None = None, what: str = "calls") -> list[Any]:
     """Values of all ranks' calls, raising as soon as one fails: when a rank dies, the others wait
     in a collective until a long timeout, so waiting for all of them would hang the driver.

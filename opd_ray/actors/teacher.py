@@ -1,10 +1,8 @@
 """Teacher scoring service: replicas that score every sampled response token with the teacher.
 
-Two backends behind one actor. vLLM (fast) returns the teacher's log-prob of the sampled
-token and its own top-k. transformers also returns log-probs at requested ids — the
-student's top-k at each position — which top-k objectives on the student's or the union
-support need. Either way only k numbers per token leave the replica: a full-vocabulary
-tensor never enters the object store.
+A replica holds one backend (actors/teacher_backends.py: vLLM or transformers) and adds what
+every teacher does: its own prompts, scoring in its own tokenizer when that differs
+(actors/cross_tokenizer.py), and marking each batch with the teacher's index and weight.
 """
 
 from __future__ import annotations
@@ -16,142 +14,23 @@ import ray
 import torch
 
 from opd_ray.actors.cross_tokenizer import CrossTokenizer
-from opd_ray.actors.hf_model import load_causal_lm
-from opd_ray.actors.runtime import actor_location
-from opd_ray.actors.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
-from opd_ray.actors.weight_sync import WORKER_EXTENSION, unpack_state_dict
+from opd_ray.actors.runtime import EngineActor
+from opd_ray.actors.teacher_backends import TEACHER_BACKENDS, ContextTooShort, check_context, score_with_transformers
+from opd_ray.actors.vllm_engine import Completion
 from opd_ray.data.preflight import vocab_size
 from opd_ray.losses.batch import RolloutBatch, scores_from, with_prompts
-from opd_ray.losses.hidden import prompt_groups, response_hidden_states, shared_prompt_response_hidden
 from opd_ray.spec import ModelSpec, NamedTeacherSpec
 
-
-def attach_teacher_scores(batch: RolloutBatch, scored_B: list, top_k: int) -> RolloutBatch:
-    """vLLM's flat prompt log-probs (see `vllm_engine.prompt_logprobs`) -> the batch's teacher tensors.
-
-    Each scored sequence of n tokens holds (n - 1) x (k + 1) numbers: per position the actual
-    token's log-prob, then the top-k ids by rank. They are reshaped, not looped over; values
-    off the response are zeroed, as everywhere in a batch.
-    """
-    batch_size, length = batch.input_ids_BL.shape
-    teacher_logprobs_BL = torch.zeros(batch_size, length)
-    topk_ids_BLK = torch.zeros(batch_size, length, top_k, dtype=torch.long)
-    topk_logprobs_BLK = torch.zeros(batch_size, length, top_k)
-    for b, flat in enumerate(scored_B):
-        n = int(batch.attention_mask_BL[b].sum())
-        logprobs_PW = torch.tensor(flat.logprobs, dtype=torch.float32).view(n - 1, top_k + 1)
-        ids_PW = torch.tensor(flat.token_ids, dtype=torch.long).view(n - 1, top_k + 1)
-        teacher_logprobs_BL[b, 1:n] = logprobs_PW[:, 0]
-        topk_logprobs_BLK[b, 1:n] = logprobs_PW[:, 1:]
-        topk_ids_BLK[b, 1:n] = ids_PW[:, 1:]
-    response_BL = batch.response_mask_BL
-    return replace(
-        batch,
-        teacher_logprobs_BL=teacher_logprobs_BL * response_BL,
-        teacher_topk_ids_BLK=topk_ids_BLK * response_BL.long().unsqueeze(-1),
-        teacher_topk_logprobs_BLK=topk_logprobs_BLK * response_BL.unsqueeze(-1),
-    )
+__all__ = ["ContextTooShort", "TeacherScorer", "check_context", "score_with_transformers"]
 
 
-class ContextTooShort(ValueError):
-    """A sequence the teacher must score is longer than its engine's context (its own prompt, or a response that
-    takes more of its tokens than the student's): one line for the driver, not an engine traceback."""
+class TeacherScorer(EngineActor):
+    """A teacher replica (run as a Ray actor by `roles.start_teacher`); a plain class so tests can extend it.
 
-
-def check_context(longest: int, max_model_len: int, cross_tokenizer: bool) -> None:
-    if longest > max_model_len:
-        why = " (the student's response takes more tokens in the teacher's vocabulary)" if cross_tokenizer else ""
-        raise ContextTooShort(
-            f"the teacher must score a sequence of {longest} tokens, longer than its engine.max_model_len "
-            f"({max_model_len}){why}: raise the teacher's engine.max_model_len or lower rollout.max_new_tokens"
-        )
-
-
-def score_with_transformers(
-    model, batch: RolloutBatch, top_k: int, chunk_tokens: int, share_prompts: bool = True
-) -> RolloutBatch:
-    """Teacher log-probs of the sampled tokens, its top-k, and its log-probs at the student's top-k ids.
-
-    The head runs on `chunk_tokens` response positions at a time, so memory holds one chunk's logits.
-    With `share_prompts` and several samples of a prompt, the prompt runs once for all of them.
-    """
-    device = next(model.parameters()).device
-    response_BL = batch.response_mask_BL.bool()
-    shared = share_prompts and len(prompt_groups(batch)) < batch.num_sequences
-    with torch.no_grad():
-        if shared:
-            hidden_NH = shared_prompt_response_hidden(model, batch, device)
-        else:
-            hidden_NH = response_hidden_states(model, batch, device)
-        targets_N = batch.input_ids_BL[:, 1:][response_BL[:, 1:]].to(device)
-        student_ids_NK = None
-        if batch.student_topk_ids_BLK is not None:
-            student_ids_NK = batch.student_topk_ids_BLK[:, 1:][response_BL[:, 1:]].to(device)
-        head = model.get_output_embeddings()
-        pieces: dict[str, list[torch.Tensor]] = {"token": [], "ids": [], "topk": [], "at_student": []}
-        for start in range(0, hidden_NH.shape[0], chunk_tokens):
-            part = slice(start, start + chunk_tokens)
-            logprobs_NV = torch.log_softmax(head(hidden_NH[part]).float(), -1)
-            pieces["token"].append(logprobs_NV.gather(-1, targets_N[part, None])[:, 0])
-            top = logprobs_NV.topk(top_k, -1)
-            pieces["ids"].append(top.indices)
-            pieces["topk"].append(top.values)
-            if student_ids_NK is not None:
-                pieces["at_student"].append(logprobs_NV.gather(-1, student_ids_NK[part]))
-
-    def to_positions(name: str, trailing: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
-        out = torch.zeros(*batch.input_ids_BL.shape, *trailing, dtype=dtype)
-        if pieces[name]:
-            out[:, 1:][response_BL[:, 1:]] = torch.cat(pieces[name]).to("cpu", dtype)
-        return out
-
-    return replace(
-        batch,
-        teacher_logprobs_BL=to_positions("token", ()),
-        teacher_topk_ids_BLK=to_positions("ids", (top_k,), torch.long),
-        teacher_topk_logprobs_BLK=to_positions("topk", (top_k,)),
-        teacher_logprobs_at_student_topk_BLK=(
-            to_positions("at_student", (student_ids_NK.shape[-1],)) if student_ids_NK is not None else None
-        ),
-    )
-
-
-def greedy_with_transformers(
-    model, tokenizer, prompts_P: dict[int, list[int]], max_new_tokens: int
-) -> list[Completion]:
-    """Greedy decoding for evaluating a transformers-backed teacher (left-padded batches)."""
-    device = next(model.parameters()).device
-    completions = []
-    indices = list(prompts_P)
-    for start in range(0, len(indices), 64):
-        chunk = indices[start : start + 64]
-        longest = max(len(prompts_P[i]) for i in chunk)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids = torch.tensor([[pad] * (longest - len(prompts_P[i])) + prompts_P[i] for i in chunk], device=device)
-        mask = torch.tensor([[0] * (longest - len(prompts_P[i])) + [1] * len(prompts_P[i]) for i in chunk])
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        for i, row in zip(chunk, out[:, longest:].tolist(), strict=True):
-            finished = tokenizer.eos_token_id in row
-            row = row[: row.index(tokenizer.eos_token_id) + 1] if finished else row
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            completions.append(Completion(i, row, [], None, finished, text))
-    return completions
-
-
-class TeacherScorer:
-    """A teacher replica (run as a Ray actor by `roles.start_roles`); a plain class so tests can extend it.
-
-    `index` is the teacher's place among the run's teachers: every batch it scores is marked with it and
-    with the teacher's loss coefficient, so the learners know which teacher scored which row. A `self`
-    teacher with `weights: current` receives every weight sync (`load_weights`)."""
+    It holds one backend (`TEACHER_BACKENDS[teacher.backend]`). `index` is the teacher's place among the
+    run's teachers: every batch it scores is marked with it and with the teacher's loss coefficient, so the
+    learners know which teacher scored which row. A `self` teacher with `weights: current` receives every
+    weight sync (`load_weights`)."""
 
     def __init__(
         self,
@@ -166,22 +45,15 @@ class TeacherScorer:
         from transformers import AutoTokenizer
 
         self.teacher, self.index = teacher, index
-        self.coef = teacher.coef
-        self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
         self.cross = None
         if student is not None:
             student_tokenizer = AutoTokenizer.from_pretrained(student.path, trust_remote_code=student.trust_remote_code)
             # heads of different sizes (padding rows): the alignment drops the teacher's ids past the student's
             same_rows = vocab_size(student, "models.student") == vocab_size(model, "teacher model")
-            if student_tokenizer.get_vocab() != self.tokenizer.get_vocab() or not same_rows:
-                self.cross = CrossTokenizer(student_tokenizer, self.tokenizer)
-        if teacher.backend == "vllm":
-            receives_weights = teacher.weights == "current"
-            self.llm = create_engine(model, teacher.engine, seed, WORKER_EXTENSION if receives_weights else None)
-        else:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.model = load_causal_lm(model, device)
-        self.weight_version = 0
+            if student_tokenizer.get_vocab() != tokenizer.get_vocab() or not same_rows:
+                self.cross = CrossTokenizer(student_tokenizer, tokenizer)
+        self.backend = TEACHER_BACKENDS[teacher.backend](model, teacher, seed, tokenizer)
 
     @ray.method(num_returns=2)
     def score(self, batch: RolloutBatch, teacher_prompts_P: dict[int, list[int]] | None = None) -> tuple:
@@ -191,63 +63,27 @@ class TeacherScorer:
         prompts instead of the student's; only response positions are scored either way. A teacher with
         another tokenizer scores the responses' text in its own tokens (actors/cross_tokenizer.py)."""
         started = time.perf_counter()
-        if self.cross is not None:
+        cross = self.cross is not None
+        if cross:
             view, chunks = self.cross.teacher_view(batch, teacher_prompts_P)
-            scored = self.cross.student_scores(batch, self._score(view), chunks)
+            scored = self.cross.student_scores(batch, self.backend.score(view, cross), chunks)
         elif teacher_prompts_P is not None:
-            scored = scores_from(batch, self._score(with_prompts(batch, teacher_prompts_P)))
+            scored = scores_from(batch, self.backend.score(with_prompts(batch, teacher_prompts_P), cross))
         else:
-            scored = self._score(batch)
+            scored = self.backend.score(batch, cross)
         rows = scored.num_sequences
         scored = replace(
             scored,
             teacher_id_B=torch.full((rows,), self.index, dtype=torch.long),
-            teacher_coef_B=torch.full((rows,), self.coef),
+            teacher_coef_B=torch.full((rows,), self.teacher.coef),
         )
-        report = {"sequences": rows, "seconds": time.perf_counter() - started, "weight_version": self.weight_version}
+        report = {"sequences": rows, "seconds": time.perf_counter() - started, "weight_version": self._weight_version}
         return scored, report
 
-    def _score(self, batch: RolloutBatch) -> RolloutBatch:
-        settings = self.teacher
-        if settings.backend == "transformers":
-            return score_with_transformers(
-                self.model, batch, settings.top_k, settings.chunk_tokens, settings.share_prompts
-            )
-        sequences = [
-            batch.input_ids_BL[b, : int(batch.attention_mask_BL[b].sum())].tolist() for b in range(batch.num_sequences)
-        ]
-        check_context(max(map(len, sequences), default=0), settings.engine.max_model_len, self.cross is not None)
-        scores = prompt_logprobs(self.llm, sequences, settings.top_k)
-        return attach_teacher_scores(batch, scores, settings.top_k)
-
-    def load_weights(self, payload: dict, version: int) -> None:
+    def load_weights(self, payload: dict, weight_version: int) -> None:
         """The student's current weights (a `self` teacher with `weights: current`), as a rollout engine gets them."""
-        if self.teacher.backend == "vllm":
-            self.llm.collective_rpc("load_packed_weights", args=(payload,))
-            self.llm.reset_prefix_cache()
-        else:
-            missing, unexpected = self.model.load_state_dict(unpack_state_dict(payload), strict=False)
-            untied = [name for name in missing if not self._tied(name)]
-            if untied or unexpected:
-                raise RuntimeError(f"weights do not fit the teacher's model: missing {untied}, unexpected {unexpected}")
-        self.weight_version = version
-
-    def _tied(self, name: str) -> bool:
-        """The output head is left out of synced weights when it is tied to the embedding (weight_sync.py)."""
-        head = self.model.get_output_embeddings()
-        return (
-            head is not None
-            and head.weight is self.model.get_input_embeddings().weight
-            and name.endswith("lm_head.weight")
-        )
-
-    def ready(self) -> bool:
-        return True
-
-    def location(self) -> dict:
-        return actor_location()
+        self.backend.load_weights(payload)
+        self._weight_version = weight_version
 
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
-        if self.teacher.backend == "transformers":
-            return greedy_with_transformers(self.model, self.tokenizer, prompts_P, max_new_tokens)
-        return greedy(self.llm, prompts_P, max_new_tokens)
+        return self.backend.greedy(prompts_P, max_new_tokens)

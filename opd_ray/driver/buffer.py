@@ -49,13 +49,13 @@ class RolloutBuffer(Generic[Entry]):
             raise IndexError("rollout buffer is empty")
         return self._entries.popleft()
 
-    def check_fresh(self, policy_version: int, learner_version: int) -> int:
-        """How many versions behind the learner a batch sampled with `policy_version` is; more than
+    def check_fresh(self, sampled_version: int, learner_version: int) -> int:
+        """How many versions behind the learner a batch sampled with `sampled_version` is; more than
         `max_staleness` is an error (the importance weights assume a bounded lag)."""
-        lag = learner_version - policy_version
+        lag = learner_version - sampled_version
         if lag > self.max_staleness:
             raise StaleBatch(
-                f"batch sampled with policy version {policy_version} is {lag} versions behind "
+                f"batch sampled with weight version {sampled_version} is {lag} versions behind "
                 f"the learner (limit {self.max_staleness})"
             )
         return lag

@@ -63,7 +63,7 @@ class Run:
     writer: MetricsWriter
     sampler: PromptSampler
     summary: dict
-    version: int = 0  # updates the learners have applied: the student's weight version
+    weight_version: int = 0  # updates the learners have applied: the student's weight version
     next_launch: int = 1  # the next step to launch; before the loop, the first step to train
     bad_steps: int = 0  # consecutive steps whose update was skipped
     fingerprint: dict = field(default_factory=dict)  # what defines the run, stored with each checkpoint
@@ -202,18 +202,18 @@ def restore(run: Run, checkpoint: Path, state: TrainerState) -> None:
     get_or_raise_first(
         run.roles.learners.call("load_checkpoint", str(checkpoint)), run.spec.trainer.timeouts.checkpoint_s, loading
     )
-    run.version, run.next_launch = state.weight_version, state.step + 1
+    run.weight_version, run.next_launch = state.weight_version, state.step + 1
     run.sampler.restore(state.sampler_epoch, state.sampler_position)
-    sync_weights(run.roles, run.version)
+    sync_weights(run.roles, run.weight_version)
     run.summary.update(state.summary)
-    console.print(f"resumed from {checkpoint} (step {state.step}, weight version {run.version})")
+    console.print(f"resumed from {checkpoint} (step {state.step}, weight version {run.weight_version})")
 
 
 def finish_run(run: Run, started: float) -> dict:
     """The last weights to the engines, accuracy after training, the student saved, summary.json."""
     spec, summary = run.spec, run.summary
-    if run.version % spec.trainer.weight_sync_interval:
-        sync_weights(run.roles, run.version)
+    if run.weight_version % spec.trainer.weight_sync_interval:
+        sync_weights(run.roles, run.weight_version)
     student = accuracies(run, "rollout")
     summary["student_accuracy_after"] = None if student is None else student.overall
     if summary["teacher_accuracy"] is not None:
@@ -268,10 +268,10 @@ def run_step(run: Run, step: int) -> dict:
     started, busy_before = time.perf_counter(), run.pipeline.busy_seconds
     launch_ahead(run)
     work = run.buffer.take()
-    refs, policy_version = resolve(run, work, metrics)
+    refs, sampled_version = resolve(run, work, metrics)
     learn(run, step, refs, metrics)
     sync(run, metrics)
-    metrics.update(rollout_policy_version=policy_version, weight_version=run.version)
+    metrics.update(rollout_weight_version=sampled_version, weight_version=run.weight_version)
     metrics.update({f"restarts/{kind}": count for kind, count in run.roles.restarts.items()})
     evaluate_now(run, step, metrics)
     metrics["time/step"] = time.perf_counter() - started
@@ -297,9 +297,9 @@ def resolve(run: Run, work: StepWork, metrics: dict) -> tuple[list[ray.ObjectRef
     metrics["prompts_digest"] = prompts_digest(list(work.indices))
     if work.dataset:
         metrics["dataset_batch"] = 1
-    refs, policy_version = work.resolve(run.pipeline, metrics)
-    metrics["staleness"] = run.buffer.check_fresh(policy_version, run.version)
-    return refs, policy_version
+    refs, sampled_version = work.resolve(run.pipeline, metrics)
+    metrics["staleness"] = run.buffer.check_fresh(sampled_version, run.weight_version)
+    return refs, sampled_version
 
 
 def learn(run: Run, step: int, refs: list[ray.ObjectRef], metrics: dict) -> None:
@@ -315,16 +315,16 @@ def learn(run: Run, step: int, refs: list[ray.ObjectRef], metrics: dict) -> None
         console.print(f"[red]step {step}: non-finite loss, update skipped ({run.bad_steps} in a row)[/]")
     else:
         run.bad_steps = 0
-        run.version += 1
+        run.weight_version += 1
 
 
 def sync(run: Run, metrics: dict) -> None:
     """New weights to the engines every weight_sync_interval updates; in asynchronous mode the reload is
     queued behind the rollouts already in flight."""
-    if metrics.get("skipped_update") or run.version % run.spec.trainer.weight_sync_interval:
+    if metrics.get("skipped_update") or run.weight_version % run.spec.trainer.weight_sync_interval:
         return
     with timed("weight_sync", metrics):
-        sync_weights(run.roles, run.version, wait=run.spec.trainer.max_staleness == 0)
+        sync_weights(run.roles, run.weight_version, wait=run.spec.trainer.max_staleness == 0)
 
 
 def evaluate_now(run: Run, step: int, metrics: dict) -> None:
@@ -383,6 +383,6 @@ def checkpoint_now(run: Run, step: int, work: StepWork) -> None:
         return
     epoch, position = work.sampler_after
     before = {key: run.summary[key] for key in BEFORE_TRAINING if key in run.summary}
-    state = TrainerState(step, run.version, epoch, position, before, run.fingerprint)
+    state = TrainerState(step, run.weight_version, epoch, position, before, run.fingerprint)
     with learner_death_stops_run(run.run_dir):
         save_checkpoint(run.spec, run.roles, run.run_dir, state)

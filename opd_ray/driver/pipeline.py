@@ -95,9 +95,9 @@ class StepShards:
         return all(s.scored for s in self.shards)
 
     @property
-    def policy_version(self) -> int:
+    def weight_version(self) -> int:
         """The oldest weights any shard was sampled with (what the staleness bound is about)."""
-        versions = [s.reports["rollout"]["policy_version"] for s in self.shards if "rollout" in s.reports]
+        versions = [s.reports["rollout"]["weight_version"] for s in self.shards if "rollout" in s.reports]
         return min(versions) if versions else -1
 
     def role_seconds(self, kind: str) -> float | None:

@@ -19,7 +19,6 @@ from pathlib import Path
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
-from opd_ray.actors.collective_sync import WeightBroadcast, group_backend
 from opd_ray.actors.learner import LearnerGroup
 from opd_ray.actors.rollout import RolloutWorker
 from opd_ray.actors.runtime import actor_env, get_or_raise_first
@@ -27,12 +26,12 @@ from opd_ray.actors.teacher import TeacherScorer
 from opd_ray.actors.vllm_engine import ENGINE_ENV
 from opd_ray.console import console
 from opd_ray.driver.placement import Placement, reserve, teacher_role
-from opd_ray.errors import RunStopped, Stuck
+from opd_ray.driver.weight_paths import SYNCING, WEIGHT_SYNC_PATHS, ObjectStorePath, WeightSyncPath
+from opd_ray.errors import Stuck
 from opd_ray.files import write_json
 from opd_ray.spec import ExperimentSpec, ModelSpec, ResourcesSpec, TimeoutsSpec
 
 STEP_LIMIT = "trainer.timeouts.step_s"
-SYNCING = "a rollout engine loading new weights (trainer.timeouts.sync_s)"
 
 
 @dataclass
@@ -41,11 +40,10 @@ class Roles:
     teacher_pools: dict[str, list[ray.actor.ActorHandle]]  # teacher name -> its replicas
     learners: LearnerGroup
     placement: Placement
-    broadcast: WeightBroadcast | None = None  # weight_sync.method = collective
+    weight_sync: WeightSyncPath = field(default_factory=ObjectStorePath)  # how new weights reach the engines
     max_restarts: int = 3
     weight_version: int = 0  # what every rollout engine holds
     restarts: Counter = field(default_factory=Counter)
-    unfinished_sync: list[ray.ObjectRef] = field(default_factory=list)  # an asynchronous broadcast in flight
     timeouts: TimeoutsSpec = field(default_factory=TimeoutsSpec)  # how long each kind of wait may take
     synced_teachers: list[str] = field(default_factory=list)  # `self` teachers with weights: current
 
@@ -68,8 +66,8 @@ class Roles:
     def locations(self) -> dict[str, list[dict]]:
         """Node (and GPUs) of every actor, by role: what a run records in placement.json."""
         actors = {"rollout": self.rollout_workers, "learner": self.learners.workers}
-        if list(self.teacher_pools) == ["teacher"]:
-            actors["teacher"] = self.teachers
+        if len(self.teacher_pools) == 1:
+            actors["teacher"] = self.teachers  # the role names placement.teacher_role gives
         else:
             actors.update({f"teacher.{name}": pool for name, pool in self.teacher_pools.items()})
         return {
@@ -133,7 +131,9 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
     teacher_top_k = min(teacher.top_k for teacher in spec.teachers.values())
     student_top_k = (algorithm.top_k or teacher_top_k) if algorithm.needs_student_topk else 0
     rollout_workers = [
-        RolloutWorker.options(**rollout_options, **bundle).remote(
+        ray.remote(RolloutWorker)
+        .options(**rollout_options, **bundle)
+        .remote(
             spec.models.student,
             spec.rollout.engine,
             spec.rollout,
@@ -158,20 +158,17 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
         placement.actor_options["learner"],
         timeouts.start_s,
     )
-    starting = "rollout workers starting (trainer.timeouts.start_s)"
-    get_or_raise_first([w.version.remote() for w in rollout_workers], timeouts.start_s, starting)  # engines are up
-    teachers = [actor for pool in teacher_pools.values() for actor in pool]
-    get_or_raise_first([t.ready.remote() for t in teachers], timeouts.start_s, "teachers starting")
-    broadcast = None
-    if spec.weight_sync.method == "collective":
-        broadcast = WeightBroadcast(spec.weight_sync, group_backend(spec), learners.workers, rollout_workers)
+    engines = rollout_workers + [actor for pool in teacher_pools.values() for actor in pool]
+    starting = "rollout workers and teachers starting (trainer.timeouts.start_s)"
+    get_or_raise_first([engine.ready.remote() for engine in engines], timeouts.start_s, starting)
+    weight_sync = WEIGHT_SYNC_PATHS[spec.weight_sync.method](spec, learners, rollout_workers)
     synced = [name for name, teacher in spec.teachers.items() if teacher.weights == "current"]
     return Roles(
         rollout_workers,
         teacher_pools,
         learners,
         placement,
-        broadcast,
+        weight_sync,
         spec.trainer.max_actor_restarts,
         timeouts=timeouts,
         synced_teachers=synced,
@@ -221,52 +218,21 @@ def await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> None
             time.sleep(1.0)
         except ActorDiedError as exc:  # restarts used up
             raise Stuck(f"a {kind} actor died and cannot be restarted: {exc}") from None
-    if kind == "rollout" and roles.broadcast is not None:
-        roles.broadcast.regroup()  # the restarted engine is not in the old group
+    roles.weight_sync.engine_restarted(kind)
     if roles.weight_version > 0 and any(actor == receiver for receiver in roles.weight_receivers):
         weights = roles.learners.export_weights(roles.timeouts.sync_s)
         get_or_raise_first([actor.load_weights.remote(weights, roles.weight_version)], roles.timeouts.sync_s, SYNCING)
 
 
 def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
-    """New weights to every rollout engine. `wait=False` (asynchronous mode) only queues the reload:
-    each engine applies it after the rollouts already launched on it, and every rollout launched
-    later sees it, which is what the version tag of a launched step assumes.
-
-    With weight_sync.method = collective the weights are broadcast instead; asynchronously, learner
-    rank 0 then waits in the broadcast until every engine has finished the rollouts queued before it.
-    A restarted engine gets its first weights through the object store and the group is re-formed."""
-    limit = roles.timeouts.sync_s
-    if roles.broadcast is not None:
-        try:
-            # the previous broadcast's failure, if any, surfaces here
-            get_or_raise_first(roles.unfinished_sync, limit, "the previous weight broadcast (trainer.timeouts.sync_s)")
-            refs = roles.broadcast.launch(version)
-            roles.unfinished_sync = [] if wait else refs
-            if wait:
-                get_or_raise_first(refs, limit, "weight broadcast members (trainer.timeouts.sync_s)")
-        except RayActorError as exc:
-            raise RunStopped(
-                "an actor died during a collective weight broadcast (weight_sync.method=collective); the "
-                f"other members cannot finish it. Resume from the last checkpoint with --resume. ({exc})"
-            ) from None
-        roles.weight_version = version
-        return
-    weights_ref = roles.learners.export_weights(limit)
-    receivers = [("rollout", actor) for actor in roles.rollout_workers]
-    receivers += [("teacher", actor) for actor in roles.weight_receivers[len(roles.rollout_workers) :]]
-    if not wait:
-        for _, actor in receivers:
-            actor.load_weights.remote(weights_ref, version)
-        roles.weight_version = version
-        return
-    for kind, actor in receivers:
-        try:
-            get_or_raise_first([actor.load_weights.remote(weights_ref, version)], limit, SYNCING)
-        except RayActorError:
-            await_restart(roles, kind, actor)
-            get_or_raise_first([actor.load_weights.remote(weights_ref, version)], limit, SYNCING)
+    """New weights to every rollout engine (and synced `self` teacher), by the spec's path (weight_paths.py).
+    `wait=False` (asynchronous mode) only queues the reload: each engine applies it after the rollouts already
+    launched on it, and every rollout launched later sees it, which is what the version tag of a launched step
+    assumes. A receiver that died meanwhile is restarted and gets these weights through the object store."""
+    dead = roles.weight_sync.send(roles, version, wait)
     roles.weight_version = version
+    for kind, actor in dead:
+        await_restart(roles, kind, actor)
 
 
 def call_restarting(roles: Roles, kind: str, actors: list, method: str, args: list[tuple]) -> list:

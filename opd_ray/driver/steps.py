@@ -54,22 +54,22 @@ class StepWork:
     step: int
     indices: tuple[int, ...]
     sampler_after: tuple[int, int]
-    launch_version: int  # the weights the rollout engines held when the step was launched
+    launch_weight_version: int  # the weights the rollout engines held when the step was launched
     shards: StepShards | None = None
     ready_refs: list[ray.ObjectRef] | None = None  # sft: the dataset's answers, nothing to score
     dataset: bool = False
 
     def resolve(self, pipeline: Pipeline, metrics: dict) -> tuple[list[ray.ObjectRef], int]:
-        """Waits for the step's data; returns its batch refs and the oldest policy version in it."""
+        """Waits for the step's data; returns its batch refs and the oldest weight version in it."""
         if self.shards is None:
-            return self.ready_refs, self.launch_version
+            return self.ready_refs, self.launch_weight_version
         with timed("wait_for_data", metrics):
             refs = pipeline.wait_step(self.shards)
         for role in ("rollout", "teacher"):  # compute time, summed over the step's shards
             if (seconds := self.shards.role_seconds(role)) is not None:
                 metrics[f"time/{role}"] = seconds
-        version = self.shards.policy_version
-        return refs, version if version >= 0 else self.launch_version
+        version = self.shards.weight_version
+        return refs, version if version >= 0 else self.launch_weight_version
 
 
 def launch_step(

@@ -20,7 +20,7 @@ class RolloutBatch:
     rollout_logprobs_BL: torch.Tensor  # float, log p_old(y_t) at sampling time; 0 off-response
     prompt_index_B: torch.Tensor  # long, row of the prompt in the dataset
     finished_B: torch.Tensor  # bool, response ended with end-of-sequence (not truncated)
-    policy_version: int
+    weight_version: int
     student_topk_ids_BLK: torch.Tensor | None = None  # sampling-time student top-k ids, if asked for
     task_rewards_B: torch.Tensor | None = None  # verifier score of each response, if answers are known
     source: str = "student"  # "student" samples, or "dataset" reference answers (GKD's off-policy share)
@@ -66,7 +66,7 @@ class RolloutBatch:
         joined = {}
         for f in fields(RolloutBatch):
             values = [getattr(b, f.name) for b in batches]
-            if f.name == "policy_version":
+            if f.name == "weight_version":
                 joined[f.name] = min(values)
             elif f.name == "source":
                 joined[f.name] = values[0]
@@ -104,7 +104,7 @@ class ResponseRow:
 
 
 def batch_from_rows(
-    rows: list[ResponseRow], policy_version: int = 0, source: str = "student", top_k_ids: int = 0
+    rows: list[ResponseRow], weight_version: int = 0, source: str = "student", top_k_ids: int = 0
 ) -> RolloutBatch:
     """Lays rows out right-padded, per-token values aligned to input positions; zeros where a row has none.
 
@@ -132,7 +132,7 @@ def batch_from_rows(
         rollout_logprobs_BL=rollout_logprobs_BL,
         prompt_index_B=torch.tensor([r.prompt_index for r in rows], dtype=torch.long),
         finished_B=torch.tensor([r.finished for r in rows], dtype=torch.bool),
-        policy_version=policy_version,
+        weight_version=weight_version,
         student_topk_ids_BLK=student_topk_ids_BLK,
         source=source,
     )

@@ -100,7 +100,11 @@ def teacher_engine(spec: ExperimentSpec) -> ray.actor.ActorHandle:
     )
     name, teacher = next(iter(spec.teachers.items()))  # the spec allows one teacher with this stage
     options = stage_engine_options(teacher.resources)
-    return RolloutWorker.options(**options).remote(spec.teacher_model(name), teacher.engine, rollout, spec.run.seed)
+    return (
+        ray.remote(RolloutWorker)
+        .options(**options)
+        .remote(spec.teacher_model(name), teacher.engine, rollout, spec.run.seed)
+    )
 
 
 def stage_engine_options(resources: ResourcesSpec) -> dict:
@@ -115,7 +119,9 @@ def evaluate_original_student(spec: ExperimentSpec, prepared: Prepared) -> tuple
     if prepared.eval is None:
         return None
     options = stage_engine_options(spec.rollout.resources)
-    worker = RolloutWorker.options(**options).remote(spec.models.student, spec.rollout.engine, spec.rollout, 0)
+    worker = (
+        ray.remote(RolloutWorker).options(**options).remote(spec.models.student, spec.rollout.engine, spec.rollout, 0)
+    )
     prompts = prepared.eval.subset(list(range(len(prepared.eval))))
     return worker, worker.greedy.remote(prompts, spec.rollout.max_new_tokens)
 

@@ -133,7 +133,7 @@ def test_async_respects_staleness_and_trains_every_prompt_once(
     for t, m in enumerate(metrics, start=1):
         # launched once the learner held version t-3 (steps 1-3: the initial weights); a shard queued
         # until after a later sync samples with newer weights, never older
-        assert max(0, t - 3) <= m["rollout_policy_version"] <= t - 1
+        assert max(0, t - 3) <= m["rollout_weight_version"] <= t - 1
         assert 0 <= m["staleness"] <= 2
     assert max(m["staleness"] for m in metrics) == 2  # the rollouts did run ahead of the learner
     sampler = PromptSampler(len(prepare(spec).train), spec.run.seed)

@@ -28,7 +28,7 @@ def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 25))
     assert [m["weight_version"] for m in metrics] == list(range(1, 25))
-    assert all(m["rollout_policy_version"] == m["weight_version"] - 1 for m in metrics)  # fully on-policy
+    assert all(m["rollout_weight_version"] == m["weight_version"] - 1 for m in metrics)  # fully on-policy
     first, last = metrics[:4], metrics[-4:]
     kl_first = sum(m["loss"] for m in first) / 4
     kl_last = sum(m["loss"] for m in last) / 4

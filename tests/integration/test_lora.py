@@ -33,7 +33,11 @@ def lora_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray
     sequence = prepared.train.prompt_ids[0] + tokenizer("4321").input_ids + [tokenizer.eos_token_id]
     learners = LearnerGroup(spec.models.student, spec.learner, 8, 10, roles_env(spec))
     options = engine_actor_options(spec, spec.rollout.resources)  # the engine's environment, as a run starts it
-    engine = RolloutWorker.options(**options).remote(spec.models.student, spec.rollout.engine, spec.rollout, 0)
+    engine = (
+        local_ray.remote(RolloutWorker)
+        .options(**options)
+        .remote(spec.models.student, spec.rollout.engine, spec.rollout, 0)
+    )
     examples = [
         (ids, [*tokenizer(answer).input_ids, tokenizer.eos_token_id])
         for ids, answer in zip(prepared.train.prompt_ids, prepared.train.answers, strict=True)

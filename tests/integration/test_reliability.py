@@ -111,7 +111,7 @@ def test_a_killed_rollout_worker_and_a_hung_teacher_lose_no_prompt(run_with_acto
     assert all(m["sequences"] == spec.trainer.prompts_per_step for m in metrics)  # ...each exactly once
     assert [m["weight_version"] for m in metrics] == list(range(1, 11))
     assert metrics[-1]["restarts/rollout"] >= 1 and metrics[-1]["restarts/teacher"] == 1
-    assert all(m["rollout_policy_version"] == m["weight_version"] - 1 for m in metrics)  # weights were reloaded
+    assert all(m["rollout_weight_version"] == m["weight_version"] - 1 for m in metrics)  # weights were reloaded
     hung_step = metrics[HUNG_STEP - 1]["time/step"]
     assert STEP_TIMEOUT_S <= hung_step < STEP_TIMEOUT_S + 120  # waited out the timeout, then a restart only
 

@@ -114,5 +114,5 @@ def test_a_teacher_with_padding_rows_is_scored_through_the_alignment_and_its_ext
     ids = scored.teacher_topk_ids_BLK[response_BL]
     assert ids.max() < len(chars) and (ids == -1).any()  # 30 of 64 rows ranked: padding ids among them, dropped
     assert scored.aligned_BL.equal(batch.response_mask_BL)
-    expected = score_with_transformers(scorer.model, batch, top_k=30, chunk_tokens=64, share_prompts=False)
+    expected = score_with_transformers(scorer.backend.model, batch, top_k=30, chunk_tokens=64, share_prompts=False)
     torch.testing.assert_close(scored.teacher_logprobs_BL, expected.teacher_logprobs_BL, rtol=1e-5, atol=1e-5)

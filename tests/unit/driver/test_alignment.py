@@ -18,7 +18,7 @@ def test_teacher_confidence_averages_response_tokens_per_sample_and_groups_by_pr
         rollout_logprobs_BL=torch.zeros(3, 4),
         prompt_index_B=torch.tensor([7, 7, 2]),
         finished_B=torch.ones(3, dtype=torch.bool),
-        policy_version=0,
+        weight_version=0,
         teacher_logprobs_BL=teacher,
     )
     assert teacher_confidence(batch) == {7: [-2.0, -0.5], 2: [-4.0]}

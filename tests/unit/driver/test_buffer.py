@@ -29,9 +29,9 @@ def test_the_bound_is_the_run_ahead() -> None:
 
 def test_staleness_is_measured_and_a_batch_past_the_limit_refused() -> None:
     buffer: RolloutBuffer[int] = RolloutBuffer(capacity=2, max_staleness=1)
-    assert buffer.check_fresh(policy_version=4, learner_version=5) == 1
+    assert buffer.check_fresh(sampled_version=4, learner_version=5) == 1
     with pytest.raises(StaleBatch, match="2 versions behind"):
-        buffer.check_fresh(policy_version=3, learner_version=5)
+        buffer.check_fresh(sampled_version=3, learner_version=5)
 
 
 def test_empty_take_raises() -> None:

@@ -91,7 +91,7 @@ def test_flatten_tokens_keeps_response_targets_in_order() -> None:
         rollout_logprobs_BL=torch.tensor([[0.0, 0.0, -0.1, -0.2], [0.0, -0.3, 0.0, 0.0]]),
         prompt_index_B=torch.tensor([0, 1]),
         finished_B=torch.tensor([True, True]),
-        policy_version=0,
+        weight_version=0,
         task_advantages_B=torch.tensor([0.5, -0.5]),
     )
     mask_BT = batch.response_mask_BL[:, 1:]

@@ -18,7 +18,7 @@ def small_batch(rows: int, length: int, version: int) -> RolloutBatch:
         rollout_logprobs_BL=torch.zeros(rows, length),
         prompt_index_B=torch.arange(rows),
         finished_B=torch.ones(rows, dtype=torch.bool),
-        policy_version=version,
+        weight_version=version,
     )
 
 
@@ -30,7 +30,7 @@ def test_batch_concat_pads_and_select_shards() -> None:
     shard = joined.select(slice(1, None, 2))
     assert shard.prompt_index_B.tolist() == [1]
     # asynchronous mode: shards of one step from different weights carry the oldest version
-    assert RolloutBatch.concat([small_batch(1, 2, 3), small_batch(1, 2, 2)]).policy_version == 2
+    assert RolloutBatch.concat([small_batch(1, 2, 3), small_batch(1, 2, 2)]).weight_version == 2
     dataset = dataclasses.replace(small_batch(1, 2, 0), source="dataset")
     with pytest.raises(ValueError, match="different sources"):
         RolloutBatch.concat([small_batch(1, 2, 0), dataset])
@@ -41,7 +41,7 @@ def test_sampled_and_supervised_rows_share_one_layout() -> None:
 
     sampled = batch_from_rows(
         [ResponseRow([5, 6], [7, 1], prompt_index=3, logprobs=[-0.5, -0.25], topk_ids=[[7, 8], [1, 2]])],
-        policy_version=4,
+        weight_version=4,
         top_k_ids=2,
     )
     supervised = supervised_batch([([5, 6], [7, 1])], [3])
@@ -50,4 +50,4 @@ def test_sampled_and_supervised_rows_share_one_layout() -> None:
     assert sampled.rollout_logprobs_BL.tolist() == [[0.0, 0.0, -0.5, -0.25]]
     assert supervised.rollout_logprobs_BL.abs().sum() == 0  # reference answers were not sampled
     assert sampled.student_topk_ids_BLK[0, 2:].tolist() == [[7, 8], [1, 2]]
-    assert (sampled.source, supervised.source, sampled.policy_version) == ("student", "dataset", 4)
+    assert (sampled.source, supervised.source, sampled.weight_version) == ("student", "dataset", 4)
