@@ -115,13 +115,13 @@ def code_the_spec_runs(spec) -> list[str]:
 def _check_files(spec) -> None:
     """The pre-flight of `train` (model folders, tokenizers, vocabularies, data rows, the verifier), without
     Ray; models the spec builds itself are checked once they exist."""
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
 
     builds = spec.models.build_tiny is not None or spec.models.import_pretrained is not None
     if builds and not Path(spec.models.student.path).is_dir():
         print("opd-ray: files not checked: the models are built by the first `opd-ray train`", file=sys.stderr)
         return
-    prepared = prepare(spec)
+    prepared = load_run_inputs(spec)
     evaluation = f", {len(prepared.eval)} eval prompts" if prepared.eval is not None else ""
     print(
         f"opd-ray: files ok: {len(prepared.train)} training prompts{evaluation}, {len(prepared.tokenizer)} tokens",

@@ -3,7 +3,7 @@
 `teacher_view` turns a batch of student samples into what the teacher reads: its own prompt (tokenized
 by its own tokenizer on the driver, data/prompts.py) and the student's response text re-tokenized by
 it, with its end-of-sequence token where the student's response ended. `student_scores` brings the
-teacher's scores back onto the student's tokens through the byte alignment (data/token_alignment.py):
+teacher's scores back onto the student's tokens through the byte alignment (data/tokenizer_matching.py):
 
 - the sampled-token value of every student token carries its chunk's reward (`chunk_teacher_logprobs`);
 - the teacher's top-k is kept only where a chunk is one student token and one teacher token, with ids
@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import torch
 
-from opd_ray.data.token_alignment import (
+from opd_ray.data.tokenizer_matching import (
     EOS_BYTE,
     Chunk,
     aligned_chunks,

@@ -248,7 +248,7 @@ class LearnerWorker:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
-    def write_probe(self, directory: str, token: str) -> str:
+    def write_storage_mark(self, directory: str, token: str) -> str:
         """Writes `<token>-rank<r>` into the run directory as this rank sees it: the driver must see it too,
         or this rank's checkpoints would land on a disk the run never reads back."""
         path = os.path.join(directory, f"{token}-rank{self.rank}")
@@ -311,7 +311,9 @@ class LearnerWorker:
         metrics["time/learner_compute"] = time.perf_counter() - fetched
         return metrics
 
-    def sft(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, seed: int) -> list[float]:
+    def supervised_steps(
+        self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, seed: int
+    ) -> list[float]:
         """Supervised steps on answer tokens; every rank draws the same rows and keeps its share."""
         rng = random.Random(seed)
         algorithm = AlgorithmSpec(objective="sft")

@@ -1,4 +1,5 @@
-"""Checks that run on the driver before any worker starts: model directories, tokenizers, data.
+"""Checks that run on the driver before any worker starts: model directories, tokenizers, data
+(data/run_inputs.py loads a run's inputs and calls them).
 
 Everything here is cheap (configs, tokenizer files, prompt files), so a bad path or a
 teacher/student vocabulary mismatch is reported in seconds, not after engines have loaded.
@@ -6,24 +7,13 @@ teacher/student vocabulary mismatch is reported in seconds, not after engines ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from opd_ray.console import console
-from opd_ray.data.prompts import PromptSet, load_prompts, load_selected_prompts
-from opd_ray.data.routing import routing_for
-from opd_ray.data.verifiers import GuardedVerifier, check_verifier, resolve_verifier
+from opd_ray.data.prompts import PromptSet
+from opd_ray.data.verifiers import GuardedVerifier, check_verifier
 from opd_ray.errors import UserError
 from opd_ray.spec import EngineSpec, ExperimentSpec, ModelSpec
-
-
-@dataclass
-class Prepared:
-    tokenizer: object
-    train: PromptSet
-    eval: PromptSet | None
-    verifier: GuardedVerifier
-    selection: dict | None = None  # what data.selection kept, dropped and mixed in
 
 
 def check_model_dir(model: ModelSpec, field: str) -> None:
@@ -181,35 +171,32 @@ def cross_tokenizers(teacher_tokenizers: dict, student_tokenizer) -> dict:
     return {name: t for name, t in teacher_tokenizers.items() if t.get_vocab() != student_vocab}
 
 
-def prepare(spec: ExperimentSpec) -> Prepared:
+def check_models(spec: ExperimentSpec) -> tuple[object, dict]:
+    """The student's folder and tokenizer, and every teacher's against it: (student tokenizer, name -> tokenizer)."""
     check_model_dir(spec.models.student, "models.student")
     student_tokenizer = load_tokenizer(spec.models.student, "models.student")
-    teacher_tokenizers = check_teachers(spec, student_tokenizer)
-    verifier = resolve_verifier(spec.data.verifier, spec.data.verifier_errors)
-    # The vocabularies match (checked above), so the teacher's template tokenized by the teacher
-    # gives ids the student reads the same way.
-    first_teacher = next(iter(teacher_tokenizers.values()))
-    template_tokenizer = first_teacher if spec.data.template_source == "teacher" else student_tokenizer
-    if spec.data.use_chat_template and not getattr(template_tokenizer, "chat_template", None):
-        first_name = next(iter(teacher_tokenizers))
+    return student_tokenizer, check_teachers(spec, student_tokenizer)
+
+
+def template_tokenizer(spec: ExperimentSpec, student_tokenizer, teacher_tokenizers: dict):
+    """The tokenizer whose chat template builds the prompts (data.template_source); it must have one when
+    data.use_chat_template is set. The vocabularies match (checked before), so the teacher's template
+    tokenized by the teacher gives ids the student reads the same way."""
+    first_name = next(iter(teacher_tokenizers))
+    chosen = teacher_tokenizers[first_name] if spec.data.template_source == "teacher" else student_tokenizer
+    if spec.data.use_chat_template and not getattr(chosen, "chat_template", None):
         owner, path = ("models.student", spec.models.student.path)
         if spec.data.template_source == "teacher":
-            owner = f"teachers.{first_name}.model"
-            path = spec.teacher_model(first_name).path
+            owner, path = f"teachers.{first_name}.model", spec.teacher_model(first_name).path
         raise UserError(
             f"data.use_chat_template: the tokenizer of {owner} ({path}) has no chat template; set "
             "data.template_source to the model that has one, or use data.prompt_template"
         )
-    routing = routing_for(spec, cross_tokenizers(teacher_tokenizers, student_tokenizer))
-    selection = None
-    if spec.data.selection is not None:
-        train, selection = load_selected_prompts(spec.data, template_tokenizer, spec.run.seed, routing)
-    else:
-        train = load_prompts(spec.data.train_files, spec.data, template_tokenizer, "data.train", routing)
-    evaluation = None
-    if spec.data.eval_files:
-        evaluation = load_prompts(spec.data.eval_files, spec.data, template_tokenizer, "data.eval", routing)
-    warn_idle_teachers(routing, train)
+    return chosen
+
+
+def check_answers(spec: ExperimentSpec, train: PromptSet, evaluation: PromptSet | None) -> None:
+    """Every setting that reads the dataset's reference answers finds one on every row it reads."""
     algorithm = spec.algorithm
     needs_answers = {
         f"algorithm.objective={algorithm.objective}": algorithm.record.trains_on_answers,
@@ -231,16 +218,23 @@ def prepare(spec: ExperimentSpec) -> Prepared:
             )
     if evaluation is not None and any(a is None for a in evaluation.answers):
         raise UserError(f"data.eval: every row of {evaluation.source} needs a reference answer for the verifier")
+
+
+def check_loaded(
+    spec: ExperimentSpec, train: PromptSet, evaluation: PromptSet | None, verifier: GuardedVerifier, vocabulary: int
+) -> None:
+    """What needs the loaded prompts: answers, lengths against every engine, top-k against the vocabulary,
+    LoRA targets, and the verifier on one reference answer."""
+    check_answers(spec, train, evaluation)
     check_engine_fits_model(spec.models.student, spec.rollout.engine, "rollout.engine", "models.student")
     check_lora_targets(spec)
     check_prompts_fit(spec, train, "data.train")
     if evaluation is not None:
         check_prompts_fit(spec, evaluation, "data.eval")
-    check_top_k_fits_vocabulary(spec, len(student_tokenizer))
+    check_top_k_fits_vocabulary(spec, vocabulary)
     reference = next((a for a in [*train.answers, *(evaluation.answers if evaluation else [])] if a is not None), None)
     if reference is not None:
         check_verifier(verifier, reference)
-    return Prepared(student_tokenizer, train, evaluation, verifier, selection)
 
 
 def check_prompts_fit(spec: ExperimentSpec, prompts: PromptSet, section: str) -> None:

@@ -199,13 +199,13 @@ def save_checkpoint(spec: ExperimentSpec, roles, run_dir: Path, state: TrainerSt
 
 
 def check_shared_storage(learners, run_dir: Path, timeout_s: float, field: str = "run.output_dir") -> None:
-    """Before training: every learner rank writes a probe file into the run directory and the driver
+    """Before training: every learner rank writes a mark file into the run directory and the driver
     reads it back. On a multi-node cluster without shared storage a rank on another node writes to its
     own disk, and its checkpoint shards (or the SFT student) would never be found; that stops the run
     here, not at resume or after training."""
-    token = f".storage-probe-{uuid.uuid4().hex[:8]}"
+    token = f".storage-check-{uuid.uuid4().hex[:8]}"
     written = get_or_raise_first(
-        learners.call("write_probe", str(run_dir), token), timeout_s, "learner ranks (trainer.timeouts.start_s)"
+        learners.call("write_storage_mark", str(run_dir), token), timeout_s, "learner ranks (trainer.timeouts.start_s)"
     )
     unseen = [rank for rank, path in enumerate(written) if not Path(path).is_file()]
     for path in written:

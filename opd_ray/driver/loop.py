@@ -25,8 +25,7 @@ import ray
 from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.console import console, step_progress
 from opd_ray.data.order import PromptSampler
-from opd_ray.data.preflight import Prepared
-from opd_ray.driver.alignment import keep_aligned_prompts
+from opd_ray.data.run_inputs import Prepared
 from opd_ray.driver.buffer import RolloutBuffer
 from opd_ray.driver.checkpoint import (
     BEFORE_TRAINING,
@@ -44,6 +43,7 @@ from opd_ray.driver.metrics import MetricsWriter, read_metrics, timed, training_
 from opd_ray.driver.pipeline import Pipeline
 from opd_ray.driver.roles import Roles, learner_parameters, record_placement, start_roles, sync_weights
 from opd_ray.driver.steps import StepWork, launch_step, prompts_digest
+from opd_ray.driver.teacher_agreement import keep_prompts_the_teacher_agrees_on
 from opd_ray.errors import Interrupted, RunStopped, Stuck
 from opd_ray.files import write_json, write_text_durably, written_aside
 from opd_ray.health.doctor import Diagnosis, Doctor
@@ -136,7 +136,7 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
         check_shared_storage(roles.learners, run_dir, spec.trainer.timeouts.start_s)
         summary["learner_parameters"] = learner_parameters(roles, spec.trainer.timeouts.start_s)
         if spec.data.selection is not None and spec.data.selection.keep_top_fraction is not None:
-            train = keep_aligned_prompts(spec, roles, prepared.train, run_dir, resume=state is not None)
+            train = keep_prompts_the_teacher_agrees_on(spec, roles, prepared.train, run_dir, resume=state is not None)
             prepared = replace(prepared, train=train)
         run = new_run(spec, prepared, run_dir, roles, summary, resume_after=state.step if state else 0)
         if state is not None:

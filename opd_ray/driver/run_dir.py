@@ -26,7 +26,7 @@ LOCK_FILE = ".opd-ray.lock"
 # What a run leaves that another run must not clobber; the rest (spec.yaml, placement.json) is rewritten.
 RESULTS = ("summary.json", "metrics.jsonl", "checkpoints", "stages", "student")
 # Also removed by --overwrite: records of the old run that would otherwise mix with the new one's.
-RECORDS = ("spec.yaml", "placement.json", "selection.json", "alignment.json", "tensorboard", "probe.json")
+RECORDS = ("spec.yaml", "placement.json", "selection.json", "teacher_agreement.json", "tensorboard", "probe.json")
 
 Mode = Literal["new", "resume", "overwrite"]
 

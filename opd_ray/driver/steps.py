@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import ray
 
 from opd_ray.data.order import PromptSampler, mix_seed
-from opd_ray.data.preflight import Prepared
+from opd_ray.data.run_inputs import Prepared
 from opd_ray.driver.metrics import timed
 from opd_ray.driver.pipeline import Pipeline, StepShards
 from opd_ray.losses.batch import supervised_batch

@@ -29,8 +29,8 @@ from opd_ray.actors.rollout import RolloutWorker
 from opd_ray.actors.runtime import actor_env, get_or_raise_first
 from opd_ray.actors.vllm_engine import ENGINE_ENV, Completion
 from opd_ray.console import console, step_progress
-from opd_ray.data.preflight import Prepared
 from opd_ray.data.repetition import is_repetitive
+from opd_ray.data.run_inputs import Prepared
 from opd_ray.data.verifiers import GuardedVerifier
 from opd_ray.driver.evaluation import accuracy_of, gap_recovery
 from opd_ray.driver.fingerprint import check_same_run, run_fingerprint
@@ -39,8 +39,8 @@ from opd_ray.driver.loop import distill
 from opd_ray.driver.run_dir import claimed
 from opd_ray.errors import UserError
 from opd_ray.files import write_json, written_aside
-from opd_ray.recipe.sft import train_sft
 from opd_ray.recipe.startup import start
+from opd_ray.recipe.supervised import train_supervised
 from opd_ray.spec import ExperimentSpec, ResourcesSpec, TeacherGenerationSpec
 
 GENERATION_CHUNK = 256  # prompts per generate call: progress and bounded memory
@@ -195,7 +195,7 @@ def sft(spec: ExperimentSpec) -> dict:
         update={"lr": settings.lr, "lr_schedule": settings.lr_schedule, "warmup_steps": settings.warmup_steps}
     )
     output = stage_dir(spec, "sft") / "student"
-    losses = train_sft(
+    losses = train_supervised(
         spec.models.student,
         output,
         examples,

@@ -8,7 +8,7 @@ or started.
 
 from __future__ import annotations
 
-from opd_ray.data.preflight import Prepared, prepare
+from opd_ray.data.run_inputs import Prepared, load_run_inputs
 from opd_ray.driver.cluster import connect
 from opd_ray.recipe.real_models import ensure_imported_models
 from opd_ray.recipe.tiny_models import ensure_tiny_models
@@ -22,6 +22,6 @@ def start(spec: ExperimentSpec) -> Prepared:
         ensure_tiny_models(spec)
     if spec.models.import_pretrained is not None:
         ensure_imported_models(spec)
-    prepared = prepare(spec)
+    prepared = load_run_inputs(spec)
     connect(spec.ray)
     return prepared

@@ -21,7 +21,7 @@ from opd_ray.data.arithmetic import ALPHABET, write_mixed_task_files, write_task
 from opd_ray.driver.cluster import connect
 from opd_ray.files import BUILD_RECORD, check_replaceable, written_aside
 from opd_ray.recipe.model_cache import check_distinct_folders, ensure_built, is_built
-from opd_ray.recipe.sft import Example, train_sft
+from opd_ray.recipe.supervised import Example, train_supervised
 from opd_ray.spec import ExperimentSpec, LearnerSpec, ModelSpec
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -268,4 +268,4 @@ def build_model(
     def records(losses: list[float]) -> dict[str, object]:
         return {BUILD_RECORD: recipe, "build_log.json": {"loss_every_50_steps": losses}}
 
-    train_sft(init, output_dir, examples, learner, recipe["steps"], batch_size, seed, label, records=records)
+    train_supervised(init, output_dir, examples, learner, recipe["steps"], batch_size, seed, label, records=records)

@@ -36,7 +36,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_of_each(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray):
     """Two rollout workers and two teacher replicas, the second of them deliberately slow."""
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
     from opd_ray.driver.roles import start_roles
 
     raw = tiny_spec_dict(tiny_dir, tmp_path_factory.mktemp("replicas") / "run")
@@ -50,7 +50,7 @@ def two_of_each(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_
     local_ray.get(slow.ready.remote())
     roles.teacher_pools["teacher"].append(slow)
     try:
-        yield roles, prepare(spec)
+        yield roles, load_run_inputs(spec)
     finally:
         roles.shutdown()
 
@@ -112,7 +112,7 @@ def test_async_respects_staleness_and_trains_every_prompt_once(
     prompts exactly once. With collective weight sync the broadcasts queue behind rollouts the
     same way, and must not deadlock with them."""
     from opd_ray.data.order import PromptSampler
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
     from opd_ray.driver.steps import prompts_digest
     from opd_ray.recipe.stages import run_stages
 
@@ -136,7 +136,7 @@ def test_async_respects_staleness_and_trains_every_prompt_once(
         assert max(0, t - 3) <= m["rollout_weight_version"] <= t - 1
         assert 0 <= m["staleness"] <= 2
     assert max(m["staleness"] for m in metrics) == 2  # the rollouts did run ahead of the learner
-    sampler = PromptSampler(len(prepare(spec).train), spec.run.seed)
+    sampler = PromptSampler(len(load_run_inputs(spec).train), spec.run.seed)
     assert [m["prompts_digest"] for m in metrics] == [
         prompts_digest(sampler.next(spec.trainer.prompts_per_step)) for _ in range(6)
     ]

@@ -40,11 +40,11 @@ def cross_spec(tiny_dir: Path, pair_student: Path, run_dir: Path, **teacher) -> 
 
 
 def test_pre_flight_says_how_to_score_across_tokenizers(tiny_dir: Path, pair_student: Path, tmp_path: Path) -> None:
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
 
     spec = ExperimentSpec.model_validate(cross_spec(tiny_dir, pair_student, tmp_path / "run"))
     with pytest.raises(UserError, match=r"tokenizers differ .* set teacher\.cross_tokenizer: true"):
-        prepare(spec)
+        load_run_inputs(spec)
 
 
 def test_a_student_with_another_tokenizer_learns_from_the_aligned_teacher(

@@ -22,13 +22,13 @@ def lora_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray
     """Two LoRA learner ranks and one rollout engine (no teacher: the updates are supervised steps)."""
     from opd_ray.actors.learner import LearnerGroup
     from opd_ray.actors.rollout import RolloutWorker
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
     from opd_ray.driver.roles import engine_actor_options, roles_env
 
     raw = tiny_spec_dict(tiny_dir, tmp_path_factory.mktemp("run"))
     raw["learner"].update(lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}, lr=3e-2)
     spec = ExperimentSpec.model_validate(raw)
-    prepared = prepare(spec)
+    prepared = load_run_inputs(spec)
     tokenizer = prepared.tokenizer
     sequence = prepared.train.prompt_ids[0] + tokenizer("4321").input_ids + [tokenizer.eos_token_id]
     learners = LearnerGroup(spec.models.student, spec.learner, 8, 10, roles_env(spec))
@@ -51,7 +51,7 @@ def lora_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray
 
 def train(setup: SimpleNamespace, steps: int, ray) -> None:
     """Supervised steps on reference answers: the learner path of every objective (forward, loss, update)."""
-    ray.get(setup.learners.call("sft", setup.examples, steps, 16, steps))
+    ray.get(setup.learners.call("supervised_steps", setup.examples, steps, 16, steps))
 
 
 def learner_logprobs(setup: SimpleNamespace, ray) -> list[float]:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     from opd_ray.actors.teacher import TeacherScorer
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
     from opd_ray.driver.pipeline import rollout_and_score
     from opd_ray.driver.roles import start_roles
 
@@ -28,7 +28,7 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
     raw["algorithm"] = {"objective": "topk", "topk_support": "union", "top_k": 4}
     raw["data"]["verifier"] = "exact"
     spec = ExperimentSpec.model_validate(raw)
-    prepared = prepare(spec)
+    prepared = load_run_inputs(spec)
     vllm_teacher = start_teacher_actor(  # starts while the roles do
         TeacherScorer, spec.teacher_model("teacher"), spec.teachers["teacher"].model_copy(update={"backend": "vllm"}), 0
     )
@@ -88,7 +88,7 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
 
 def test_full_vocab_on_learners_equals_topk_over_whole_vocabulary(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """Learner-side teacher + chunked full-vocabulary KL == the vLLM teacher's top-15 (all 15 ids) KL."""
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
     from opd_ray.driver.pipeline import rollout_and_score
     from opd_ray.driver.roles import start_roles
 
@@ -96,7 +96,7 @@ def test_full_vocab_on_learners_equals_topk_over_whole_vocabulary(tiny_dir: Path
     raw["algorithm"] = {"objective": "full_vocab"}
     raw["learner"].update(lr=1e-12, chunk_tokens=7)  # a negligible step, so both losses see one student
     spec = ExperimentSpec.model_validate(raw)
-    prepared = prepare(spec)
+    prepared = load_run_inputs(spec)
     roles = start_roles(spec)
     try:
         refs = rollout_and_score(roles, prepared.train, list(range(32)), 1)

@@ -36,7 +36,7 @@ def test_training_on_the_prompts_the_teacher_agrees_with_most(tiny_dir: Path, tm
     raw["trainer"].update(steps=2, prompts_per_step=8, save_final=False)
     summary = run_stages(ExperimentSpec.model_validate(raw))
 
-    record = json.loads((tmp_path / "run" / "alignment.json").read_text())
+    record = json.loads((tmp_path / "run" / "teacher_agreement.json").read_text())
     assert summary["prompt_selection"]["outside"] == 16  # 16 of 80 = 20%, before scoring
     assert record["scored"] == 64 and record["kept"] == 16 and record["outside_kept"] == 4  # 4 of 20
     assert len(record["dropped_rows"]) == 80 - 16 - 4

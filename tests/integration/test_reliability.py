@@ -99,13 +99,13 @@ def test_a_killed_rollout_worker_and_a_hung_teacher_lose_no_prompt(run_with_acto
     """The hung teacher is killed at the step timeout; Ray restarts both actors, the rollout worker gets the
     current weights, lost shards are re-issued, and every step trains exactly its own prompts once."""
     from opd_ray.data.order import PromptSampler
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
     from opd_ray.driver.steps import prompts_digest
 
     spec, killed = run_with_actor_faults["spec"], run_with_actor_faults["killed"]
     assert len(killed["rollout"]) == 1 and run_with_actor_faults["hung"].exists(), killed
     metrics = read_metrics(run_with_actor_faults["run_dir"])
-    sampler = PromptSampler(len(prepare(spec).train), spec.run.seed)
+    sampler = PromptSampler(len(load_run_inputs(spec).train), spec.run.seed)
     expected = [prompts_digest(sampler.next(spec.trainer.prompts_per_step)) for _ in range(10)]
     assert [m["prompts_digest"] for m in metrics] == expected  # each step trained its own prompts...
     assert all(m["sequences"] == spec.trainer.prompts_per_step for m in metrics)  # ...each exactly once
@@ -236,7 +236,7 @@ class RankOnItsOwnDisk:
     def __init__(self, rank: int, disk: str | None) -> None:
         self.rank, self.disk = rank, disk
 
-    def write_probe(self, directory: str, token: str) -> str:
+    def write_storage_mark(self, directory: str, token: str) -> str:
         seen_as = Path(directory) / f"{token}-rank{self.rank}"
         real = Path(self.disk) / seen_as.relative_to("/") if self.disk else seen_as
         real.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,7 @@ def test_learner_ranks_that_do_not_share_the_run_directory_stop_the_run(tmp_path
     run_dir = tmp_path / "run"
     shared = FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, None)])
     check_shared_storage(shared, run_dir, timeout_s=60)
-    assert not list(run_dir.iterdir())  # the probe files are removed again
+    assert not list(run_dir.iterdir())  # the mark files are removed again
     split = FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, str(tmp_path / "node2"))])
     with pytest.raises(UserError, match=r"learner ranks \[1\] wrote into .* must be on storage every node shares"):
         check_shared_storage(split, run_dir, timeout_s=60)
@@ -298,14 +298,16 @@ def test_a_save_killed_midway_leaves_the_previous_student_whole(tmp_path: Path, 
 @pytest.mark.integration
 def test_sft_without_shared_storage_stops_before_it_trains(tmp_path: Path, local_ray, monkeypatch) -> None:
     from opd_ray.errors import UserError
-    from opd_ray.recipe import sft
+    from opd_ray.recipe import supervised
     from opd_ray.spec import LearnerSpec, ModelSpec
 
     split = FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, str(tmp_path / "node2"))])
-    monkeypatch.setattr(sft, "LearnerGroup", lambda *args, **kwargs: split)  # RankOnItsOwnDisk cannot train
+    monkeypatch.setattr(supervised, "LearnerGroup", lambda *args, **kwargs: split)  # RankOnItsOwnDisk cannot train
     output = tmp_path / "run" / "stages" / "sft" / "student"
     with pytest.raises(UserError, match=r"learner ranks \[1\] .*the SFT output .* must be on storage every node"):
-        sft.train_sft(ModelSpec(path="s"), output, [([1], [2])], LearnerSpec(num_ranks=2), 10, 2, 0, "student")
+        supervised.train_supervised(
+            ModelSpec(path="s"), output, [([1], [2])], LearnerSpec(num_ranks=2), 10, 2, 0, "student"
+        )
     assert not output.exists()
 
 

@@ -17,7 +17,7 @@ COLD_START = {"teacher_generate": {"prompts": 64, "drop_truncated": False, "max_
 def test_cold_start_then_opd_in_one_spec_and_finished_stages_are_skipped(
     tiny_dir: Path, tmp_path: Path, local_ray
 ) -> None:
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
     from opd_ray.recipe.stages import cold_start_rows, run_cold_start, run_stages, stage_dir
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
@@ -33,7 +33,7 @@ def test_cold_start_then_opd_in_one_spec_and_finished_stages_are_skipped(
     rows = [json.loads(line) for line in (stage_dir(spec, "teacher_generate") / "data.jsonl").read_text().splitlines()]
     assert generated["generated"] == 64 and generated["kept"] == len(rows) > 0
     assert generated["kept"] + sum(generated["dropped"].values()) == 64
-    train = prepare(spec).train
+    train = load_run_inputs(spec).train
     used = cold_start_rows(spec, len(train))
     assert {row["row"] for row in rows} <= set(used) and len(used) == 64
     assert all(row["prompt_ids"] == train.prompt_ids[row["row"]] for row in rows)
@@ -54,8 +54,8 @@ def test_cold_start_then_opd_in_one_spec_and_finished_stages_are_skipped(
 
     # the same command again: the finished stages are skipped (the OPD stage would need --resume)
     stamps = {p: p.stat().st_mtime_ns for p in (stage_dir(spec, "teacher_generate") / "data.jsonl", sft_student)}
-    again = run_cold_start(spec, prepare(spec))
+    again = run_cold_start(spec, load_run_inputs(spec))
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # neither finished stage ran again
     assert {k: v for k, v in again["sft"].items() if k != "fingerprint"} == summary["cold_start"]["sft"]
-    assert again["sft"]["fingerprint"]["models.teacher (contents)"]  # what --resume checks before reusing it
+    assert again["sft"]["fingerprint"]["teachers.teacher.model (contents)"]  # what --resume checks before reusing it
     assert again["teacher_generate"]["rows"] == used

@@ -60,11 +60,11 @@ def four_teachers(tiny_dir: Path, directory: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def teachers_started(tiny_dir, tmp_path_factory, local_ray):
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
     from opd_ray.driver.roles import start_roles
 
     spec = ExperimentSpec.model_validate(four_teachers(tiny_dir, tmp_path_factory.mktemp("teachers")))
-    prepared = prepare(spec)
+    prepared = load_run_inputs(spec)
     roles = start_roles(spec)
     try:
         yield spec, prepared, roles

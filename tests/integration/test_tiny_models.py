@@ -23,7 +23,7 @@ def test_a_rebuild_retraces_the_shipped_students_first_50_steps(tmp_path: Path, 
     from opd_ray.actors.runtime import actor_env
     from opd_ray.data.arithmetic import ALPHABET, write_task_files
     from opd_ray.recipe import tiny_models
-    from opd_ray.recipe.sft import SFT_CHUNK
+    from opd_ray.recipe.supervised import SUPERVISED_CHUNK
     from opd_ray.spec import ModelSpec
 
     spec = load_spec(REPO / "examples" / "quickstart.yaml", [f"models.build_tiny.directory={tmp_path}"])
@@ -42,7 +42,9 @@ def test_a_rebuild_retraces_the_shipped_students_first_50_steps(tmp_path: Path, 
     )
     try:
         examples = tiny_models.sft_examples(tokenizer, rows, recipe["digits"])
-        per_rank = local_ray.get(group.call("sft", local_ray.put(examples), SFT_CHUNK, build.sft_batch_size, seed))
+        per_rank = local_ray.get(
+            group.call("supervised_steps", local_ray.put(examples), SUPERVISED_CHUNK, build.sft_batch_size, seed)
+        )
     finally:
         group.shutdown()
     assert sum(losses[-1] for losses in per_rank) == pytest.approx(logged[0], rel=1e-4)

@@ -30,7 +30,7 @@ COLLECTIVE = {
 
 @pytest.fixture(scope="module")
 def zero3(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray):
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
     from opd_ray.driver.roles import start_roles
 
     raw = tiny_spec_dict(tiny_dir, tmp_path_factory.mktemp("run"))
@@ -39,7 +39,7 @@ def zero3(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray):
     for section, values in COLLECTIVE.items():
         raw[section] = {**raw.get(section, {}), **values}
     spec = ExperimentSpec.model_validate(raw)
-    prepared = prepare(spec)
+    prepared = load_run_inputs(spec)
     tokenizer = prepared.tokenizer
     sequence = prepared.train.prompt_ids[0] + tokenizer("4321").input_ids + [tokenizer.eos_token_id]
     roles = start_roles(spec)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from opd_ray.data.preflight import prepare
+from opd_ray.data.run_inputs import load_run_inputs
 from opd_ray.errors import UserError
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
@@ -17,7 +17,7 @@ def test_preflight_rejects_missing_model_dir(tiny_dir: Path, tmp_path: Path) -> 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["models"]["student"]["path"] = str(tmp_path / "absent")
     with pytest.raises(UserError, match=r"models\.student\.path: model directory not found"):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
 
 
 def test_preflight_rejects_vocabulary_mismatch(tiny_dir: Path, tmp_path: Path) -> None:
@@ -28,7 +28,7 @@ def test_preflight_rejects_vocabulary_mismatch(tiny_dir: Path, tmp_path: Path) -
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["models"]["teacher"]["path"] = str(tmp_path / "teacher")
     with pytest.raises(UserError, match="student and teacher tokenizers differ"):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
 
 
 def test_padding_rows_are_refused_unless_cross_tokenizer_scoring_drops_them(tiny_dir: Path, tmp_path: Path) -> None:
@@ -44,9 +44,9 @@ def test_padding_rows_are_refused_unless_cross_tokenizer_scoring_drops_them(tiny
     with pytest.raises(
         UserError, match=r"vocab_size 15 != teacher vocab_size 64 .* teachers\.teacher\.cross_tokenizer: true"
     ):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
     raw["teacher"]["cross_tokenizer"] = True
-    assert prepare(ExperimentSpec.model_validate(raw)).train is not None
+    assert load_run_inputs(ExperimentSpec.model_validate(raw)).train is not None
 
 
 def test_preflight_rejects_empty_dataset(tiny_dir: Path, tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_preflight_rejects_empty_dataset(tiny_dir: Path, tmp_path: Path) -> None
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["data"]["train"]["path"] = str(empty)
     with pytest.raises(UserError, match=r"data\.train\.path: .*has no rows"):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
 
 
 def test_preflight_rejects_model_dir_without_safetensors(tiny_dir: Path, tmp_path: Path) -> None:
@@ -66,7 +66,7 @@ def test_preflight_rejects_model_dir_without_safetensors(tiny_dir: Path, tmp_pat
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["models"]["student"]["path"] = str(broken)
     with pytest.raises(UserError, match=r"no \*\.safetensors"):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_preflight_names_options_that_need_reference_answers(
     raw["data"]["train"] = {"path": str(prompts_only), "answer_field": None}
     raw["algorithm"] = algorithm
     with pytest.raises(UserError, match=reason.replace("+", r"\+")):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
 
 
 @pytest.mark.parametrize(
@@ -104,16 +104,16 @@ def test_preflight_rejects_an_engine_the_model_cannot_fill(
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["rollout"]["engine"].update(engine)
     with pytest.raises(UserError, match=message):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
 
 
 def test_a_lora_module_the_student_lacks_is_named_before_anything_starts(tiny_dir: Path, tmp_path: Path) -> None:
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["learner"]["lora"] = {"target_modules": ["q_proj", "qkv_proj"]}
     with pytest.raises(UserError, match=r"the student has no module named \['qkv_proj'\]; .*q_proj"):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
     raw["learner"]["lora"] = {"target_modules": ["q_proj", "v_proj"]}
-    prepare(ExperimentSpec.model_validate(raw))
+    load_run_inputs(ExperimentSpec.model_validate(raw))
 
 
 def test_a_sequence_longer_than_the_teachers_context_is_one_line() -> None:

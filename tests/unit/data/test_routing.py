@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from opd_ray.data.preflight import prepare
+from opd_ray.data.run_inputs import load_run_inputs
 from opd_ray.errors import UserError
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
@@ -26,9 +26,9 @@ def test_each_row_goes_to_its_teacher_with_that_teachers_prompt(tiny_dir: Path, 
     raw = two_teachers(tiny_spec_dict(tiny_dir, tmp_path / "run"))
     raw["data"]["train"] = {"path": str(routed_rows(tiny_dir, tmp_path, ["add", "hint", "add", "other"]))}
     with pytest.raises(UserError, match=r"eval\.jsonl row 1: data\.route\.field 'task' is not a column"):
-        prepare(ExperimentSpec.model_validate(raw))  # eval rows are routed too: each teacher's own rows
+        load_run_inputs(ExperimentSpec.model_validate(raw))  # eval rows are routed too: each teacher's own rows
     raw["data"]["eval"] = raw["data"]["train"]
-    prepared = prepare(ExperimentSpec.model_validate(raw))
+    prepared = load_run_inputs(ExperimentSpec.model_validate(raw))
     assert prepared.eval.teachers == prepared.train.teachers
     train, tokenizer = prepared.train, prepared.tokenizer
     assert train.teachers == ["sums", "hinted", "sums", "hinted"]  # "hint" and "other": the route's default
@@ -50,7 +50,7 @@ def test_a_row_no_teacher_takes_stops_preflight_naming_row_and_value(tiny_dir: P
     raw["data"]["train"] = {"path": str(routed_rows(tiny_dir, tmp_path, ["add", "add", "poetry"]))}
     raw["data"].pop("eval")
     with pytest.raises(UserError, match=r"routed\.jsonl row 3: data\.route\.field 'task' = 'poetry' names no teacher"):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
 
 
 def test_a_template_field_the_data_lacks_is_named(tiny_dir: Path, tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_a_template_field_the_data_lacks_is_named(tiny_dir: Path, tmp_path: Path
     raw["data"]["train"] = {"path": str(routed_rows(tiny_dir, tmp_path, ["add", "hint"]))}
     raw["data"].pop("eval")
     with pytest.raises(UserError, match=r"teachers\.hinted\.prompt_template: \{solution\} is not a column of"):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
 
 
 def test_a_teacher_prompt_too_long_for_its_engine_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_a_teacher_prompt_too_long_for_its_engine_is_refused(tiny_dir: Path, tmp
     raw["data"]["train"] = {"path": str(routed_rows(tiny_dir, tmp_path, ["add", "hint"]))}
     raw["data"].pop("eval")
     with pytest.raises(UserError, match=r"teachers\.hinted\.engine\.max_model_len \(32\) is shorter than"):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
 
 
 def test_a_float_route_column_is_refused_instead_of_never_matching(tiny_dir: Path, tmp_path: Path) -> None:
@@ -78,4 +78,4 @@ def test_a_float_route_column_is_refused_instead_of_never_matching(tiny_dir: Pat
     raw["data"]["train"] = {"path": str(routed_rows(tiny_dir, tmp_path, [1.0, 2.0]))}
     raw["data"].pop("eval")
     with pytest.raises(UserError, match=r"routed\.jsonl row 1: data\.route\.field 'task' = 1.0 is a float"):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))

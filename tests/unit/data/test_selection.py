@@ -47,7 +47,7 @@ def test_outside_share_and_a_seeded_interleaving() -> None:
 
 
 def test_selection_in_the_spec_cleans_and_mixes_the_training_prompts(tiny_dir: Path, tmp_path: Path) -> None:
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
 
     train = ["12+34=", "12+34=", "56+78=", "90+12=", "11+22=", "33+44="]
     eval_prompts = ["90+12=", "99+1="]
@@ -60,7 +60,7 @@ def test_selection_in_the_spec_cleans_and_mixes_the_training_prompts(tiny_dir: P
         "outside": {"path": str(write_jsonl(tmp_path / "outside.jsonl", ["5+5=", "6+6=", "99+1=", "7+7="]))},
         "outside_fraction": 0.4,
     }
-    prepared = prepare(ExperimentSpec.model_validate(raw))
+    prepared = load_run_inputs(ExperimentSpec.model_validate(raw))
     assert prepared.selection == {
         "pool": 6,
         "kept": 3,  # 12+34=, 56+78=, 11+22=
@@ -78,7 +78,7 @@ def test_selection_in_the_spec_cleans_and_mixes_the_training_prompts(tiny_dir: P
 def test_prompts_wrapped_in_the_teachers_chat_template(tiny_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    from opd_ray.data.preflight import prepare
+    from opd_ray.data.run_inputs import load_run_inputs
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_dir / "teacher", teacher)
@@ -91,13 +91,13 @@ def test_prompts_wrapped_in_the_teachers_chat_template(tiny_dir: Path, tmp_path:
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["models"]["teacher"]["path"] = str(teacher)
     raw["data"].update(use_chat_template=True, template_source="teacher")
-    prepared = prepare(ExperimentSpec.model_validate(raw))
+    prepared = load_run_inputs(ExperimentSpec.model_validate(raw))
     first = prepared.tokenizer.decode(prepared.train.prompt_ids[0])
     assert first.endswith("==") and first.count("=") == 2  # the task's "a+b=" plus the teacher's "="
 
     raw["data"]["template_source"] = "student"
     with pytest.raises(UserError, match=r"the tokenizer of models.student .* has no chat template"):
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
 
 
 def test_dropping_rows_renumbers_the_outside_rows() -> None:

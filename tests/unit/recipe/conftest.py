@@ -22,6 +22,6 @@ def recorded_training(monkeypatch) -> list[tuple[str, Path, list]]:
             (output_dir / name).write_text(json.dumps(value))
         return [0.0]
 
-    monkeypatch.setattr(tiny_models, "train_sft", fake_train)
+    monkeypatch.setattr(tiny_models, "train_supervised", fake_train)
     monkeypatch.setattr(tiny_models, "connect", lambda ray_spec: None)
     return trained

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from opd_ray.cli import main
-from opd_ray.data.preflight import prepare
+from opd_ray.data.run_inputs import load_run_inputs
 from opd_ray.data.verifiers import GuardedVerifier
 from opd_ray.errors import UserError
 from opd_ray.spec import ExperimentSpec, load_spec, spec_to_yaml
@@ -81,7 +81,7 @@ def preflight_error(tiny_dir: Path, tmp_path: Path, **changes: dict) -> str:
     for section, values in changes.items():
         raw[section].update(values)
     with pytest.raises(UserError) as info:
-        prepare(ExperimentSpec.model_validate(raw))
+        load_run_inputs(ExperimentSpec.model_validate(raw))
     assert "\n" not in str(info.value)
     return str(info.value)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 def test_teacher_confidence_averages_response_tokens_per_sample_and_groups_by_prompt() -> None:
     import torch
 
-    from opd_ray.driver.alignment import teacher_confidence
+    from opd_ray.driver.teacher_agreement import teacher_confidence
     from opd_ray.losses.batch import RolloutBatch
 
     mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 0]], dtype=torch.float32)
@@ -25,7 +25,7 @@ def test_teacher_confidence_averages_response_tokens_per_sample_and_groups_by_pr
 
 
 def test_top_fraction_keeps_the_best_rounding_up_and_breaks_ties_by_row() -> None:
-    from opd_ray.driver.alignment import top_fraction
+    from opd_ray.driver.teacher_agreement import top_fraction
 
     scores = {0: -1.0, 1: -0.2, 2: -0.2, 3: -3.0, 4: -0.1}
     assert top_fraction(scores, 0.4) == [1, 4]

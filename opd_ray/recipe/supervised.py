@@ -20,11 +20,11 @@ from opd_ray.driver.checkpoint import check_shared_storage
 from opd_ray.files import written_aside
 from opd_ray.spec import LearnerSpec, ModelSpec, TimeoutsSpec
 
-SFT_CHUNK = 50  # steps per call to the learner ranks: progress and a loss every 50 steps
+SUPERVISED_CHUNK = 50  # steps per call to the learner ranks: progress and a loss every 50 steps
 Example = tuple[list[int], list[int]]  # (prompt ids, answer ids ending with end-of-sequence)
 
 
-def train_sft(
+def train_supervised(
     init: ModelSpec,
     output_dir: Path,
     examples: list[Example],
@@ -37,7 +37,7 @@ def train_sft(
     records: Callable[[list[float]], dict[str, object]] | None = None,
 ) -> list[float]:
     """`steps` optimizer steps of `batch_size` rows drawn from `examples`; returns the loss at the end of
-    every chunk of `SFT_CHUNK` steps (the last one last). `records(losses)` names JSON files to write into
+    every chunk of `SUPERVISED_CHUNK` steps (the last one last). `records(losses)` names JSON files to write into
     the folder before it takes its name (what built it). The learner ranks must see `output_dir`'s folder
     as the driver does: checked before training, not after it."""
     timeouts = timeouts or TimeoutsSpec()
@@ -51,8 +51,8 @@ def train_sft(
         with step_progress(f"sft {label}", steps) as progress:
             done = 0
             while done < steps:
-                count = min(SFT_CHUNK, steps - done)
-                refs = group.call("sft", examples_ref, count, batch_size, seed + done)
+                count = min(SUPERVISED_CHUNK, steps - done)
+                refs = group.call("supervised_steps", examples_ref, count, batch_size, seed + done)
                 losses = get_or_raise_first(refs, timeouts.step_s, "learner ranks in SFT (trainer.timeouts.step_s)")
                 chunk_losses.append(sum(per_rank[-1] for per_rank in losses))  # ranks' shares of the mean
                 done += count

@@ -6,7 +6,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from opd_ray.data.arithmetic import ALPHABET
-from opd_ray.data.token_alignment import (
+from opd_ray.data.tokenizer_matching import (
     EOS_BYTE,
     Chunk,
     aligned_chunks,

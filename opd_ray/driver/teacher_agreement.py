@@ -77,12 +77,12 @@ def select_aligned(roles: Roles, train: PromptSet, spec: ExperimentSpec) -> tupl
     return dropped, stats
 
 
-def keep_aligned_prompts(
+def keep_prompts_the_teacher_agrees_on(
     spec: ExperimentSpec, roles: Roles, train: PromptSet, run_dir: Path, resume: bool
 ) -> PromptSet:
     """data.selection.keep_top_fraction: the prompts the teacher agrees with most. Scored once with the
-    initial student; a resumed run reuses the recorded choice (alignment.json), so its data order holds."""
-    record = run_dir / "alignment.json"
+    initial student; a resumed run reuses the recorded choice (teacher_agreement.json), so its data order holds."""
+    record = run_dir / "teacher_agreement.json"
     if resume and record.is_file():
         dropped = set(json.loads(record.read_text())["dropped_rows"])
     else:
