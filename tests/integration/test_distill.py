@@ -16,10 +16,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
-    """Several OPD steps with ZeRO-2: the exact (k = |V|) reverse KL to the teacher falls."""
+    """Several OPD steps with ZeRO-2 and a vLLM teacher: the exact (k = |V|) reverse KL to the teacher falls."""
     from opd_ray.recipe.stages import run_stages
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["teacher"]["backend"] = "vllm"  # the other runs of the suite score with transformers (tests/conftest.py)
     raw["trainer"].update(steps=24, prompts_per_step=32)
     raw["learner"].update(lr=3e-3, warmup_steps=2)
     summary = run_stages(ExperimentSpec.model_validate(raw))
