@@ -69,6 +69,8 @@ class Run:
     fingerprint: dict = field(default_factory=dict)  # what defines the run, stored with each checkpoint
     doctor: Doctor | None = None  # health signals and named conditions, every step
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM/SIGINT: stop after this step
+    finished_work: StepWork | None = None  # the last step trained (what a checkpoint of it records)
+    saved_step: int = 0  # the last step checkpointed
 
     def close(self) -> None:
         self.writer.close()
@@ -93,6 +95,8 @@ def distill(spec: ExperimentSpec, prepared: Prepared, resume: bool = False, forc
                     warnings = run.doctor.active(step)
                     progress.advance(step, note + (f" [health: {', '.join(warnings)}]" if warnings else ""))
                     if run.stop.requested and step < spec.trainer.steps:
+                        # the signal may have come after this step's own checkpoint decision
+                        checkpoint_now(run, step, run.finished_work)
                         raise Interrupted(stopped_message(run, step), run.stop.exit_code)
             return finish_run(run, started)
         except Stuck as exc:
@@ -280,6 +284,7 @@ def run_step(run: Run, step: int) -> dict:
     run.writer.write(step, metrics)
     stop_if_unhealthy(run, step, diagnoses)
     stop_if_diverging(run, step)
+    run.finished_work = work
     checkpoint_now(run, step, work)
     return metrics
 
@@ -379,10 +384,11 @@ def checkpoint_now(run: Run, step: int, work: StepWork) -> None:
     """Every trainer.checkpoint_every steps, and before a run stopped by a signal ends; the data order
     recorded is the one after this step's prompts (the sampler itself has run ahead in asynchronous mode)."""
     every = run.spec.trainer.checkpoint_every
-    if not every or (step % every and not run.stop.requested):
+    if not every or (step % every and not run.stop.requested) or run.saved_step == step:
         return
     epoch, position = work.sampler_after
     before = {key: run.summary[key] for key in BEFORE_TRAINING if key in run.summary}
     state = TrainerState(step, run.weight_version, epoch, position, before, run.fingerprint)
     with learner_death_stops_run(run.run_dir):
         save_checkpoint(run.spec, run.roles, run.run_dir, state)
+    run.saved_step = step

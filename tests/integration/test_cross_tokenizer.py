@@ -43,7 +43,7 @@ def test_pre_flight_says_how_to_score_across_tokenizers(tiny_dir: Path, pair_stu
     from opd_ray.data.run_inputs import load_run_inputs
 
     spec = ExperimentSpec.model_validate(cross_spec(tiny_dir, pair_student, tmp_path / "run"))
-    with pytest.raises(UserError, match=r"tokenizers differ .* set teacher\.cross_tokenizer: true"):
+    with pytest.raises(UserError, match=r"tokenizers differ .* set teachers\.teacher\.cross_tokenizer: true"):
         load_run_inputs(spec)
 
 

@@ -16,11 +16,12 @@ import os, sys, torch, deepspeed
 from deepspeed.runtime.zero import GatheredParameters
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
-from opd_ray.actors.learner import apply_update, deepspeed_config
+from opd_ray.actors.learner import apply_update, deepspeed_config, skip_inference_comm_op
 from opd_ray.spec import LearnerSpec, ModelSpec
 
 stage, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+skip_inference_comm_op()  # as the learner ranks do: a CPU would otherwise compile an op training never uses
 deepspeed.init_distributed(dist_backend="gloo")
 config = deepspeed_config(LearnerSpec(num_ranks=1, zero_stage=stage, lr=1e-2), ModelSpec(path=path), 1)
 keep_alive = HfDeepSpeedConfig(config) if stage == 3 else None
