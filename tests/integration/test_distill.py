@@ -60,42 +60,6 @@ def test_distill_lowers_reverse_kl_and_writes_run_dir(tiny_dir: Path, tmp_path: 
     assert after == before
 
 
-def test_cli_trains_on_user_jsonl_with_final_number_verifier(tiny_dir: Path, tmp_path: Path, local_ray, capsys) -> None:
-    """A user's own prompt file, a template, a named verifier and sampled-token OPD with vOPD + IW-OPD, via the CLI
-    (its `main`, inside the tests' Ray). The eval rows are the file's first 8, so prompt selection takes them
-    out of training."""
-    import yaml
-
-    from opd_ray.cli import main
-
-    prompts = tmp_path / "mine.jsonl"
-    rows = [{"question": f"{a}+{a + 1}", "final": str(2 * a + 1)} for a in range(10, 42)]
-    prompts.write_text("\n".join(json.dumps(r) for r in rows))
-    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
-    raw["learner"]["num_ranks"] = 1  # one rank: nothing here depends on how many
-    dataset = {"path": str(prompts), "prompt_field": "question", "answer_field": "final"}
-    raw["data"] = {
-        "train": dataset,
-        "eval": {**dataset, "limit": 8},
-        "prompt_template": "{prompt}=",
-        "verifier": "final_number",
-        "selection": {"near_duplicate_jaccard": None},
-    }
-    raw["trainer"].update(steps=2, prompts_per_step=8)
-    raw["algorithm"] = {"objective": "sampled_token", "clip_eps": 0.2, "baseline": "vopd", "position_gamma": 0.5}
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(raw))
-    assert main(["train", str(spec_path)]) == 0
-    printed = capsys.readouterr()
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 2
-    assert 0.0 <= summary["student_accuracy_after"] <= 1.0
-    selection = {"pool": 32, "kept": 24, "dropped": {"exact_reference": 8}, "outside": 0}
-    assert summary["prompt_selection"] == selection
-    assert json.loads((tmp_path / "run" / "selection.json").read_text()) == selection
-    assert "student_accuracy_after" in printed.out + printed.err
-
-
 def test_sft_control_raises_likelihood_of_reference_answers(tiny_dir: Path, tmp_path: Path, local_ray) -> None:
     """The control arm trains on the dataset's answers through the same learner, without a teacher signal."""
     from opd_ray.recipe.stages import run_stages
