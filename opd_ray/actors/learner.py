@@ -227,6 +227,15 @@ class LearnerWorker:
         metrics["lr"] = float(self.engine.get_lr()[0])
         return metrics
 
+    def loss(self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec) -> float:
+        """This rank's share of the loss `algorithm` gives the batch, with no update: one student, several
+        objectives compared on it. All ranks must take part (ZeRO-3 forwards are collective)."""
+        self.engine.eval()
+        full = RolloutBatch.concat(ray.get(batch_refs))
+        with torch.no_grad():
+            loss, _ = step_loss(self._models(), full, algorithm, self.rank, self.world_size)
+        return float(loss)
+
     def diagnose(
         self,
         batch_refs: list[ray.ObjectRef],
@@ -458,6 +467,10 @@ class LearnerGroup:
         moving while the learners train. `teacher_names` adds per-teacher metrics."""
         per_rank = wait(self.call("train_step", batch_refs, algorithm, diagnostics_k, step, teacher_names))
         return combine_rank_metrics(per_rank)
+
+    def loss(self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, timeout_s: float = 600) -> float:
+        """The step's loss under `algorithm` (the ranks' shares added), without an update."""
+        return sum(get_or_raise_first(self.call("loss", batch_refs, algorithm), timeout_s, "learner ranks (loss)"))
 
     def export_weights(self, timeout_s: float | None = None) -> ray.ObjectRef:
         """ObjectRef of rank 0's packed weights; the bytes stay in the object store."""

@@ -75,13 +75,7 @@ class RolloutWorker(EngineActor):
         batch = completions_to_batch(prompts_P, completions, self._weight_version, self.student_top_k)
         if answers_P is not None and self.verifier is not None:
             batch.task_rewards_B = torch.tensor([self.reward(c, answers_P[c.prompt_index]) for c in completions])
-        report = {
-            "sequences": batch.num_sequences,
-            "response_tokens": batch.num_response_tokens,
-            "weight_version": self._weight_version,
-            "seconds": time.perf_counter() - started,
-        }
-        return batch, report
+        return batch, {"weight_version": self._weight_version, "seconds": time.perf_counter() - started}
 
     def complete(self, prompts_P: dict[int, list[int]], seed: int) -> list[Completion]:
         """Samples with the worker's rollout settings; the completions themselves (text included), which

@@ -77,8 +77,7 @@ class TeacherScorer(EngineActor):
             teacher_id_B=torch.full((rows,), self.index, dtype=torch.long),
             teacher_coef_B=torch.full((rows,), self.teacher.coef),
         )
-        report = {"sequences": rows, "seconds": time.perf_counter() - started, "weight_version": self._weight_version}
-        return scored, report
+        return scored, {"seconds": time.perf_counter() - started}
 
     def load_weights(self, payload: dict, weight_version: int) -> None:
         """The student's current weights (a `self` teacher with `weights: current`), as a rollout engine gets them."""

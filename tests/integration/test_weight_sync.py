@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from opd_ray.spec import ExperimentSpec
+from opd_ray.spec import AlgorithmSpec, ExperimentSpec
 from tests.conftest import tiny_spec_dict
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def zero3(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray):
     from opd_ray.driver.roles import start_roles
 
     raw = tiny_spec_dict(tiny_dir, tmp_path_factory.mktemp("run"))
-    raw["learner"]["zero_stage"] = 3
+    raw["learner"].update(zero_stage=3, chunk_tokens=7)  # full-vocabulary logits in chunks of 7 tokens
     raw["algorithm"] = {"objective": "full_vocab", "divergence": "jsd"}
     for section, values in COLLECTIVE.items():
         raw[section] = {**raw.get(section, {}), **values}
@@ -70,6 +70,19 @@ def assert_engines_hold_the_learners_weights(setup: SimpleNamespace, ray, before
         for rank in learner_ranks:  # ZeRO-3 ranks agree with each other and with every engine
             assert max(abs(a - b) for a, b in zip(engine, rank, strict=True)) < 1e-5
     assert ray.get([w.weight_version.remote() for w in setup.roles.rollout_workers]) == [setup.version] * 2
+
+
+def test_full_vocab_on_learners_equals_topk_over_the_whole_vocabulary(zero3) -> None:
+    """The learner-side teacher copy + chunked full-vocabulary divergence (ZeRO-3, 2 ranks) == the scored teacher's
+    top-15 (all 15 ids) divergence, on one student (`loss`: no update)."""
+    from opd_ray.driver.pipeline import rollout_and_score
+
+    refs = rollout_and_score(zero3.roles, zero3.prepared.train, list(range(32)), 1)
+    for divergence in ("reverse_kl", "forward_kl", "jsd"):
+        full = zero3.roles.learners.loss(refs, AlgorithmSpec(objective="full_vocab", divergence=divergence))
+        topk = zero3.roles.learners.loss(refs, AlgorithmSpec(objective="topk", divergence=divergence))
+        assert full > 1e-3
+        assert full == pytest.approx(topk, rel=1e-4), divergence
 
 
 def test_engines_start_with_the_learners_weights_in_a_shared_placement_group(zero3, local_ray) -> None:
