@@ -19,7 +19,7 @@ def test_stop_on_collapse_stops_a_collapsing_run_and_names_it(tiny_dir: Path, tm
     from opd_ray.recipe.stages import run_stages
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
-    raw["learner"].update(lr=0.05)  # 17x the tests' usual lr: every response runs into the length limit
+    raw["learner"].update(lr=0.05, num_ranks=1)  # 17x the tests' usual lr: every response runs into the length limit
     raw["trainer"].update(steps=30, save_final=False, stop_on=["collapse"])
     raw["health"] = {"window": 3}
     with pytest.raises(RunStopped, match=r"stopped at step \d+ by trainer.stop_on: collapse at step \d+: .* cut off"):
