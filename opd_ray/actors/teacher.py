@@ -15,13 +15,11 @@ import torch
 
 from opd_ray.actors.cross_tokenizer import CrossTokenizer
 from opd_ray.actors.runtime import EngineActor
-from opd_ray.actors.teacher_backends import TEACHER_BACKENDS, ContextTooShort, check_context, score_with_transformers
+from opd_ray.actors.teacher_backends import TEACHER_BACKENDS
 from opd_ray.actors.vllm_engine import Completion
 from opd_ray.data.preflight import vocab_size
 from opd_ray.losses.batch import RolloutBatch, scores_from, with_prompts
 from opd_ray.spec import ModelSpec, NamedTeacherSpec
-
-__all__ = ["ContextTooShort", "TeacherScorer", "check_context", "score_with_transformers"]
 
 
 class TeacherScorer(EngineActor):

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd_ray.actors.cross_tokenizer import CrossTokenizer
-from opd_ray.actors.teacher import TeacherScorer, score_with_transformers
+from opd_ray.actors.teacher import TeacherScorer
+from opd_ray.actors.teacher_backends import score_with_transformers
 from opd_ray.data.arithmetic import ALPHABET
 from opd_ray.losses.batch import ResponseRow, batch_from_rows
 from opd_ray.recipe.tiny_models import SHIPPED, build_digit_pair_tokenizer, save_random_model

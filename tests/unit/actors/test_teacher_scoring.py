@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd_ray.actors.teacher import score_with_transformers
+from opd_ray.actors.teacher_backends import score_with_transformers
 from opd_ray.losses.batch import ResponseRow, batch_from_rows
 from opd_ray.losses.hidden import prompt_groups
 from opd_ray.recipe.tiny_models import SHIPPED

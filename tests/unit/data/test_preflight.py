@@ -117,7 +117,7 @@ def test_a_lora_module_the_student_lacks_is_named_before_anything_starts(tiny_di
 
 
 def test_a_sequence_longer_than_the_teachers_context_is_one_line() -> None:
-    from opd_ray.actors.teacher import ContextTooShort, check_context
+    from opd_ray.actors.teacher_backends import ContextTooShort, check_context
 
     check_context(32, 32, cross_tokenizer=True)
     with pytest.raises(
