@@ -32,9 +32,9 @@ NODE_POLL_S = 2.0
 RoleDemand = tuple[str, int, ResourcesSpec]  # (role, number of actors, resources of one actor)
 
 
-def teacher_role(spec: ExperimentSpec, name: str) -> str:
-    """A teacher's role name: "teacher" when the run has one, "teacher.<name>" for each of several."""
-    return f"teacher.{name}" if spec.several_teachers else "teacher"
+def teacher_role(name: str, teachers: int) -> str:
+    """A teacher's role name: "teacher" when the run has one (of `teachers`), "teacher.<name>" for each of several."""
+    return f"teacher.{name}" if teachers > 1 else "teacher"
 
 
 def role_kind(role: str) -> str:
@@ -45,7 +45,8 @@ def role_kind(role: str) -> str:
 def role_demands(spec: ExperimentSpec) -> list[RoleDemand]:
     """(role, number of actors, resources of one actor) for every role of a run; each teacher is a role."""
     teachers = [
-        (teacher_role(spec, name), teacher.num_replicas, teacher.resources) for name, teacher in spec.teachers.items()
+        (teacher_role(name, len(spec.teachers)), teacher.num_replicas, teacher.resources)
+        for name, teacher in spec.teachers.items()
     ]
     return [
         ("rollout", spec.rollout.num_workers, spec.rollout.resources),

@@ -66,10 +66,7 @@ class Roles:
     def locations(self) -> dict[str, list[dict]]:
         """Node (and GPUs) of every actor, by role: what a run records in placement.json."""
         actors = {"rollout": self.rollout_workers, "learner": self.learners.workers}
-        if len(self.teacher_pools) == 1:
-            actors["teacher"] = self.teachers  # the role names placement.teacher_role gives
-        else:
-            actors.update({f"teacher.{name}": pool for name, pool in self.teacher_pools.items()})
+        actors.update({teacher_role(name, len(self.teacher_pools)): pool for name, pool in self.teacher_pools.items()})
         return {
             role: get_or_raise_first([actor.location.remote() for actor in handles], self.timeouts.start_s, role)
             for role, handles in actors.items()
@@ -119,7 +116,7 @@ def start_teachers(spec: ExperimentSpec, placement: Placement) -> dict[str, list
     return {
         name: [
             start_teacher(spec, name, i, bundle)
-            for i, bundle in enumerate(placement.actor_options[teacher_role(spec, name)])
+            for i, bundle in enumerate(placement.actor_options[teacher_role(name, len(spec.teachers))])
         ]
         for name in spec.teachers
     }

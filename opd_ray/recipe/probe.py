@@ -115,7 +115,7 @@ def run_probe(spec: ExperimentSpec, other_teachers: list[str] = ()) -> dict:
         results = [measure(spec, roles, prepared, refs, eval_prompts, student_accuracy)]
         name = next(iter(spec.teachers))
         for teacher in candidates[1:]:
-            bundle = roles.placement.actor_options[teacher_role(spec, name)][0]
+            bundle = roles.placement.actor_options[teacher_role(name, len(spec.teachers))][0]
             for old in roles.teachers:
                 ray.kill(old, no_restart=True)  # frees the bundle for the next candidate
             roles.teacher_pools = {name: [start_teacher(spec, name, 0, bundle, model=teacher)]}
