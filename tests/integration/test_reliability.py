@@ -185,6 +185,7 @@ def test_non_finite_loss_skips_updates_then_stops_without_poisoning(tiny_dir: Pa
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["models"]["teacher"]["path"] = str(broken)
+    raw["learner"]["num_ranks"] = 1  # every rank sees the NaN teacher: the skip does not depend on how many
     raw["trainer"].update(steps=6, checkpoint_every=1, max_bad_steps=2, save_final=False)
     with pytest.raises(RunStopped, match="2 consecutive steps with a non-finite loss"):
         run_stages(ExperimentSpec.model_validate(raw))
