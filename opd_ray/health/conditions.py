@@ -81,6 +81,17 @@ def reward_divergence(s: Signals, h: HealthSpec) -> str | None:
     return None
 
 
+def objective_not_falling(s: Signals, h: HealthSpec) -> str | None:
+    """reward_divergence's other half: the reward fell and the KL did not. The sampled reverse KL is every
+    objective's own quantity on the student's samples, so a run whose KL holds or rises is not minimising it."""
+    if not windows_apart(s, h) or s.reward_drop is None or s.kl_vs_start is None:
+        return None
+    if s.reward_drop >= h.reward_drop and s.kl_vs_start > 1 - h.kl_drop:
+        drop, kl = s.reward_drop, s.kl_vs_start
+        return f"sample reward {drop:.2f} below its start while the sampled reverse KL stayed at x{kl:.2f} of its start"
+    return None
+
+
 def grad_spike(s: Signals, h: HealthSpec) -> str | None:
     if s.grad_norm_vs_median is not None and s.grad_norm_vs_median >= h.grad_spike_factor:
         return f"gradient norm x{s.grad_norm_vs_median:.0f} of the median of the steps before"
@@ -128,6 +139,14 @@ CONDITIONS: dict[str, Condition] = {
             "the student agrees with the teacher more and solves less: check the teacher's accuracy on these "
             "prompts and its sampling settings, mix in the task reward (algorithm.task_reward_coef), or stop",
             reward_divergence,
+        ),
+        Condition(
+            "objective_not_falling",
+            "the verifier's reward on the student's samples fell below where it started while the sampled reverse "
+            "KL did not fall (by health.kl_drop)",
+            "training is not minimising its own objective and the student solves less: lower learner.lr; for "
+            "sampled_token (a one-sample estimate) also raise rollout.samples_per_prompt, or use the top-k objective",
+            objective_not_falling,
         ),
         Condition(
             "grad_spike",

@@ -35,7 +35,13 @@ class TimeoutsSpec(Section):
 
 
 ConditionName = Literal[
-    "collapse", "entropy_explosion", "no_alignment", "teacher_broken", "reward_divergence", "grad_spike"
+    "collapse",
+    "entropy_explosion",
+    "no_alignment",
+    "teacher_broken",
+    "reward_divergence",
+    "objective_not_falling",
+    "grad_spike",
 ]
 CONDITIONS: tuple[str, ...] = get_args(ConditionName)
 # What the doctor needs to judge a condition (health/conditions.py): the diagnostics' signals, and enough steps
@@ -45,6 +51,7 @@ CONDITION_FIRST_STEP = {
     "collapse": lambda health: 2 * health.window,
     "entropy_explosion": lambda health: 2 * health.window,
     "reward_divergence": lambda health: 2 * health.window,
+    "objective_not_falling": lambda health: 2 * health.window,
     "no_alignment": lambda health: health.alignment_steps,
 }
 

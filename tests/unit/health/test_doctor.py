@@ -92,6 +92,15 @@ def test_reward_divergence_needs_the_reward_down_while_the_kl_falls() -> None:
     assert "reward_divergence" not in fired(no_teaching)
 
 
+def test_objective_not_falling_needs_the_reward_down_while_the_kl_holds_or_rises() -> None:
+    rising = stream(60, sample_reward=lambda t: max(0.0, 0.5 - t / 60), sampled_reverse_kl=lambda t: 1.0 + t / 30)
+    assert fired(rising)["objective_not_falling"] == 20  # the windows apart at 20; the reward already down 0.17
+    flat = stream(60, sample_reward=lambda t: max(0.0, 0.5 - t / 60), sampled_reverse_kl=lambda t: 1.0)
+    assert "objective_not_falling" in fired(flat)
+    learning = stream(60, sampled_reverse_kl=lambda t: 1.0 + t / 30)  # the reward rises: not this condition
+    assert "objective_not_falling" not in fired(learning)
+
+
 def test_a_gradient_spike_is_named_at_its_step() -> None:
     assert fired(stream(30, grad_norm=lambda t: 25.0 if t == 17 else 1.0)) == {"grad_spike": 17}
 

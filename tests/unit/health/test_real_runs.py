@@ -30,3 +30,8 @@ def test_the_collapsed_tiny_run_is_flagged_where_it_was_stopped() -> None:
     # its teacher is the tests' random-init model: log-probs within 10% of -ln 15 on every token, which the
     # doctor rightly calls broken (it teaches nothing); the collapse is the student's own
     assert verdict("tiny_collapse_lr0.05.jsonl", 15, window=3) == {"teacher_broken": 4, "collapse": 10}
+
+
+def test_a_sampled_token_run_that_climbs_its_own_objective_is_flagged_early() -> None:
+    found = verdict("quickstart_sampled_token_standardized.jsonl", 15)
+    assert found["objective_not_falling"] <= 100 < 600, found  # of 600 steps; the student ends at 0.000
