@@ -29,7 +29,7 @@ from opd_ray.actors.weight_sync import pack_state_dict
 from opd_ray.errors import UserError
 from opd_ray.losses.batch import RolloutBatch, supervised_batch
 from opd_ray.losses.objectives import token_logprobs
-from opd_ray.losses.step import StepModels, combine_rank_metrics, diagnose, step_loss
+from opd_ray.losses.step import StepModels, combine_rank_metrics, diagnose, sampling_head, step_loss
 from opd_ray.spec import AlgorithmSpec, LearnerSpec, ModelSpec
 
 LEARNER_ENV = {"DS_ACCELERATOR": "cpu"} if not torch.cuda.is_available() else {}
@@ -130,8 +130,10 @@ class LearnerWorker:
         micro_batch: int,
         total_steps: int,
         teacher: ModelSpec | None = None,
+        temperature: float = 1.0,
     ) -> None:
-        """`teacher` loads a frozen teacher copy on this rank, for full-vocabulary objectives."""
+        """`teacher` loads a frozen teacher copy on this rank, for full-vocabulary objectives; `temperature`
+        is rollout.temperature: the student is trained as the distribution it samples from."""
         import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
@@ -153,7 +155,7 @@ class LearnerWorker:
         clear_stale_build_locks()  # a torch extension build killed earlier must not hang this start
         deepspeed.init_distributed(dist_backend=backend)
         config = deepspeed_config(learner, model, micro_batch)
-        self.chunk_tokens = learner.chunk_tokens
+        self.chunk_tokens, self.temperature = learner.chunk_tokens, temperature
         device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         # Before the ZeRO-3 config below exists: the frozen teacher must not be partitioned.
         self.teacher = load_causal_lm(teacher, device) if teacher is not None else None
@@ -194,7 +196,7 @@ class LearnerWorker:
     def _models(self) -> StepModels:
         return StepModels(
             self.engine,
-            self.engine.module.get_output_embeddings(),
+            sampling_head(self.engine.module.get_output_embeddings(), self.temperature),
             self.device,
             self.chunk_tokens,
             self.teacher,
@@ -432,9 +434,10 @@ class LearnerGroup:
         teacher: ModelSpec | None = None,
         rank_options: list[dict] | None = None,
         start_timeout_s: float | None = None,
+        temperature: float = 1.0,
     ) -> None:
         """`rank_options`: extra actor options per rank (their placement-group bundle); ranks that are not up
-        within `start_timeout_s` (trainer.timeouts.start_s) are named."""
+        within `start_timeout_s` (trainer.timeouts.start_s) are named; `temperature`: rollout.temperature."""
         options = {
             **learner.resources.actor_options(),
             "runtime_env": {"env_vars": {**runtime_env.get("env_vars", {}), **LEARNER_ENV}},
@@ -446,7 +449,9 @@ class LearnerGroup:
         starting = "learner ranks starting (trainer.timeouts.start_s)"
         (master,) = get_or_raise_first([self.workers[0].address.remote()], start_timeout_s, starting)
         setups = [
-            w.setup.remote(rank, learner.num_ranks, master, model, learner, micro_batch, total_steps, teacher)
+            w.setup.remote(
+                rank, learner.num_ranks, master, model, learner, micro_batch, total_steps, teacher, temperature
+            )
             for rank, w in enumerate(self.workers)
         ]
         get_or_raise_first(setups, start_timeout_s, starting)

@@ -45,7 +45,7 @@ class RolloutWorker(EngineActor):
         verifier: str | None = None,
         verifier_errors: str = "count_wrong",
     ) -> None:
-        self.llm = create_engine(model, engine, seed, worker_extension=WORKER_EXTENSION)
+        self.llm = create_engine(model, engine, seed, worker_extension=WORKER_EXTENSION, sampling=True)
         self.rollout = rollout
         self.seed = seed
         self.student_top_k = student_top_k

@@ -36,16 +36,21 @@ class Completion:
 
     prompt_index: int
     token_ids: list[int]
-    logprobs: list[float]  # of the sampled token, under the sampling distribution
+    logprobs: list[float]  # of the sampled token, under the sampling distribution (after temperature)
     topk_ids: list[list[int]] | None  # the model's top-k ids at each sampled position, by rank
     finished: bool  # ended with end-of-sequence rather than the length limit
     text: str
 
 
-def create_engine(model: ModelSpec, engine: EngineSpec, seed: int, worker_extension: str | None = None) -> LLM:
+def create_engine(
+    model: ModelSpec, engine: EngineSpec, seed: int, worker_extension: str | None = None, sampling: bool = False
+) -> LLM:
+    """`sampling` (a rollout engine): sampled tokens' log-probs as vLLM samples them, after the temperature
+    (vLLM's default reports the raw distribution's, which at rollout.temperature != 1 is not the one the
+    tokens were drawn from)."""
     from vllm import LLM
 
-    kwargs: dict = {}
+    kwargs: dict = {"logprobs_mode": "processed_logprobs"} if sampling else {}
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     else:
@@ -78,8 +83,8 @@ def generate(
 ) -> list[Completion]:
     """Samples (temperature > 0) or decodes greedily (temperature 0); one Completion per sample.
 
-    `top_k_ids` > 0 also records the model's top-k ids at every sampled position (vLLM ranks
-    them on the raw distribution, before temperature): the student's top-k support.
+    `top_k_ids` > 0 also records the model's top-k ids at every sampled position (a temperature does not
+    change their order): the student's top-k support.
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt

@@ -154,6 +154,7 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
         learner_teacher,
         placement.actor_options["learner"],
         timeouts.start_s,
+        spec.rollout.temperature,
     )
     engines = rollout_workers + [actor for pool in teacher_pools.values() for actor in pool]
     starting = "rollout workers and teachers starting (trainer.timeouts.start_s)"

@@ -37,6 +37,16 @@ from opd_ray.spec import AlgorithmSpec
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
+def sampling_head(head: Head, temperature: float) -> Head:
+    """The student's logits as it samples them: divided by `rollout.temperature`. vLLM samples from
+    softmax(logits / T), and the rollout engine reports those log-probs (actors/vllm_engine.py), so with the
+    learner's recompute also at T the importance ratio is 1 on-policy, the reward log q - log p is of the
+    distribution the tokens came from, and every divergence trains the policy that samples."""
+    if temperature == 1.0:
+        return head
+    return lambda hidden: head(hidden) / temperature
+
+
 @dataclass
 class StepModels:
     """What a rank computes with: the student (with grad), an optional frozen teacher for
