@@ -210,9 +210,10 @@ class LearnerWorker:
         diagnostics_k: int | None = None,
         step: int = 1,
         teacher_names: tuple[str, ...] = (),
+        before_step: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """One optimizer step on this rank's rows of `full` (losses/step.py); returns shares the driver adds
-        across ranks."""
+        across ranks. `before_step` runs between the backward and the optimizer step."""
         self.engine.train()
         loss, metrics = step_loss(
             self._models(), full, algorithm, self.rank, self.world_size, diagnostics_k, step, teacher_names
@@ -220,7 +221,8 @@ class LearnerWorker:
         if self._any_rank(not bool(torch.isfinite(loss))):  # every rank skips together, or backward hangs
             metrics.update(loss=None, skipped_update=1, lr=float(self.engine.get_lr()[0]))
             return metrics
-        if not apply_update(self.engine, loss * self.world_size, self._any_rank):  # DeepSpeed averages over ranks
+        # loss x ranks: DeepSpeed averages the ranks' gradients, and each rank's loss is its share of the sum
+        if not apply_update(self.engine, loss * self.world_size, self._any_rank, before_step):
             metrics.update(skipped_update=1, gradient_fault=1)
         norm = self.engine.get_global_grad_norm()
         if norm is not None and math.isfinite(float(norm)):
@@ -228,6 +230,24 @@ class LearnerWorker:
         metrics["loss"] = float(loss.detach())
         metrics["lr"] = float(self.engine.get_lr()[0])
         return metrics
+
+    def train_step_showing_gradient(
+        self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """A train step that also returns the gradient it applied: every trainable parameter's, whole (gathered
+        from the ZeRO partitions) and before clipping; rank 0 returns it, the others None. All ranks must take
+        part. What tests/integration/test_reference_learner.py compares with the independent reference."""
+        from deepspeed.utils import safe_get_full_grad
+
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep() -> None:
+            for name, parameter in self.engine.module.named_parameters():
+                if parameter.requires_grad:
+                    seen[name] = safe_get_full_grad(parameter).detach().float().cpu().clone()
+
+        metrics = self._train_on(RolloutBatch.concat(ray.get(batch_refs)), algorithm, before_step=keep)
+        return metrics, seen if self.rank == 0 else None
 
     def loss(self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec) -> float:
         """This rank's share of the loss `algorithm` gives the batch, with no update: one student, several
@@ -401,7 +421,7 @@ class LearnerWorker:
             return token_logprobs(logits, ids[0, 1:]).tolist()
 
 
-def apply_update(engine: Any, loss: torch.Tensor, any_rank: Any) -> bool:
+def apply_update(engine: Any, loss: torch.Tensor, any_rank: Any, before_step: Callable[[], None] | None = None) -> bool:
     """Backward and optimizer step; False when a non-finite gradient made the step a no-op.
 
     Under ZeRO 1-3, DeepSpeed itself skips a step whose gradient norm is not finite (and
@@ -409,6 +429,8 @@ def apply_update(engine: Any, loss: torch.Tensor, any_rank: Any) -> bool:
     on every rank and, if any is bad, dropped before the optimizer sees them.
     """
     engine.backward(loss)
+    if before_step is not None:
+        before_step()
     if engine.zero_optimization_stage() == 0:
         bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in engine.module.parameters())
         if any_rank(bad):
