@@ -6,10 +6,15 @@ it, with its end-of-sequence token where the student's response ended. `student_
 teacher's scores back onto the student's tokens through the byte alignment (data/tokenizer_matching.py):
 
 - the sampled-token value of every student token carries its chunk's reward (`chunk_teacher_logprobs`);
-- the teacher's top-k is kept only where a chunk is one student token and one teacher token, with ids
+- the teacher's top-k is kept where a chunk is one student token and one teacher token, with ids
   mapped to the student's vocabulary by their text (-1 where the student has no such token); those
-  positions are marked in `aligned_BL`, and every other position has no top-k (ids -1), so top-k
-  objectives and diagnostics skip it.
+  positions are marked in `aligned_BL` (the diagnostics read only them);
+- a student token that spans several teacher tokens ("12" against "1" "2") gets its own teacher
+  probability, the product of the teacher's conditionals along the span (NeMo-RL's span projection), as
+  a top-k of one id: with `algorithm.topk_tail` the top-k objective there compares the two models'
+  probability of that token and of everything else;
+- every other position (several student tokens in one chunk) has no top-k (ids -1): top-k objectives
+  skip it.
 """
 
 from __future__ import annotations
@@ -96,6 +101,10 @@ class CrossTokenizer:
                 batch.rollout_logprobs_BL[b, student_at], scored_view.teacher_logprobs_BL[b, teacher_at], chunks
             )
             ids_BLK[b, student_at] = -1
+            for chunk in (c for c in chunks if c.one_student_token_spanning):
+                at = student_at[chunk.student_start]
+                ids_BLK[b, at, 0] = batch.input_ids_BL[b, at]
+                logprobs_BLK[b, at, 0] = teacher_BL[b, at]  # the span's summed log-probs (chunk_teacher_logprobs)
             pairs = [(c.student_start, c.teacher_start) for c in chunks if c.one_to_one]
             if not pairs:
                 continue

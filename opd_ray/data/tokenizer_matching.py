@@ -80,6 +80,12 @@ class Chunk:
         """Both sides' next token covers the same text: the two distributions there can be compared."""
         return self.student_end - self.student_start == 1 and self.teacher_end - self.teacher_start == 1
 
+    @property
+    def one_student_token_spanning(self) -> bool:
+        """One student token covering several teacher tokens ("12" against "1" "2"): the teacher's probability
+        of that token is the product of its conditionals along the span."""
+        return self.student_end - self.student_start == 1 and self.teacher_end - self.teacher_start > 1
+
 
 def aligned_chunks(student_lengths: list[int], teacher_lengths: list[int]) -> list[Chunk]:
     """The smallest spans ending where both tokenizations have a boundary at the same byte offset.

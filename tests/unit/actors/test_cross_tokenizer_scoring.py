@@ -67,7 +67,11 @@ def test_chunk_values_and_aligned_top_k_match_the_teachers_own_forward(pairs) ->
         if text == "64":  # "64" <eos> against "6" "4" <eos>: one merged chunk, then the end alone
             torch.testing.assert_close(values, torch.stack([q_T[0] + q_T[1], q_T[2]]), rtol=1e-5, atol=1e-5)
             assert scored.aligned_BL[b, at].tolist() == [0.0, 1.0]
-            assert scored.teacher_topk_ids_BLK[b, at[0]].eq(-1).all()  # no top-k inside a merged chunk
+            # the pair-token spans two teacher tokens: its own teacher probability, the product along the span,
+            # as a top-k of one id (the student's token); nothing else is known there
+            span_ids, span_logprobs = scored.teacher_topk_ids_BLK[b, at[0]], scored.teacher_topk_logprobs_BLK[b, at[0]]
+            assert span_ids[0] == batch.input_ids_BL[b, at[0]] and span_ids[1:].eq(-1).all()
+            torch.testing.assert_close(span_logprobs[0], q_T[0] + q_T[1], rtol=1e-5, atol=1e-5)
             eos_top = scored.teacher_topk_ids_BLK[b, at[1]]
             assert eos_top[0] == pair_tokenizer.eos_token_id  # the teacher's best guess, in the student's ids
         if text == "21":  # not finished: "21" against "2" "1", no end token
