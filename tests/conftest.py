@@ -39,7 +39,8 @@ def tiny_spec_dict(tiny_dir: Path, run_dir: Path) -> dict:
         "run": {"name": "test", "output_dir": str(run_dir), "seed": 0},
         "models": {"student": {"path": str(tiny_dir / "student")}, "teacher": {"path": str(tiny_dir / "teacher")}},
         "data": {"train": {"path": str(tiny_dir / "train.jsonl")}, "eval": {"path": str(tiny_dir / "eval.jsonl")}},
-        "rollout": {"max_new_tokens": 6, "engine": {"max_model_len": 32, "kv_cache_gib": 0.1}},
+        # one sample of a prompt whatever the objective (sampled_token's own default is 4): tests are about plumbing
+        "rollout": {"max_new_tokens": 6, "samples_per_prompt": 1, "engine": {"max_model_len": 32, "kv_cache_gib": 0.1}},
         # transformers: a second vLLM engine costs ~10 s of every run's start on 2 cores; the vLLM teacher is
         # exercised where it is the subject (test_distill's first run, test_objective_families, the quickstart
         # in test_multinode, the teacher_scoring benchmark); every run still samples with a vLLM rollout engine

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -49,7 +49,11 @@ class AlgorithmSpec(Section):
     clip_eps: float | None = Field(0.2, gt=0, description="PPO clip range of sampled_token; null = no clipping")
     discount: float = Field(0.0, ge=0, le=1, description="sampled_token credit: 0 = per-token reward, 1 = full return")
     standardize_rewards: bool = Field(False, description="sampled_token: zero-mean, unit-variance advantages per batch")
-    baseline: Literal["none", "vopd"] = Field("none", description="sampled_token: vopd subtracts -KL(p||q) on top-k")
+    baseline: Literal["none", "vopd"] = Field(
+        "none",
+        description="sampled_token: vopd subtracts -KL(p||q) on the teacher's top-k (sampled_token's default "
+        "with discount 0 and standardize_rewards false)",
+    )
     position_gamma: float = Field(0.0, ge=0, description="sampled_token: IW-OPD position weights (paper: 0.5)")
     entropy_gate: EntropyGateSpec = EntropyGateSpec()
     task_reward_coef: float = Field(0.0, ge=0, description="weight of the verifier's reward (RL mixed in)")
@@ -64,6 +68,16 @@ class AlgorithmSpec(Section):
         "loss is weighted by min(p_theta(y_t) / p_rollout(y_t), cap), detached; sampled_token caps its ratio. "
         "null = none",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_defaults(cls, data: Any) -> Any:
+        """The objective's own defaults for the keys the spec does not set (sampled_token: the vOPD baseline),
+        resolved here so that `opd-ray validate` and the spec.yaml a run writes show them."""
+        if not isinstance(data, dict) or not isinstance(data.get("objective", "topk"), str):
+            return data
+        record = OBJECTIVE_RECORDS.get(data.get("objective", "topk"))
+        return data if record is None else {**record.defaults(data), **data}
 
     @field_validator("objective")
     @classmethod

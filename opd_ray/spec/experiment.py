@@ -11,6 +11,7 @@ from opd_ray.spec.base import Section
 from opd_ray.spec.cluster import PlacementSpec, RaySpec, WeightSyncSpec
 from opd_ray.spec.data import DataSpec
 from opd_ray.spec.models import ModelSpec, ModelsSpec
+from opd_ray.spec.objectives import OBJECTIVE_RECORDS
 from opd_ray.spec.recipe import ColdStartSpec, ProbeSpec
 from opd_ray.spec.roles import (
     LONG_RESPONSE_TOKENS,
@@ -85,6 +86,21 @@ class ExperimentSpec(Section):
                 long_responses = max_new_tokens >= LONG_RESPONSE_TOKENS
                 data = {**data, "learner": {**learner, "gradient_checkpointing": long_responses}}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _samples_follow_objective(cls, data: Any) -> Any:
+        """Resolves an unset rollout.samples_per_prompt to what the objective needs (spec/objectives.py:
+        sampled_token, a one-sample estimate, 4; the analytic objectives 1), so `opd-ray validate` prints it."""
+        if not isinstance(data, dict):
+            return data
+        rollout, algorithm = data.get("rollout") or {}, data.get("algorithm") or {}
+        if not isinstance(rollout, dict) or not isinstance(algorithm, dict) or "samples_per_prompt" in rollout:
+            return data
+        record = OBJECTIVE_RECORDS.get(algorithm.get("objective", "topk"))
+        if record is None or record.samples_per_prompt == 1:
+            return data
+        return {**data, "rollout": {**rollout, "samples_per_prompt": record.samples_per_prompt}}
 
     def teacher_model(self, name: str) -> ModelSpec:
         """The model a teacher loads: its own, or the student's initial one for `model: self`."""

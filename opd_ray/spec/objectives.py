@@ -17,6 +17,17 @@ def _never(algorithm: Any) -> bool:
     return False
 
 
+def _no_defaults(algorithm: dict) -> dict:
+    return {}
+
+
+def _vopd_where_it_applies(algorithm: dict) -> dict:
+    """sampled_token's baseline: vOPD (the expected per-token reward, in closed form on the teacher's top-k)
+    wherever it is the right one, i.e. per-token rewards that are not standardised."""
+    plain = algorithm.get("discount", 0.0) == 0 and not algorithm.get("standardize_rewards", False)
+    return {"baseline": "vopd"} if plain else {}
+
+
 @dataclass(frozen=True)
 class ObjectiveRecord:
     """One objective: what it is, what it needs from the other roles, and where it is supported."""
@@ -40,6 +51,11 @@ class ObjectiveRecord:
     cross_tokenizer: bool = True
     # several teachers, each scoring its own rows, can feed one batch
     several_teachers: bool = True
+    # rollout.samples_per_prompt where the spec does not set it: a one-sample estimate needs several samples
+    # of each prompt to descend its objective (README "Objectives side by side")
+    samples_per_prompt: int = 1
+    # algorithm.* defaults of this family where the spec does not set the key: (the keys given) -> {key: value}
+    defaults: Callable[[dict], dict] = _no_defaults
 
     def trains_on_dataset_answers_ok(self, algorithm: Any) -> bool:
         """Whether GKD's dataset share (student_data_fraction < 1) works: dataset answers have no rollout
@@ -90,6 +106,8 @@ add_objective(
         summary="one-sample reverse KL as a dense reward inside an importance-sampled policy gradient",
         keys=("clip_eps", "discount", "standardize_rewards", "baseline", "position_gamma"),
         sequence_advantages=True,
+        samples_per_prompt=4,
+        defaults=_vopd_where_it_applies,
     )
 )
 add_objective(

@@ -64,7 +64,9 @@ class ResourcesSpec(Section):
 
 class RolloutSpec(Section):
     num_workers: int = Field(1, ge=1)
-    samples_per_prompt: int = Field(1, ge=1)
+    samples_per_prompt: int = Field(
+        1, ge=1, description="samples of each prompt per step; unset, it follows the objective (sampled_token: 4)"
+    )
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)

@@ -21,9 +21,12 @@ TOP_K = 4  # of the 6 ids each side sent: a support smaller than the vocabulary,
 
 # name -> (the spec's algorithm section, the same objective in the reference's words)
 FAMILIES = {
-    "sampled_token": ({"objective": "sampled_token", "clip_eps": None}, partial(reference.sampled_token_loss)),
+    "sampled_token": (
+        {"objective": "sampled_token", "clip_eps": None, "baseline": "none"},
+        partial(reference.sampled_token_loss),
+    ),
     "sampled_token clipped, stale samples": (
-        {"objective": "sampled_token", "clip_eps": 0.2},
+        {"objective": "sampled_token", "clip_eps": 0.2, "baseline": "none"},
         partial(reference.sampled_token_loss, clip_eps=0.2),
     ),
     "sampled_token returns, standardised": (
@@ -35,7 +38,7 @@ FAMILIES = {
         partial(reference.sampled_token_loss, clip_eps=0.2, vopd=True, k=None),
     ),
     "sampled_token sequence mean": (
-        {"objective": "sampled_token", "aggregation": "sequence_mean"},
+        {"objective": "sampled_token", "baseline": "none", "aggregation": "sequence_mean"},
         partial(reference.sampled_token_loss, clip_eps=0.2, aggregation="sequence_mean"),
     ),
     **{

@@ -168,3 +168,20 @@ def test_overrides_may_follow_the_flags() -> None:
         assert args.overwrite and args.overrides == ["a=1", "b=2"], argv
     with pytest.raises(SystemExit):
         parse_command_line(["train", "s.yaml", "--overwrite", "stray"])
+
+
+def test_sampled_token_brings_its_own_defaults_and_a_spec_that_sets_them_keeps_its_own() -> None:
+    """A one-sample estimate needs several samples of a prompt and its baseline (README "Objectives side by
+    side"): `algorithm.objective=sampled_token` alone resolves both; the analytic objectives keep 1 sample."""
+    from opd_ray.spec.loading import spec_to_yaml
+
+    quickstart = QUICKSTART
+    sampled = load_spec(quickstart, ["algorithm.objective=sampled_token"])
+    assert sampled.rollout.samples_per_prompt == 4 and sampled.algorithm.baseline == "vopd"
+    assert "samples_per_prompt: 4" in spec_to_yaml(sampled) and "baseline: vopd" in spec_to_yaml(sampled)
+    assert load_spec(quickstart, []).rollout.samples_per_prompt == 1
+    returns = load_spec(quickstart, ["algorithm.objective=sampled_token", "algorithm.discount=0.9"])
+    assert returns.algorithm.baseline == "none"  # vOPD is the baseline of per-token rewards only
+    own = load_spec(quickstart, ["algorithm.objective=sampled_token", "rollout.samples_per_prompt=1",
+                                 "algorithm.baseline=none"])  # fmt: skip
+    assert own.rollout.samples_per_prompt == 1 and own.algorithm.baseline == "none"
