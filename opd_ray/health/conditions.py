@@ -20,6 +20,9 @@ class Condition:
     rule: str  # the rule in words (README, report)
     advice: str
     check: Callable[[Signals, HealthSpec], str | None]
+    # steps in a row the rule must hold before the condition is named: 1, or a whole window for a rule that a
+    # working run's early dip (a fresh optimizer) meets for a few steps
+    sustained: Callable[[HealthSpec], int] = lambda h: 1
 
 
 def windows_apart(signals: Signals, settings: HealthSpec) -> bool:
@@ -143,10 +146,11 @@ CONDITIONS: dict[str, Condition] = {
         Condition(
             "objective_not_falling",
             "the verifier's reward on the student's samples fell below where it started while the sampled reverse "
-            "KL did not fall (by health.kl_drop)",
+            "KL did not fall (by health.kl_drop), for health.window steps in a row",
             "training is not minimising its own objective and the student solves less: lower learner.lr; for "
             "sampled_token (a one-sample estimate) also raise rollout.samples_per_prompt, or use the top-k objective",
             objective_not_falling,
+            sustained=lambda h: h.window,
         ),
         Condition(
             "grad_spike",

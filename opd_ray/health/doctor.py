@@ -39,6 +39,7 @@ class Doctor:
         self.settings, self.vocab_size, self.stop_on = settings, vocab_size, set(stop_on)
         self.rows: list[Row] = []
         self.found: dict[str, Diagnosis] = {}
+        self.held_for: dict[str, int] = {}  # steps in a row each condition's rule has held
         self.stopped_by: Diagnosis | None = None
 
     def observe(self, step: int, metrics: Row) -> list[Diagnosis]:
@@ -51,7 +52,8 @@ class Doctor:
         new = []
         for name, condition in CONDITIONS.items():
             evidence = condition.check(signals, self.settings)
-            if evidence is None:
+            self.held_for[name] = 0 if evidence is None else self.held_for.get(name, 0) + 1
+            if evidence is None or self.held_for[name] < condition.sustained(self.settings):
                 continue
             if name in self.found:
                 self.found[name].last_step = step

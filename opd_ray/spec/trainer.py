@@ -51,7 +51,7 @@ CONDITION_FIRST_STEP = {
     "collapse": lambda health: 2 * health.window,
     "entropy_explosion": lambda health: 2 * health.window,
     "reward_divergence": lambda health: 2 * health.window,
-    "objective_not_falling": lambda health: 2 * health.window,
+    "objective_not_falling": lambda health: 3 * health.window - 1,  # held for a window after the two apart
     "no_alignment": lambda health: health.alignment_steps,
 }
 
