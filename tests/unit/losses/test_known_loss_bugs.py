@@ -9,10 +9,9 @@ import copy
 import pytest
 import torch
 
-from opd_ray.losses.step import StepModels, step_loss
 from opd_ray.spec import AlgorithmSpec
-from tests.reference.batch import gradients, load_model, load_tensors
-from tests.unit.losses.test_reference import rollout_batch
+from tests.reference.batch import gradients
+from tests.unit.losses.test_reference import learner_loss
 
 OBJECTIVES = {
     "sampled, returns, standardised": {"objective": "sampled_token", "discount": 0.9, "standardize_rewards": True},
@@ -23,23 +22,9 @@ OBJECTIVES = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    return load_tensors(), load_model("teacher").eval(), load_model("student")
-
-
-def loss_and_gradients(student, teacher, tensors, algorithm, rank=0, world_size=1, chunk_tokens=4096, head=None):
+def loss_and_gradients(student, teacher, tensors, algorithm, rank=0, world_size=1, chunk_tokens=4096):
     model = copy.deepcopy(student)
-    learner_teacher = algorithm.record.learner_teacher
-    models = StepModels(
-        model,
-        head or model.get_output_embeddings(),
-        "cpu",
-        chunk_tokens,
-        teacher if learner_teacher else None,
-        teacher.get_output_embeddings() if learner_teacher else None,
-    )
-    loss, _ = step_loss(models, rollout_batch(tensors, "student"), algorithm, rank, world_size)
+    loss = learner_loss(model, teacher, tensors, algorithm, chunk_tokens, rank, world_size)
     loss.backward()
     return float(loss), gradients(model)
 
@@ -112,11 +97,7 @@ def test_no_clamp_or_detach_silently_zeroes_a_tokens_gradient(name: str, shipped
     algorithm = AlgorithmSpec(**OBJECTIVES[name])
     model = copy.deepcopy(student)
     head = RecordingHead(model.get_output_embeddings())
-    learner_teacher = algorithm.record.learner_teacher
-    models = StepModels(model, head, "cpu", 4096, teacher if learner_teacher else None,
-                        teacher.get_output_embeddings() if learner_teacher else None)  # fmt: skip
-    loss, _ = step_loss(models, rollout_batch(tensors, "student"), algorithm, 0, 1)
-    loss.backward()
+    learner_loss(model, teacher, tensors, algorithm, head=head).backward()
     (hidden,) = [h for h in head.seen if h.grad is not None]  # the loss's pass (vOPD's no-grad pass has none)
     per_token = hidden.grad.abs().sum(-1)
     assert per_token.shape[0] == int(tensors["response_mask_BL"].sum())

@@ -15,7 +15,7 @@ from opd_ray.losses.batch import RolloutBatch
 from opd_ray.losses.step import StepModels, step_loss
 from opd_ray.spec import AlgorithmSpec
 from tests.reference import objectives as reference
-from tests.reference.batch import gradients, load_model, load_tensors, reference_batch
+from tests.reference.batch import gradients, reference_batch
 
 TOP_K = 4  # of the 6 ids each side sent: a support smaller than the vocabulary, so the tail bucket matters
 
@@ -87,25 +87,23 @@ def stale(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**tensors, "rollout_logprobs_BL": tensors["rollout_logprobs_BL"] + noise * tensors["response_mask_BL"]}
 
 
-def opd_ray_loss(model, teacher, tensors, algorithm: AlgorithmSpec, chunk_tokens: int) -> torch.Tensor:
+def learner_loss(
+    model, teacher, tensors, algorithm: AlgorithmSpec, chunk_tokens=4096, rank=0, world_size=1, head=None
+) -> torch.Tensor:
+    """This rank's share of the loss as a learner rank computes it (losses/step.py), with grad; the teacher
+    copy only for an objective that keeps one on the learner, and the supervised control on dataset answers."""
     record = algorithm.record
     models = StepModels(
         model,
-        model.get_output_embeddings(),
+        head or model.get_output_embeddings(),
         "cpu",
         chunk_tokens,
         teacher if record.learner_teacher else None,
         teacher.get_output_embeddings() if record.learner_teacher else None,
     )
     source = "dataset" if record.trains_on_answers and not record.needs_teacher else "student"
-    loss, _ = step_loss(models, rollout_batch(tensors, source), algorithm, rank=0, world_size=1)
+    loss, _ = step_loss(models, rollout_batch(tensors, source), algorithm, rank, world_size)
     return loss
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    """The batch, the teacher, and the student that sampled it (each test trains copies of it)."""
-    return load_tensors(), load_model("teacher").eval(), load_model("student")
 
 
 # one chunk for every family; chunks of 7 tokens (recomputed in the backward) for one of each kind of loss
@@ -122,7 +120,7 @@ def test_the_learners_gradient_is_the_references(name: str, chunk_tokens: int, s
     settings, reference_loss = FAMILIES[name]
     algorithm = AlgorithmSpec(**settings)
     ours, theirs = copy.deepcopy(student), copy.deepcopy(student)
-    loss = opd_ray_loss(ours, teacher, tensors, algorithm, chunk_tokens)
+    loss = learner_loss(ours, teacher, tensors, algorithm, chunk_tokens)
     loss.backward()
     batch = reference_batch(tensors)
     expected = reference_loss(theirs, teacher, batch) if "full_vocab" in name else reference_loss(theirs, batch)
