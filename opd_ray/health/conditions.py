@@ -75,10 +75,14 @@ def teacher_broken(s: Signals, h: HealthSpec) -> str | None:
     return None
 
 
+def reward_fell(s: Signals, h: HealthSpec) -> bool:
+    """The sample reward is health.reward_drop below its start (windows apart): what reward_divergence and
+    objective_not_falling both start from; the sampled reverse KL then says which of the two it is."""
+    return windows_apart(s, h) and None not in (s.reward_drop, s.kl_vs_start) and s.reward_drop >= h.reward_drop
+
+
 def reward_divergence(s: Signals, h: HealthSpec) -> str | None:
-    if not windows_apart(s, h) or s.reward_drop is None or s.kl_vs_start is None:
-        return None
-    if s.reward_drop >= h.reward_drop and s.kl_vs_start <= 1 - h.kl_drop:
+    if reward_fell(s, h) and s.kl_vs_start <= 1 - h.kl_drop:
         drop, kl = s.reward_drop, s.kl_vs_start
         return f"sample reward {drop:.2f} below its start while the sampled reverse KL fell to x{kl:.2f} of its start"
     return None
@@ -87,9 +91,7 @@ def reward_divergence(s: Signals, h: HealthSpec) -> str | None:
 def objective_not_falling(s: Signals, h: HealthSpec) -> str | None:
     """reward_divergence's other half: the reward fell and the KL did not. The sampled reverse KL is every
     objective's own quantity on the student's samples, so a run whose KL holds or rises is not minimising it."""
-    if not windows_apart(s, h) or s.reward_drop is None or s.kl_vs_start is None:
-        return None
-    if s.reward_drop >= h.reward_drop and s.kl_vs_start > 1 - h.kl_drop:
+    if reward_fell(s, h) and s.kl_vs_start > 1 - h.kl_drop:
         drop, kl = s.reward_drop, s.kl_vs_start
         return f"sample reward {drop:.2f} below its start while the sampled reverse KL stayed at x{kl:.2f} of its start"
     return None
