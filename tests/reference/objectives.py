@@ -131,6 +131,26 @@ def topk_loss(model: torch.nn.Module, batch: Batch, support: str, k: int, tail: 
     return mean_over_tokens(losses, aggregation)
 
 
+def grouped_topk_reverse_kl(
+    logp: torch.Tensor, groups: list[int], teacher: dict[int, float], tail: bool
+) -> torch.Tensor:
+    """Reverse KL at one position where a cross-tokenizer teacher's ids name groups of student tokens: the
+    student's probability of id r is the sum over every token v with groups[v] == r (the tokens whose text
+    starts with r's), then as `on_support`."""
+    grouped = torch.zeros_like(logp)
+    for v, group in enumerate(groups):
+        if group >= 0:
+            grouped[group] = grouped[group] + logp[v].exp()
+    ids = list(teacher)
+    q = teacher_logprobs_on(teacher, logp.shape[-1]).exp()
+    p_on = torch.stack([grouped[r] for r in ids])
+    q_on = torch.stack([q[r] for r in ids])
+    if not tail:
+        return kl(p_on / p_on.sum(), q_on / q_on.sum())
+    bucket = lambda probs: torch.cat([probs, (1 - probs.sum()).clamp(min=TAIL_FLOOR).reshape(1)])
+    return kl(bucket(p_on), bucket(q_on))
+
+
 def full_vocab_loss(model: torch.nn.Module, teacher: torch.nn.Module, batch: Batch, name: str, beta: float = 0.5,
                     aggregation: str = "token_mean") -> torch.Tensor:  # fmt: skip
     """The divergence over the whole vocabulary, the teacher's distribution from its own forward."""

@@ -25,6 +25,12 @@ def transformers_logprobs(model, sequence: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(sequence[1:])[:, None])[:, 0]
 
 
+def teacher_distribution(model, sequence: list[int]) -> torch.Tensor:
+    """The teacher's log-probabilities of the token after `sequence`."""
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([sequence])).logits[0, -1].float(), -1)
+
+
 def samples(tokenizer) -> tuple:
     """The student's batch (its own ids, made-up sampling log-probs) and the teacher's prompts."""
     rows = []
@@ -67,11 +73,18 @@ def test_chunk_values_and_aligned_top_k_match_the_teachers_own_forward(pairs) ->
         if text == "64":  # "64" <eos> against "6" "4" <eos>: one merged chunk, then the end alone
             torch.testing.assert_close(values, torch.stack([q_T[0] + q_T[1], q_T[2]]), rtol=1e-5, atol=1e-5)
             assert scored.aligned_BL[b, at].tolist() == [0.0, 1.0]
-            # the pair-token spans two teacher tokens: its own teacher probability, the product along the span,
-            # as a top-k of one id (the student's token); nothing else is known there
+            # the pair-token spans two teacher tokens: the teacher's probability of each pair-token "6x", the
+            # product of its conditionals, with x from its top-k after "6"; the sampled "64" among them
             span_ids, span_logprobs = scored.teacher_topk_ids_BLK[b, at[0]], scored.teacher_topk_logprobs_BLK[b, at[0]]
-            assert span_ids[0] == batch.input_ids_BL[b, at[0]] and span_ids[1:].eq(-1).all()
-            torch.testing.assert_close(span_logprobs[0], q_T[0] + q_T[1], rtol=1e-5, atol=1e-5)
+            known = span_ids >= 0
+            assert batch.input_ids_BL[b, at[0]] in span_ids[known] and known.sum() > 1
+            after_6 = teacher_distribution(reference, prompt + teacher_response[:1])
+            for pair_id, logprob in zip(span_ids[known].tolist(), span_logprobs[known], strict=True):
+                pair = pair_tokenizer.convert_ids_to_tokens(pair_id)
+                assert pair[0] == "6"
+                expected = q_T[0] + after_6[chars.convert_tokens_to_ids(pair[1])]
+                torch.testing.assert_close(logprob, expected, rtol=1e-5, atol=1e-5)
+            assert span_logprobs[known].diff().le(0).all()  # ranked
             eos_top = scored.teacher_topk_ids_BLK[b, at[1]]
             assert eos_top[0] == pair_tokenizer.eos_token_id  # the teacher's best guess, in the student's ids
         if text == "21":  # not finished: "21" against "2" "1", no end token
@@ -80,6 +93,12 @@ def test_chunk_values_and_aligned_top_k_match_the_teachers_own_forward(pairs) ->
             torch.testing.assert_close(values, torch.stack([q_T[0] + q_T[1], q_T[2], q_T[3]]), rtol=1e-5, atol=1e-5)
             assert scored.aligned_BL[b, at].tolist() == [0.0, 1.0, 1.0]
         assert not scored.teacher_logprobs_BL[b][~batch.response_mask_BL[b].bool()].any()
+    # at one-to-one chunks the teacher's "6" stands for every pair-token starting with "6": the groups
+    assert scored.grouped_BL.equal(scored.aligned_BL)
+    groups = scored.student_groups_V
+    for token, student_id in pair_tokenizer.get_vocab().items():
+        if len(token) == 2 and token.isdigit():
+            assert groups[student_id] == pair_tokenizer.convert_tokens_to_ids(token[0])
 
 
 def test_cross_tokenizer_scoring_with_one_tokenizer_gives_the_plain_scores() -> None:
@@ -97,6 +116,7 @@ def test_cross_tokenizer_scoring_with_one_tokenizer_gives_the_plain_scores() -> 
     response_BL = batch.response_mask_BL.bool()
     assert aligned.teacher_topk_ids_BLK[response_BL].equal(plain.teacher_topk_ids_BLK[response_BL])
     assert aligned.aligned_BL.equal(batch.response_mask_BL)
+    assert aligned.student_groups_V is None and aligned.grouped_BL is None  # every token its own group
 
 
 def test_a_teacher_with_padding_rows_is_scored_through_the_alignment_and_its_extra_ids_dropped(tmp_path) -> None:
