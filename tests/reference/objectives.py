@@ -113,6 +113,11 @@ def on_support(logprobs: torch.Tensor, ids: list[int], tail: bool) -> torch.Tens
     probs = torch.stack([logprobs[v].exp() for v in ids])
     if not tail:
         return probs / probs.sum()
+    return with_tail_bucket(probs)
+
+
+def with_tail_bucket(probs: torch.Tensor) -> torch.Tensor:
+    """The probabilities and one more entry, the mass left for everything else (floored at TAIL_FLOOR)."""
     return torch.cat([probs, (1 - probs.sum()).clamp(min=TAIL_FLOOR).reshape(1)])
 
 
@@ -147,8 +152,7 @@ def grouped_topk_reverse_kl(
     q_on = torch.stack([q[r] for r in ids])
     if not tail:
         return kl(p_on / p_on.sum(), q_on / q_on.sum())
-    bucket = lambda probs: torch.cat([probs, (1 - probs.sum()).clamp(min=TAIL_FLOOR).reshape(1)])
-    return kl(bucket(p_on), bucket(q_on))
+    return kl(with_tail_bucket(p_on), with_tail_bucket(q_on))
 
 
 def full_vocab_loss(model: torch.nn.Module, teacher: torch.nn.Module, batch: Batch, name: str, beta: float = 0.5,
