@@ -161,7 +161,7 @@ def first_token_groups(student_table: list[bytes], teacher_table: list[bytes]) -
     the probability of the next text starting with t, which the student spreads over every token that
     starts with it ("3", "34", "35", ...). Comparing the teacher's top-k with the student's probability of
     the token "3" alone would push the student off its own multi-character tokens (the losses read the
-    sum over a group instead: losses/objectives.grouped_logprobs). The first teacher token is taken as the
+    sum over a group instead: losses/objectives.with_group_logprobs). The first teacher token is taken as the
     longest teacher token that begins the text (what a greedy tokenizer emits first); a group is named by
     the student token with that text, so a teacher token the student lacks has no group (its mass stays in
     the tail). None when every token is its own group (one vocabulary, or the student's tokens never

@@ -31,8 +31,7 @@ class RolloutBatch:
     teacher_id_B: torch.Tensor | None = None  # long: which of the run's teachers scored each row (its index)
     teacher_coef_B: torch.Tensor | None = None  # that teacher's loss coefficient
     aligned_BL: torch.Tensor | None = None  # cross-tokenizer teachers: 1 where a token is one aligned chunk alone
-    grouped_BL: torch.Tensor | None = None  # 1 where the teacher's top-k ids name groups of student tokens ...
-    student_groups_V: torch.Tensor | None = None  # ... student id -> its group (data/tokenizer_matching.py)
+    student_groups_V: torch.Tensor | None = None  # a top-k id V + r names the group r (data/tokenizer_matching.py)
     advantages_BL: torch.Tensor | None = None  # set by the learner over the whole batch, before sharding
     task_advantages_B: torch.Tensor | None = None  # likewise
 
@@ -72,14 +71,9 @@ class RolloutBatch:
                 joined[f.name] = min(values)
             elif f.name == "source":
                 joined[f.name] = values[0]
-            elif f.name in ("aligned_BL", "grouped_BL") and any(v is not None for v in values):
-                # rows of a same-tokenizer teacher beside a cross-tokenizer one: every position is aligned, none grouped
-                values = [
-                    (b.response_mask_BL if f.name == "aligned_BL" else torch.zeros_like(b.response_mask_BL))
-                    if v is None
-                    else v
-                    for b, v in zip(batches, values, strict=True)
-                ]
+            elif f.name == "aligned_BL" and any(v is not None for v in values):
+                # rows of a same-tokenizer teacher beside a cross-tokenizer one: every position is aligned
+                values = [b.response_mask_BL if v is None else v for b, v in zip(batches, values, strict=True)]
                 joined[f.name] = torch.cat([_pad_positions(v, length) for v in values])
             elif f.name == "student_groups_V":
                 joined[f.name] = one_group_map(values)

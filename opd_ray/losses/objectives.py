@@ -42,8 +42,7 @@ class TokenBatch:
     bucket_N: torch.Tensor | None = None  # 0/1/2 = start/middle/end third of its response (diagnostics)
     keep_N: torch.Tensor | None = None  # entropy gate: 0 = no gradient from this token
     aligned_N: torch.Tensor | None = None  # cross-tokenizer teachers: 1 where the teacher's top-k applies
-    grouped_N: torch.Tensor | None = None  # 1 where the teacher's top-k ids name groups of student tokens
-    student_groups_V: torch.Tensor | None = None  # student id -> its group's id (one map, not per token)
+    student_groups_V: torch.Tensor | None = None  # student id -> its group; a top-k id V + r names group r
 
     @property
     def num_tokens(self) -> int:
@@ -172,30 +171,31 @@ def _on_support(logprobs_NS: torch.Tensor, keep_NS: torch.Tensor, tail: bool) ->
     return torch.cat([kept_NS, tail_N1], -1)
 
 
-def grouped_logprobs(logprobs_NV: torch.Tensor, grouped_N: torch.Tensor, groups_V: torch.Tensor) -> torch.Tensor:
-    """Where `grouped_N` is set, each group's id holds the log of its members' summed probability (a
-    cross-tokenizer teacher's next token against every student token that starts with its text:
-    data/tokenizer_matching.first_token_groups); other ids there hold nothing (OUTSIDE). Elsewhere unchanged.
-    The sum is of probabilities, all positive, so it keeps float32's relative precision."""
+def with_group_logprobs(logprobs_NV: torch.Tensor, groups_V: torch.Tensor | None) -> torch.Tensor:
+    """The student's log-probs, then (with groups) V more: at V + r the log of the summed probability of
+    every token in group r (the tokens whose text starts with a cross-tokenizer teacher's token r:
+    data/tokenizer_matching.first_token_groups); OUTSIDE for an empty group. The sum is of probabilities,
+    all positive, so it keeps float32's relative precision."""
+    if groups_V is None:
+        return logprobs_NV
     members_NV = groups_V.clamp(min=0).expand_as(logprobs_NV)
     in_group_NV = (groups_V >= 0).expand_as(logprobs_NV)
     summed_NV = torch.zeros_like(logprobs_NV).scatter_add(-1, members_NV, logprobs_NV.exp() * in_group_NV)
     log_summed_NV = torch.where(summed_NV > 0, summed_NV.clamp(min=torch.finfo(summed_NV.dtype).tiny).log(), OUTSIDE)
-    return torch.where(grouped_N.bool()[:, None], log_summed_NV, logprobs_NV)
+    return torch.cat([logprobs_NV, log_summed_NV], -1)
 
 
 def topk_divergence(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
     """Analytic divergence on S_t: the student's logits are needed at |S_t| ids only, the teacher's are k numbers.
 
     With k = |V| and no tail this is the exact full-vocabulary divergence. Tokens whose
-    support is empty (an empty intersection) get zero loss. Tokens a cross-tokenizer teacher scores by
-    groups compare its top-k with the student's group probabilities (`grouped_logprobs`).
+    support is empty (an empty intersection) get zero loss. A cross-tokenizer teacher's ids past the
+    vocabulary name groups of student tokens (`with_group_logprobs`).
     """
     tokens = inputs.tokens
     ids_NS, teacher_logprobs_NS, keep_NS = topk_support(tokens, algorithm.topk_support, algorithm.top_k)
     student_logprobs_NV = torch.log_softmax(upcast(inputs.student_logits_NV), -1)
-    if tokens.student_groups_V is not None and tokens.grouped_N is not None:
-        student_logprobs_NV = grouped_logprobs(student_logprobs_NV, tokens.grouped_N, tokens.student_groups_V)
+    student_logprobs_NV = with_group_logprobs(student_logprobs_NV, tokens.student_groups_V)
     log_p_NS = _on_support(student_logprobs_NV.gather(-1, ids_NS), keep_NS, algorithm.topk_tail)
     log_q_NS = _on_support(upcast(teacher_logprobs_NS), keep_NS, algorithm.topk_tail)
     loss_N = divergence(log_p_NS, log_q_NS, algorithm, inputs.reverse_weight)

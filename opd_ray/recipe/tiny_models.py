@@ -242,10 +242,18 @@ def build_models(spec: ExperimentSpec, missing: list[tuple[str, Path, dict]], fr
         build_model(spec, label, output_dir, recipe, own_tokenizer, rows[task])
 
 
+# the prompt a self-teacher reads in examples/self_distill.yaml: the answer, then the question
+HINTED_PROMPT = "{answer}={prompt}"
+
+
 def task_rows(root: Path, task: str) -> list[dict]:
-    """The training rows of a task: the sums file, or the mixed file (whole, or one family of it)."""
-    if task == "sums":
-        return [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    """The training rows of a task: the sums file (with `sums_with_hints`, each sum also shown after its answer,
+    as examples/self_distill.yaml's teacher reads it), or the mixed file (whole, or one family of it)."""
+    if task in ("sums", "sums_with_hints"):
+        sums = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+        if task == "sums":
+            return sums
+        return sums + [{**row, "prompt": HINTED_PROMPT.format(**row)} for row in sums]
     mixed = [json.loads(line) for line in (root / "mixed_train.jsonl").read_text().splitlines()]
     return mixed if task == "mixed" else [row for row in mixed if row["task"] == task]
 

@@ -35,10 +35,12 @@ class TinyModelsSpec(Section):
     )
     student_sft_steps: int = Field(600, ge=0)
     student_sft_lr: float = Field(1e-3, gt=0)
-    tasks: dict[str, Literal["sums", "three_sums", "mixed"]] = Field(
+    tasks: dict[str, Literal["sums", "sums_with_hints", "three_sums", "mixed"]] = Field(
         default_factory=dict,
         description="what a model folder (its name inside `directory`) is trained on: sums (a+b, the default), "
-        "three_sums (a+b+c) or mixed (both, from mixed_train.jsonl, which is written when any is named)",
+        "sums_with_hints (the sums, and each again after its answer, '8721=874+404=': a student that can read "
+        "a self-teacher's hint), three_sums (a+b+c) or mixed (both, from mixed_train.jsonl, which is written "
+        "when any is named)",
     )
     sft_steps: dict[str, int] = Field(
         default_factory=dict, description="a model folder -> its SFT steps, instead of teacher/student_sft_steps"

@@ -139,17 +139,18 @@ def topk_loss(model: torch.nn.Module, batch: Batch, support: str, k: int, tail: 
 def grouped_topk_reverse_kl(
     logp: torch.Tensor, groups: list[int], teacher: dict[int, float], tail: bool
 ) -> torch.Tensor:
-    """Reverse KL at one position where a cross-tokenizer teacher's ids name groups of student tokens: the
-    student's probability of id r is the sum over every token v with groups[v] == r (the tokens whose text
-    starts with r's), then as `on_support`."""
-    grouped = torch.zeros_like(logp)
-    for v, group in enumerate(groups):
-        if group >= 0:
-            grouped[group] = grouped[group] + logp[v].exp()
-    ids = list(teacher)
-    q = teacher_logprobs_on(teacher, logp.shape[-1]).exp()
-    p_on = torch.stack([grouped[r] for r in ids])
-    q_on = torch.stack([q[r] for r in ids])
+    """Reverse KL at one position of a cross-tokenizer teacher whose top-k ids past the vocabulary (V + r)
+    name groups of student tokens: the student's probability there is the sum over every token v with
+    groups[v] == r (the tokens whose text starts with r's); an id below V is that token alone."""
+    vocabulary = logp.shape[-1]
+
+    def student_probability(i: int) -> torch.Tensor:
+        if i < vocabulary:
+            return logp[i].exp()
+        return sum((logp[v].exp() for v, group in enumerate(groups) if group == i - vocabulary), logp.new_zeros(()))
+
+    p_on = torch.stack([student_probability(i) for i in teacher])
+    q_on = torch.tensor(list(teacher.values()), dtype=logp.dtype).exp()
     if not tail:
         return kl(p_on / p_on.sum(), q_on / q_on.sum())
     return kl(with_tail_bucket(p_on), with_tail_bucket(q_on))
