@@ -8,17 +8,11 @@ teacher's scores back onto the student's tokens through the byte alignment (data
 - the sampled-token value of every student token carries its chunk's reward (`chunk_teacher_logprobs`);
 - the teacher's top-k is kept where a chunk is one student token and one teacher token, with ids
   mapped to the student's vocabulary by their text (-1 where the student has no such token); those
-  positions are marked in `aligned_BL` (the diagnostics read only them). Where the student has tokens
-  longer than the teacher's ("34" against "3" "4") the ids name groups instead (V + id): the teacher's
-  "3" is compared with the student's probability of every token that starts with "3"
-  (`student_groups_V`, data/tokenizer_matching.first_token_groups), not with its token "3" alone;
-- a student token that spans several teacher tokens ("34" against "3" "4") gets the teacher's
-  probability of each student token that shares the span up to its last teacher token: the product of
-  the teacher's conditionals along the span, with the last one read off the teacher's top-k there
-  ("30".."39" from the teacher's top-k after "3"; NeMo-RL's span projection, widened to that top-k),
-  beside the groups of the teacher's other first tokens ("4...", "5..." from its top-k at the span's
-  start): the top-k of these, the sampled token always among them. With `algorithm.topk_tail` the rest
-  is one bucket;
+  positions are marked in `aligned_BL` (the diagnostics read only them);
+- a student token that spans several teacher tokens ("12" against "1" "2") gets its own teacher
+  probability, the product of the teacher's conditionals along the span (NeMo-RL's span projection), as
+  a top-k of one id: with `algorithm.topk_tail` the top-k objective there compares the two models'
+  probability of that token and of everything else;
 - every other position (several student tokens in one chunk) has no top-k (ids -1): top-k objectives
   skip it.
 """
@@ -34,8 +28,6 @@ from opd_ray.data.tokenizer_matching import (
     Chunk,
     aligned_chunks,
     chunk_teacher_logprobs,
-    first_token_groups,
-    ids_by_text,
     response_text,
     token_bytes,
     vocabulary_map,
@@ -51,8 +43,6 @@ class CrossTokenizer:
         self.teacher_table = token_bytes(teacher_tokenizer)
         self.teacher_tokenizer = teacher_tokenizer
         self.to_student_V = vocabulary_map(self.teacher_table, self.student_table)
-        self.student_id = ids_by_text(self.student_table)
-        self.student_groups_V = first_token_groups(self.student_table, self.teacher_table)
         # one tokenizer, heads of different sizes (padding rows): the student's prompt ids are the teacher's too
         self.same_vocabulary = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
 
@@ -97,13 +87,6 @@ class CrossTokenizer:
         inside = teacher_ids < size
         return torch.where(inside, self.to_student_V[teacher_ids.clamp(max=size - 1)], -1)
 
-    def as_groups(self, student_ids: torch.Tensor) -> torch.Tensor:
-        """Student ids -> the ids naming their groups (V + id: `losses/objectives.with_group_logprobs`) when
-        the student has tokens longer than the teacher's; unchanged otherwise, and -1 stays -1."""
-        if self.student_groups_V is None:
-            return student_ids
-        return torch.where(student_ids >= 0, student_ids + len(self.student_table), -1)
-
     def student_scores(self, batch: RolloutBatch, scored_view: RolloutBatch, alignments: list[list[Chunk]]):
         """The teacher's scores of `teacher_view(batch)` on the student's tokens (see the module docstring)."""
         top_k = scored_view.teacher_topk_ids_BLK.shape[-1]
@@ -120,15 +103,14 @@ class CrossTokenizer:
             ids_BLK[b, student_at] = -1
             for chunk in (c for c in chunks if c.one_student_token_spanning):
                 at = student_at[chunk.student_start]
-                span_at = teacher_at[chunk.teacher_start : chunk.teacher_end]
-                ids_K, logprobs_K = self.span_top_k(scored_view, b, span_at, int(batch.input_ids_BL[b, at]), top_k)
-                ids_BLK[b, at], logprobs_BLK[b, at] = ids_K, logprobs_K
+                ids_BLK[b, at, 0] = batch.input_ids_BL[b, at]
+                logprobs_BLK[b, at, 0] = teacher_BL[b, at]  # the span's summed log-probs (chunk_teacher_logprobs)
             pairs = [(c.student_start, c.teacher_start) for c in chunks if c.one_to_one]
             if not pairs:
                 continue
             student_index, teacher_index = (torch.tensor(side) for side in zip(*pairs, strict=True))
             at_student, at_teacher = student_at[student_index], teacher_at[teacher_index]
-            ids_BLK[b, at_student] = self.as_groups(self.student_ids(scored_view.teacher_topk_ids_BLK[b, at_teacher]))
+            ids_BLK[b, at_student] = self.student_ids(scored_view.teacher_topk_ids_BLK[b, at_teacher])
             logprobs_BLK[b, at_student] = scored_view.teacher_topk_logprobs_BLK[b, at_teacher]
             aligned_BL[b, at_student] = 1.0
         return replace(
@@ -138,40 +120,4 @@ class CrossTokenizer:
             teacher_topk_logprobs_BLK=logprobs_BLK,
             teacher_logprobs_at_student_topk_BLK=None,
             aligned_BL=aligned_BL,
-            student_groups_V=self.student_groups_V,
         )
-
-    def span_top_k(
-        self, scored_view: RolloutBatch, row: int, span_at: torch.Tensor, sampled: int, top_k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's top-k of a spanning token, ranked: the student tokens that read the span's teacher
-        tokens up to the last one, then one of the teacher's top-k there; and the groups of the teacher's other
-        first tokens (module docstring). The sampled token is kept if the top-k lacks it; ids -1 past the
-        candidates the student's vocabulary has."""
-        teacher_ids = scored_view.input_ids_BL[row, span_at].tolist()
-        prefix = b"".join(self.teacher_table[i] for i in teacher_ids[:-1])
-        prefix_logprob = float(scored_view.teacher_logprobs_BL[row, span_at[:-1]].sum())
-        last = span_at[-1]
-        candidates = {sampled: prefix_logprob + float(scored_view.teacher_logprobs_BL[row, last])}
-        for teacher_id, logprob in self.teacher_top_k(scored_view, row, last):
-            student_id = self.student_id.get(prefix + self.teacher_table[teacher_id], -1)
-            if student_id >= 0:
-                candidates.setdefault(student_id, prefix_logprob + logprob)
-        for teacher_id, logprob in self.teacher_top_k(scored_view, row, span_at[0]):
-            group = int(self.as_groups(self.to_student_V[teacher_id]))
-            if teacher_id != teacher_ids[0] and group >= 0:
-                candidates.setdefault(group, logprob)
-        ranked = sorted(candidates.items(), key=lambda item: -item[1])[:top_k]
-        if sampled not in dict(ranked):
-            ranked[-1] = (sampled, candidates[sampled])
-        ids_K = torch.full((top_k,), -1, dtype=torch.long)
-        logprobs_K = torch.zeros(top_k)
-        ids_K[: len(ranked)] = torch.tensor([i for i, _ in ranked])
-        logprobs_K[: len(ranked)] = torch.tensor([lp for _, lp in ranked])
-        return ids_K, logprobs_K
-
-    def teacher_top_k(self, scored_view: RolloutBatch, row: int, at: torch.Tensor) -> list[tuple[int, float]]:
-        """(teacher id, log-prob) of the teacher's top-k at one position, without its head's padding rows."""
-        ids = scored_view.teacher_topk_ids_BLK[row, at].tolist()
-        logprobs = scored_view.teacher_topk_logprobs_BLK[row, at].tolist()
-        return [(i, lp) for i, lp in zip(ids, logprobs, strict=True) if 0 <= i < len(self.teacher_table)]

@@ -138,41 +138,11 @@ def chunk_teacher_logprobs(
     return out_S
 
 
-def ids_by_text(table: list[bytes]) -> dict[bytes, int]:
-    """Bytes -> the lowest id with those bytes (empty texts left out)."""
-    found: dict[bytes, int] = {}
-    for i, text in enumerate(table):
-        if text:
-            found.setdefault(text, i)
-    return found
-
-
 def vocabulary_map(teacher_table: list[bytes], student_table: list[bytes]) -> torch.Tensor:
     """Teacher id -> the student id whose token has the same bytes, or -1 (exact vocabulary matching).
     The end-of-sequence tokens match each other; of several student ids with one text the lowest wins."""
-    student_id = ids_by_text(student_table)
+    student_id: dict[bytes, int] = {}
+    for i, text in enumerate(student_table):
+        if text:
+            student_id.setdefault(text, i)
     return torch.tensor([student_id.get(text, -1) if text else -1 for text in teacher_table], dtype=torch.long)
-
-
-def first_token_groups(student_table: list[bytes], teacher_table: list[bytes]) -> torch.Tensor | None:
-    """Student id -> the student id whose text is the first teacher token of this token's text, or -1.
-
-    Why: where both tokenizations have a boundary, the teacher's probability of its next token t ("3") is
-    the probability of the next text starting with t, which the student spreads over every token that
-    starts with it ("3", "34", "35", ...). Comparing the teacher's top-k with the student's probability of
-    the token "3" alone would push the student off its own multi-character tokens (the losses read the
-    sum over a group instead: losses/objectives.with_group_logprobs). The first teacher token is taken as the
-    longest teacher token that begins the text (what a greedy tokenizer emits first); a group is named by
-    the student token with that text, so a teacher token the student lacks has no group (its mass stays in
-    the tail). None when every token is its own group (one vocabulary, or the student's tokens never
-    longer than the teacher's): nothing to sum.
-    """
-    teacher_texts = {text for text in teacher_table if text}
-    student_id = ids_by_text(student_table)
-    groups = []
-    for text in student_table:
-        first = next((text[:n] for n in range(len(text), 0, -1) if text[:n] in teacher_texts), b"")
-        groups.append(student_id.get(first, -1))
-    if all(group in (i, -1) for i, group in enumerate(groups)):
-        return None
-    return torch.tensor(groups, dtype=torch.long)

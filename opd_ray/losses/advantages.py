@@ -135,7 +135,6 @@ def flatten_tokens(batch: RolloutBatch, weights_BT: torch.Tensor, device: torch.
         task_advantage_N=task_advantage_N,
         bucket_N=position_buckets(mask_BT.float())[mask_BT].to(device),
         aligned_N=flat(batch.aligned_BL),
-        student_groups_V=None if batch.student_groups_V is None else batch.student_groups_V.to(device),
     )
 
 

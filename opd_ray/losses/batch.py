@@ -31,7 +31,6 @@ class RolloutBatch:
     teacher_id_B: torch.Tensor | None = None  # long: which of the run's teachers scored each row (its index)
     teacher_coef_B: torch.Tensor | None = None  # that teacher's loss coefficient
     aligned_BL: torch.Tensor | None = None  # cross-tokenizer teachers: 1 where a token is one aligned chunk alone
-    student_groups_V: torch.Tensor | None = None  # a top-k id V + r names the group r (data/tokenizer_matching.py)
     advantages_BL: torch.Tensor | None = None  # set by the learner over the whole batch, before sharding
     task_advantages_B: torch.Tensor | None = None  # likewise
 
@@ -48,7 +47,7 @@ class RolloutBatch:
         updates = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor) and f.name not in NOT_PER_ROW:
+            if isinstance(value, torch.Tensor):
                 updates[f.name] = value[rows]
         return replace(self, **updates)
 
@@ -75,8 +74,6 @@ class RolloutBatch:
                 # rows of a same-tokenizer teacher beside a cross-tokenizer one: every position is aligned
                 values = [b.response_mask_BL if v is None else v for b, v in zip(batches, values, strict=True)]
                 joined[f.name] = torch.cat([_pad_positions(v, length) for v in values])
-            elif f.name == "student_groups_V":
-                joined[f.name] = one_group_map(values)
             elif any(v is None for v in values):
                 joined[f.name] = None
             elif values[0].dim() == 1:
@@ -84,17 +81,6 @@ class RolloutBatch:
             else:
                 joined[f.name] = torch.cat([_pad_positions(v, length) for v in values])
         return RolloutBatch(**joined)
-
-
-NOT_PER_ROW = ("student_groups_V",)  # one value for the whole batch: a shard keeps it whole
-
-
-def one_group_map(maps: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """The batches' student-token groups: one map, since a step's cross-tokenizer teachers must share it."""
-    found = [m for m in maps if m is not None]
-    if any(not m.equal(found[0]) for m in found[1:]):
-        raise ValueError("two cross-tokenizer teachers whose vocabularies group the student's tokens differently")
-    return found[0] if found else None
 
 
 def _pad_positions(tensor: torch.Tensor, length: int) -> torch.Tensor:

@@ -42,18 +42,13 @@ class TokenBatch:
     bucket_N: torch.Tensor | None = None  # 0/1/2 = start/middle/end third of its response (diagnostics)
     keep_N: torch.Tensor | None = None  # entropy gate: 0 = no gradient from this token
     aligned_N: torch.Tensor | None = None  # cross-tokenizer teachers: 1 where the teacher's top-k applies
-    student_groups_V: torch.Tensor | None = None  # student id -> its group; a top-k id V + r names group r
 
     @property
     def num_tokens(self) -> int:
         return int(self.target_ids_N.shape[0])
 
     def slice(self, part: slice) -> TokenBatch:
-        updates = {
-            f.name: getattr(self, f.name)[part]
-            for f in fields(self)
-            if getattr(self, f.name) is not None and f.name != "student_groups_V"
-        }
+        updates = {f.name: getattr(self, f.name)[part] for f in fields(self) if getattr(self, f.name) is not None}
         return replace(self, **updates)
 
 
@@ -171,31 +166,14 @@ def _on_support(logprobs_NS: torch.Tensor, keep_NS: torch.Tensor, tail: bool) ->
     return torch.cat([kept_NS, tail_N1], -1)
 
 
-def with_group_logprobs(logprobs_NV: torch.Tensor, groups_V: torch.Tensor | None) -> torch.Tensor:
-    """The student's log-probs, then (with groups) V more: at V + r the log of the summed probability of
-    every token in group r (the tokens whose text starts with a cross-tokenizer teacher's token r:
-    data/tokenizer_matching.first_token_groups); OUTSIDE for an empty group. The sum is of probabilities,
-    all positive, so it keeps float32's relative precision."""
-    if groups_V is None:
-        return logprobs_NV
-    members_NV = groups_V.clamp(min=0).expand_as(logprobs_NV)
-    in_group_NV = (groups_V >= 0).expand_as(logprobs_NV)
-    summed_NV = torch.zeros_like(logprobs_NV).scatter_add(-1, members_NV, logprobs_NV.exp() * in_group_NV)
-    log_summed_NV = torch.where(summed_NV > 0, summed_NV.clamp(min=torch.finfo(summed_NV.dtype).tiny).log(), OUTSIDE)
-    return torch.cat([logprobs_NV, log_summed_NV], -1)
-
-
 def topk_divergence(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
     """Analytic divergence on S_t: the student's logits are needed at |S_t| ids only, the teacher's are k numbers.
 
     With k = |V| and no tail this is the exact full-vocabulary divergence. Tokens whose
-    support is empty (an empty intersection) get zero loss. A cross-tokenizer teacher's ids past the
-    vocabulary name groups of student tokens (`with_group_logprobs`).
+    support is empty (an empty intersection) get zero loss.
     """
-    tokens = inputs.tokens
-    ids_NS, teacher_logprobs_NS, keep_NS = topk_support(tokens, algorithm.topk_support, algorithm.top_k)
+    ids_NS, teacher_logprobs_NS, keep_NS = topk_support(inputs.tokens, algorithm.topk_support, algorithm.top_k)
     student_logprobs_NV = torch.log_softmax(upcast(inputs.student_logits_NV), -1)
-    student_logprobs_NV = with_group_logprobs(student_logprobs_NV, tokens.student_groups_V)
     log_p_NS = _on_support(student_logprobs_NV.gather(-1, ids_NS), keep_NS, algorithm.topk_tail)
     log_q_NS = _on_support(upcast(teacher_logprobs_NS), keep_NS, algorithm.topk_tail)
     loss_N = divergence(log_p_NS, log_q_NS, algorithm, inputs.reverse_weight)

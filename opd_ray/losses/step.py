@@ -139,7 +139,7 @@ class ValueCollector:
         if self.wanted.diagnostics_k:
             found = token_diagnostics(
                 logprobs_NV,
-                group_names(chunk.teacher_topk_ids_NK, chunk.student_groups_V),
+                chunk.teacher_topk_ids_NK,
                 chunk.teacher_topk_logprobs_NK,
                 student_logprob_N,
                 chunk.teacher_logprobs_N,
@@ -152,14 +152,6 @@ class ValueCollector:
     def values(self) -> dict[str, torch.Tensor]:
         """name -> one value per token; diagnostics as `diag:<name>`."""
         return {name: torch.cat(values) for name, values in self.pieces.items()}
-
-
-def group_names(ids_NK: torch.Tensor, groups_V: torch.Tensor | None) -> torch.Tensor:
-    """A cross-tokenizer teacher's top-k with each group (V + r) read as its name r, the student token with
-    the teacher token's text: what the diagnostics compare with the student's own top-k."""
-    if groups_V is None:
-        return ids_NK
-    return torch.where(ids_NK >= len(groups_V), ids_NK - len(groups_V), ids_NK)
 
 
 def values_pass(models: StepModels, hidden_NH: torch.Tensor, tokens: TokenBatch, wanted: WantedValues):

@@ -113,11 +113,6 @@ def on_support(logprobs: torch.Tensor, ids: list[int], tail: bool) -> torch.Tens
     probs = torch.stack([logprobs[v].exp() for v in ids])
     if not tail:
         return probs / probs.sum()
-    return with_tail_bucket(probs)
-
-
-def with_tail_bucket(probs: torch.Tensor) -> torch.Tensor:
-    """The probabilities and one more entry, the mass left for everything else (floored at TAIL_FLOOR)."""
     return torch.cat([probs, (1 - probs.sum()).clamp(min=TAIL_FLOOR).reshape(1)])
 
 
@@ -134,26 +129,6 @@ def topk_loss(model: torch.nn.Module, batch: Batch, support: str, k: int, tail: 
         q_logprobs = teacher_logprobs_on(teacher, logp.shape[-1])
         losses[b, i] = divergence(on_support(logp[b, i], ids, tail), on_support(q_logprobs, ids, tail), name, beta)
     return mean_over_tokens(losses, aggregation)
-
-
-def grouped_topk_reverse_kl(
-    logp: torch.Tensor, groups: list[int], teacher: dict[int, float], tail: bool
-) -> torch.Tensor:
-    """Reverse KL at one position of a cross-tokenizer teacher whose top-k ids past the vocabulary (V + r)
-    name groups of student tokens: the student's probability there is the sum over every token v with
-    groups[v] == r (the tokens whose text starts with r's); an id below V is that token alone."""
-    vocabulary = logp.shape[-1]
-
-    def student_probability(i: int) -> torch.Tensor:
-        if i < vocabulary:
-            return logp[i].exp()
-        return sum((logp[v].exp() for v, group in enumerate(groups) if group == i - vocabulary), logp.new_zeros(()))
-
-    p_on = torch.stack([student_probability(i) for i in teacher])
-    q_on = torch.tensor(list(teacher.values()), dtype=logp.dtype).exp()
-    if not tail:
-        return kl(p_on / p_on.sum(), q_on / q_on.sum())
-    return kl(with_tail_bucket(p_on), with_tail_bucket(q_on))
 
 
 def full_vocab_loss(model: torch.nn.Module, teacher: torch.nn.Module, batch: Batch, name: str, beta: float = 0.5,

@@ -71,3 +71,18 @@ def test_a_folder_opd_ray_did_not_build_is_never_replaced(tmp_path: Path, record
     same = [f"models.build_tiny.directory={tmp_path}", f"models.teacher.path={tmp_path / 'x'}"]
     with pytest.raises(UserError, match="name the same folder"):
         tiny_models.ensure_tiny_models(load_spec(QUICKSTART, [*same, f"models.student.path={tmp_path / 'x'}"]))
+
+
+def test_the_hinted_task_shows_each_sum_after_its_answer_as_the_self_teacher_reads_it(tmp_path: Path) -> None:
+    """sums_with_hints: every sum, and every sum again behind its answer, written the way
+    examples/self_distill.yaml's teacher template writes it (so a student built on it can read that hint)."""
+    from opd_ray.data.arithmetic import write_task_files
+
+    write_task_files(tmp_path, seed=0, train_size=40, eval_size=10)
+    sums = tiny_models.task_rows(tmp_path, "sums")
+    hinted = tiny_models.task_rows(tmp_path, "sums_with_hints")
+    assert hinted[: len(sums)] == sums and len(hinted) == 2 * len(sums)
+    self_distill = load_spec(REPO / "examples" / "self_distill.yaml", [f"models.build_tiny.directory={tmp_path}"])
+    template = self_distill.teachers["hinted"].prompt_template
+    for row, shown in zip(sums, hinted[len(sums) :], strict=True):
+        assert shown == {**row, "prompt": template.format(**row)} and shown["prompt"].startswith(row["answer"] + "=")
