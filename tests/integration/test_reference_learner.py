@@ -19,7 +19,7 @@ from tests.unit.losses.test_reference import rollout_batch
 pytestmark = pytest.mark.integration
 
 LR, CLIP = 1e-3, 1.0
-# one step of each kind of loss, in this order, on the same batch
+# one step of each family, in this order, on the same batch (the supervised control on its answers as a dataset's)
 STEPS = [
     ({"objective": "sampled_token", "baseline": "vopd"},
      partial(reference.sampled_token_loss, clip_eps=0.2, vopd=True, k=None)),
@@ -27,6 +27,7 @@ STEPS = [
      partial(reference.topk_loss, support="union", k=4, tail=True)),
     ({"objective": "full_vocab", "divergence": "jsd", "jsd_beta": 0.5},
      partial(reference.full_vocab_loss, name="jsd", beta=0.5)),
+    ({"objective": "sft"}, reference.sft_loss),
 ]  # fmt: skip
 
 
@@ -64,12 +65,13 @@ def test_the_learner_applies_the_references_gradient_at_every_step(ranks, zero_s
     group = LearnerGroup(ModelSpec(path=str(SHIPPED / "student")), learner, 12 // ranks, len(STEPS), actor_env(),
                          teacher=ModelSpec(path=str(SHIPPED / "teacher")))  # fmt: skip
     try:
-        refs = [local_ray.put(rollout_batch(tensors, "student"))]
+        refs = {source: [local_ray.put(rollout_batch(tensors, source))] for source in ("student", "dataset")}
         training = ReferenceTraining(tensors)
         before = local_ray.get(group.call("full_state_dict"))[0]
         for step, (settings, loss) in enumerate(STEPS, start=1):
             expected_grads, expected_update = training.step(settings, loss, before)
-            shown = local_ray.get(group.call("train_step_showing_gradient", refs, AlgorithmSpec(**settings)))
+            source = "dataset" if settings["objective"] == "sft" else "student"
+            shown = local_ray.get(group.call("train_step_showing_gradient", refs[source], AlgorithmSpec(**settings)))
             grads, after = shown[0][1], local_ray.get(group.call("full_state_dict"))[0]
             assert grads.keys() == expected_grads.keys()
             difference = max(float((grads[k] - expected_grads[k]).abs().max()) for k in grads)
