@@ -201,7 +201,8 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
         return [(label, directory, recipe) for label, directory, recipe in wanted if not is_built(directory, recipe)]
 
     def mixed_missing() -> bool:
-        return bool(build.tasks) and not (root / "mixed_train.jsonl").is_file()
+        wants_mixed = any(task not in SUMS_TASKS for task in build.tasks.values())
+        return wants_mixed and not (root / "mixed_train.jsonl").is_file()
 
     def pending() -> list[str]:
         return [str(directory) for _, directory, _ in missing_models()] + (
@@ -244,12 +245,13 @@ def build_models(spec: ExperimentSpec, missing: list[tuple[str, Path, dict]], fr
 
 # the prompt a self-teacher reads in examples/self_distill.yaml: the answer, then the question
 HINTED_PROMPT = "{answer}={prompt}"
+SUMS_TASKS = ("sums", "sums_with_hints")  # the tasks read from train.jsonl; the others need the mixed file
 
 
 def task_rows(root: Path, task: str) -> list[dict]:
     """The training rows of a task: the sums file (with `sums_with_hints`, each sum also shown after its answer,
     as examples/self_distill.yaml's teacher reads it), or the mixed file (whole, or one family of it)."""
-    if task in ("sums", "sums_with_hints"):
+    if task in SUMS_TASKS:
         sums = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
         if task == "sums":
             return sums

@@ -14,7 +14,7 @@ import torch
 from opd_ray.spec import AlgorithmSpec, LearnerSpec, ModelSpec
 from tests.reference import objectives as reference
 from tests.reference.batch import SHIPPED, gradients, load_model, load_tensors, reference_batch
-from tests.unit.losses.test_reference import rollout_batch
+from tests.unit.losses.test_reference import batch_source, rollout_batch
 
 pytestmark = pytest.mark.integration
 
@@ -70,8 +70,8 @@ def test_the_learner_applies_the_references_gradient_at_every_step(ranks, zero_s
         before = local_ray.get(group.call("full_state_dict"))[0]
         for step, (settings, loss) in enumerate(STEPS, start=1):
             expected_grads, expected_update = training.step(settings, loss, before)
-            source = "dataset" if settings["objective"] == "sft" else "student"
-            shown = local_ray.get(group.call("train_step_showing_gradient", refs[source], AlgorithmSpec(**settings)))
+            algorithm = AlgorithmSpec(**settings)
+            shown = local_ray.get(group.call("train_step_showing_gradient", refs[batch_source(algorithm)], algorithm))
             grads, after = shown[0][1], local_ray.get(group.call("full_state_dict"))[0]
             assert grads.keys() == expected_grads.keys()
             difference = max(float((grads[k] - expected_grads[k]).abs().max()) for k in grads)

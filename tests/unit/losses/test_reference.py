@@ -81,6 +81,12 @@ def rollout_batch(tensors: dict[str, torch.Tensor], source: str) -> RolloutBatch
     )
 
 
+def batch_source(algorithm: AlgorithmSpec) -> str:
+    """What the batch's rows are to the learner: the supervised control trains on them as a dataset's answers."""
+    record = algorithm.record
+    return "dataset" if record.trains_on_answers and not record.needs_teacher else "student"
+
+
 def stale(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sampling log-probs as an older student's would be: ratios off 1, so the PPO clip acts on some tokens."""
     noise = torch.randn(tensors["rollout_logprobs_BL"].shape, generator=torch.Generator().manual_seed(0)) * 0.4
@@ -101,8 +107,7 @@ def learner_loss(
         teacher if record.learner_teacher else None,
         teacher.get_output_embeddings() if record.learner_teacher else None,
     )
-    source = "dataset" if record.trains_on_answers and not record.needs_teacher else "student"
-    loss, _ = step_loss(models, rollout_batch(tensors, source), algorithm, rank, world_size)
+    loss, _ = step_loss(models, rollout_batch(tensors, batch_source(algorithm)), algorithm, rank, world_size)
     return loss
 
 
