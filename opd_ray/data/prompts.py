@@ -125,8 +125,9 @@ def tokenize_prompt(rendered: str, data: DataSpec, tokenizer) -> list[int]:
     if data.use_chat_template:
         # Rendered to text, then tokenized: what apply_chat_template returns when it tokenizes
         # changed between transformers versions (ids, then a dict of ids and mask).
+        system = [] if data.system_prompt is None else [{"role": "system", "content": data.system_prompt}]
         rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": rendered}], add_generation_prompt=True, tokenize=False
+            [*system, {"role": "user", "content": rendered}], add_generation_prompt=True, tokenize=False
         )
     ids = tokenizer(rendered, add_special_tokens=False).input_ids
     bos = leading_bos(tokenizer)

@@ -1,6 +1,6 @@
 """Verifiers score an evaluation answer against the reference: (response text, reference) -> bool.
 
-Named in the spec as `exact`, `final_number`, `boxed`, or `package.module:function` for a
+Named in the spec as `exact`, `final_number`, `boxed`, `first_line_mentions`, or `package.module:function` for a
 user's own. A truncated response (no end-of-sequence) never counts as correct; the caller
 enforces that, so a verifier only compares text.
 """
@@ -56,7 +56,26 @@ def boxed(response: str, reference: str) -> bool:
     return got is not None and want is not None and got.strip() == want.strip()
 
 
-BUILTIN: dict[str, Verifier] = {"exact": exact, "final_number": final_number, "boxed": boxed}
+def first_line_mentions(response: str, reference: str) -> bool:
+    """The reference (or one of its `|`-separated alternatives: "small|little"), as whole words and ignoring
+    case, appears in the response's first non-empty line.
+
+    For short factual answers a chat model phrases freely ("The opposite of hot is cold."): exact
+    match would score the phrasing, not the fact. Only the first line counts, so an answer that lists
+    candidates on later lines is not rewarded for one of them."""
+    lines = [line for line in response.strip().splitlines() if line.strip()]
+    wanted = [word.strip() for word in reference.split("|") if word.strip()]
+    if not lines:
+        return False
+    return any(re.search(rf"(?<!\w){re.escape(word)}(?!\w)", lines[0], re.IGNORECASE) for word in wanted)
+
+
+BUILTIN: dict[str, Verifier] = {
+    "exact": exact,
+    "final_number": final_number,
+    "boxed": boxed,
+    "first_line_mentions": first_line_mentions,
+}
 
 
 REPORTED_ERRORS = 5  # a verifier that raises on every sample is reported this often, then only counted

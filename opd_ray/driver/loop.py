@@ -39,7 +39,7 @@ from opd_ray.driver.checkpoint import (
 from opd_ray.driver.evaluation import Accuracy, evaluate_by_teacher, gap_recovery
 from opd_ray.driver.fingerprint import run_fingerprint
 from opd_ray.driver.interrupts import StopRequest, stop_between_steps
-from opd_ray.driver.metrics import MetricsWriter, read_metrics, timed, training_trend
+from opd_ray.driver.metrics import MetricsWriter, read_metrics, response_token_total, timed, training_trend
 from opd_ray.driver.pipeline import Pipeline
 from opd_ray.driver.roles import Roles, learner_parameters, record_placement, start_roles, sync_weights
 from opd_ray.driver.steps import StepWork, launch_step, prompts_digest
@@ -248,8 +248,9 @@ def save_student(run: Run) -> Path:
 def write_summary(run: Run, steps: int, **extra: float) -> dict:
     """summary.json after `steps` steps (a finished run's, or one stop_on ended): what the run measured, its
     first-vs-last trend and its health."""
-    trend = training_trend(run.writer.path)
-    run.summary.update(steps=steps, first_vs_last_steps=trend, health=run.doctor.summary(), **extra)
+    trend, tokens = training_trend(run.writer.path), response_token_total(run.writer.path)
+    run.summary.update(steps=steps, teacher_tokens=tokens, student_tokens_trained=tokens)
+    run.summary.update(first_vs_last_steps=trend, health=run.doctor.summary(), **extra)
     write_json(run.run_dir / "summary.json", run.summary)
     return run.summary
 

@@ -87,6 +87,15 @@ TREND_KEYS = (
 )
 
 
+def response_token_total(metrics_path: Path) -> int:
+    """Student response tokens over every trained step: the tokens the teacher scored and the student
+    trained on (the budget a sequence-level KD baseline is matched to)."""
+    if not metrics_path.is_file():
+        return 0
+    rows = read_metrics(metrics_path)
+    return int(sum(row.get("response_tokens", 0) for row in rows if row.get("step", 0) >= 1 and "loss" in row))
+
+
 def training_trend(metrics_path: Path, window: int = 5) -> dict[str, list[float]]:
     """{key: [mean over the first `window` trained steps, mean over the last]} for `TREND_KEYS` a run logged."""
     if not metrics_path.is_file():

@@ -41,7 +41,7 @@ from opd_ray.errors import UserError
 from opd_ray.files import write_json, written_aside
 from opd_ray.recipe.startup import start
 from opd_ray.recipe.supervised import train_supervised
-from opd_ray.spec import ExperimentSpec, ResourcesSpec, TeacherGenerationSpec
+from opd_ray.spec import ExperimentSpec, ModelSpec, ResourcesSpec, TeacherGenerationSpec
 
 GENERATION_CHUNK = 256  # prompts per generate call: progress and bounded memory
 GENERATING = "the teacher generating a chunk of answers (trainer.timeouts.step_s)"
@@ -112,43 +112,55 @@ def stage_engine_options(resources: ResourcesSpec) -> dict:
     return {**resources.actor_options(), "runtime_env": {"env_vars": {**actor_env()["env_vars"], **ENGINE_ENV}}}
 
 
-def evaluate_original_student(spec: ExperimentSpec, prepared: Prepared) -> tuple | None:
-    """Starts the greedy evaluation of the student before the cold start changes it (the OPD stage starts
-    from the fine-tuned one, so nothing else measures it) beside the teacher's generation; None without eval
-    prompts. `original_student_accuracy` collects it."""
+def start_greedy_eval(spec: ExperimentSpec, prepared: Prepared, model: ModelSpec) -> tuple | None:
+    """Starts a greedy evaluation of `model` on the eval prompts in an engine of its own (with the rollout's
+    resources); None without eval prompts. `greedy_accuracy` collects it."""
     if prepared.eval is None:
         return None
     options = stage_engine_options(spec.rollout.resources)
-    worker = (
-        ray.remote(RolloutWorker).options(**options).remote(spec.models.student, spec.rollout.engine, spec.rollout, 0)
-    )
+    worker = ray.remote(RolloutWorker).options(**options).remote(model, spec.rollout.engine, spec.rollout, 0)
     prompts = prepared.eval.subset(list(range(len(prepared.eval))))
     return worker, worker.greedy.remote(prompts, spec.rollout.max_new_tokens)
 
 
-def original_student_accuracy(spec: ExperimentSpec, prepared: Prepared, started: tuple | None) -> float | None:
+def greedy_accuracy(spec: ExperimentSpec, prepared: Prepared, started: tuple | None, what: str) -> float | None:
     if started is None:
         return None
     worker, ref = started
     try:
-        (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, "the original student's evaluation")
+        (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, what)
     finally:
         ray.kill(worker)
+    return accuracy_of(completions, prepared.eval, prepared.verifier)
+
+
+def teacher_accuracy(spec: ExperimentSpec, prepared: Prepared, engine: ray.actor.ActorHandle) -> float | None:
+    """The teacher's greedy accuracy on the eval prompts, in the engine that generated its answers."""
+    if prepared.eval is None:
+        return None
+    prompts = prepared.eval.subset(list(range(len(prepared.eval))))
+    ref = engine.greedy.remote(prompts, spec.rollout.max_new_tokens)
+    (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, "the teacher's evaluation")
     return accuracy_of(completions, prepared.eval, prepared.verifier)
 
 
 def write_teacher_answers(
     spec: ExperimentSpec, prepared: Prepared, engine: ray.actor.ActorHandle, rows: list[int], out: TextIO
 ) -> Counter:
-    """Generates answers for `rows` chunk by chunk and writes the kept ones as jsonl; returns the counts
-    of kept (`kept`) and of each drop reason."""
+    """Generates answers for `rows` chunk by chunk and writes the kept ones as jsonl, until the rows or
+    `max_teacher_tokens` run out; returns the counts of kept (`kept`), of each drop reason, and of the
+    teacher's tokens (`teacher_tokens`, every answer's, kept or not)."""
     settings, counts = spec.cold_start.teacher_generate, Counter()
+    budget = settings.max_teacher_tokens
     with step_progress("teacher_generate", len(rows)) as progress:
         for start in range(0, len(rows), GENERATION_CHUNK):
             chunk = rows[start : start + GENERATION_CHUNK]
             ref = engine.complete.remote(prepared.train.subset(chunk), spec.run.seed + start)
             (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, GENERATING)
             for completion in completions:
+                if budget is not None and counts["teacher_tokens"] >= budget:
+                    break
+                counts["teacher_tokens"] += len(completion.token_ids)
                 row = completion.prompt_index
                 reason = drop_reason(completion, prepared.train.answers[row], prepared.verifier, settings)
                 counts[reason or "kept"] += 1
@@ -161,33 +173,42 @@ def write_teacher_answers(
                     }
                     out.write(json.dumps(record) + "\n")
             progress.advance(start + len(chunk), f"kept {counts['kept']}")
+            if budget is not None and counts["teacher_tokens"] >= budget:
+                break
     return counts
 
 
 def teacher_generate(spec: ExperimentSpec, prepared: Prepared) -> dict:
     rows = cold_start_rows(spec, len(prepared.train))
     engine = teacher_engine(spec)
-    original = evaluate_original_student(spec, prepared)
+    original = start_greedy_eval(spec, prepared, spec.models.student)
+    teacher = None
     try:
         with written_aside(stage_dir(spec, "teacher_generate") / "data.jsonl") as partial, partial.open("w") as out:
             counts = write_teacher_answers(spec, prepared, engine, rows, out)
+            teacher_tokens = counts.pop("teacher_tokens", 0)
             kept = counts.pop("kept", 0)
             if kept == 0:
                 raise UserError(
                     f"teacher_generate: all {sum(counts.values())} teacher answers were dropped ({dict(counts)}); "
                     "raise cold_start.teacher_generate.max_new_tokens or relax its filters"
                 )
+        if "opd" not in spec.stages:  # no OPD stage measures the teacher: this engine does
+            teacher = teacher_accuracy(spec, prepared, engine)
     finally:
         ray.kill(engine)
-        student_accuracy = original_student_accuracy(spec, prepared, original)
-    record = {"rows": rows, "generated": kept + sum(counts.values()), "kept": kept, "dropped": dict(counts)}
-    record["student_accuracy_before_cold_start"] = student_accuracy
+        student_accuracy = greedy_accuracy(spec, prepared, original, "the original student's evaluation")
+    generated = kept + sum(counts.values())
+    record = {"rows": rows, "generated": generated, "kept": kept, "dropped": dict(counts)}
+    record.update(teacher_tokens=teacher_tokens, student_accuracy_before_cold_start=student_accuracy)
+    if teacher is not None:
+        record["teacher_accuracy"] = teacher
     console.print(f"teacher_generate: kept {kept} of {record['generated']} answers; dropped {dict(counts) or 'none'}")
     mark_done(spec, "teacher_generate", record)
     return record
 
 
-def sft(spec: ExperimentSpec) -> dict:
+def sft(spec: ExperimentSpec, prepared: Prepared) -> dict:
     settings = spec.cold_start.sft
     data = stage_dir(spec, "teacher_generate") / "data.jsonl"
     examples = [(row["prompt_ids"], row["response_ids"]) for row in map(json.loads, data.read_text().splitlines())]
@@ -207,8 +228,20 @@ def sft(spec: ExperimentSpec) -> dict:
         spec.trainer.timeouts,
     )
     record = {"examples": len(examples), "steps": settings.steps, "final_loss": losses[-1], "student_path": str(output)}
+    record["student_tokens_trained"] = sft_tokens_trained(examples, settings.steps, settings.batch_size)
+    if "opd" not in spec.stages:  # the SFT student is the result: measure it as OPD's would be
+        student = spec.models.student.model_copy(update={"path": str(output)})
+        started = start_greedy_eval(spec, prepared, student)
+        record["student_accuracy_after"] = greedy_accuracy(spec, prepared, started, "the SFT student's evaluation")
     mark_done(spec, "sft", record)
     return record
+
+
+def sft_tokens_trained(examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int) -> int:
+    """Answer tokens the SFT steps train on: steps x batch_size rows drawn uniformly, at the answers' mean
+    length (the expected count; the draws themselves happen on the learner ranks)."""
+    mean_length = sum(len(response) for _, response in examples) / len(examples)
+    return round(steps * batch_size * mean_length)
 
 
 def opd_spec(spec: ExperimentSpec) -> ExperimentSpec:
@@ -230,7 +263,7 @@ def run_stages(spec: ExperimentSpec, resume: bool = False, overwrite: bool = Fal
         prepared = start(spec)
         records = run_cold_start(spec, prepared, force)
         if "opd" not in spec.stages:
-            return {"run": spec.run.name, "objective": "cold start only", "stages": records}
+            return cold_start_summary(spec, records, run_dir)
         if "teacher_generate" in records:  # OPD trains on the prompts the cold start did not answer
             prepared = replace(prepared, train=prepared.train.without(set(records["teacher_generate"]["rows"])))
         summary = distill(opd_spec(spec), prepared, resume=resume, force=force)
@@ -240,6 +273,28 @@ def run_stages(spec: ExperimentSpec, resume: bool = False, overwrite: bool = Fal
             for stage, record in records.items()
         }
         summarise_from_original_student(summary, records)
+    return summary
+
+
+def cold_start_summary(spec: ExperimentSpec, records: dict[str, dict], run_dir: Path) -> dict:
+    """A run without OPD (sequence-level KD: teacher answers, then SFT): the same accuracy and budget fields
+    an OPD summary has, written as its summary.json."""
+    generated, trained = records.get("teacher_generate", {}), records.get("sft", {})
+    summary = {"run": spec.run.name, "objective": "cold start only (sequence-level KD)"}
+    summary["teacher_accuracy"] = generated.get("teacher_accuracy")
+    summary["student_accuracy_before"] = generated.get("student_accuracy_before_cold_start")
+    summary["student_accuracy_after"] = trained.get("student_accuracy_after")
+    summary["teacher_tokens"] = generated.get("teacher_tokens")
+    summary["student_tokens_trained"] = trained.get("student_tokens_trained")
+    before, after, teacher = (
+        summary[key] for key in ("student_accuracy_before", "student_accuracy_after", "teacher_accuracy")
+    )
+    if None not in (before, after, teacher):
+        summary["gap_recovery"] = gap_recovery(before, after, teacher)
+    summary["stages"] = {
+        stage: {k: v for k, v in r.items() if k not in ("rows", "fingerprint")} for stage, r in records.items()
+    }
+    write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -264,5 +319,5 @@ def run_cold_start(spec: ExperimentSpec, prepared: Prepared, force: bool = False
             records[stage] = done
             continue
         console.print(f"[bold]stage {stage}[/]")
-        records[stage] = teacher_generate(spec, prepared) if stage == "teacher_generate" else sft(spec)
+        records[stage] = teacher_generate(spec, prepared) if stage == "teacher_generate" else sft(spec, prepared)
     return records

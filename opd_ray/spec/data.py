@@ -67,11 +67,16 @@ class DataSpec(Section):
     route: RouteSpec | None = Field(None, description="several teachers: which one scores a row, by a data field")
     prompt_template: str = "{prompt}"
     use_chat_template: bool = False
+    system_prompt: str | None = Field(
+        None,
+        description="with use_chat_template: the system turn before each prompt (e.g. the answer format the "
+        "teacher is asked for); null = the template's own default",
+    )
     template_source: Literal["student", "teacher"] = Field(
         "student", description="whose tokenizer's chat template wraps the prompts; teacher = teacher-aligned prompts"
     )
     selection: PromptSelectionSpec | None = Field(None, description="dedup and mixing of the training prompts")
-    verifier: str = Field("exact", description="exact | final_number | boxed | module:function")
+    verifier: str = Field("exact", description="exact | final_number | boxed | first_line_mentions | module:function")
     max_prompt_tokens: int = Field(256, ge=1)
 
     verifier_errors: Literal["count_wrong", "raise"] = Field(
@@ -94,6 +99,15 @@ class DataSpec(Section):
             raise ValueError("data.train: name at least one prompt file")
         if isinstance(self.eval, list) and not self.eval:
             raise ValueError("data.eval: name at least one prompt file, or leave data.eval out")
+        return self
+
+    @model_validator(mode="after")
+    def _system_prompt_needs_chat(self) -> DataSpec:
+        if self.system_prompt is not None and not self.use_chat_template:
+            raise ValueError(
+                "data.system_prompt is a turn of the chat template: set data.use_chat_template: true, "
+                "or write the instruction into data.prompt_template"
+            )
         return self
 
     @model_validator(mode="after")

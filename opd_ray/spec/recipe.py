@@ -24,6 +24,12 @@ class TeacherGenerationSpec(Section):
         MAX_NGRAM_REPEATS, ge=1, description="drop an answer in which a repeat_ngram-gram occurs more often than this"
     )
     require_correct: bool = Field(False, description="drop answers the task verifier marks wrong (needs answers)")
+    max_teacher_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="stop generating once the teacher has written this many tokens (kept or dropped): a "
+        "sequence-level KD baseline at the teacher budget an OPD run used; null = answer every prompt",
+    )
 
 
 class SftStageSpec(Section):
