@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                 action="append",
                 default=[],
                 metavar="PATH",
-                help="another candidate teacher (repeatable): each scores the same student samples; one ranking",
+                help="another candidate teacher (repeatable): a model folder (the spec's teacher settings) or a spec "
+                "YAML whose teacher comes with its own (prompt format, vocabulary); each scores the same student "
+                "samples; one ranking",
             )
         if name == "build-tiny":
             sub.add_argument("--from-scratch", action="store_true", help="train even when a shipped copy matches")

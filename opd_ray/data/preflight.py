@@ -171,6 +171,20 @@ def cross_tokenizers(teacher_tokenizers: dict, student_tokenizer) -> dict:
     return {name: t for name, t in teacher_tokenizers.items() if t.get_vocab() != student_vocab}
 
 
+def check_own_chat_templates(spec: ExperimentSpec, own_tokenizers: dict) -> None:
+    """A teacher that reads its own prompt in its own tokens through a chat template must have one (a base
+    model has none: it reads a few-shot prompt without it)."""
+    for name, tokenizer in own_tokenizers.items():
+        settings = spec.teachers[name]
+        wanted = spec.data.use_chat_template if settings.use_chat_template is None else settings.use_chat_template
+        if wanted and not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"teachers.{name}: the tokenizer of {spec.teacher_model(name).path} has no chat template, and this "
+                f"teacher reads prompts in its own tokens; set teachers.{name}.use_chat_template: false (and a "
+                "prompt_template in the format it was trained on)"
+            )
+
+
 def check_models(spec: ExperimentSpec) -> tuple[object, dict]:
     """The student's folder and tokenizer, and every teacher's against it: (student tokenizer, name -> tokenizer)."""
     check_model_dir(spec.models.student, "models.student")

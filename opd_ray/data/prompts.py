@@ -178,11 +178,12 @@ def tokenize_rows(
         teachers.append(teacher)
         text = routing.teacher_text(teacher, row, where)
         own_tokenizer = routing.tokenizers.get(teacher)
+        own_data = routing.teacher_data(teacher, data)
         if own_tokenizer is not None:  # another vocabulary: the teacher reads the prompt in its own tokens
             rendered = text if text is not None else data.prompt_template.format(prompt=row[dataset.prompt_field])
-            teacher_prompts.append(tokenize_prompt(rendered, data, own_tokenizer))
+            teacher_prompts.append(tokenize_prompt(rendered, own_data, own_tokenizer))
         else:
-            teacher_prompts.append(None if text is None else tokenize_prompt(text, data, tokenizer))
+            teacher_prompts.append(None if text is None else tokenize_prompt(text, own_data, tokenizer))
     return PromptSet(prompts, answers, str(dataset.path), frozenset(), teachers, teacher_prompts)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from opd_ray.errors import UserError
-from opd_ray.spec import DatasetSpec, ExperimentSpec, RouteSpec, template_fields
+from opd_ray.spec import DatasetSpec, DataSpec, ExperimentSpec, RouteSpec, template_fields
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,14 @@ class Routing:
     templates: dict[str, str | None]
     route: RouteSpec | None = None
     tokenizers: dict[str, object] = field(default_factory=dict)
+    chat_templates: dict[str, bool] = field(default_factory=dict)  # a teacher's own prompt: chat template or not
+
+    def teacher_data(self, teacher: str, data: DataSpec) -> DataSpec:
+        """The data settings a teacher's own prompt is rendered with (its use_chat_template, if it sets one)."""
+        own = self.chat_templates.get(teacher)
+        if own is None or own == data.use_chat_template:
+            return data
+        return data.model_copy(update={"use_chat_template": own, "system_prompt": data.system_prompt if own else None})
 
     @property
     def names(self) -> list[str]:
@@ -82,4 +90,5 @@ class Routing:
 def routing_for(spec: ExperimentSpec, cross_tokenizers: dict | None = None) -> Routing:
     """`cross_tokenizers`: name -> tokenizer of the teachers whose vocabulary differs from the student's."""
     templates = {name: teacher.prompt_template for name, teacher in spec.teachers.items()}
-    return Routing(templates, spec.data.route, dict(cross_tokenizers or {}))
+    chat = {name: t.use_chat_template for name, t in spec.teachers.items() if t.use_chat_template is not None}
+    return Routing(templates, spec.data.route, dict(cross_tokenizers or {}), chat)

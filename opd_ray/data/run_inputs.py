@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opd_ray.data.preflight import check_loaded, check_models, cross_tokenizers, template_tokenizer, warn_idle_teachers
+from opd_ray.data.preflight import (
+    check_loaded,
+    check_models,
+    check_own_chat_templates,
+    cross_tokenizers,
+    template_tokenizer,
+    warn_idle_teachers,
+)
 from opd_ray.data.prompts import PromptSet, load_prompts, load_selected_prompts
 from opd_ray.data.routing import routing_for
 from opd_ray.data.verifiers import GuardedVerifier, resolve_verifier
@@ -31,7 +38,9 @@ def load_run_inputs(spec: ExperimentSpec) -> Prepared:
     student_tokenizer, teacher_tokenizers = check_models(spec)
     verifier = resolve_verifier(spec.data.verifier, spec.data.verifier_errors)
     templates = template_tokenizer(spec, student_tokenizer, teacher_tokenizers)
-    routing = routing_for(spec, cross_tokenizers(teacher_tokenizers, student_tokenizer))
+    own_tokenizers = cross_tokenizers(teacher_tokenizers, student_tokenizer)
+    check_own_chat_templates(spec, own_tokenizers)
+    routing = routing_for(spec, own_tokenizers)
     selection = None
     if spec.data.selection is not None:
         train, selection = load_selected_prompts(spec.data, templates, spec.run.seed, routing)

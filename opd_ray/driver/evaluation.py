@@ -7,8 +7,9 @@ recovery is measured on the rows it teaches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from opd_ray.actors.vllm_engine import Completion
 from opd_ray.data.prompts import PromptSet
 from opd_ray.data.verifiers import GuardedVerifier
 from opd_ray.driver.roles import Roles, call_restarting, split
@@ -28,10 +29,16 @@ def evaluate(roles: Roles, kind: str, prompts: PromptSet, verifier: GuardedVerif
 
 
 def evaluate_by_teacher(
-    roles: Roles, kind: str, prompts: PromptSet, verifier: GuardedVerifier, max_new_tokens: int
+    roles: Roles,
+    kind: str,
+    prompts: PromptSet,
+    verifier: GuardedVerifier,
+    max_new_tokens: int,
+    answer_stops: dict[str, list[str]] | None = None,
 ) -> Accuracy:
     """The student answers every row with its prompt; a teacher answers the rows routed to it, with its own
-    prompt if it has one. A response cut off by the length limit counts as wrong."""
+    prompt if it has one, its answer ending at the first of its `answer_stops` (teachers.<name>.answer_stop).
+    A response cut off by the length limit counts as wrong."""
     rows_of = prompts.rows_by_teacher(list(range(len(prompts))), default=next(iter(roles.teacher_pools)))
     if kind == "rollout":
         completions = greedy_on(
@@ -41,10 +48,19 @@ def evaluate_by_teacher(
         completions = []
         for name, rows in rows_of.items():
             own = prompts.teacher_prompts(rows) or prompts.subset(rows)
-            completions += greedy_on(roles, "teacher", roles.teacher_pools[name], own, max_new_tokens)
+            answers = greedy_on(roles, "teacher", roles.teacher_pools[name], own, max_new_tokens)
+            completions += [ended_at(c, (answer_stops or {}).get(name, [])) for c in answers]
     correct = {c.prompt_index: is_correct(c, prompts, verifier) for c in completions}
     by_teacher = {name: sum(correct[i] for i in rows) / len(rows) for name, rows in rows_of.items()}
     return Accuracy(sum(correct.values()) / len(correct), by_teacher)
+
+
+def ended_at(completion: Completion, stops: list[str]) -> Completion:
+    """The completion up to the first of `stops` in its text, as a finished answer; as it is without one."""
+    ends = [at for at in (completion.text.find(stop) for stop in stops) if at >= 0]
+    if not ends:
+        return completion
+    return replace(completion, text=completion.text[: min(ends)], finished=True)
 
 
 def greedy_on(roles: Roles, kind: str, actors: list, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list:

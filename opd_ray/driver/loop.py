@@ -261,7 +261,10 @@ def accuracies(run: Run, kind: str) -> Accuracy | None:
     if run.prepared.eval is None:
         return None
     prepared = run.prepared
-    return evaluate_by_teacher(run.roles, kind, prepared.eval, prepared.verifier, run.spec.rollout.max_new_tokens)
+    stops = {name: teacher.answer_stop for name, teacher in run.spec.teachers.items()}
+    return evaluate_by_teacher(
+        run.roles, kind, prepared.eval, prepared.verifier, run.spec.rollout.max_new_tokens, stops
+    )
 
 
 # ---- one step ----

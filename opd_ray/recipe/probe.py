@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from operator import attrgetter
 from pathlib import Path
 
 import ray
@@ -21,6 +22,7 @@ from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.data.order import PromptSampler
 from opd_ray.data.preflight import check_teacher
 from opd_ray.data.prompts import PromptSet
+from opd_ray.data.run_inputs import Prepared, load_run_inputs
 from opd_ray.driver.evaluation import Accuracy, evaluate_by_teacher
 from opd_ray.driver.pipeline import rollout_and_score
 from opd_ray.driver.placement import teacher_role
@@ -30,7 +32,7 @@ from opd_ray.errors import UserError
 from opd_ray.files import write_json
 from opd_ray.losses.step import combine_rank_metrics
 from opd_ray.recipe.startup import start
-from opd_ray.spec import ExperimentSpec, ModelSpec, ProbeSpec
+from opd_ray.spec import ExperimentSpec, ModelSpec, ProbeSpec, load_spec
 
 # (metric, what it means), in the order printed
 SIGNALS = (
@@ -83,54 +85,89 @@ def judge(
     return Verdict(compatible and teaches, reasons)
 
 
-def check_candidates(spec: ExperimentSpec, student_tokenizer, paths: list[str]) -> list[ModelSpec]:
-    """The spec's teacher and each other candidate, checked like the spec's teacher at pre-flight."""
+@dataclass
+class Candidate:
+    """A teacher the probe compares: the spec it runs under (its model and settings: prompt template, chat
+    template, cross-tokenizer scoring) and the prompts as that spec renders them for it."""
+
+    spec: ExperimentSpec
+    prepared: Prepared
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.spec.teacher_model(next(iter(self.spec.teachers)))
+
+
+def check_candidates(spec: ExperimentSpec, prepared: Prepared, paths: list[str]) -> list[Candidate]:
+    """The spec's teacher, then each `--teacher`: a model folder (read with the spec's teacher settings) or a
+    spec file whose one teacher comes with its own settings (another family's prompt format, another
+    vocabulary); such a spec must train the same student on the same data, or the comparison is not one."""
     if paths and len(spec.teachers) > 1:
         raise UserError("opd-ray probe --teacher compares candidates for one teacher; this spec names several")
-    own = spec.teacher_model(next(iter(spec.teachers)))
-    candidates = [own]
+    name = next(iter(spec.teachers))
+    candidates = [Candidate(spec, prepared)]
     for i, path in enumerate(paths, start=1):
-        teacher = own.model_copy(update={"path": path})
-        check_teacher(spec, teacher, f"--teacher #{i}", student_tokenizer)
-        candidates.append(teacher)
+        if path.endswith((".yaml", ".yml")):
+            other = load_spec(path)
+            for field in ("models.student", "data"):
+                ours, theirs = (attrgetter(field)(s) for s in (spec, other))
+                if ours != theirs:
+                    raise UserError(f"--teacher #{i} ({path}): its {field} differs from the probed spec's")
+            if len(other.teachers) != 1:
+                raise UserError(f"--teacher #{i} ({path}): name one teacher in it (it has {len(other.teachers)})")
+            other_name = next(iter(other.teachers))
+            teachers = {name: other.teachers[other_name]}  # under the probed spec's name: its bundle, its role
+            other = other.model_copy(update={"teachers": teachers, "run": spec.run, "probe": spec.probe})
+            candidates.append(Candidate(other, load_run_inputs(other)))
+        else:
+            teacher = spec.teacher_model(name).model_copy(update={"path": path})
+            check_teacher(spec, teacher, f"--teacher #{i}", prepared.tokenizer)
+            settings = spec.teachers[name].model_copy(update={"model": teacher})
+            candidates.append(Candidate(spec.model_copy(update={"teachers": {name: settings}}), prepared))
     return candidates
 
 
 def run_probe(spec: ExperimentSpec, other_teachers: list[str] = ()) -> dict:
     """Starts the roles, samples and scores `probe.prompts` prompts, measures, writes probe.json. With
     `other_teachers`, each of them scores the same student samples too (one replica at a time, in the
-    teacher's bundle), and `candidates` ranks them all by the paper's two conditions."""
+    teacher's bundle, after its own prompts), and `candidates` ranks them all by the paper's two conditions."""
     run_dir = run_directory(spec.run.output_dir)  # refused now rather than after the probe's work
     prepared = start(spec)
-    candidates = check_candidates(spec, prepared.tokenizer, list(other_teachers))
+    candidates = check_candidates(spec, prepared, list(other_teachers))
     started = time.perf_counter()  # the probe's own time, not start-up's (which may build tiny models)
     roles = start_roles(spec)
     try:
         indices = PromptSampler(len(prepared.train), spec.run.seed).next(min(spec.probe.prompts, len(prepared.train)))
         refs = rollout_and_score(roles, prepared.train, indices, step=0, seed=spec.run.seed)
-        eval_prompts = None
-        if prepared.eval is not None and all(answer is not None for answer in prepared.eval.answers):
-            eval_prompts = prepared.eval.spread(spec.probe.eval_prompts)
-        student_accuracy = accuracy(spec, roles, prepared, eval_prompts, "rollout")  # per teacher's rows too
-        results = [measure(spec, roles, prepared, refs, eval_prompts, student_accuracy)]
+        student_accuracy = accuracy(spec, roles, prepared, eval_set(spec, prepared), "rollout")  # per route too
+        results = [measure(spec, roles, prepared, refs, eval_set(spec, prepared), student_accuracy)]
         name = next(iter(spec.teachers))
-        for teacher in candidates[1:]:
+        for candidate in candidates[1:]:
             bundle = roles.placement.actor_options[teacher_role(name, len(spec.teachers))][0]
             for old in roles.teachers:
                 ray.kill(old, no_restart=True)  # frees the bundle for the next candidate
-            roles.teacher_pools = {name: [start_teacher(spec, name, 0, bundle, model=teacher)]}
-            rescored = [roles.teachers[0].score.remote(ref)[0] for ref in refs]
-            results.append(measure(spec, roles, prepared, rescored, eval_prompts, student_accuracy))
+            roles.teacher_pools = {name: [start_teacher(candidate.spec, name, 0, bundle)]}
+            own_prompts = candidate.prepared.train.teacher_prompts(indices)
+            rescored = [roles.teachers[0].score.remote(ref, own_prompts)[0] for ref in refs]
+            own_eval = eval_set(candidate.spec, candidate.prepared)
+            results.append(measure(candidate.spec, roles, candidate.prepared, rescored, own_eval, student_accuracy))
     finally:
         roles.shutdown()
-    for teacher, result in zip(candidates, results, strict=True):
-        result.update(teacher=teacher.path, wall_seconds=round(time.perf_counter() - started, 1))
+    for candidate, result in zip(candidates, results, strict=True):
+        result.update(teacher=candidate.model.path, wall_seconds=round(time.perf_counter() - started, 1))
     result = dict(results[0])  # the spec's own teacher, as a probe of one teacher reports it
     if len(results) > 1:
         result["candidates"] = sorted(results, key=rank_key)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "probe.json", result)
     return result
+
+
+def eval_set(spec: ExperimentSpec, prepared: Prepared) -> PromptSet | None:
+    """`probe.eval_prompts` rows spread over data.eval (the same rows for every candidate), if it has answers."""
+    if prepared.eval is None or any(answer is None for answer in prepared.eval.answers):
+        return None
+    return prepared.eval.spread(spec.probe.eval_prompts)
 
 
 def rank_key(result: dict) -> tuple:
@@ -142,7 +179,8 @@ def rank_key(result: dict) -> tuple:
 def accuracy(spec: ExperimentSpec, roles, prepared, eval_prompts: PromptSet | None, kind: str) -> Accuracy | None:
     if eval_prompts is None:
         return None
-    return evaluate_by_teacher(roles, kind, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens)
+    stops = {name: teacher.answer_stop for name, teacher in spec.teachers.items()}
+    return evaluate_by_teacher(roles, kind, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens, stops)
 
 
 def measure(spec: ExperimentSpec, roles, prepared, refs: list, eval_prompts, student_accuracy) -> dict:

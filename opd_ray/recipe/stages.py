@@ -144,6 +144,20 @@ def teacher_accuracy(spec: ExperimentSpec, prepared: Prepared, engine: ray.actor
     return accuracy_of(completions, prepared.eval, prepared.verifier)
 
 
+def within_budget(completions: list[Completion], spent: int, budget: int | None) -> list[Completion]:
+    """The completions, in order, while fewer than `budget` teacher tokens were spent before each: the
+    answer that crosses the budget is kept whole (a cut answer would be a truncation this stage made)."""
+    if budget is None:
+        return completions
+    kept = []
+    for completion in completions:
+        if spent >= budget:
+            break
+        kept.append(completion)
+        spent += len(completion.token_ids)
+    return kept
+
+
 def write_teacher_answers(
     spec: ExperimentSpec, prepared: Prepared, engine: ray.actor.ActorHandle, rows: list[int], out: TextIO
 ) -> Counter:
@@ -157,9 +171,7 @@ def write_teacher_answers(
             chunk = rows[start : start + GENERATION_CHUNK]
             ref = engine.complete.remote(prepared.train.subset(chunk), spec.run.seed + start)
             (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, GENERATING)
-            for completion in completions:
-                if budget is not None and counts["teacher_tokens"] >= budget:
-                    break
+            for completion in within_budget(completions, counts["teacher_tokens"], budget):
                 counts["teacher_tokens"] += len(completion.token_ids)
                 row = completion.prompt_index
                 reason = drop_reason(completion, prepared.train.answers[row], prepared.verifier, settings)

@@ -121,6 +121,18 @@ class NamedTeacherSpec(TeacherSpec):
         description="the prompt this teacher reads, built from the row: {prompt}, {answer} or any other field; "
         "the response it scores is the student's. null = the student's prompt",
     )
+    use_chat_template: bool | None = Field(
+        None,
+        description="this teacher's own prompt (its prompt_template, or any prompt in another vocabulary) through "
+        "its tokenizer's chat template; false for a base model read with a few-shot prompt; "
+        "null = data.use_chat_template",
+    )
+    answer_stop: list[str] = Field(
+        default_factory=list,
+        description="text that ends this teacher's own greedy answer in evaluation: a base model prompted "
+        'few-shot writes a newline after its answer, then the next question; ["\\n"] scores the text before it '
+        "as a finished answer",
+    )
 
     @property
     def is_self(self) -> bool:
@@ -132,6 +144,8 @@ class NamedTeacherSpec(TeacherSpec):
             raise ValueError("weights: current is for model: self (the student's own, synced weights)")
         if self.prompt_template is not None:
             template_fields(self.prompt_template, "prompt_template")
+        if any(not stop for stop in self.answer_stop):
+            raise ValueError("answer_stop: an empty string would end every answer before its first character")
         return self
 
 

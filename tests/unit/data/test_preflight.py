@@ -132,3 +132,20 @@ def test_a_named_teachers_replicas_engine_and_resources_may_change_on_resume() -
     assert may_change("teachers.math.num_replicas") and may_change("teachers.math.engine.kv_cache_gib")
     assert may_change("teachers.code.resources.num_gpus") and may_change("teachers.teacher.engine.max_model_len")
     assert not may_change("teachers.math.model.path") and not may_change("teachers.math.top_k")
+
+
+def test_a_teacher_in_its_own_tokens_without_a_chat_template_is_named(tiny_dir: Path, tmp_path: Path) -> None:
+    """A base model (Gemma 3 270M ships no chat template) as a cross-tokenizer teacher of a chat student:
+    one line saying to read it without the template, not apply_chat_template's traceback at tokenizing."""
+    from types import SimpleNamespace
+
+    from opd_ray.data.preflight import check_own_chat_templates
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["data"]["use_chat_template"] = True
+    spec = ExperimentSpec.model_validate(raw)
+    base_model_tokenizer = SimpleNamespace(chat_template=None)  # stands in for a tokenizer without a template
+    with pytest.raises(UserError, match=r"teachers\.teacher: the tokenizer of .* has no chat template"):
+        check_own_chat_templates(spec, {"teacher": base_model_tokenizer})
+    raw["teacher"] = {**raw.get("teacher", {}), "use_chat_template": False}
+    check_own_chat_templates(ExperimentSpec.model_validate(raw), {"teacher": base_model_tokenizer})

@@ -109,3 +109,21 @@ def test_a_tokenizer_without_bos_gets_none(tokenizer) -> None:
 
     data = DataSpec(train=DatasetSpec(path="unused.jsonl"))
     assert render_prompt("12+3=", data, tokenizer) == tokenizer("12+3=", add_special_tokens=False).input_ids
+
+
+def test_the_system_prompt_is_the_chat_templates_system_turn() -> None:
+    from opd_ray.data.prompts import render_prompt
+
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+    tokenizer = llama_style_tokenizer(template)
+    data = DataSpec(train=DatasetSpec(path="unused.jsonl"), use_chat_template=True, system_prompt="what")
+    rendered = tokenizer.decode(render_prompt("1+2?", data, tokenizer), skip_special_tokens=True)
+    plain = DataSpec(train=DatasetSpec(path="unused.jsonl"), use_chat_template=True)
+    assert "what" in rendered and "what" not in tokenizer.decode(render_prompt("1+2?", plain, tokenizer))
+
+
+def test_a_system_prompt_without_the_chat_template_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"data\.system_prompt is a turn of the chat template"):
+        DataSpec(train=DatasetSpec(path="unused.jsonl"), system_prompt="Answer briefly.")

@@ -79,3 +79,16 @@ def test_a_float_route_column_is_refused_instead_of_never_matching(tiny_dir: Pat
     raw["data"].pop("eval")
     with pytest.raises(UserError, match=r"routed\.jsonl row 1: data\.route\.field 'task' = 1.0 is a float"):
         load_run_inputs(ExperimentSpec.model_validate(raw))
+
+
+def test_a_teacher_can_read_its_own_prompt_without_the_chat_template() -> None:
+    """A base-model teacher (no chat template) reads a few-shot prompt in plain text while the student's
+    prompt goes through the student's chat template."""
+    from opd_ray.data.routing import Routing
+    from opd_ray.spec import DatasetSpec, DataSpec
+
+    data = DataSpec(train=DatasetSpec(path="unused.jsonl"), use_chat_template=True, system_prompt="Be brief.")
+    routing = Routing({"base": "Q: {prompt}\nA:", "chat": None}, chat_templates={"base": False})
+    own = routing.teacher_data("base", data)
+    assert (own.use_chat_template, own.system_prompt) == (False, None)
+    assert routing.teacher_data("chat", data) is data

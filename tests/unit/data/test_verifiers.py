@@ -25,3 +25,14 @@ def test_verifiers() -> None:
         resolve_verifier("fuzzy")
     with pytest.raises(UserError, match="cannot load"):
         resolve_verifier("no_such_module:f")
+
+
+def test_first_line_mentions_reads_whole_words_of_the_first_line_only() -> None:
+    from opd_ray.data.verifiers import first_line_mentions
+
+    assert first_line_mentions('The opposite of "big" is "little".', "small|little")
+    assert first_line_mentions("\n  the capital of France is paris.", "Paris")  # case, leading blank line
+    assert first_line_mentions("It is New Delhi.", "New Delhi")
+    assert not first_line_mentions("Parisian food", "Paris")  # part of a word
+    assert not first_line_mentions("It could be Lyon.\nOr Paris.", "Paris")  # a later line
+    assert not first_line_mentions("", "Paris") and not first_line_mentions("Paris", " | ")

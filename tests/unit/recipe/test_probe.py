@@ -39,3 +39,30 @@ def test_without_answers_only_the_overlap_decides_and_the_gap_is_said_unmeasured
     verdict = judge(0.7, None, None, RULES, k=16)
     assert verdict.likely_to_help
     assert "not measured" in verdict.reasons[1]
+
+
+def test_a_candidate_spec_brings_its_teachers_own_settings_and_must_share_student_and_data(tiny_dir, tmp_path) -> None:
+    """`--teacher SPEC.yaml`: another family's teacher comes with its prompt format; the comparison is only one
+    if the student and the data are the probed spec's."""
+    import yaml
+
+    from opd_ray.data.run_inputs import load_run_inputs
+    from opd_ray.errors import UserError
+    from opd_ray.recipe.probe import check_candidates
+    from opd_ray.spec import ExperimentSpec
+    from tests.conftest import tiny_spec_dict
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    spec = ExperimentSpec.model_validate(raw)
+    prepared = load_run_inputs(spec)
+    other = {**raw, "teacher": {**raw.get("teacher", {}), "prompt_template": "1+{prompt}"}}
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(other))
+    own, candidate = check_candidates(spec, prepared, [str(path)])
+    assert own.spec is spec and candidate.spec.teachers["teacher"].prompt_template == "1+{prompt}"
+    assert candidate.prepared.train.teacher_prompts([0])[0] != prepared.train.prompt_ids[0]  # its own prompt
+    assert candidate.spec.run == spec.run  # writes nothing of its own
+
+    path.write_text(yaml.safe_dump({**other, "data": {**raw["data"], "prompt_template": "{prompt}="}}))
+    with pytest.raises(UserError, match=r"--teacher #1 \(.*other.yaml\): its data differs"):
+        check_candidates(spec, prepared, [str(path)])

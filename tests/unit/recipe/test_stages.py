@@ -84,3 +84,19 @@ def test_stage_lists_that_cannot_run_are_refused(
     OmegaConf.save(OmegaConf.create(raw), path)
     with pytest.raises(SpecError, match=message):
         load_spec(path)
+
+
+def test_the_teacher_budget_stops_generation_after_the_answer_that_crosses_it() -> None:
+    from opd_ray.recipe.stages import within_budget
+
+    answers = [completion([1] * 5, "a"), completion([1] * 5, "b"), completion([1] * 5, "c")]
+    assert within_budget(answers, 0, None) == answers
+    assert [c.text for c in within_budget(answers, 0, 7)] == ["a", "b"]  # b crosses 7: kept whole
+    assert [c.text for c in within_budget(answers, 0, 5)] == ["a"]
+    assert within_budget(answers, 9, 9) == []  # an earlier chunk spent it all
+
+
+def test_sft_tokens_trained_is_steps_times_batch_at_the_mean_answer_length() -> None:
+    from opd_ray.recipe.stages import sft_tokens_trained
+
+    assert sft_tokens_trained([([1], [2, 3]), ([1], [2, 3, 4, 5])], steps=10, batch_size=4) == 120

@@ -150,6 +150,31 @@ def test_the_smollm2_example_resolves_to_an_imported_teacher_and_its_pruned_copy
         assert (REPO / dataset.path).is_file()
 
 
+def test_the_kd_baseline_matches_the_opd_example_but_for_what_it_is() -> None:
+    """Sequence-level KD beside OPD (README "A real model"): the same models, prompts, limits and eval; the
+    teacher's answers unfiltered, and as many student steps of as many answers as OPD's."""
+    opd = load_spec(REPO / "examples" / "smollm2_distill.yaml")
+    kd = load_spec(REPO / "examples" / "smollm2_kd.yaml")
+    for section in ("models", "data", "rollout", "teachers"):
+        assert getattr(kd, section) == getattr(opd, section), section
+    generate, sft = kd.cold_start.teacher_generate, kd.cold_start.sft
+    assert kd.stages == ["teacher_generate", "sft"] and not generate.require_correct and not generate.drop_truncated
+    assert (sft.steps, sft.batch_size, sft.lr) == (opd.trainer.steps, opd.trainer.prompts_per_step, opd.learner.lr)
+    assert generate.max_teacher_tokens is not None
+
+
+def test_the_real_pair_shares_student_and_task_and_differs_in_the_teacher() -> None:
+    compatible = load_spec(REPO / "examples" / "smollm2_capitals.yaml")
+    other = load_spec(REPO / "examples" / "smollm2_capitals_gemma.yaml")
+    assert compatible.models.student == other.models.student and compatible.data == other.data
+    assert compatible.algorithm == other.algorithm and compatible.trainer == other.trainer
+    gemma = other.teachers["teacher"]
+    assert gemma.cross_tokenizer and gemma.use_chat_template is False and gemma.answer_stop == ["\n"]
+    assert gemma.prompt_template.endswith("Q: {prompt}\nA:")
+    for dataset in (compatible.data.train, compatible.data.eval):
+        assert (REPO / dataset.path).is_file()
+
+
 @pytest.mark.parametrize("bad", ["0-x", "3,,4", "a"])
 def test_layer_lists_name_the_bad_value(tmp_path: Path, bad: str) -> None:
     spec = MINIMAL.replace(
