@@ -32,7 +32,7 @@ from opd_ray.console import console, step_progress
 from opd_ray.data.repetition import is_repetitive
 from opd_ray.data.run_inputs import Prepared
 from opd_ray.data.verifiers import GuardedVerifier
-from opd_ray.driver.evaluation import accuracy_of, gap_recovery
+from opd_ray.driver.evaluation import accuracy_of, ended_at, gap_recovery
 from opd_ray.driver.fingerprint import check_same_run, run_fingerprint
 from opd_ray.driver.interrupts import stop_between_steps
 from opd_ray.driver.loop import distill
@@ -139,10 +139,12 @@ def teacher_accuracy(spec: ExperimentSpec, prepared: Prepared, engine: ray.actor
     """The teacher's greedy accuracy on the eval prompts, in the engine that generated its answers."""
     if prepared.eval is None:
         return None
-    prompts = prepared.eval.subset(list(range(len(prepared.eval))))
+    rows = list(range(len(prepared.eval)))
+    prompts = prepared.eval.teacher_prompts(rows) or prepared.eval.subset(rows)  # its own, as OPD evaluates it
     ref = engine.greedy.remote(prompts, spec.rollout.max_new_tokens)
     (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, "the teacher's evaluation")
-    return accuracy_of(completions, prepared.eval, prepared.verifier)
+    stops = next(iter(spec.teachers.values())).answer_stop
+    return accuracy_of([ended_at(c, stops) for c in completions], prepared.eval, prepared.verifier)
 
 
 def within_budget(completions: list[Completion], spent: int, budget: int | None) -> list[Completion]:
@@ -159,6 +161,19 @@ def within_budget(completions: list[Completion], spent: int, budget: int | None)
     return kept
 
 
+def in_student_tokens(completion: Completion, spec: ExperimentSpec, prepared: Prepared) -> Completion:
+    """A cross-tokenizer teacher's answer as the student trains on it: its text up to its `answer_stop` (a
+    few-shot base model goes on to the next question), stripped, in the student's tokens, with the student's
+    end of sequence when the answer ended. A teacher of the student's vocabulary answers in its tokens."""
+    teacher = next(iter(spec.teachers.values()))
+    if not teacher.cross_tokenizer:
+        return completion
+    ended = ended_at(completion, teacher.answer_stop)
+    text = ended.text.strip()
+    ids = prepared.tokenizer(text, add_special_tokens=False).input_ids
+    return replace(ended, token_ids=[*ids, prepared.tokenizer.eos_token_id] if ended.finished else ids, text=text)
+
+
 def write_teacher_answers(
     spec: ExperimentSpec, prepared: Prepared, engine: ray.actor.ActorHandle, rows: list[int], out: TextIO
 ) -> Counter:
@@ -171,10 +186,12 @@ def write_teacher_answers(
     with step_progress("teacher_generate", len(rows)) as progress:
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
-            ref = engine.complete.remote(prepared.train.subset(chunk), spec.run.seed + start)
+            own_prompts = prepared.train.teacher_prompts(chunk) or prepared.train.subset(chunk)
+            ref = engine.complete.remote(own_prompts, spec.run.seed + start)
             (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, GENERATING)
             for completion in within_budget(completions, counts["teacher_tokens"], budget):
                 counts["teacher_tokens"] += len(completion.token_ids)
+                completion = in_student_tokens(completion, spec, prepared)
                 row = completion.prompt_index
                 reason = drop_reason(completion, prepared.train.answers[row], prepared.verifier, settings)
                 counts[reason or "kept"] += 1

@@ -189,8 +189,6 @@ class ExperimentSpec(Section):
                     f"{field}: topk_support {algorithm.topk_support} needs the teacher's log-probs at student ids; "
                     "use topk_support=teacher (its top-k, matched to the student's tokens by text)"
                 )
-            if "teacher_generate" in self.stages:
-                raise ValueError(f"{field}: stages teacher_generate trains on the teacher's token ids")
         return self
 
     @model_validator(mode="after")

@@ -129,9 +129,9 @@ class NamedTeacherSpec(TeacherSpec):
     )
     answer_stop: list[str] = Field(
         default_factory=list,
-        description="text that ends this teacher's own greedy answer in evaluation: a base model prompted "
-        'few-shot writes a newline after its answer, then the next question; ["\\n"] scores the text before it '
-        "as a finished answer",
+        description="text that ends this teacher's own answer, in evaluation and (another vocabulary) in stage "
+        "teacher_generate: a base model prompted few-shot writes a newline after its answer, then the next "
+        'question; ["\\n"] takes the text before it as a finished answer',
     )
 
     @property

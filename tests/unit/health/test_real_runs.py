@@ -23,6 +23,8 @@ def test_the_working_runs_trigger_nothing() -> None:
     assert verdict("quickstart_compatible_early_dip.jsonl", 15) == {}
     assert verdict("smollm2_opd.jsonl", 49152) == {}
     assert verdict("smollm2_opd.jsonl", 49152, window=5) == {}
+    assert verdict("smollm2_opposites_opd.jsonl", 49152) == {}  # the example on this build: 0.167 -> 0.646
+    assert verdict("smollm2_opposites_opd.jsonl", 49152, window=5) == {}
 
 
 def test_the_incompatible_teacher_is_flagged_within_its_first_50_steps() -> None:

@@ -100,3 +100,29 @@ def test_sft_tokens_trained_is_steps_times_batch_at_the_mean_answer_length() -> 
     from opd_ray.recipe.stages import sft_tokens_trained
 
     assert sft_tokens_trained([([1], [2, 3]), ([1], [2, 3, 4, 5])], steps=10, batch_size=4) == 120
+
+
+def test_a_cross_tokenizer_teachers_answer_is_cut_at_its_stop_and_retokenized_for_the_student(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A few-shot base model (Gemma 3) as the cold start's teacher: its answer runs on to the next question
+    in its own tokens; the student trains on the text before answer_stop, in its tokens, ending with its EOS."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from opd_ray.recipe.stages import in_student_tokens
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["teacher"] = {**raw.get("teacher", {}), "cross_tokenizer": True, "answer_stop": ["\n"]}
+    raw["algorithm"] = {**raw.get("algorithm", {}), "objective": "topk", "topk_support": "teacher"}
+    raw.update(stages=["teacher_generate", "sft", "opd"], cold_start=COLD_START)
+    spec = ExperimentSpec.model_validate(raw)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "student")
+    prepared = SimpleNamespace(tokenizer=tokenizer)  # stands in for Prepared: only its tokenizer is read
+    teachers_own = completion([901, 902, 903, 904], " 12\nQ: 3+4=", finished=False)
+    answer = in_student_tokens(teachers_own, spec, prepared)
+    assert answer.text == "12" and answer.finished
+    assert answer.token_ids == [*tokenizer("12", add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+    cut_off = in_student_tokens(completion([901], " 1", finished=False), spec, prepared)
+    assert not cut_off.finished and cut_off.token_ids == tokenizer("1", add_special_tokens=False).input_ids
