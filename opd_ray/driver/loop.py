@@ -248,8 +248,9 @@ def save_student(run: Run) -> Path:
 def write_summary(run: Run, steps: int, **extra: float) -> dict:
     """summary.json after `steps` steps (a finished run's, or one stop_on ended): what the run measured, its
     first-vs-last trend and its health."""
-    trend, tokens = training_trend(run.writer.path), response_token_total(run.writer.path)
-    run.summary.update(steps=steps, teacher_tokens=tokens, student_tokens_trained=tokens)
+    path = run.writer.path
+    trend, scored = training_trend(path), response_token_total(path, scored_only=True)
+    run.summary.update(steps=steps, teacher_tokens=scored, student_tokens_trained=response_token_total(path))
     run.summary.update(first_vs_last_steps=trend, health=run.doctor.summary(), **extra)
     write_json(run.run_dir / "summary.json", run.summary)
     return run.summary
