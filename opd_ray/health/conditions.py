@@ -76,9 +76,12 @@ def teacher_broken(s: Signals, h: HealthSpec) -> str | None:
 
 
 def reward_fell(s: Signals, h: HealthSpec) -> bool:
-    """The sample reward is health.reward_drop below its start (windows apart): what reward_divergence and
-    objective_not_falling both start from; the sampled reverse KL then says which of the two it is."""
-    return windows_apart(s, h) and None not in (s.reward_drop, s.kl_vs_start) and s.reward_drop >= h.reward_drop
+    """The sample reward is health.reward_drop below its start (windows apart), and by more than chance
+    (health.reward_drop_sigmas standard errors): what reward_divergence and objective_not_falling both start
+    from; the sampled reverse KL then says which of the two it is."""
+    if not windows_apart(s, h) or None in (s.reward_drop, s.kl_vs_start) or s.reward_drop < h.reward_drop:
+        return False
+    return s.reward_drop_error is None or s.reward_drop >= h.reward_drop_sigmas * s.reward_drop_error
 
 
 def reward_divergence(s: Signals, h: HealthSpec) -> str | None:

@@ -48,6 +48,7 @@ class Signals:
     teacher_std_vs_uniform: float | None  # that spread / ln|V|
     kl_vs_start: float | None  # sampled reverse KL now / at the start
     reward_drop: float | None  # the sample reward at the start - now (> 0: the student solves less than it did)
+    reward_drop_error: float | None  # the standard error of that difference, from the windows' sample counts
     grad_norm_vs_median: float | None  # this step's gradient norm / the median of the window before it
 
     def logged(self) -> dict[str, float]:
@@ -62,6 +63,20 @@ def teacher_spread(row: Row) -> float | None:
     if not isinstance(mean, (int, float)) or not isinstance(square, (int, float)):
         return None
     return math.sqrt(max(0.0, square - mean * mean))
+
+
+def difference_error(start: list[Row], now: list[Row]) -> float | None:
+    """Standard error of (start - now) of the mean sample reward, a 0/1 verifier score, from the samples each
+    window holds (`sequences`); None when a window does not say how many."""
+    counts, rewards = [], []
+    for window in (start, now):
+        rows = [r for r in window if isinstance(r.get("sample_reward"), (int, float)) and r.get("sequences")]
+        counts.append(sum(r["sequences"] for r in rows))
+        rewards.append(sum(r["sample_reward"] * r["sequences"] for r in rows))
+    if not all(counts):
+        return None
+    pooled = sum(rewards) / sum(counts)
+    return math.sqrt(pooled * (1 - pooled) * (1 / counts[0] + 1 / counts[1]))
 
 
 def compute_signals(rows: list[Row], window: int, vocab_size: int | None) -> Signals:
@@ -91,6 +106,7 @@ def compute_signals(rows: list[Row], window: int, vocab_size: int | None) -> Sig
         teacher_std_vs_uniform=spread / uniform if uniform and spread is not None else None,
         kl_vs_start=ratio(window_mean("sampled_reverse_kl", now), window_mean("sampled_reverse_kl", start)),
         reward_drop=reward_start - reward_now if reward_start is not None and reward_now is not None else None,
+        reward_drop_error=difference_error(start, now),
         grad_norm_vs_median=ratio(norm, statistics.median(previous_norms))
         if isinstance(norm, (int, float)) and len(previous_norms) >= 3
         else None,

@@ -99,6 +99,12 @@ class HealthSpec(Section):
     reward_drop: float = Field(
         0.05, gt=0, le=1, description="reward_divergence: the sample reward fell this much below its start..."
     )
+    reward_drop_sigmas: float = Field(
+        2.0,
+        ge=0,
+        description="...and by at least this many standard errors of the two windows' difference (a 0/1 "
+        "reward over the windows' samples): 16 samples a step move a window's mean by ~0.03 by chance",
+    )
     kl_drop: float = Field(0.2, gt=0, lt=1, description="...while the sampled reverse KL fell by this share")
     grad_spike_factor: float = Field(
         10, gt=1, description="grad_spike: a step's gradient norm at least this many times the window's median"

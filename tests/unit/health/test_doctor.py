@@ -92,6 +92,23 @@ def test_reward_divergence_needs_the_reward_down_while_the_kl_falls() -> None:
     assert "reward_divergence" not in fired(no_teaching)
 
 
+def test_a_reward_drop_within_sampling_noise_is_not_a_divergence() -> None:
+    """16 samples a step: a window's mean reward of 0.12 moves by ~0.03 by chance, so a 0.06 drop between
+    two windows (1.5 standard errors) is noise; with 256 samples a step the same drop is not."""
+
+    def drop_of_006(sequences: int) -> list[dict]:
+        return stream(
+            40,
+            sample_reward=lambda t: 0.12 if t <= 20 else 0.06,
+            sampled_reverse_kl=lambda t: 1.0 - t / 80,
+            sequences=lambda t: sequences,
+        )
+
+    assert "reward_divergence" not in fired(drop_of_006(16))
+    assert "reward_divergence" in fired(drop_of_006(256))
+    assert "reward_divergence" in fired(drop_of_006(16), reward_drop_sigmas=0)  # the rule without the test
+
+
 def test_objective_not_falling_needs_the_reward_down_while_the_kl_holds_or_rises() -> None:
     rising = stream(60, sample_reward=lambda t: max(0.0, 0.5 - t / 60), sampled_reverse_kl=lambda t: 1.0 + t / 30)
     # the windows apart at 20, the reward already down 0.17; named once it has held for a window (20-29)

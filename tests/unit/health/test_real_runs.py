@@ -25,6 +25,10 @@ def test_the_working_runs_trigger_nothing() -> None:
     assert verdict("smollm2_opd.jsonl", 49152, window=5) == {}
     assert verdict("smollm2_opposites_opd.jsonl", 49152) == {}  # the example on this build: 0.167 -> 0.646
     assert verdict("smollm2_opposites_opd.jsonl", 49152, window=5) == {}
+    # capitals from SmolLM2 (0.033 -> 0.367): the sample reward of 16 samples a step ends 0.054 below its start,
+    # 1.6 standard errors; the rule before it asked for more than chance called that reward_divergence at step 40
+    assert verdict("smollm2_capitals_compatible.jsonl", 49152) == {}
+    assert verdict("smollm2_capitals_compatible.jsonl", 49152, reward_drop_sigmas=0) == {"reward_divergence": 40}
 
 
 def test_the_incompatible_teacher_is_flagged_within_its_first_50_steps() -> None:
