@@ -43,6 +43,15 @@ def collapse(s: Signals, h: HealthSpec) -> str | None:
     return None
 
 
+def never_ends(s: Signals, h: HealthSpec) -> str | None:
+    """Nearly every response runs to the length limit for a whole window: each one scores as wrong. Seen on a
+    real run whose teacher (a base model of another family) gave the student's end of answer almost no
+    probability: the student learned never to stop while overlap@k rose and the KL fell."""
+    if s.steps >= h.window and s.cut_off_share is not None and s.cut_off_share >= h.collapse_cut_off_share:
+        return f"{s.cut_off_share:.0%} of responses cut off at the length limit over the last {h.window} steps"
+    return None
+
+
 def entropy_explosion(s: Signals, h: HealthSpec) -> str | None:
     if windows_apart(s, h) and s.entropy_vs_start is not None and s.entropy_vs_start >= h.explosion_entropy_ratio:
         return f"student entropy x{s.entropy_vs_start:.2f} of its start"
@@ -116,6 +125,15 @@ CONDITIONS: dict[str, Condition] = {
             "the student has collapsed into degenerate text whatever the KL says: lower learner.lr, add "
             "algorithm.topk_tail, or cold-start the student (stages: [teacher_generate, sft, opd])",
             collapse,
+        ),
+        Condition(
+            "never_ends",
+            "nearly all responses (health.collapse_cut_off_share) are cut off at the length limit, over a window",
+            "the student no longer ends its answers, and a cut-off answer never counts: if the teacher is of "
+            "another family or format, it may not end answers where the student does (its end-of-sequence "
+            "after a few-shot answer is improbable): compare teachers with opd-ray probe, or cold-start the student; "
+            "if answers are truly longer, raise rollout.max_new_tokens",
+            never_ends,
         ),
         Condition(
             "entropy_explosion",

@@ -66,7 +66,11 @@ class HealthSpec(Section):
         0.5, gt=0, le=1, description="collapse: this share of responses repeat a 4-gram more than 3 times, ..."
     )
     collapse_cut_off_share: float = Field(
-        0.9, gt=0, le=1, description="...or this share is cut off at the length limit while the entropy falls"
+        0.9,
+        gt=0,
+        le=1,
+        description="...or this share is cut off at the length limit while the entropy falls; never_ends: this "
+        "share cut off over a whole window",
     )
     collapse_entropy_ratio: float = Field(
         0.5, gt=0, lt=1, description="collapse: student entropy now / at the start at or below this"
