@@ -46,3 +46,12 @@ def test_the_collapsed_tiny_run_is_flagged_where_it_was_stopped() -> None:
 def test_a_sampled_token_run_that_climbs_its_own_objective_is_flagged_early() -> None:
     found = verdict("quickstart_sampled_token_standardized.jsonl", 15)
     assert found["objective_not_falling"] <= 200 < 600, found  # of 600 steps; the student ends at 0.000
+
+
+def test_the_student_that_learned_never_to_stop_is_flagged_at_its_first_full_window() -> None:
+    """The pruned SmolLM2 taught capitals by Gemma 3 270M (examples/smollm2_capitals_gemma.yaml): Gemma, a base
+    model read few-shot, gives the student's end of answer almost no probability, so by step 4 every response
+    runs to the length limit while overlap@16 rises 0.38 -> 0.59 and the sampled KL falls 3.2 -> 1.8 (the
+    student ends at 0.000). The live run, before never_ends existed, reported health ok."""
+    assert verdict("smollm2_capitals_gemma_never_ends.jsonl", 49152) == {"never_ends": 11}
+    assert verdict("smollm2_capitals_gemma_never_ends.jsonl", 49152, window=5) == {"never_ends": 7}
