@@ -55,3 +55,12 @@ def test_the_student_that_learned_never_to_stop_is_flagged_at_its_first_full_win
     student ends at 0.000). The live run, before never_ends existed, reported health ok."""
     assert verdict("smollm2_capitals_gemma_never_ends.jsonl", 49152) == {"never_ends": 11}
     assert verdict("smollm2_capitals_gemma_never_ends.jsonl", 49152, window=5) == {"never_ends": 7}
+
+
+def test_the_student_top16_support_explosion_is_flagged_once_its_windows_are_apart() -> None:
+    """examples/smollm2_distill.yaml with topk_support=student at lr 1e-4, 20 steps: the student's sampled
+    entropy climbs 3.6 -> 7.6 nats while the loss falls 1.1 -> 0.2 (the support's degenerate minimum). Its rise
+    is within the first 10 steps, so at the default window the start window holds it and nothing is named."""
+    assert verdict("smollm2_student_support_explosion.jsonl", 49152) == {}
+    assert verdict("smollm2_student_support_explosion.jsonl", 49152, window=5) == {"entropy_explosion": 19}
+    assert verdict("smollm2_student_support_explosion.jsonl", 49152, window=3) == {"entropy_explosion": 10}
