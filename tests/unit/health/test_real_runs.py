@@ -64,3 +64,11 @@ def test_the_student_top16_support_explosion_is_flagged_once_its_windows_are_apa
     assert verdict("smollm2_student_support_explosion.jsonl", 49152) == {}
     assert verdict("smollm2_student_support_explosion.jsonl", 49152, window=5) == {"entropy_explosion": 19}
     assert verdict("smollm2_student_support_explosion.jsonl", 49152, window=3) == {"entropy_explosion": 10}
+
+
+def test_a_learning_rate_fifty_times_the_examples_is_flagged_within_ten_steps() -> None:
+    """examples/smollm2_distill.yaml at learner.lr=1e-3 (the example's is 2e-5), 20 steps: every response cut off
+    from step 2, a burst of loops at steps 5-6, overlap@16 falling 0.46 -> 0.38; the student ends at 0.000. The
+    live run (before never_ends) said health ok."""
+    assert verdict("smollm2_lr1e-3_never_ends.jsonl", 49152) == {"never_ends": 10}
+    assert verdict("smollm2_lr1e-3_never_ends.jsonl", 49152, window=5) == {"never_ends": 6, "entropy_explosion": 14}
