@@ -12,6 +12,11 @@ the unfinished stage (and the OPD stage resumes from its checkpoints with --resu
 - sft: the student is fine-tuned on those answers' tokens by the run's learner ranks.
 - opd: distillation from the SFT student (when sft ran) on the training prompts the cold
   start did not use.
+
+Without opd the stages are sequence-level KD, the baseline beside OPD: the SFT student and the
+teacher are evaluated as an OPD run's are, and `max_teacher_tokens` holds the teacher to the budget
+an OPD run's teacher scored. A teacher of another vocabulary answers its own prompts; its text (up
+to its `answer_stop`) is re-tokenized for the student.
 """
 
 from __future__ import annotations
