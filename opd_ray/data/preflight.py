@@ -175,8 +175,7 @@ def check_own_chat_templates(spec: ExperimentSpec, own_tokenizers: dict) -> None
     """A teacher that reads its own prompt in its own tokens through a chat template must have one (a base
     model has none: it reads a few-shot prompt without it)."""
     for name, tokenizer in own_tokenizers.items():
-        settings = spec.teachers[name]
-        wanted = spec.data.use_chat_template if settings.use_chat_template is None else settings.use_chat_template
+        wanted = spec.teachers[name].reads_chat_template(spec.data.use_chat_template)
         if wanted and not getattr(tokenizer, "chat_template", None):
             raise UserError(
                 f"teachers.{name}: the tokenizer of {spec.teacher_model(name).path} has no chat template, and this "

@@ -90,5 +90,5 @@ class Routing:
 def routing_for(spec: ExperimentSpec, cross_tokenizers: dict | None = None) -> Routing:
     """`cross_tokenizers`: name -> tokenizer of the teachers whose vocabulary differs from the student's."""
     templates = {name: teacher.prompt_template for name, teacher in spec.teachers.items()}
-    chat = {name: t.use_chat_template for name, t in spec.teachers.items() if t.use_chat_template is not None}
+    chat = {name: teacher.reads_chat_template(spec.data.use_chat_template) for name, teacher in spec.teachers.items()}
     return Routing(templates, spec.data.route, dict(cross_tokenizers or {}), chat)

@@ -39,7 +39,7 @@ from opd_ray.driver.checkpoint import (
 from opd_ray.driver.evaluation import Accuracy, evaluate_by_teacher, gap_recovery
 from opd_ray.driver.fingerprint import run_fingerprint
 from opd_ray.driver.interrupts import StopRequest, stop_between_steps
-from opd_ray.driver.metrics import MetricsWriter, read_metrics, response_token_total, timed, training_trend
+from opd_ray.driver.metrics import MetricsWriter, read_metrics, timed, token_totals, training_trend
 from opd_ray.driver.pipeline import Pipeline
 from opd_ray.driver.roles import Roles, learner_parameters, record_placement, start_roles, sync_weights
 from opd_ray.driver.steps import StepWork, launch_step, prompts_digest
@@ -248,9 +248,9 @@ def save_student(run: Run) -> Path:
 def write_summary(run: Run, steps: int, **extra: float) -> dict:
     """summary.json after `steps` steps (a finished run's, or one stop_on ended): what the run measured, its
     first-vs-last trend and its health."""
-    path = run.writer.path
-    trend, scored = training_trend(path), response_token_total(path, scored_only=True)
-    run.summary.update(steps=steps, teacher_tokens=scored, student_tokens_trained=response_token_total(path))
+    trained, scored = token_totals(run.writer.path)
+    trend = training_trend(run.writer.path)
+    run.summary.update(steps=steps, teacher_tokens=scored, student_tokens_trained=trained)
     run.summary.update(first_vs_last_steps=trend, health=run.doctor.summary(), **extra)
     write_json(run.run_dir / "summary.json", run.summary)
     return run.summary
@@ -262,9 +262,9 @@ def accuracies(run: Run, kind: str) -> Accuracy | None:
     if run.prepared.eval is None:
         return None
     prepared = run.prepared
-    stops = {name: teacher.answer_stop for name, teacher in run.spec.teachers.items()}
+    spec = run.spec
     return evaluate_by_teacher(
-        run.roles, kind, prepared.eval, prepared.verifier, run.spec.rollout.max_new_tokens, stops
+        run.roles, kind, prepared.eval, prepared.verifier, spec.rollout.max_new_tokens, spec.answer_stops
     )
 
 

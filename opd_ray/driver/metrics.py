@@ -87,15 +87,16 @@ TREND_KEYS = (
 )
 
 
-def response_token_total(metrics_path: Path, scored_only: bool = False) -> int:
-    """Response tokens over every trained step: the tokens the student trained on, or with `scored_only`
-    those of the steps the teacher scored (`teacher_logprob` logged; a supervised step on the dataset's
-    answers has none): the teacher budget a sequence-level KD baseline is matched to."""
+def token_totals(metrics_path: Path) -> tuple[int, int]:
+    """(student tokens trained, teacher tokens scored) over every trained step, from one reading of the file.
+    The teacher scored a step's responses when it logged `teacher_logprob` (a supervised step on the dataset's
+    answers has none): the budget a sequence-level KD baseline is matched to."""
     if not metrics_path.is_file():
-        return 0
+        return 0, 0
     rows = [row for row in read_metrics(metrics_path) if row.get("step", 0) >= 1 and "loss" in row]
-    rows = [row for row in rows if "teacher_logprob" in row] if scored_only else rows
-    return int(sum(row.get("response_tokens", 0) for row in rows))
+    trained = sum(row.get("response_tokens", 0) for row in rows)
+    scored = sum(row.get("response_tokens", 0) for row in rows if "teacher_logprob" in row)
+    return int(trained), int(scored)
 
 
 def training_trend(metrics_path: Path, window: int = 5) -> dict[str, list[float]]:

@@ -179,8 +179,9 @@ def rank_key(result: dict) -> tuple:
 def accuracy(spec: ExperimentSpec, roles, prepared, eval_prompts: PromptSet | None, kind: str) -> Accuracy | None:
     if eval_prompts is None:
         return None
-    stops = {name: teacher.answer_stop for name, teacher in spec.teachers.items()}
-    return evaluate_by_teacher(roles, kind, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens, stops)
+    return evaluate_by_teacher(
+        roles, kind, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens, spec.answer_stops
+    )
 
 
 def measure(spec: ExperimentSpec, roles, prepared, refs: list, eval_prompts, student_accuracy) -> dict:

@@ -114,6 +114,11 @@ class ExperimentSpec(Section):
         return [*teachers, ("student", self.models.student)]
 
     @property
+    def answer_stops(self) -> dict[str, list[str]]:
+        """Each teacher's answer_stop: where its own answers end in evaluation."""
+        return {name: teacher.answer_stop for name, teacher in self.teachers.items()}
+
+    @property
     def several_teachers(self) -> bool:
         """More than one teacher: then metrics are also logged per teacher, and each is a role of its own."""
         return len(self.teachers) > 1

@@ -138,6 +138,10 @@ class NamedTeacherSpec(TeacherSpec):
     def is_self(self) -> bool:
         return self.model == "self"
 
+    def reads_chat_template(self, data_default: bool) -> bool:
+        """Whether this teacher's own prompt goes through a chat template: its setting, else data.use_chat_template."""
+        return data_default if self.use_chat_template is None else self.use_chat_template
+
     @model_validator(mode="after")
     def _current_weights_are_the_students(self) -> NamedTeacherSpec:
         if self.weights == "current" and not self.is_self:

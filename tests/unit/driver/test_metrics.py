@@ -35,12 +35,12 @@ def test_a_short_run_splits_its_steps_and_no_file_gives_nothing(tmp_path: Path) 
 def test_token_totals_count_trained_steps_and_the_teachers_scored_ones(tmp_path: Path) -> None:
     """The budget a KD baseline is matched to: tokens the teacher scored (a supervised step on the dataset's
     answers, logged without teacher_logprob, is trained on but not scored)."""
-    from opd_ray.driver.metrics import response_token_total
+    from opd_ray.driver.metrics import token_totals
 
     rows = [{"step": 0, "response_tokens": 99}]  # evaluation before training
     rows += [{"step": 1, "loss": 1.0, "response_tokens": 10, "teacher_logprob": -1.0}]
     rows += [{"step": 2, "loss": 1.0, "response_tokens": 7}]  # a supervised step
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert response_token_total(path) == 17 and response_token_total(path, scored_only=True) == 10
-    assert response_token_total(tmp_path / "absent.jsonl") == 0
+    assert token_totals(path) == (17, 10)
+    assert token_totals(tmp_path / "absent.jsonl") == (0, 0)

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd_ray.recipe.real_models import import_model
+from tests.unit.recipe.test_real_models import add_shape, written
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra (pip install 'opd-ray[gguf]'); CI installs it")
 
@@ -66,12 +67,7 @@ def tiny_gemma3():
 def write_gemma3_gguf(model, path: Path) -> Path:
     config, state = model.config, {k: v.detach().float() for k, v in model.state_dict().items()}
     writer = gguf.GGUFWriter(str(path), "gemma3")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    add_shape(writer, config)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
@@ -94,11 +90,7 @@ def write_gemma3_gguf(model, path: Path) -> Path:
             weight = state[f"model.layers.{i}.{ours}.weight"]
             writer.add_tensor(f"blk.{i}.{theirs}.weight", (weight + 1 if "norm" in theirs else weight).numpy())
     writer.add_tensor("output_norm.weight", (state["model.norm.weight"] + 1).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return written(writer, path)
 
 
 @pytest.fixture(scope="module")

@@ -52,15 +52,28 @@ def llama_cpp_permute(weight: torch.Tensor, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape).numpy()
 
 
-def write_gguf(model: LlamaForCausalLM, path: Path) -> Path:
-    config, state = model.config, {k: v.detach().float() for k, v in model.state_dict().items()}
-    writer = gguf.GGUFWriter(str(path), "llama")
+def add_shape(writer, config) -> None:
+    """The GGUF metadata of a decoder's shape that every architecture here writes the same way."""
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
+
+
+def written(writer, path: Path) -> Path:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_gguf(model: LlamaForCausalLM, path: Path) -> Path:
+    config, state = model.config, {k: v.detach().float() for k, v in model.state_dict().items()}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    add_shape(writer, config)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_vocab_size(config.vocab_size)
@@ -99,11 +112,7 @@ def write_gguf(model: LlamaForCausalLM, path: Path) -> Path:
             writer.add_tensor(f"blk.{i}.{theirs}.weight", array)
     writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
     writer.add_tensor("output.weight", state["lm_head.weight"].numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return written(writer, path)
 
 
 @pytest.fixture(scope="module")
