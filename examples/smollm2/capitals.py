@@ -1,4 +1,4 @@
-"""Countries and their capitals: the SmolLM2 example's task (README "A real model").
+"""Countries and their capitals: the SmolLM2 example's task (docs/real_models.md).
 
 One capital per country, the one an encyclopedia lists first (Bolivia: Sucre; the Netherlands: Amsterdam).
 """

@@ -24,7 +24,7 @@ from opd_ray.spec.data import DataSpec
 
 HERE = Path(__file__).parent
 SHORT = "Answer in one short sentence."
-# (task, eval file, verifier, system prompt): the formats tried, README "A real model"
+# (task, eval file, verifier, system prompt): the formats tried, docs/real_models.md
 CANDIDATES = (
     ("opposites", "opposites_eval.jsonl", "first_line_mentions", None),
     ("opposites", "opposites_eval.jsonl", "first_line_mentions", SHORT),

@@ -1,6 +1,6 @@
-"""Writes the SmolLM2 example's prompt files: opposites (the example's task), capital cities (the task two
-teachers of different families both pass: README "The paper on real models") and single-digit additions
-(the task of the example's first version, kept for `choose_task.py`'s table).
+"""Writes the SmolLM2 example's prompt files: opposites (the example's task), capital cities (the task of
+the real pair, docs/real_models.md "The paper on real models") and single-digit additions (the task of the
+example's first version, kept for `choose_task.py`'s table).
 
 Each task holds some of its items out of training entirely (words, countries, (a, b) pairs), so a
 rising eval accuracy is knowledge the student recovered, not answers it saw: opposites 80 words
