@@ -55,6 +55,8 @@ def create_engine(
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     else:
         kwargs["kv_cache_memory_bytes"] = int(engine.kv_cache_gib * 2**30)
+        if sampling:
+            kwargs.update(cpu_unchunked_prefill(engine.max_model_len))
     if worker_extension:
         kwargs["worker_extension_cls"] = worker_extension
     return LLM(
@@ -67,6 +69,18 @@ def create_engine(
         seed=seed,
         **kwargs,
     )
+
+
+CPU_BATCHED_TOKENS = 4096  # vLLM's own CPU default for the LLM class
+
+
+def cpu_unchunked_prefill(max_model_len: int) -> dict:
+    """vLLM-CPU (0.32) cannot sample seeded requests whose prompt is prefilled in chunks: discarding the token
+    sampled after a partial prefill rewinds the request's generator by an offset, which only CUDA generators
+    have (`RuntimeError: CPU Generator does not use offset`). It happens once a call's prompts exceed the
+    batched-token budget (120 few-shot prompts x 2 samples did), so a CPU sampling engine prefills whole
+    prompts; the budget must then hold the longest sequence."""
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(CPU_BATCHED_TOKENS, max_model_len)}
 
 
 def generate(
