@@ -57,6 +57,13 @@ def test_the_student_that_learned_never_to_stop_is_flagged_at_its_first_full_win
     assert verdict("smollm2_capitals_gemma_never_ends.jsonl", 49152, window=5) == {"never_ends": 7}
 
 
+def test_a_cold_start_that_ends_answers_is_flagged_once_the_student_unlearns_it() -> None:
+    """The same pair after 30 SFT steps on Gemma's own answers: steps 1-3 end every answer, then from step 6 every
+    response is cut off again (0.000 after); the live run named never_ends at step 13, the replay agrees."""
+    assert verdict("smollm2_capitals_gemma_cold_start_never_ends.jsonl", 49152) == {"never_ends": 13}
+    assert verdict("smollm2_capitals_gemma_cold_start_never_ends.jsonl", 49152, window=5) == {"never_ends": 9}
+
+
 def test_the_student_top16_support_explosion_is_flagged_once_its_windows_are_apart() -> None:
     """examples/smollm2_distill.yaml with topk_support=student at lr 1e-4, 20 steps: the student's sampled
     entropy climbs 3.6 -> 7.6 nats while the loss falls 1.1 -> 0.2 (the support's degenerate minimum). Its rise
