@@ -24,6 +24,7 @@ MAY_CHANGE_ON_RESUME = (
     "run.output_dir",
     "trainer.steps",
     "trainer.eval_every",
+    "trainer.reuse_teacher_accuracy",
     "trainer.save_final",
     "trainer.checkpoint_every",
     "trainer.keep_checkpoints",

@@ -17,15 +17,18 @@ workers and teachers are restarted and their lost work re-issued [roles.py].
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import psutil
 import ray
 
 from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.console import console, step_progress
 from opd_ray.data.order import PromptSampler
 from opd_ray.data.run_inputs import Prepared
+from opd_ray.driver.accuracy_cache import cached_teacher_accuracy, store_teacher_accuracy
 from opd_ray.driver.buffer import RolloutBuffer
 from opd_ray.driver.checkpoint import (
     BEFORE_TRAINING,
@@ -71,6 +74,7 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM/SIGINT: stop after this step
     finished_work: StepWork | None = None  # the last step trained (what a checkpoint of it records)
     saved_step: int = 0  # the last step checkpointed
+    startup: dict = field(default_factory=dict)  # seconds of each phase before step 1 (summary.json)
 
     def close(self) -> None:
         self.writer.close()
@@ -134,6 +138,7 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
         f"[bold]opd-ray[/] {spec.run.name}: starting roles ({spec.rollout.num_workers} rollout, "
         f"teachers: {teachers}, {spec.learner.num_ranks} learner ranks)"
     )
+    roles_started = time.time()
     roles = start_roles(spec)
     try:
         record_placement(roles, run_dir)
@@ -143,6 +148,7 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
             train = keep_prompts_the_teacher_agrees_on(spec, roles, prepared.train, run_dir, resume=state is not None)
             prepared = replace(prepared, train=train)
         run = new_run(spec, prepared, run_dir, roles, summary, resume_after=state.step if state else 0)
+        run.startup.update(before_roles=roles_started - process_started(), roles=time.time() - roles_started)
         if state is not None:
             restore(run, checkpoint, state)
         else:
@@ -150,8 +156,28 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
     except BaseException:
         roles.shutdown()
         raise
-    console.print(f"teacher accuracy {summary['teacher_accuracy']}, student {summary['student_accuracy_before']}")
+    teacher, student = summary.get("teacher_accuracy"), summary.get("student_accuracy_before")
+    if teacher is not None:
+        console.print(f"teacher accuracy {teacher:.3f}, student {student:.3f}")
+    report_startup(run)
     return run
+
+
+def process_started() -> float:
+    """When this command's process started (wall clock): the time before step 1 counts Python's imports too."""
+    return psutil.Process().create_time()
+
+
+def report_startup(run: Run) -> None:
+    """Where the time before step 1 went, on the console and in summary.json's `startup_seconds`."""
+    phases = {name: round(seconds, 1) for name, seconds in run.startup.items()}
+    phases["before_first_step"] = round(time.time() - process_started(), 1)
+    run.summary["startup_seconds"] = phases
+    parts = [f"{phases['before_roles']:.0f} s to the roles (imports, models, data, Ray)"]
+    parts.append(f"roles {phases['roles']:.0f} s")
+    if "accuracy_before" in phases:
+        parts.append(f"accuracy before training {phases['accuracy_before']:.0f} s")
+    console.print(f"step 1 starts {phases['before_first_step']:.0f} s after the command: " + ", ".join(parts))
 
 
 def new_run(
@@ -179,15 +205,52 @@ def new_run(
 
 
 def measure_before_training(run: Run) -> None:
-    """The teachers' and the student's accuracy before training; per teacher too when the spec names them."""
-    teacher, student = accuracies(run, "teacher"), accuracies(run, "rollout")
-    run.summary["teacher_accuracy"] = None if teacher is None else teacher.overall
-    run.summary["student_accuracy_before"] = None if student is None else student.overall
-    if run.spec.several_teachers and teacher is not None:
+    """The teachers' and the student's accuracy before training (at once when their engines have GPUs of their
+    own); the teachers' comes from the cache when this teacher, eval set and decoding were measured before (accuracy_cache.py).
+    Per teacher too when the spec names them."""
+    spec, eval_prompts = run.spec, run.prepared.eval
+    if eval_prompts is None:
+        run.summary.update(teacher_accuracy=None, student_accuracy_before=None)
+        return
+    started = time.perf_counter()
+    cached = cached_teacher_accuracy(spec, eval_prompts)
+    who = "the student" if cached else "the teachers and the student"
+    console.print(
+        f"accuracy before training: {who} answering {len(eval_prompts)} eval prompts greedily "
+        f"(<= {spec.rollout.max_new_tokens} new tokens)"
+    )
+    if cached or not engines_on_own_devices(spec):
+        teacher = cached[0] if cached else accuracies(run, "teacher")
+        student = accuracies(run, "rollout")
+    else:
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the student's engines answer while the teachers do
+            student_answers = pool.submit(accuracies, run, "rollout")
+            teacher = accuracies(run, "teacher")
+            student = student_answers.result()
+    if cached:
+        console.print(
+            f"  teacher accuracy from the cache (measured {cached[1]}: same teacher, eval prompts and decoding; "
+            "trainer.reuse_teacher_accuracy: false measures it again)"
+        )
+    else:
+        store_teacher_accuracy(spec, eval_prompts, teacher)
+    run.summary.update(
+        teacher_accuracy=teacher.overall,
+        teacher_accuracy_cached=cached is not None,
+        student_accuracy_before=student.overall,
+    )
+    run.startup["accuracy_before"] = time.perf_counter() - started
+    if spec.several_teachers:
         run.summary["teachers"] = {
             name: {"teacher_accuracy": teacher.by_teacher[name], "student_accuracy_before": student.by_teacher[name]}
             for name in teacher.by_teacher
         }
+
+
+def engines_on_own_devices(spec: ExperimentSpec) -> bool:
+    """Rollout engines and teachers on GPUs of their own evaluate at once. On CPUs they share the cores, and
+    two evaluations at once were slower than one after the other (SmolLM2 on 2 cores: 33 s against 21 s)."""
+    return spec.rollout.resources.num_gpus > 0 and all(t.resources.num_gpus > 0 for t in spec.teachers.values())
 
 
 def record_spec(spec: ExperimentSpec, run_dir: Path, resumed: TrainerState | None) -> None:

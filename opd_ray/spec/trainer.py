@@ -132,6 +132,11 @@ class TrainerSpec(Section):
         "null = prompts_per_step / rollout.num_workers (one shard per worker)",
     )
     eval_every: int = Field(0, ge=0, description="0 = only before and after training")
+    reuse_teacher_accuracy: bool = Field(
+        True,
+        description="the teachers' accuracy before training is measured once per teacher, eval set and decoding "
+        "settings and then read from the cache (driver/accuracy_cache.py); false = measure it again",
+    )
     save_final: bool = True
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")

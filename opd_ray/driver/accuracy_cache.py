@@ -1,0 +1,81 @@
+"""The teachers' accuracy before training, measured once and reused while nothing that decides it changes.
+
+A teacher does not train, so its greedy accuracy on the eval set is the same on every run of a spec
+until the teacher, the eval rows or the way it answers change. Measuring it again costs a whole
+greedy evaluation at every start (on 2 cores, about a third of the time before step 1 of the SmolLM2
+example). The key digests exactly what decides it: each teacher's model folder (by contents) and its
+settings that shape its answers (backend, engine, answer_stop, its own prompt template), the token ids
+of every eval prompt it reads with the reference answers and the rows routed to it, the verifier, and
+the length limit. A `self` teacher is keyed by the student's folder it starts from. A verifier of your
+own (`module:function`) is keyed by its name: after changing its code, measure again.
+`trainer.reuse_teacher_accuracy: false` measures it again (and refreshes the entry).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from opd_ray.data.prompts import PromptSet
+from opd_ray.driver.evaluation import Accuracy
+from opd_ray.driver.fingerprint import contents_digest
+from opd_ray.files import write_json
+from opd_ray.spec import ExperimentSpec
+
+# the teacher settings that only say where and how fast it runs, not what it answers
+NOT_ANSWER_SHAPING = {"num_replicas", "resources", "coef", "chunk_tokens", "share_prompts", "top_k"}
+
+
+def cache_root() -> Path:
+    """Where opd-ray caches what it builds or measures once (as the shipped specs' model folders do)."""
+    return Path(os.environ.get("OPD_RAY_CACHE", ".cache/opd-ray")) / "teacher_accuracy"
+
+
+def teacher_accuracy_key(spec: ExperimentSpec, eval_prompts: PromptSet) -> str:
+    """A digest of everything the teachers' greedy eval accuracy depends on (see the module docstring)."""
+    teachers = {}
+    for name, teacher in spec.teachers.items():
+        settings = teacher.model_dump(mode="json", exclude=NOT_ANSWER_SHAPING)
+        settings["model contents"] = contents_digest(Path(spec.teacher_model(name).path))
+        teachers[name] = settings
+    rows = {
+        "prompt_ids": eval_prompts.prompt_ids,
+        "teacher_prompt_ids": eval_prompts.teacher_prompt_ids,
+        "answers": eval_prompts.answers,
+        "teachers": eval_prompts.teachers,
+    }
+    decided_by = {
+        "teachers": teachers,
+        "eval rows": rows,
+        "verifier": spec.data.verifier,
+        "max_new_tokens": spec.rollout.max_new_tokens,
+    }
+    return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cached_teacher_accuracy(spec: ExperimentSpec, eval_prompts: PromptSet) -> tuple[Accuracy, str] | None:
+    """The stored accuracy and when it was measured, if this key has one and the spec lets it be reused."""
+    if not spec.trainer.reuse_teacher_accuracy:
+        return None
+    path = cache_root() / f"{teacher_accuracy_key(spec, eval_prompts)}.json"
+    try:
+        record = json.loads(path.read_text())
+        return Accuracy(float(record["overall"]), dict(record["by_teacher"])), str(record["measured"])
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or torn by a crash: measured again
+        return None
+
+
+def store_teacher_accuracy(spec: ExperimentSpec, eval_prompts: PromptSet, accuracy: Accuracy) -> None:
+    """Kept for the next run with the same key (written aside and renamed by `write_json`)."""
+    record = {
+        "overall": accuracy.overall,
+        "by_teacher": accuracy.by_teacher,
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "teachers": {name: spec.teacher_model(name).path for name in spec.teachers},
+    }
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / f"{teacher_accuracy_key(spec, eval_prompts)}.json", record)

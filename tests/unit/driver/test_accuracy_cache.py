@@ -1,0 +1,85 @@
+"""The teachers' accuracy cache: reused while the teacher, the eval prompts and the decoding are the same, and
+measured again when any of them changes (what a stale number would hide)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from opd_ray.data.prompts import PromptSet
+from opd_ray.driver.accuracy_cache import cached_teacher_accuracy, store_teacher_accuracy, teacher_accuracy_key
+from opd_ray.driver.evaluation import Accuracy
+from opd_ray.spec import ExperimentSpec
+from tests.conftest import tiny_spec_dict
+
+EVAL = PromptSet([[1, 2, 3], [4, 5]], ["3", "9"], "eval.jsonl")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("OPD_RAY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def spec_with(raw: dict, **trainer) -> ExperimentSpec:
+    return ExperimentSpec.model_validate({**raw, "trainer": {**raw["trainer"], **trainer}})
+
+
+@pytest.fixture
+def raw(tiny_dir: Path, tmp_path: Path) -> dict:
+    own_teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_dir / "teacher", own_teacher)  # a copy this test may change
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    raw["models"] = {**raw["models"], "teacher": {"path": str(own_teacher)}}
+    return raw
+
+
+def test_a_stored_accuracy_is_read_back_by_the_same_spec_and_by_one_that_trains_longer(raw: dict) -> None:
+    spec = spec_with(raw)
+    assert cached_teacher_accuracy(spec, EVAL) is None
+    store_teacher_accuracy(spec, EVAL, Accuracy(0.5, {"teacher": 0.5}))
+    accuracy, measured = cached_teacher_accuracy(spec_with(raw, steps=500, eval_every=5), EVAL)
+    assert accuracy == Accuracy(0.5, {"teacher": 0.5}) and measured[:2] == "20"
+
+
+def test_reuse_can_be_turned_off(raw: dict) -> None:
+    store_teacher_accuracy(spec_with(raw), EVAL, Accuracy(0.5, {"teacher": 0.5}))
+    assert cached_teacher_accuracy(spec_with(raw, reuse_teacher_accuracy=False), EVAL) is None
+
+
+def test_what_decides_the_accuracy_changes_the_key(raw: dict) -> None:
+    spec = spec_with(raw)
+    key = teacher_accuracy_key(spec, EVAL)
+    other_rows = PromptSet([[1, 2, 3], [4, 6]], ["3", "9"], "eval.jsonl")
+    other_answers = PromptSet([[1, 2, 3], [4, 5]], ["3", "8"], "eval.jsonl")
+    longer = ExperimentSpec.model_validate({**raw, "rollout": {**raw["rollout"], "max_new_tokens": 7}})
+    other_verifier = ExperimentSpec.model_validate({**raw, "data": {**raw["data"], "verifier": "final_number"}})
+    other_backend = ExperimentSpec.model_validate({**raw, "teacher": {**raw["teacher"], "backend": "vllm"}})
+    changed = [
+        teacher_accuracy_key(spec, other_rows),
+        teacher_accuracy_key(spec, other_answers),
+        teacher_accuracy_key(longer, EVAL),
+        teacher_accuracy_key(other_verifier, EVAL),
+        teacher_accuracy_key(other_backend, EVAL),
+    ]
+    assert key not in changed and len(set(changed)) == len(changed)
+    faster = ExperimentSpec.model_validate({**raw, "teacher": {**raw["teacher"], "num_replicas": 2, "top_k": 4}})
+    assert teacher_accuracy_key(faster, EVAL) == key  # replicas and the scoring top-k do not change its answers
+
+
+def test_new_teacher_weights_in_the_same_folder_are_measured_again(raw: dict) -> None:
+    spec = spec_with(raw)
+    store_teacher_accuracy(spec, EVAL, Accuracy(0.5, {"teacher": 0.5}))
+    weights = Path(raw["models"]["teacher"]["path"]) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    assert cached_teacher_accuracy(spec, EVAL) is None
+
+
+def test_a_torn_entry_is_measured_again_not_an_error(raw: dict, own_cache: Path) -> None:
+    spec = spec_with(raw)
+    store_teacher_accuracy(spec, EVAL, Accuracy(0.5, {"teacher": 0.5}))
+    (entry,) = (own_cache / "teacher_accuracy").iterdir()
+    entry.write_text('{"overall": 0.5, "by_te')
+    assert cached_teacher_accuracy(spec, EVAL) is None
