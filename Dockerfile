@@ -15,7 +15,8 @@ FROM ${BASE_IMAGE}
 ENV PYTHONUNBUFFERED=1 \
     TORCHDYNAMO_DISABLE=0 \
     RAY_DEDUP_LOGS=1 \
-    RAY_AUTH_MODE=token
+    RAY_AUTH_MODE=token \
+    RAY_worker_niceness=0
 
 WORKDIR /opt/opd-ray
 COPY pyproject.toml README.md ./

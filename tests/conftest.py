@@ -41,9 +41,10 @@ def tiny_spec_dict(tiny_dir: Path, run_dir: Path) -> dict:
         "data": {"train": {"path": str(tiny_dir / "train.jsonl")}, "eval": {"path": str(tiny_dir / "eval.jsonl")}},
         # one sample of a prompt whatever the objective (sampled_token's own default is 4): tests are about plumbing
         "rollout": {"max_new_tokens": 6, "samples_per_prompt": 1, "engine": {"max_model_len": 32, "kv_cache_gib": 0.1}},
-        # transformers: a second vLLM engine costs ~10 s of every run's start on 2 cores; the vLLM teacher is
-        # exercised where it is the subject (test_distill's first run, test_objective_families, the quickstart
-        # in test_multinode, the teacher_scoring benchmark); every run still samples with a vLLM rollout engine
+        # transformers (what `auto` picks on CPUs; named here so the suite does not depend on the default): a second
+        # vLLM engine costs ~10 s of every run's start on 2 cores; the vLLM teacher is exercised where it is the
+        # subject (test_distill's first run, test_objective_families, the teacher_scoring benchmark); every run
+        # still samples with a vLLM rollout engine
         "teacher": {"backend": "transformers", "top_k": 15, "engine": {"max_model_len": 32, "kv_cache_gib": 0.1}},
         "learner": {"num_ranks": 2, "zero_stage": 2, "lr": 3e-3, "warmup_steps": 0},
         "algorithm": {"objective": "topk"},

@@ -156,6 +156,7 @@ class LearnerWorker:
         deepspeed.init_distributed(dist_backend=backend)
         config = deepspeed_config(learner, model, micro_batch)
         self.chunk_tokens, self.temperature = learner.chunk_tokens, temperature
+        self.pack = learner.pack_sequences
         device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         # Before the ZeRO-3 config below exists: the frozen teacher must not be partitioned.
         self.teacher = load_causal_lm(teacher, device) if teacher is not None else None
@@ -201,6 +202,7 @@ class LearnerWorker:
             self.chunk_tokens,
             self.teacher,
             None if self.teacher is None else self.teacher.get_output_embeddings(),
+            self.pack,
         )
 
     def _train_on(

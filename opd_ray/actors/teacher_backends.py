@@ -64,12 +64,13 @@ def check_context(longest: int, max_model_len: int, cross_tokenizer: bool) -> No
 
 
 def score_with_transformers(
-    model, batch: RolloutBatch, top_k: int, chunk_tokens: int, share_prompts: bool = True
+    model, batch: RolloutBatch, top_k: int, chunk_tokens: int, share_prompts: bool = True, pack: bool = False
 ) -> RolloutBatch:
     """Teacher log-probs of the sampled tokens, its top-k, and its log-probs at the student's top-k ids.
 
     The head runs on `chunk_tokens` response positions at a time, so memory holds one chunk's logits.
-    With `share_prompts` and several samples of a prompt, the prompt runs once for all of them.
+    With `share_prompts` and several samples of a prompt, the prompt runs once for all of them; otherwise, with
+    `pack`, the rows run packed end to end (losses/hidden.py: packed_hidden_states).
     """
     device = next(model.parameters()).device
     response_BL = batch.response_mask_BL.bool()
@@ -78,7 +79,7 @@ def score_with_transformers(
         if shared:
             hidden_NH = shared_prompt_response_hidden(model, batch, device)
         else:
-            hidden_NH = response_hidden_states(model, batch, device)
+            hidden_NH = response_hidden_states(model, batch, device, pack)
         targets_N = batch.input_ids_BL[:, 1:][response_BL[:, 1:]].to(device)
         student_ids_NK = None
         if batch.student_topk_ids_BLK is not None:
@@ -190,7 +191,9 @@ class TransformersTeacher:
 
     def score(self, batch: RolloutBatch, cross_tokenizer: bool) -> RolloutBatch:
         settings = self.settings
-        return score_with_transformers(self.model, batch, settings.top_k, settings.chunk_tokens, settings.share_prompts)
+        return score_with_transformers(
+            self.model, batch, settings.top_k, settings.chunk_tokens, settings.share_prompts, settings.pack_sequences
+        )
 
     def greedy(self, prompts_P: dict[int, list[int]], max_new_tokens: int) -> list[Completion]:
         return greedy_with_transformers(self.model, self.tokenizer, prompts_P, max_new_tokens)

@@ -24,6 +24,18 @@ def quiet_token_auth_notice() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(EnabledNotice())
 
 
+WORKER_NICENESS = "RAY_worker_niceness"
+
+
+def workers_at_driver_priority() -> None:
+    """Ray starts its workers at niceness 15 (RAY_worker_niceness), below everything else on the machine, so
+    with any other process busy opd-ray's actors (the whole computation) lose the CPU to it while the driver
+    (which only waits) keeps its share. A local Ray started here gives its workers the driver's own niceness,
+    unless RAY_worker_niceness is set. The workers of a cluster are set where its nodes start (`ray start`
+    reads the same variable: the Dockerfile and cluster_configs/ set it to 0)."""
+    os.environ.setdefault(WORKER_NICENESS, str(os.getpriority(os.PRIO_PROCESS, 0)))
+
+
 def connect(spec: RaySpec) -> None:
     """Joins the cluster named by `address` (or the one `ray job submit` runs us in), else starts a local one."""
     if ray.is_initialized():
@@ -32,6 +44,7 @@ def connect(spec: RaySpec) -> None:
     quiet_token_auth_notice()
     kwargs: dict = {"log_to_driver": True, "logging_level": "WARNING"}
     if spec.address is None and "RAY_ADDRESS" not in os.environ:
+        workers_at_driver_priority()
         kwargs.update(
             num_cpus=spec.num_cpus,
             include_dashboard=spec.include_dashboard,

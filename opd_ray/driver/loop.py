@@ -206,8 +206,8 @@ def new_run(
 
 def measure_before_training(run: Run) -> None:
     """The teachers' and the student's accuracy before training (at once when their engines have GPUs of their
-    own); the teachers' comes from the cache when this teacher, eval set and decoding were measured before (accuracy_cache.py).
-    Per teacher too when the spec names them."""
+    own); the teachers' comes from the cache when this teacher, eval set and decoding were measured before
+    (accuracy_cache.py). Per teacher too when the spec names them."""
     spec, eval_prompts = run.spec, run.prepared.eval
     if eval_prompts is None:
         run.summary.update(teacher_accuracy=None, student_accuracy_before=None)

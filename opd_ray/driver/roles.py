@@ -11,6 +11,7 @@ points at --resume.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -180,6 +181,21 @@ def record_placement(roles: Roles, run_dir: Path) -> None:
     for role, actors in locations.items():
         nodes = Counter(actor["node_id"][:8] + "@" + actor["node_ip"] for actor in actors)
         console.print(f"  {role}: " + ", ".join(f"{count} on node {node}" for node, count in nodes.items()))
+    warn_if_deprioritised(locations)
+
+
+def warn_if_deprioritised(locations: dict[str, list[dict]]) -> None:
+    """One line when actors run at a lower CPU priority than the driver (a cluster started without
+    RAY_worker_niceness=0 gives them Ray's 15): anything else busy on their nodes then slows the run."""
+    driver = os.getpriority(os.PRIO_PROCESS, 0)
+    every = [actor["niceness"] for actors in locations.values() for actor in actors]
+    nicer = sorted({niceness for niceness in every if niceness > driver})
+    if nicer:
+        console.print(
+            f"[yellow]the actors run at niceness {', '.join(map(str, nicer))}, the driver at {driver}: any other "
+            "process on their nodes takes the CPU first. Start the nodes with RAY_worker_niceness=0 "
+            "(docs/operations.md)[/]"
+        )
 
 
 def learner_parameters(roles: Roles, timeout_s: float) -> dict[str, int]:

@@ -30,10 +30,78 @@ def response_hidden(hidden_BLH: torch.Tensor, response_mask_BL: torch.Tensor) ->
     return hidden_BLH[:, :-1][response_mask_BL[:, 1:].bool()]
 
 
-def response_hidden_states(model: Callable[..., Any], batch, device: torch.device | str) -> torch.Tensor:
-    """Final hidden states at the positions that predict a batch's response tokens, flattened to N."""
-    hidden_BLH = final_hidden_states(model, batch.input_ids_BL.to(device), batch.attention_mask_BL.to(device))
+def response_hidden_states(
+    model: Callable[..., Any], batch, device: torch.device | str, pack: bool = False
+) -> torch.Tensor:
+    """Final hidden states at the positions that predict a batch's response tokens, flattened to N; with `pack`,
+    computed on the batch's rows packed together (`packed_hidden_states`)."""
+    ids_BL, mask_BL = batch.input_ids_BL.to(device), batch.attention_mask_BL.to(device)
+    hidden_BLH = packed_hidden_states(model, ids_BL, mask_BL) if pack else final_hidden_states(model, ids_BL, mask_BL)
     return response_hidden(hidden_BLH, batch.response_mask_BL.to(device))
+
+
+def pack_rows(lengths_B: list[int], capacity: int) -> list[list[int]]:
+    """Rows into bins of at most `capacity` tokens: longest first, each into the first bin with room for it
+    (first-fit decreasing, within 22% of the fewest bins). Rows keep whole: nothing is split across bins."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for row in sorted(range(len(lengths_B)), key=lambda r: -lengths_B[r]):
+        fits = next((b for b, free in enumerate(room) if lengths_B[row] <= free), None)
+        if fits is None:
+            bins.append([row])
+            room.append(capacity - lengths_B[row])
+        else:
+            bins[fits].append(row)
+            room[fits] -= lengths_B[row]
+    return bins
+
+
+def packed_hidden_states(model: Callable[..., Any], input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor):
+    """`final_hidden_states` of right-padded rows, computed with the rows packed end to end into as few rows of
+    the batch's width as hold them, so the model does not run on padding (on this project's real job a third of
+    a step's positions were padding: short answers beside 48-token ones).
+
+    Each packed sequence's position ids restart at 0 and no attention mask is passed: transformers then
+    builds a block-diagonal causal mask from the position ids (its packed-sequence format; flash-attention
+    takes the same as variable-length batches), so no token sees another sequence. A bin's unused tail is
+    one more sequence of its own. Same numbers as the padded forward to float tolerance
+    (tests/unit/losses/test_packing.py), back in the padded [B, L, H] layout."""
+    lengths = attention_mask_BL.sum(-1).tolist()
+    width = input_ids_BL.shape[1]
+    bins = pack_rows(lengths, width)
+    right_padded = bool(
+        (torch.arange(width, device=attention_mask_BL.device) < attention_mask_BL.sum(-1, keepdim=True))
+        .eq(attention_mask_BL.bool())
+        .all()
+    )
+    if len(bins) == len(lengths) or not right_padded:  # nothing to gain, or a layout this does not read
+        return final_hidden_states(model, input_ids_BL, attention_mask_BL)
+    ids_PC = input_ids_BL.new_zeros(len(bins), width)
+    positions_PC = torch.zeros_like(ids_PC)
+    source = torch.zeros(len(lengths) * width, dtype=torch.long)  # padded flat position -> packed flat position
+    for b, rows in enumerate(bins):
+        offset = 0
+        for row in rows:
+            n = lengths[row]
+            ids_PC[b, offset : offset + n] = input_ids_BL[row, :n]
+            positions_PC[b, offset : offset + n] = torch.arange(n)
+            source[row * width : row * width + n] = torch.arange(b * width + offset, b * width + offset + n)
+            offset += n
+        positions_PC[b, offset:] = torch.arange(width - offset)
+    output = model(
+        input_ids=ids_PC,
+        attention_mask=None,
+        position_ids=positions_PC,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    hidden_PCH = output.hidden_states[-1]
+    real_BL = attention_mask_BL.bool()
+    hidden_BLH = hidden_PCH.new_zeros(*input_ids_BL.shape, hidden_PCH.shape[-1])
+    taken = source.view(real_BL.shape)[real_BL.cpu()].to(hidden_PCH.device)
+    hidden_BLH[real_BL] = hidden_PCH.reshape(-1, hidden_PCH.shape[-1])[taken]
+    return hidden_BLH
 
 
 def prompt_groups(batch) -> list[list[int]]:

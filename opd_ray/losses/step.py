@@ -22,7 +22,7 @@ from opd_ray.data.repetition import is_repetitive
 from opd_ray.losses.advantages import finish_token_batch, flatten_tokens, with_batch_statistics
 from opd_ray.losses.batch import RolloutBatch
 from opd_ray.losses.diagnostics import masked_sums, student_entropy, support_entropy, token_diagnostics
-from opd_ray.losses.hidden import response_hidden_states
+from opd_ray.losses.hidden import pack_rows, response_hidden_states
 from opd_ray.losses.objectives import (
     ObjectiveInputs,
     TokenBatch,
@@ -58,6 +58,7 @@ class StepModels:
     chunk_tokens: int
     teacher: Callable[..., Any] | None = None
     teacher_head: Head | None = None
+    pack: bool = False  # run the rows packed end to end (losses/hidden.py: packed_hidden_states)
 
 
 @dataclass
@@ -216,6 +217,7 @@ def batch_counts(batch: RolloutBatch, tokens: TokenBatch, repetitive_B: torch.Te
         "truncated_responses": int((~batch.finished_B).sum()),
         "cut_off_share": (float((~batch.finished_B).sum()), float(batch.num_sequences)),  # a collapse runs long
         "repetitive_share": (float(repetitive_B.sum()), float(batch.num_sequences)),
+        **padding_shares(batch.attention_mask_BL),
     }
     if tokens.keep_N is not None:
         counts["gate/kept_fraction"] = (float(tokens.keep_N.sum()), float(tokens.num_tokens))
@@ -223,6 +225,16 @@ def batch_counts(batch: RolloutBatch, tokens: TokenBatch, repetitive_B: torch.Te
         answered_B = ~batch.task_rewards_B.isnan()
         counts["sample_reward"] = (float(batch.task_rewards_B[answered_B].sum()), float(answered_B.sum()))
     return counts
+
+
+def padding_shares(attention_mask_BL: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Share of the positions a forward computes that are padding: rows padded to the longest (`padded`), and
+    the rows packed end to end into rows of that width (`packed`, learner.pack_sequences)."""
+    lengths = attention_mask_BL.sum(-1).tolist()
+    width = attention_mask_BL.shape[1]
+    real = float(sum(lengths))
+    padded, packed = float(len(lengths) * width), float(len(pack_rows(lengths, width)) * width)
+    return {"padding_share/padded": (padded - real, padded), "padding_share/packed": (packed - real, packed)}
 
 
 def token_teacher_ids(batch: RolloutBatch, tokens: TokenBatch) -> torch.Tensor:
@@ -316,11 +328,11 @@ def step_loss(
     and diagnostics; only a vOPD baseline or an entropy gate (which change the loss) need a
     no-grad pass first. At a 151k vocabulary a small model is mostly output head."""
     share = rank_share(full, algorithm, rank, world_size, models.device)
-    hidden_NH = response_hidden_states(models.student, share.batch, models.device)
+    hidden_NH = response_hidden_states(models.student, share.batch, models.device, models.pack)
     teacher_hidden_NH = None
     if models.teacher is not None:
         with torch.no_grad():
-            teacher_hidden_NH = response_hidden_states(models.teacher, share.batch, models.device)
+            teacher_hidden_NH = response_hidden_states(models.teacher, share.batch, models.device, models.pack)
     on_student_samples = share.batch.source == "student"
     if not on_student_samples:  # dataset answers have no sampling log-probs to correct against
         algorithm = algorithm.model_copy(update={"importance_cap": None})

@@ -75,8 +75,11 @@ class RolloutSpec(Section):
 
 
 class TeacherSpec(Section):
-    backend: Literal["vllm", "transformers"] = Field(
-        "vllm", description="transformers can also score requested ids (the student's top-k)"
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto",
+        description="auto = vllm where the replica has GPUs (resources.num_gpus > 0), transformers on CPUs, where it "
+        "scored 1.5x faster (benchmarks/RESULTS.md: teacher_scoring). transformers also scores requested ids (the "
+        "student's top-k)",
     )
     num_replicas: int = Field(1, ge=1)
     top_k: int = Field(16, ge=1)
@@ -86,6 +89,11 @@ class TeacherSpec(Section):
         description="transformers: with rollout.samples_per_prompt > 1, run each prompt once and its samples "
         "on top of its KV cache (vLLM recomputes prompts whenever prompt log-probs are asked for)",
     )
+    pack_sequences: bool = Field(
+        True,
+        description="transformers: score the batch's rows packed end to end instead of padded to the longest "
+        "(as learner.pack_sequences)",
+    )
     cross_tokenizer: bool = Field(
         False,
         description="the teacher's tokenizer differs from the student's: it scores the student's text in its own "
@@ -93,6 +101,17 @@ class TeacherSpec(Section):
     )
     engine: EngineSpec = EngineSpec()
     resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_backend(cls, data: Any) -> Any:
+        """The backend is chosen once, here: everything after validation (and spec.yaml) sees vllm or transformers."""
+        if not isinstance(data, dict) or data.get("backend", "auto") != "auto":
+            return data
+        resources = data.get("resources") or {}
+        gpus = resources.get("num_gpus", 0) if isinstance(resources, dict) else getattr(resources, "num_gpus", 0)
+        on_gpus = isinstance(gpus, int | float) and gpus > 0
+        return {**data, "backend": "vllm" if on_gpus else "transformers"}
 
     @model_validator(mode="after")
     def _top_k_fits_engine(self) -> TeacherSpec:
@@ -228,6 +247,12 @@ class LearnerSpec(Section):
         4096, ge=1, description="response tokens per logits chunk: bounds the N x |V| memory of every loss"
     )
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed config")
+    pack_sequences: bool = Field(
+        True,
+        description="the student's forward runs the step's rows packed end to end (position ids restarting per "
+        "sequence, no padding computed) instead of padded to the longest; false for a model whose code ignores "
+        "position_ids (some trust_remote_code models)",
+    )
     gradient_checkpointing: bool | None = Field(
         None,
         description="activation checkpointing of every decoder layer: keeps one layer's activations instead of "

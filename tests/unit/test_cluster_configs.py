@@ -203,6 +203,7 @@ def test_launch_paths_deliver_sigterm_to_the_driver_with_time_to_checkpoint() ->
     slurm = (CONFIGS / "slurm-opd-ray.sbatch").read_text()
     assert "#SBATCH --signal=B:TERM@600" in slurm and "trap stop_job TERM" in slurm and "ray job stop" in slurm
     assert slurm.index("export RAY_JOB_STOP_WAIT_TIME_S") < slurm.index("ray start --head")
+    assert slurm.index("export RAY_worker_niceness=") < slurm.index("ray start --head")
     assert '"run.output_dir=$RUN_DIR"' in slurm and "RUN_DIR=${OPD_RAY_RUN_DIR:-$SLURM_SUBMIT_DIR/" in slurm
     assert "sleep 15" not in slurm and "NODES_WAIT_S" in slurm  # start-up waits for its nodes, bounded
     for name in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml"):
@@ -224,6 +225,7 @@ def test_the_aws_cluster_runs_with_a_token_and_the_image_source_is_read_only() -
         assert "RAY_AUTH_TOKEN=$(cat ~/.opd-ray-token)" in start and "RAY_AUTH_MODE=disabled" not in start
     assert "RAY_JOB_STOP_WAIT_TIME_S=540" in next(c for c in config["head_start_ray_commands"] if "ray start" in c)
     dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "RAY_worker_niceness=0" in dockerfile  # the image's nodes run their workers at the driver's priority
     assert "chown -R root:root /opt/opd-ray && chmod -R a-w /opt/opd-ray" in dockerfile
     assert dockerfile.index("chmod -R a-w") < dockerfile.index("USER opd")
     pins = (CONFIGS / "constraints-image.txt").read_text()

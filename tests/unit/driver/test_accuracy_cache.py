@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -83,3 +84,25 @@ def test_a_torn_entry_is_measured_again_not_an_error(raw: dict, own_cache: Path)
     (entry,) = (own_cache / "teacher_accuracy").iterdir()
     entry.write_text('{"overall": 0.5, "by_te')
     assert cached_teacher_accuracy(spec, EVAL) is None
+
+
+def test_a_run_measures_the_teacher_once_and_then_only_the_student(raw: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """measure_before_training with a stand-in for the greedy evaluations (they need engines; what is under test
+    is which of them run): the first run asks the teacher and stores it, the next asks only the student."""
+    from opd_ray.driver import loop
+
+    asked: list[str] = []
+
+    def evaluations_standing_in(run, kind: str) -> Accuracy:
+        asked.append(kind)
+        return Accuracy(0.75, {"teacher": 0.75}) if kind == "teacher" else Accuracy(0.25, {"teacher": 0.25})
+
+    monkeypatch.setattr(loop, "accuracies", evaluations_standing_in)
+    spec = spec_with(raw)
+    for _ in range(2):
+        run = SimpleNamespace(spec=spec, prepared=SimpleNamespace(eval=EVAL), summary={}, startup={})
+        loop.measure_before_training(run)
+        assert run.summary["teacher_accuracy"] == 0.75 and run.summary["student_accuracy_before"] == 0.25
+        assert run.startup["accuracy_before"] >= 0
+    assert asked == ["teacher", "rollout", "rollout"]
+    assert run.summary["teacher_accuracy_cached"] is True

@@ -87,7 +87,7 @@ def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
             "use it with discount 0",
         ),
         (["algorithm.aggregation=sum"], "'algorithm.aggregation'"),
-        (["algorithm.topk_support=student"], "only teachers.teacher.backend=transformers returns"),
+        (["teacher.backend=vllm", "algorithm.topk_support=student"], "set teachers.teacher.backend=transformers"),
         (["algorithm.top_k=20"], "algorithm.top_k (20) exceeds teacher.top_k (16)"),
         (["algorithm.divergence=forward_to_reverse"], "needs algorithm.anneal_steps >= 1"),
         (["algorithm.objective=sampled_token", "algorithm.student_data_fraction=0.5"], "use objective full_vocab"),
@@ -210,3 +210,14 @@ def test_sampled_token_brings_its_own_defaults_and_a_spec_that_sets_them_keeps_i
     own = load_spec(quickstart, ["algorithm.objective=sampled_token", "rollout.samples_per_prompt=1",
                                  "algorithm.baseline=none"])  # fmt: skip
     assert own.rollout.samples_per_prompt == 1 and own.algorithm.baseline == "none"
+
+
+def test_the_teacher_backend_is_chosen_by_where_the_teacher_runs(tmp_path: Path) -> None:
+    """auto: transformers on CPUs (faster there: benchmarks/RESULTS.md, teacher_scoring), vLLM with GPUs; a named
+    backend is kept either way."""
+    path = write(tmp_path, MINIMAL)
+    assert load_spec(path).teachers["teacher"].backend == "transformers"
+    assert load_spec(path, ["teacher.resources.num_gpus=1"]).teachers["teacher"].backend == "vllm"
+    assert load_spec(path, ["teacher.backend=vllm"]).teachers["teacher"].backend == "vllm"
+    named = ["teacher.backend=transformers", "teacher.resources.num_gpus=1"]
+    assert load_spec(path, named).teachers["teacher"].backend == "transformers"
