@@ -4,7 +4,9 @@ Same random-init student and teacher, same prompts, one sample per prompt, the s
 of prompts per step, new tokens, temperature and steps, and the same precision: float32 on
 both sides (TRL's GKDConfig defaults to bf16=True, which on a CPU without bf16 units sends
 every matmul down a slow generic path; runs recorded before 2026-11-28's re-measurement had
-that, see RESULTS.md). TRL runs on-policy GKD (lmbda = 1: every batch sampled from the
+that, see RESULTS.md) — and gradient_checkpointing=False (GKDConfig's default True recomputes every
+activation in backward and turns the KV cache off in TRL's generation; runs recorded before
+2026-12-03 had it on). TRL runs on-policy GKD (lmbda = 1: every batch sampled from the
 student; beta = 1: reverse KL over the full vocabulary). opd-ray runs top-k reverse KL on
 the teacher's top-k: the config a user picks at each size (k = |V| = 15 on the tiny
 character vocabulary, where it is the same loss as TRL's; k = 16 of 151,669 at the Qwen3
@@ -145,6 +147,7 @@ def run_trl(models: Path, scratch: Path, steps: int, size: Size) -> dict:
     config = GKDConfig(
         output_dir=str(scratch / "trl"),
         bf16=False,  # its default is True: the same float32 as opd-ray's models
+        gradient_checkpointing=False,  # its default is True: recomputes activations, no KV cache in generation
         per_device_train_batch_size=size.prompts_per_step,
         gradient_accumulation_steps=1,
         max_steps=steps,

@@ -26,7 +26,7 @@ from opd_ray.files import write_json
 from opd_ray.spec import ExperimentSpec
 
 # the teacher settings that only say where and how fast it runs, not what it answers
-NOT_ANSWER_SHAPING = {"num_replicas", "resources", "coef", "chunk_tokens", "share_prompts", "top_k"}
+NOT_ANSWER_SHAPING = {"num_replicas", "resources", "coef", "chunk_tokens", "share_prompts", "pack_sequences", "top_k"}
 
 
 def cache_root() -> Path:
