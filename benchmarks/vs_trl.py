@@ -213,11 +213,11 @@ def main(argv: list[str] | None = None) -> None:
         if not args.tiny:  # CI checks that the script runs; the asynchronous loop is the stages benchmark's
             results["opd-ray asynchronous (max_staleness 2)"] = run_opd_ray(models, scratch, steps, size, 2)
     rows = []
-    for name, r in results.items():
+    for run_name, r in results.items():
         loop_rate, e2e_rate = r["tokens"] / r["loop_s"], r["tokens"] / r["end_to_end_s"]
         rows.append(
             [
-                name,
+                run_name,
                 r["tokens"],
                 r["loop_s"],
                 loop_rate,
