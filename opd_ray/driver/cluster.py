@@ -28,12 +28,13 @@ WORKER_NICENESS = "RAY_worker_niceness"
 
 
 def workers_at_driver_priority() -> None:
-    """Ray starts its workers at niceness 15 (RAY_worker_niceness), below everything else on the machine, so
-    with any other process busy opd-ray's actors (the whole computation) lose the CPU to it while the driver
-    (which only waits) keeps its share. A local Ray started here gives its workers the driver's own niceness,
-    unless RAY_worker_niceness is set. The workers of a cluster are set where its nodes start (`ray start`
-    reads the same variable: the Dockerfile and cluster_configs/ set it to 0)."""
-    os.environ.setdefault(WORKER_NICENESS, str(os.getpriority(os.PRIO_PROCESS, 0)))
+    """Ray raises its workers' niceness by 15 over the node's (RAY_worker_niceness, an increment), below
+    everything else on the machine, so with any other process busy opd-ray's actors (the whole computation)
+    lose the CPU to it while the driver (which only waits) keeps its share. A local Ray started here adds
+    nothing: its workers run at the driver's own niceness, unless RAY_worker_niceness is set. A cluster's
+    workers are set where its nodes start (`ray start` reads the same variable: the Dockerfile and
+    cluster_configs/ set it to 0)."""
+    os.environ.setdefault(WORKER_NICENESS, "0")
 
 
 def connect(spec: RaySpec) -> None:
