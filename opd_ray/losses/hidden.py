@@ -56,10 +56,21 @@ def pack_rows(lengths_B: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+PAIRED_WIDTH = 512  # batches at most half this wide are packed into rows twice their width
+
+
+def packed_width(width: int) -> int:
+    """The width of a packed row. Packing into the batch's own width saves nothing when every row is longer
+    than half the longest (a chat prompt plus a short answer beside one cut off at the limit: the SmolLM2
+    job's padding was 22-37% of its positions and no two rows fitted), so short batches pack into rows
+    twice as wide. A packed row's attention costs its width squared, while the projections and MLP cost
+    per token, so this stays below PAIRED_WIDTH, where attention is a small part of a layer's work."""
+    return 2 * width if 2 * width <= PAIRED_WIDTH else width
+
+
 def packed_hidden_states(model: Callable[..., Any], input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor):
-    """`final_hidden_states` of right-padded rows, computed with the rows packed end to end into as few rows of
-    the batch's width as hold them, so the model does not run on padding (on this project's real job a third of
-    a step's positions were padding: short answers beside 48-token ones).
+    """`final_hidden_states` of right-padded rows, computed with the rows packed end to end into as few rows (of
+    `packed_width`) as hold them, so the model does not run on padding.
 
     Each packed sequence's position ids restart at 0 and no attention mask is passed: transformers then
     builds a block-diagonal causal mask from the position ids (its packed-sequence format; flash-attention
@@ -67,10 +78,11 @@ def packed_hidden_states(model: Callable[..., Any], input_ids_BL: torch.Tensor, 
     one more sequence of its own. Same numbers as the padded forward to float tolerance
     (tests/unit/losses/test_packing.py), back in the padded [B, L, H] layout."""
     lengths = attention_mask_BL.sum(-1).tolist()
-    width = input_ids_BL.shape[1]
+    padded = input_ids_BL.shape[1]
+    width = packed_width(padded)
     bins = pack_rows(lengths, width)
     right_padded = bool(
-        (torch.arange(width, device=attention_mask_BL.device) < attention_mask_BL.sum(-1, keepdim=True))
+        (torch.arange(padded, device=attention_mask_BL.device) < attention_mask_BL.sum(-1, keepdim=True))
         .eq(attention_mask_BL.bool())
         .all()
     )
@@ -78,14 +90,14 @@ def packed_hidden_states(model: Callable[..., Any], input_ids_BL: torch.Tensor, 
         return final_hidden_states(model, input_ids_BL, attention_mask_BL)
     ids_PC = input_ids_BL.new_zeros(len(bins), width)
     positions_PC = torch.zeros_like(ids_PC)
-    source = torch.zeros(len(lengths) * width, dtype=torch.long)  # padded flat position -> packed flat position
+    source = torch.zeros(len(lengths) * padded, dtype=torch.long)  # padded flat position -> packed flat position
     for b, rows in enumerate(bins):
         offset = 0
         for row in rows:
             n = lengths[row]
             ids_PC[b, offset : offset + n] = input_ids_BL[row, :n]
             positions_PC[b, offset : offset + n] = torch.arange(n)
-            source[row * width : row * width + n] = torch.arange(b * width + offset, b * width + offset + n)
+            source[row * padded : row * padded + n] = torch.arange(b * width + offset, b * width + offset + n)
             offset += n
         positions_PC[b, offset:] = torch.arange(width - offset)
     output = model(

@@ -22,7 +22,7 @@ from opd_ray.data.repetition import is_repetitive
 from opd_ray.losses.advantages import finish_token_batch, flatten_tokens, with_batch_statistics
 from opd_ray.losses.batch import RolloutBatch
 from opd_ray.losses.diagnostics import masked_sums, student_entropy, support_entropy, token_diagnostics
-from opd_ray.losses.hidden import pack_rows, response_hidden_states
+from opd_ray.losses.hidden import pack_rows, packed_width, response_hidden_states
 from opd_ray.losses.objectives import (
     ObjectiveInputs,
     TokenBatch,
@@ -229,11 +229,11 @@ def batch_counts(batch: RolloutBatch, tokens: TokenBatch, repetitive_B: torch.Te
 
 def padding_shares(attention_mask_BL: torch.Tensor) -> dict[str, tuple[float, float]]:
     """Share of the positions a forward computes that are padding: rows padded to the longest (`padded`), and
-    the rows packed end to end into rows of that width (`packed`, learner.pack_sequences)."""
+    the rows packed end to end (`packed`, learner.pack_sequences; losses/hidden.py: packed_width)."""
     lengths = attention_mask_BL.sum(-1).tolist()
-    width = attention_mask_BL.shape[1]
+    width, packed_row = attention_mask_BL.shape[1], packed_width(attention_mask_BL.shape[1])
     real = float(sum(lengths))
-    padded, packed = float(len(lengths) * width), float(len(pack_rows(lengths, width)) * width)
+    padded, packed = float(len(lengths) * width), float(len(pack_rows(lengths, packed_row)) * packed_row)
     return {"padding_share/padded": (padded - real, padded), "padding_share/packed": (packed - real, packed)}
 
 

@@ -14,10 +14,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from opd_ray.losses.hidden import final_hidden_states, pack_rows, packed_hidden_states
+from opd_ray.losses.hidden import final_hidden_states, pack_rows, packed_hidden_states, packed_width
 
 SHAPE = {"vocab_size": 50, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
-HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 
 
 def models() -> list[torch.nn.Module]:
@@ -47,12 +47,12 @@ def test_first_fit_decreasing_fills_bins_and_keeps_every_row_once() -> None:
 
 @pytest.mark.parametrize("model", models(), ids=["qwen2", "llama", "gemma3"])
 def test_packed_hidden_states_and_gradients_equal_the_padded_forwards(model: torch.nn.Module) -> None:
-    lengths = [19, 4, 11, 7, 2, 16, 5]  # 7 rows in 4 of width 19
+    lengths = [19, 4, 11, 7, 2, 16, 5]  # 7 rows in 2 of width 38
     ids, mask = right_padded(lengths, 19)
     real = mask.bool()
     padded = final_hidden_states(model, ids, mask)[real]
     packed = packed_hidden_states(model, ids, mask)[real]
-    assert len(pack_rows(lengths, 19)) == 4
+    assert len(pack_rows(lengths, packed_width(19))) == 2
     assert torch.allclose(packed, padded, atol=1e-5), float((packed - padded).abs().max())
     weights = torch.randn_like(padded)
     gradients = []
@@ -63,14 +63,20 @@ def test_packed_hidden_states_and_gradients_equal_the_padded_forwards(model: tor
     assert torch.allclose(gradients[1], gradients[0], atol=1e-5 * float(gradients[0].abs().max()))
 
 
-def test_rows_that_fill_their_width_run_padded_as_before() -> None:
+def test_short_batches_pack_into_rows_twice_as_wide_and_long_ones_into_their_own_width() -> None:
+    """A chat prompt beside a long answer: no two rows fit the longest's width, two fit twice it."""
+    assert packed_width(98) == 196 and packed_width(256) == 512 and packed_width(300) == 300
+    assert len(pack_rows([98, 60, 55, 70], 98)) == 4 and len(pack_rows([98, 60, 55, 70], 196)) == 2
+
+
+def test_rows_that_cannot_share_a_row_run_padded_as_before() -> None:
     model = models()[0]
-    ids, mask = right_padded([9, 8, 9], 9)
+    ids, mask = right_padded([300, 290, 280], 300)  # wider than PAIRED_WIDTH / 2: packed rows keep width 300
     assert torch.equal(packed_hidden_states(model, ids, mask), final_hidden_states(model, ids, mask))
 
 
 def test_padding_shares_count_the_padded_and_the_packed_layouts() -> None:
     from opd_ray.losses.step import padding_shares
 
-    _, mask = right_padded([19, 4, 11, 7, 2, 16, 5], 19)  # 64 real of 7 x 19 = 133 padded, 4 x 19 = 76 packed
+    _, mask = right_padded([19, 4, 11, 7, 2, 16, 5], 19)  # 64 real of 7 x 19 = 133 padded, 2 x 38 = 76 packed
     assert padding_shares(mask) == {"padding_share/padded": (69.0, 133.0), "padding_share/packed": (12.0, 76.0)}
