@@ -56,19 +56,21 @@ def teacher_accuracy_key(spec: ExperimentSpec, eval_prompts: PromptSet) -> str:
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cached_teacher_accuracy(spec: ExperimentSpec, eval_prompts: PromptSet) -> tuple[Accuracy, str] | None:
-    """The stored accuracy and when it was measured, if this key has one and the spec lets it be reused."""
-    if not spec.trainer.reuse_teacher_accuracy:
-        return None
-    path = cache_root() / f"{teacher_accuracy_key(spec, eval_prompts)}.json"
+def cache_entry(spec: ExperimentSpec, eval_prompts: PromptSet) -> Path:
+    """This spec's entry: its key digests the teachers' model folders, so a run computes it once."""
+    return cache_root() / f"{teacher_accuracy_key(spec, eval_prompts)}.json"
+
+
+def cached_teacher_accuracy(entry: Path) -> tuple[Accuracy, str] | None:
+    """The stored accuracy and when it was measured, if the entry holds one."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(entry.read_text())
         return Accuracy(float(record["overall"]), dict(record["by_teacher"])), str(record["measured"])
     except (OSError, ValueError, KeyError, TypeError):  # absent, or torn by a crash: measured again
         return None
 
 
-def store_teacher_accuracy(spec: ExperimentSpec, eval_prompts: PromptSet, accuracy: Accuracy) -> None:
+def store_teacher_accuracy(entry: Path, spec: ExperimentSpec, accuracy: Accuracy) -> None:
     """Kept for the next run with the same key (written aside and renamed by `write_json`)."""
     record = {
         "overall": accuracy.overall,
@@ -76,6 +78,5 @@ def store_teacher_accuracy(spec: ExperimentSpec, eval_prompts: PromptSet, accura
         "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
         "teachers": {name: spec.teacher_model(name).path for name in spec.teachers},
     }
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    write_json(root / f"{teacher_accuracy_key(spec, eval_prompts)}.json", record)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    write_json(entry, record)

@@ -28,7 +28,7 @@ from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.console import console, step_progress
 from opd_ray.data.order import PromptSampler
 from opd_ray.data.run_inputs import Prepared
-from opd_ray.driver.accuracy_cache import cached_teacher_accuracy, store_teacher_accuracy
+from opd_ray.driver.accuracy_cache import cache_entry, cached_teacher_accuracy, store_teacher_accuracy
 from opd_ray.driver.buffer import RolloutBuffer
 from opd_ray.driver.checkpoint import (
     BEFORE_TRAINING,
@@ -213,7 +213,8 @@ def measure_before_training(run: Run) -> None:
         run.summary.update(teacher_accuracy=None, student_accuracy_before=None)
         return
     started = time.perf_counter()
-    cached = cached_teacher_accuracy(spec, eval_prompts)
+    entry = cache_entry(spec, eval_prompts)
+    cached = cached_teacher_accuracy(entry) if spec.trainer.reuse_teacher_accuracy else None
     who = "the student" if cached else "the teachers and the student"
     console.print(
         f"accuracy before training: {who} answering {len(eval_prompts)} eval prompts greedily "
@@ -233,7 +234,7 @@ def measure_before_training(run: Run) -> None:
             "trainer.reuse_teacher_accuracy: false measures it again)"
         )
     else:
-        store_teacher_accuracy(spec, eval_prompts, teacher)
+        store_teacher_accuracy(entry, spec, teacher)
     run.summary.update(
         teacher_accuracy=teacher.overall,
         teacher_accuracy_cached=cached is not None,

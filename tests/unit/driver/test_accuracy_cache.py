@@ -10,7 +10,12 @@ from types import SimpleNamespace
 import pytest
 
 from opd_ray.data.prompts import PromptSet
-from opd_ray.driver.accuracy_cache import cached_teacher_accuracy, store_teacher_accuracy, teacher_accuracy_key
+from opd_ray.driver.accuracy_cache import (
+    cache_entry,
+    cached_teacher_accuracy,
+    store_teacher_accuracy,
+    teacher_accuracy_key,
+)
 from opd_ray.driver.evaluation import Accuracy
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
@@ -39,15 +44,10 @@ def raw(tiny_dir: Path, tmp_path: Path) -> dict:
 
 def test_a_stored_accuracy_is_read_back_by_the_same_spec_and_by_one_that_trains_longer(raw: dict) -> None:
     spec = spec_with(raw)
-    assert cached_teacher_accuracy(spec, EVAL) is None
-    store_teacher_accuracy(spec, EVAL, Accuracy(0.5, {"teacher": 0.5}))
-    accuracy, measured = cached_teacher_accuracy(spec_with(raw, steps=500, eval_every=5), EVAL)
+    assert cached_teacher_accuracy(cache_entry(spec, EVAL)) is None
+    store_teacher_accuracy(cache_entry(spec, EVAL), spec, Accuracy(0.5, {"teacher": 0.5}))
+    accuracy, measured = cached_teacher_accuracy(cache_entry(spec_with(raw, steps=500, eval_every=5), EVAL))
     assert accuracy == Accuracy(0.5, {"teacher": 0.5}) and measured[:2] == "20"
-
-
-def test_reuse_can_be_turned_off(raw: dict) -> None:
-    store_teacher_accuracy(spec_with(raw), EVAL, Accuracy(0.5, {"teacher": 0.5}))
-    assert cached_teacher_accuracy(spec_with(raw, reuse_teacher_accuracy=False), EVAL) is None
 
 
 def test_what_decides_the_accuracy_changes_the_key(raw: dict) -> None:
@@ -73,18 +73,18 @@ def test_what_decides_the_accuracy_changes_the_key(raw: dict) -> None:
 
 def test_new_teacher_weights_in_the_same_folder_are_measured_again(raw: dict) -> None:
     spec = spec_with(raw)
-    store_teacher_accuracy(spec, EVAL, Accuracy(0.5, {"teacher": 0.5}))
+    store_teacher_accuracy(cache_entry(spec, EVAL), spec, Accuracy(0.5, {"teacher": 0.5}))
     weights = Path(raw["models"]["teacher"]["path"]) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
-    assert cached_teacher_accuracy(spec, EVAL) is None
+    assert cached_teacher_accuracy(cache_entry(spec, EVAL)) is None
 
 
 def test_a_torn_entry_is_measured_again_not_an_error(raw: dict, own_cache: Path) -> None:
     spec = spec_with(raw)
-    store_teacher_accuracy(spec, EVAL, Accuracy(0.5, {"teacher": 0.5}))
+    store_teacher_accuracy(cache_entry(spec, EVAL), spec, Accuracy(0.5, {"teacher": 0.5}))
     (entry,) = (own_cache / "teacher_accuracy").iterdir()
     entry.write_text('{"overall": 0.5, "by_te')
-    assert cached_teacher_accuracy(spec, EVAL) is None
+    assert cached_teacher_accuracy(cache_entry(spec, EVAL)) is None
 
 
 def test_a_run_measures_the_teacher_once_and_then_only_the_student(raw: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,3 +107,16 @@ def test_a_run_measures_the_teacher_once_and_then_only_the_student(raw: dict, mo
         assert run.startup["accuracy_before"] >= 0
     assert asked == ["teacher", "rollout", "rollout"]
     assert run.summary["teacher_accuracy_cached"] is True
+
+
+def test_reuse_turned_off_measures_the_teacher_again(raw: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from opd_ray.driver import loop
+
+    asked: list[str] = []
+    monkeypatch.setattr(loop, "accuracies", lambda run, kind: asked.append(kind) or Accuracy(0.5, {"teacher": 0.5}))
+    store_teacher_accuracy(cache_entry(spec_with(raw), EVAL), spec_with(raw), Accuracy(0.9, {"teacher": 0.9}))
+    run = SimpleNamespace(spec=spec_with(raw, reuse_teacher_accuracy=False), prepared=SimpleNamespace(eval=EVAL))
+    run.summary, run.startup = {}, {}
+    loop.measure_before_training(run)
+    assert asked == ["teacher", "rollout"] and run.summary["teacher_accuracy"] == 0.5
+    assert run.summary["teacher_accuracy_cached"] is False
