@@ -95,3 +95,16 @@ def table_rows(output: str) -> list[list[str]]:
     """The cells of every markdown table row a benchmark printed, headers and rules left out."""
     lines = [line for line in output.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracker_stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trackers' local stores for the whole session, set before any tracker library is imported (trackio
+    reads TRACKIO_DIR once, at import): W&B offline, trackio under the session's temporary folder, so no
+    test writes to the user's own stores or reaches a server. MLflow's store is each run's (tests/trackers.py)."""
+    root = tmp_path_factory.mktemp("tracker-stores")
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ["TRACKIO_DIR"] = str(root / "trackio")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return root

@@ -32,6 +32,7 @@ MAY_CHANGE_ON_RESUME = (
     "trainer.max_bad_steps",
     "trainer.timeouts",  # how long to wait on actors
     "trainer.stop_on",
+    "logging",
     "health",
     "diagnostics",
     "probe",

@@ -51,6 +51,7 @@ from opd_ray.errors import Interrupted, RunStopped, Stuck
 from opd_ray.files import write_json, write_text_durably, written_aside
 from opd_ray.health.doctor import Diagnosis, Doctor
 from opd_ray.spec import ExperimentSpec, spec_to_yaml
+from opd_ray.tracking import open_trackers
 
 
 @dataclass
@@ -75,9 +76,11 @@ class Run:
     finished_work: StepWork | None = None  # the last step trained (what a checkpoint of it records)
     saved_step: int = 0  # the last step checkpointed
     startup: dict = field(default_factory=dict)  # seconds of each phase before step 1 (summary.json)
+    finished: bool = False  # every step trained and the summary written
 
     def close(self) -> None:
-        self.writer.close()
+        """The trackers get the summary when one was written (a finished run, or one stop_on ended)."""
+        self.writer.close(self.summary if "steps" in self.summary else None, succeeded=self.finished)
         self.roles.shutdown()
 
 
@@ -102,7 +105,9 @@ def distill(spec: ExperimentSpec, prepared: Prepared, resume: bool = False, forc
                         # the signal may have come after this step's own checkpoint decision
                         checkpoint_now(run, step, run.finished_work)
                         raise Interrupted(stopped_message(run, step), run.stop.exit_code)
-            return finish_run(run, started)
+            summary = finish_run(run, started)
+            run.finished = True
+            return summary
         except Stuck as exc:
             raise Stuck(f"{exc}; last checkpoint: {latest_checkpoint(run.run_dir) or 'none'}") from None
         finally:
@@ -127,7 +132,7 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
     run_dir = Path(spec.run.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint, state = resume_point(spec, run_dir, resume, force)
-    record_spec(spec, run_dir, state)
+    spec_yaml = record_spec(spec, run_dir, state)
     summary: dict = {"run": spec.run.name, "objective": spec.algorithm.objective, "vocab_size": len(prepared.tokenizer)}
     if prepared.selection is not None:
         console.print(f"prompt selection: {prepared.selection}")
@@ -138,23 +143,27 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
         f"[bold]opd-ray[/] {spec.run.name}: starting roles ({spec.rollout.num_workers} rollout, "
         f"teachers: {teachers}, {spec.learner.num_ranks} learner ranks)"
     )
-    roles_started = time.time()
-    roles = start_roles(spec)
+    trackers = open_trackers(spec, run_dir, spec_yaml, resume_after=state.step if state else None)
+    roles_started, roles = time.time(), None
     try:
+        roles = start_roles(spec)
         record_placement(roles, run_dir)
         check_shared_storage(roles.learners, run_dir, spec.trainer.timeouts.start_s)
         summary["learner_parameters"] = learner_parameters(roles, spec.trainer.timeouts.start_s)
         if spec.data.selection is not None and spec.data.selection.keep_top_fraction is not None:
             train = keep_prompts_the_teacher_agrees_on(spec, roles, prepared.train, run_dir, resume=state is not None)
             prepared = replace(prepared, train=train)
-        run = new_run(spec, prepared, run_dir, roles, summary, resume_after=state.step if state else 0)
+        writer = MetricsWriter(run_dir, trackers, resume_after=state.step if state else 0)
+        run = new_run(spec, prepared, run_dir, roles, summary, writer)
         run.startup.update(before_roles=roles_started - process_started(), roles=time.time() - roles_started)
         if state is not None:
             restore(run, checkpoint, state)
         else:
             measure_before_training(run)
     except BaseException:
-        roles.shutdown()
+        if roles is not None:
+            roles.shutdown()
+        trackers.finish(None, succeeded=False)
         raise
     teacher, student = summary.get("teacher_accuracy"), summary.get("student_accuracy_before")
     if teacher is not None:
@@ -181,7 +190,7 @@ def report_startup(run: Run) -> None:
 
 
 def new_run(
-    spec: ExperimentSpec, prepared: Prepared, run_dir: Path, roles: Roles, summary: dict, resume_after: int
+    spec: ExperimentSpec, prepared: Prepared, run_dir: Path, roles: Roles, summary: dict, writer: MetricsWriter
 ) -> Run:
     """A run at step 1; the buffer's bound lets asynchronous mode launch max_staleness steps ahead."""
     trainer = spec.trainer
@@ -193,14 +202,14 @@ def new_run(
         roles=roles,
         pipeline=Pipeline(roles, prepared.train, spec.run.seed, trainer.shard_size(spec.rollout.num_workers)),
         buffer=RolloutBuffer(capacity=trainer.max_staleness + 1, max_staleness=staleness_limit),
-        writer=MetricsWriter(run_dir, resume_after=resume_after),
+        writer=writer,
         sampler=PromptSampler(len(prepared.train), spec.run.seed),
         summary=summary,
         fingerprint=run_fingerprint(spec),
         doctor=Doctor(spec.health, len(prepared.tokenizer), spec.trainer.stop_on),
     )
-    if resume_after:  # the doctor catches up on the steps before the checkpoint
-        run.doctor.replay(read_metrics(run.writer.path))
+    if writer.path.is_file():  # a resume: the doctor catches up on the steps before the checkpoint
+        run.doctor.replay(read_metrics(writer.path))
     return run
 
 
@@ -254,14 +263,15 @@ def engines_on_own_devices(spec: ExperimentSpec) -> bool:
     return spec.rollout.resources.num_gpus > 0 and all(t.resources.num_gpus > 0 for t in spec.teachers.values())
 
 
-def record_spec(spec: ExperimentSpec, run_dir: Path, resumed: TrainerState | None) -> None:
+def record_spec(spec: ExperimentSpec, run_dir: Path, resumed: TrainerState | None) -> str:
     """spec.yaml: the resolved spec the run started with. A resumed run whose spec changed (in keys that
-    may change, or with --force) keeps it and writes its own beside it."""
+    may change, or with --force) keeps it and writes its own beside it. Returns this run's spec as YAML."""
     path, spec_yaml = run_dir / "spec.yaml", spec_to_yaml(spec)
     if resumed is not None and path.is_file() and path.read_text() != spec_yaml:
         path = run_dir / f"spec.resumed-at-step-{resumed.step}.yaml"
         console.print(f"the spec differs from the one this run started with (spec.yaml); this one is in {path.name}")
     write_text_durably(path, spec_yaml)
+    return spec_yaml
 
 
 def restore(run: Run, checkpoint: Path, state: TrainerState) -> None:
@@ -461,3 +471,4 @@ def checkpoint_now(run: Run, step: int, work: StepWork) -> None:
     with learner_death_stops_run(run.run_dir):
         save_checkpoint(run.spec, run.roles, run.run_dir, state)
     run.saved_step = step
+    run.writer.durable(step)

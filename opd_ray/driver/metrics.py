@@ -1,4 +1,4 @@
-"""Step metrics: one JSON object per step in metrics.jsonl, mirrored to TensorBoard."""
+"""Step metrics: one JSON object per step in metrics.jsonl, handed on to the run's trackers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from opd_ray.files import write_text_durably
 from opd_ray.health.signals import window_mean
+from opd_ray.tracking import Trackers
 
 
 @contextmanager
@@ -39,39 +40,39 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-    """metrics.jsonl (one line a step) and TensorBoard scalars.
+    """metrics.jsonl (one line a step), and the spec's trackers (opd_ray/tracking/): the run's only writer.
 
-    `resume_after=N` continues a resumed run in the same files: lines and events of steps
-    after N (written after the checkpoint the run resumes from) are dropped first.
+    `resume_after=N` continues a resumed run in the same files: lines of steps after N (written after
+    the checkpoint the run resumes from) are dropped first, and trackers that missed durable steps up
+    to N receive them from the lines kept.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_after: int | None = None) -> None:
+    def __init__(self, run_dir: Path, trackers: Trackers | None = None, resume_after: int | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
+        self.trackers = trackers
         if resume_after is not None and self.path.is_file():
             kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_after]
             write_text_durably(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+            if trackers is not None:
+                trackers.catch_up(kept, resume_after)
         self._file = self.path.open("a")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = None if resume_after is None else resume_after + 1
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, **metrics}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, step)
+        if self.trackers is not None:
+            self.trackers.log(step, metrics)
 
-    def close(self) -> None:
+    def durable(self, step: int) -> None:
+        """A checkpoint holds the steps up to `step`: trackers that log only final steps receive them."""
+        if self.trackers is not None:
+            self.trackers.durable(step)
+
+    def close(self, summary: dict[str, Any] | None = None, succeeded: bool = False) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self.trackers is not None:
+            self.trackers.finish(summary, succeeded)
 
 
 # What a summary shows of the training itself, first steps against last: whether the student

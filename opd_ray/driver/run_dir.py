@@ -26,7 +26,17 @@ LOCK_FILE = ".opd-ray.lock"
 # What a run leaves that another run must not clobber; the rest (spec.yaml, placement.json) is rewritten.
 RESULTS = ("summary.json", "metrics.jsonl", "checkpoints", "stages", "student")
 # Also removed by --overwrite: records of the old run that would otherwise mix with the new one's.
-RECORDS = ("spec.yaml", "placement.json", "selection.json", "teacher_agreement.json", "tensorboard", "probe.json")
+# trackers.json goes so that a new run starts new tracked runs; W&B's offline runs (wandb/) are left for
+# `wandb sync`: each has its own id, so they never mix.
+RECORDS = (
+    "spec.yaml",
+    "placement.json",
+    "selection.json",
+    "teacher_agreement.json",
+    "tensorboard",
+    "probe.json",
+    "trackers.json",
+)
 
 Mode = Literal["new", "resume", "overwrite"]
 

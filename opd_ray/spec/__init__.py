@@ -20,6 +20,7 @@ from opd_ray.spec.roles import (
     Strategy,
     TeacherSpec,
 )
+from opd_ray.spec.tracking import TRACKERS, LoggingSpec, TrackerName
 from opd_ray.spec.trainer import (
     CONDITIONS,
     STAGE_ORDER,
@@ -33,6 +34,7 @@ from opd_ray.spec.trainer import (
 __all__ = [
     "CONDITIONS",
     "STAGE_ORDER",
+    "TRACKERS",
     "AlgorithmSpec",
     "ColdStartSpec",
     "ConditionName",
@@ -45,6 +47,7 @@ __all__ = [
     "HealthSpec",
     "ImportedModelsSpec",
     "LearnerSpec",
+    "LoggingSpec",
     "LoraSpec",
     "ModelSpec",
     "ModelsSpec",
@@ -65,6 +68,7 @@ __all__ = [
     "TeacherSpec",
     "TimeoutsSpec",
     "TinyModelsSpec",
+    "TrackerName",
     "TrainerSpec",
     "WeightSyncSpec",
     "check_distinct_layers",

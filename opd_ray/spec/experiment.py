@@ -22,6 +22,7 @@ from opd_ray.spec.roles import (
     RolloutSpec,
     expand_one_teacher_shorthand,
 )
+from opd_ray.spec.tracking import LoggingSpec
 from opd_ray.spec.trainer import (
     CONDITION_FIRST_STEP,
     CONDITIONS_FROM_DIAGNOSTICS,
@@ -63,6 +64,7 @@ class ExperimentSpec(Section):
     placement: PlacementSpec = PlacementSpec()
     weight_sync: WeightSyncSpec = WeightSyncSpec()
     ray: RaySpec = RaySpec()
+    logging: LoggingSpec = LoggingSpec()
     # {location: "${oc.env:...}"}: set by load_spec so that spec_to_yaml never writes an environment value
     _environment_values: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
 

@@ -18,17 +18,23 @@ from opd_ray.actors.teacher import TeacherScorer
 from opd_ray.driver.checkpoint import TrainerState, complete_checkpoints, latest_checkpoint
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
+from tests.trackers import mlflow_history, trackio_history, wandb_history
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def resumable_spec(tiny_dir: Path, run_dir: Path) -> dict:
+def resumable_spec(tiny_dir: Path, run_dir: Path, trackers: tuple[str, ...] = ()) -> dict:
     """10 synchronous steps, a checkpoint every 2: the run killed and resumed, and the one it must match."""
     raw = tiny_spec_dict(tiny_dir, run_dir)
     raw["trainer"].update(steps=10, checkpoint_every=2, keep_checkpoints=2, save_final=False)
+    if trackers:
+        raw["logging"] = {"trackers": list(trackers), "project": f"opd-ray-{run_dir.parent.name}"}
     return raw
+
+
+TRACKED = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 def kill_actor_after(run_dir: Path, step: int, role: str) -> list[int]:
@@ -128,7 +134,7 @@ def test_sigterm_checkpoints_the_step_then_resume_matches_the_run_it_continues(
 
     reference_dir, stopped_dir = run_with_actor_faults["run_dir"], tmp_path / "stopped"
     spec_path = tmp_path / "spec.yaml"
-    joined = resumable_spec(tiny_dir, stopped_dir)
+    joined = resumable_spec(tiny_dir, stopped_dir, TRACKED)
     joined["ray"] = {"address": ray.get_runtime_context().gcs_address}  # the tests' Ray, as a job's driver joins one
     spec_path.write_text(yaml.safe_dump(joined))
     command = [sys.executable, "-m", "opd_ray.cli", "train", str(spec_path)]
@@ -149,7 +155,7 @@ def test_sigterm_checkpoints_the_step_then_resume_matches_the_run_it_continues(
 
     with pytest.raises(Exception, match="pass --resume"):
         run_stages(ExperimentSpec.model_validate(resumable_spec(tiny_dir, stopped_dir)))
-    run_stages(ExperimentSpec.model_validate(resumable_spec(tiny_dir, stopped_dir)), resume=True)
+    run_stages(ExperimentSpec.model_validate(resumable_spec(tiny_dir, stopped_dir, TRACKED)), resume=True)
 
     reference, resumed = read_metrics(reference_dir), read_metrics(stopped_dir)
     assert [m["step"] for m in resumed] == list(range(1, 11))  # every step once, the file continued
@@ -161,6 +167,23 @@ def test_sigterm_checkpoints_the_step_then_resume_matches_the_run_it_continues(
     summary = json.loads((stopped_dir / "summary.json").read_text())
     reference_summary = json.loads((reference_dir / "summary.json").read_text())
     assert summary["student_accuracy_before"] == reference_summary["student_accuracy_before"]
+    assert_tracked_runs_match(stopped_dir, resumed, summary)
+
+
+def assert_tracked_runs_match(run_dir: Path, rows: list[dict], summary: dict) -> None:
+    """W&B (offline), MLflow (its SQLite store) and trackio (its local store), read back through their own
+    libraries, hold one run each with every step once and metrics.jsonl's numbers, the summary after them."""
+    project, losses = f"opd-ray-{run_dir.parent.name}", [(row["step"], row["loss"]) for row in rows]
+    runs, history = mlflow_history(f"sqlite:///{run_dir.parent / 'mlflow.db'}", project)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert history["loss"] == [(step, pytest.approx(loss, rel=1e-6)) for step, loss in losses]
+    assert history["summary/student_accuracy_after"] == [(10, pytest.approx(summary["student_accuracy_after"]))]
+    ids, wandb_rows = wandb_history(run_dir)
+    assert len(ids) == 1 and len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # two attempts, one run
+    assert [(r["_step"], r["loss"]) for r in wandb_rows if "loss" in r] == [(s, pytest.approx(v)) for s, v in losses]
+    names, logs = trackio_history(project, "test")
+    assert names == ["test"]
+    assert [(r["step"], r["loss"]) for r in logs if "loss" in r] == [(s, pytest.approx(v)) for s, v in losses]
 
 
 @pytest.mark.integration

@@ -18,6 +18,7 @@ LAYERS = [
     "data",
     "losses",
     "health",
+    "tracking",
     "actors",
     "driver",
     "recipe",

@@ -187,7 +187,7 @@ def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path: Path, capsys: p
     assert [row["step"] for row in read_metrics(path)] == [1, 2]
     assert f"{path}:3 is not a whole JSON line" in capsys.readouterr().err
     assert training_trend(path, window=1)["loss"] == [0.5, 0.4]
-    writer = MetricsWriter(tmp_path, tensorboard=False, resume_after=2)  # a resume rewrites the file whole
+    writer = MetricsWriter(tmp_path, resume_after=2)  # a resume rewrites the file whole
     writer.write(3, {"loss": 0.3})
     writer.close()
     assert [row["step"] for row in read_metrics(path)] == [1, 2, 3]

@@ -1,0 +1,62 @@
+"""logging: where a run's metrics go besides metrics.jsonl (always written), and what the tracked run is called."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal, get_args
+
+from pydantic import Field, field_validator
+
+from opd_ray.spec.base import Section
+
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+TRACKERS: tuple[str, ...] = get_args(TrackerName)
+# The module each tracker imports, and the extra that installs it (pyproject.toml).
+TRACKER_LIBRARIES = {
+    "tensorboard": ("torch.utils.tensorboard", "opd-ray"),
+    "wandb": ("wandb", "opd-ray[wandb]"),
+    "mlflow": ("mlflow", "opd-ray[mlflow]"),
+    "trackio": ("trackio", "opd-ray[trackio]"),
+}
+
+
+class LoggingSpec(Section):
+    """The trackers a run logs to (opd_ray/tracking/). TensorBoard and metrics.jsonl follow every step; W&B,
+    MLflow and trackio receive the steps a checkpoint has made durable (every step when checkpoints are off),
+    so a resumed run continues its tracked run without logging the re-run steps twice."""
+
+    trackers: list[TrackerName] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="tensorboard (run_dir/tensorboard), wandb (WANDB_MODE=offline writes run_dir/wandb for "
+        "`wandb sync`), mlflow (MLFLOW_TRACKING_URI, else an SQLite store beside the run directory), trackio (its "
+        "local store, TRACKIO_DIR); [] = metrics.jsonl only",
+    )
+    project: str = Field(
+        "opd-ray", min_length=1, description="the W&B project, MLflow experiment and trackio project of the run"
+    )
+    tags: list[str] = Field(default_factory=list, description="tags of the tracked run (W&B tags, MLflow tags)")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="null = $MLFLOW_TRACKING_URI, else sqlite:///<run.output_dir>/../mlflow.db (one store for "
+        "the runs beside each other)",
+    )
+
+    @field_validator("trackers")
+    @classmethod
+    def _libraries_installed(cls, trackers: list[str]) -> list[str]:
+        """A tracker whose library is missing is one line here, not an ImportError after the roles started."""
+        if len(set(trackers)) < len(trackers):
+            raise ValueError(f"{trackers}: name each tracker once")
+        for name in trackers:
+            module, extra = TRACKER_LIBRARIES[name]
+            if not module_installed(module):
+                raise ValueError(f"{name}: its library ({module}) is not installed: pip install '{extra}'")
+        return trackers
+
+
+def module_installed(module: str) -> bool:
+    """Whether `import module` would find it, without importing it (W&B's import alone takes seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent is missing
+        return False
