@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from opd_ray.driver.metric_keys import undocumented
 from opd_ray.errors import UserError
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
@@ -56,6 +57,7 @@ def test_a_student_with_another_tokenizer_learns_from_the_aligned_teacher(
     summary = run_stages(ExperimentSpec.model_validate(raw))
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 25))
+    assert not undocumented({key for m in metrics for key in m})
     kl_first = sum(m["sampled_reverse_kl"] for m in metrics[:4]) / 4
     kl_last = sum(m["sampled_reverse_kl"] for m in metrics[-4:]) / 4
     assert kl_last < 0.7 * kl_first, (kl_first, kl_last)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from opd_ray.driver.metric_keys import undocumented
 from opd_ray.spec import AlgorithmSpec, ExperimentSpec
 from tests.conftest import start_teacher_actor, tiny_spec_dict
 
@@ -81,6 +82,7 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
                 assert 0.0 < metrics["gate/kept_fraction"] < 1.0
             if name == "forward to reverse":
                 assert 0.0 < metrics["reverse_kl_weight"] < 1.0
+            assert not undocumented(metrics), name  # every key a variant logs is in the metric reference
     finally:
         roles.shutdown()
         local_ray.kill(vllm_teacher)
@@ -98,6 +100,7 @@ def test_gkd_mixes_student_and_dataset_batches(tiny_dir: Path, tmp_path: Path, l
     run_stages(ExperimentSpec.model_validate(raw))
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     on_dataset = [m for m in metrics if m.get("dataset_batch")]
+    assert not undocumented({key for m in metrics for key in m})
     on_student = [m for m in metrics if not m.get("dataset_batch")]
     assert on_dataset and on_student
     assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)

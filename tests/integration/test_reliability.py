@@ -16,6 +16,7 @@ import yaml
 
 from opd_ray.actors.teacher import TeacherScorer
 from opd_ray.driver.checkpoint import TrainerState, complete_checkpoints, latest_checkpoint
+from opd_ray.driver.metric_keys import undocumented
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
 from tests.trackers import mlflow_history, trackio_history, wandb_history
@@ -174,6 +175,7 @@ def assert_tracked_runs_match(run_dir: Path, rows: list[dict], summary: dict) ->
     """W&B (offline), MLflow (its SQLite store) and trackio (its local store), read back through their own
     libraries, hold one run each with every step once and metrics.jsonl's numbers, the summary after them."""
     project, losses = f"opd-ray-{run_dir.parent.name}", [(row["step"], row["loss"]) for row in rows]
+    assert not undocumented({key for row in rows for key in row})  # and the metric reference names every key
     runs, history = mlflow_history(f"sqlite:///{run_dir.parent / 'mlflow.db'}", project)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert history["loss"] == [(step, pytest.approx(loss, rel=1e-6)) for step, loss in losses]

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from opd_ray.driver.metric_keys import undocumented
 from opd_ray.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
 
@@ -186,6 +187,7 @@ def test_a_run_with_two_teachers_logs_and_evaluates_each(tiny_dir, tmp_path, loc
             for key in ("loss", "teacher_logprob", "sampled_reverse_kl", "diag/overlap_ratio", "response_tokens"):
                 assert f"teacher/{name}/{key}" in m, (name, key)
         assert m["teacher/a/sequences"] + m["teacher/now/sequences"] == m["sequences"] == 16
+        assert not undocumented(m)  # the per-teacher keys are in the metric reference
     assert "teacher/a/eval/student_accuracy" in metrics[0]  # step 1 of 2 is evaluated (the last by the summary)
     assert set(summary["teachers"]) == {"a", "now"}
     for own in summary["teachers"].values():

@@ -8,9 +8,13 @@ from opd_ray.data.verifiers import boxed, exact, final_number, resolve_verifier
 from opd_ray.errors import UserError
 
 
+# --8<-- [start:user_verifier]
 def always_true(response: str, reference: str) -> bool:
     """A user's verifier, loaded by 'module:function'."""
     return True
+
+
+# --8<-- [end:user_verifier]
 
 
 def test_verifiers() -> None:

@@ -19,6 +19,7 @@ from tests.conftest import REPO
 from tests.unit.losses.test_step import models, scored_batch
 
 
+# --8<-- [start:toy_objective]
 def squared_log_ratio(inputs: ObjectiveInputs, algorithm: AlgorithmSpec) -> torch.Tensor:
     """1/2 (log p(y_t) - log q(y_t))^2 at the sampled token: the "k2" estimator of the reverse KL, whose
     gradient is the sampled-token reverse-KL gradient on the student's own samples."""
@@ -34,6 +35,9 @@ def toy_objective() -> Iterator[ObjectiveRecord]:
     register_objective(TOY, squared_log_ratio)
     yield TOY
     del OBJECTIVE_RECORDS[TOY.name], OBJECTIVES[TOY.name]
+
+
+# --8<-- [end:toy_objective]
 
 
 def test_every_record_has_a_loss_and_every_loss_a_record() -> None:

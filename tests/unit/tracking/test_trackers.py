@@ -110,3 +110,48 @@ def test_a_tracker_that_cannot_start_names_itself_before_the_roles_start(tmp_pat
     raw["logging"] = {"trackers": ["mlflow"]}
     with pytest.raises(UserError, match=r"logging\.trackers: mlflow could not start"):
         open_trackers(ExperimentSpec.model_validate(raw), tmp_path / "run", "{}", resume_after=None)
+
+
+# --8<-- [start:toy_tracker]
+class ListTracker:
+    """A tracker that keeps what it is handed in lists: the smallest complete Tracker (opd_ray/tracking/base.py)."""
+
+    name = "list"
+    durable_only = True  # handed only the steps a checkpoint made durable
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, dict]] = []
+        self.summary: dict = {}
+        self.succeeded: bool | None = None
+
+    def start(self, identity, resume_after):
+        return f"{identity.project}/{identity.name}"  # the id trackers.json stores for a resume
+
+    def log(self, step, metrics):
+        self.steps.append((step, metrics))
+
+    def log_summary(self, summary):
+        self.summary = summary
+
+    def finish(self, succeeded):
+        self.succeeded = succeeded
+
+
+# --8<-- [end:toy_tracker]
+
+
+def test_a_new_tracker_is_one_class_behind_the_interface(tmp_path: Path) -> None:
+    from opd_ray.tracking import Trackers
+
+    toy = ListTracker()
+    trackers = Trackers(tmp_path, [toy], {"list": {"id": "p/n"}}, every_step_durable=False)
+    writer = MetricsWriter(tmp_path, trackers)
+    for step in (1, 2, 3):
+        writer.write(step, step_metrics(step, attempt=0))
+    writer.durable(2)  # a checkpoint of step 2
+    assert [step for step, _ in toy.steps] == [1, 2]
+    writer.close({"gap_recovery": 0.5}, succeeded=True)  # a finished run: step 3 is final too
+    assert [step for step, _ in toy.steps] == [1, 2, 3]
+    assert toy.steps[0][1] == {"loss": 1.0, "eval/student_accuracy": pytest.approx(0.1)}  # numbers only
+    assert toy.summary == {"gap_recovery": 0.5} and toy.succeeded is True
+    assert json.loads((tmp_path / "trackers.json").read_text())["list"]["last_step"] == 3
