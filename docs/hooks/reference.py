@@ -56,9 +56,14 @@ def spec_page() -> str:
     ]
     for section, rows in spec_rows(ExperimentSpec).items():
         lines += [f"## `{section}`", "", "| key | type | default | constraints | meaning |", "|---|---|---|---|---|"]
-        lines += [f"| `{key}` | {kind} | {default} | {limits} | {meaning} |" for key, kind, default, limits, meaning in rows]
+        lines += ["| " + " | ".join(row_cells(row)) + " |" for row in rows]
         lines.append("")
     return "\n".join(lines)
+
+
+def row_cells(row: tuple[str, ...]) -> list[str]:
+    key, *rest = row
+    return [f"`{key}`", *rest]
 
 
 def spec_rows(model: type[BaseModel], prefix: str = "") -> dict[str, list[tuple[str, ...]]]:
