@@ -3,7 +3,7 @@
 The same weights, with the rows of its (tied) embedding reordered to match a tokenizer whose 15 tokens have
 other ids: the same function of the text, another vocabulary. Distilled from the character teacher with
 `cross_tokenizer: true`, every chunk is one-to-one and every teacher token has a match, so the run must do
-what the quickstart does (README: A teacher with another tokenizer).
+what the quickstart does (docs/methods/cross-tokenizer.md).
 
     python examples/permuted_student.py            # writes .cache/opd-ray/student-permuted
     opd-ray train examples/cross_tokenizer.yaml run.name=cross_permuted \

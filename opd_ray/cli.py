@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(spec_to_yaml(spec), end="")
             for note in code_the_spec_runs(spec):
-                print(f"opd-ray: note: {note} (README: What a spec can run)", file=sys.stderr)
+                print(f"opd-ray: note: {note} (docs: operations/protections.md, What a spec can run)", file=sys.stderr)
             if not args.no_files:
                 _check_files(spec)
             return 0

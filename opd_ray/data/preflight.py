@@ -117,7 +117,7 @@ def check_same_vocabulary(
             f"{teacher_field}: student and teacher tokenizers differ "
             f"({len(student_vocab)} vs {len(teacher_vocab)} tokens; {only_student} ids only in the student's, "
             f"{only_teacher} only in the teacher's): set {settings}.cross_tokenizer: true to score the student's "
-            "text with the teacher's own tokenizer, aligned by bytes (README: A teacher with another tokenizer)"
+            "text with the teacher's own tokenizer, aligned by bytes (docs/methods/cross-tokenizer.md)"
         )
     student_rows = vocab_size(student, "models.student")
     teacher_rows = vocab_size(teacher, teacher_field)

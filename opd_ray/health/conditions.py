@@ -17,7 +17,7 @@ from opd_ray.spec import HealthSpec
 @dataclass(frozen=True)
 class Condition:
     name: str
-    rule: str  # the rule in words (README, report)
+    rule: str  # the rule in words (the docs, opd-ray report)
     advice: str
     check: Callable[[Signals, HealthSpec], str | None]
     # steps in a row the rule must hold before the condition is named: 1, or a whole window for a rule that a

@@ -1,7 +1,7 @@
 """The paper's recipe as stages of one run: teacher_generate -> sft -> opd.
 
 An off-policy cold start raises the student's initial overlap with the teacher, and OPD
-from there goes further (the paper's recipe; README "The recipe in one spec"). Each stage writes
+from there goes further (the paper's recipe; docs/methods/recipe.md). Each stage writes
 its output under `<run.output_dir>/stages/<stage>/` and a `done.json` last; a stage whose
 `done.json` exists is skipped, so re-running the same command after a crash redoes only
 the unfinished stage (and the OPD stage resumes from its checkpoints with --resume).

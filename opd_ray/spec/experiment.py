@@ -261,7 +261,7 @@ class ExperimentSpec(Section):
                 raise ValueError(
                     f"algorithm.topk_support={algorithm.topk_support} needs the teacher's log-probs at the "
                     f"student's top-k ids: set {vllm_teachers[0]}.backend=transformers (vLLM 0.32 scores chosen ids "
-                    "only in its V2 model runner, which vLLM-CPU cannot start: README, Objectives)"
+                    "only in its V2 model runner, which vLLM-CPU cannot start: docs/methods/objectives.md)"
                 )
             k = algorithm.top_k or top_k
             if k > self.rollout.engine.max_logprobs:

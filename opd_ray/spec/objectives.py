@@ -52,7 +52,7 @@ class ObjectiveRecord:
     # several teachers, each scoring its own rows, can feed one batch
     several_teachers: bool = True
     # rollout.samples_per_prompt where the spec does not set it: a one-sample estimate needs several samples
-    # of each prompt to descend its objective (README "Objectives side by side")
+    # of each prompt to descend its objective (docs/get-started/quickstart.md, "Objectives side by side")
     samples_per_prompt: int = 1
     # algorithm.* defaults of this family where the spec does not set the key: (the keys given) -> {key: value}
     defaults: Callable[[dict], dict] = _no_defaults

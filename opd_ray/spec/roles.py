@@ -97,7 +97,7 @@ class TeacherSpec(Section):
     cross_tokenizer: bool = Field(
         False,
         description="the teacher's tokenizer differs from the student's: it scores the student's text in its own "
-        "tokens, aligned back to the student's by bytes (README: A teacher with another tokenizer)",
+        "tokens, aligned back to the student's by bytes (docs/methods/cross-tokenizer.md)",
     )
     engine: EngineSpec = EngineSpec()
     resources: ResourcesSpec = ResourcesSpec()

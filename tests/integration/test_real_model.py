@@ -86,7 +86,7 @@ def test_the_kd_baseline_answers_within_its_teacher_budget_and_evaluates_its_sft
 def test_the_real_pair_runs_a_few_steps_with_either_teacher(example: str, tmp_path: Path, local_ray) -> None:
     """The compatible teacher (SmolLM2 itself) and the other family (Gemma 3 270M through cross-tokenizer
     scoring, its own few-shot prompt): two steps each, with the teacher's greedy accuracy measured as the
-    README's table measures it (Gemma's answer ends at its newline)."""
+    docs/methods/real-models.md's table measures it (Gemma's answer ends at its newline)."""
     needs_smollm2()
     from opd_ray.recipe.stages import run_stages
 

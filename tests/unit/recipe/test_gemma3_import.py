@@ -1,5 +1,5 @@
-"""GGUF import of a Gemma 3 model (the other family of the real-model pair, README "The paper on real
-models"), on a tiny Gemma 3 the test writes to GGUF itself in llama.cpp's layout: norm weights stored as
+"""GGUF import of a Gemma 3 model (the other family of the real-model pair: docs/methods/real-models.md),
+on a tiny Gemma 3 the test writes to GGUF itself in llama.cpp's layout: norm weights stored as
 1 + w, a SentencePiece-style vocabulary with scores, and `add_bos_token` set, as Gemma 3 270M's file has."""
 
 from __future__ import annotations

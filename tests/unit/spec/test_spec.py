@@ -151,7 +151,7 @@ def test_the_smollm2_example_resolves_to_an_imported_teacher_and_its_pruned_copy
 
 
 def test_the_kd_baseline_matches_the_opd_example_but_for_what_it_is() -> None:
-    """Sequence-level KD beside OPD (README "A real model"): the same models, prompts, limits and eval; the
+    """Sequence-level KD beside OPD (docs/get-started/real-model.md): the same models, prompts, limits and eval; the
     teacher's answers unfiltered, and as many student steps of as many answers as OPD's."""
     opd = load_spec(REPO / "examples" / "smollm2_distill.yaml")
     kd = load_spec(REPO / "examples" / "smollm2_kd.yaml")
@@ -196,8 +196,9 @@ def test_overrides_may_follow_the_flags() -> None:
 
 
 def test_sampled_token_brings_its_own_defaults_and_a_spec_that_sets_them_keeps_its_own() -> None:
-    """A one-sample estimate needs several samples of a prompt and its baseline (README "Objectives side by
-    side"): `algorithm.objective=sampled_token` alone resolves both; the analytic objectives keep 1 sample."""
+    """A one-sample estimate needs several samples of a prompt and its baseline (docs/get-started/quickstart.md,
+    "Objectives side by side"): `algorithm.objective=sampled_token` alone resolves both; the analytic objectives
+    keep 1 sample."""
     from opd_ray.spec.loading import spec_to_yaml
 
     quickstart = QUICKSTART
