@@ -11,7 +11,9 @@ tests/unit/test_docs.py imports this file to check the pages against the code.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import subprocess
 import types
 import typing
 from pathlib import Path
@@ -35,6 +37,25 @@ def on_files(files, config):
     return files
 
 
+def on_page_markdown(markdown, page, config, files):
+    """A "last updated" line under every page written by hand: the date of the last commit that changed it."""
+    source = page.file.abs_src_path
+    if page.file.generated_by or source is None:
+        return markdown
+    return markdown + f"\n\n---\n*Last updated: {last_commit_date(Path(source))}*\n"
+
+
+def last_commit_date(path: Path) -> str:
+    """`git log`'s date of the file's last commit; "not committed yet" outside a checkout or for a new file."""
+    try:
+        found = subprocess.run(
+            ["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git)"
+    return found.stdout.strip() or "not committed yet"
+
+
 def reference_pages() -> dict[str, str]:
     return {"spec.md": spec_page(), "cli.md": cli_page(), "metrics.md": metrics_page()}
 
@@ -55,10 +76,21 @@ def spec_page() -> str:
         "",
     ]
     for section, rows in spec_rows(ExperimentSpec).items():
-        lines += [f"## `{section}`", "", "| key | type | default | constraints | meaning |", "|---|---|---|---|---|"]
+        lines += [f"## `{section}`", ""]
+        about = section_doc(ExperimentSpec, section)
+        lines += [about, ""] if about else []
+        lines += ["| key | type | default | constraints | meaning |", "|---|---|---|---|---|"]
         lines += ["| " + " | ".join(row_cells(row)) + " |" for row in rows]
         lines.append("")
     return "\n".join(lines)
+
+
+def section_doc(model: type[BaseModel], section: str) -> str:
+    """The docstring of a top-level section's own model (not the one every section inherits)."""
+    field = model.model_fields.get(section)
+    nested = nested_model(field.annotation) if field is not None else None
+    doc = nested.__dict__.get("__doc__") if nested is not None else None
+    return inspect.cleandoc(doc) if doc else ""
 
 
 def row_cells(row: tuple[str, ...]) -> list[str]:

@@ -460,10 +460,14 @@ def stop_if_diverging(run: Run, step: int) -> None:
 
 
 def checkpoint_now(run: Run, step: int, work: StepWork) -> None:
-    """Every trainer.checkpoint_every steps, and before a run stopped by a signal ends; the data order
-    recorded is the one after this step's prompts (the sampler itself has run ahead in asynchronous mode)."""
+    """Every trainer.checkpoint_every steps, at the last step, and before a run stopped by a signal ends; the
+    data order recorded is the one after this step's prompts (the sampler itself has run ahead in asynchronous
+    mode). The last step's checkpoint lets a finished run be extended (`--resume trainer.steps=<more>`) from
+    where it ended, so no step the trackers already hold is run again."""
     every = run.spec.trainer.checkpoint_every
-    if not every or (step % every and not run.stop.requested) or run.saved_step == step:
+    on_schedule = not step % every if every else False
+    last = step == run.spec.trainer.steps
+    if not every or not (on_schedule or last or run.stop.requested) or run.saved_step == step:
         return
     epoch, position = work.sampler_after
     before = {key: run.summary[key] for key in BEFORE_TRAINING if key in run.summary}

@@ -61,6 +61,7 @@ class AlgorithmSpec(Section):
         1.0, ge=0, le=1, description="GKD lambda: share of steps on student samples; the rest on dataset answers"
     )
     aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    """token_mean = every token weighs the same; sequence_mean = every sequence does"""
     importance_cap: float | None = Field(
         None,
         gt=0,
@@ -128,4 +129,5 @@ class DiagnosticsSpec(Section):
     """Token-level diagnostics on every step's student rollouts (overlap@k, masses, entropies)."""
 
     enabled: bool = True
+    """log the paper's token-level diagnostics (diag/...) every step"""
     top_k: int = Field(16, ge=1, description="k of overlap ratio@k; at most teacher.top_k")

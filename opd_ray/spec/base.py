@@ -10,9 +10,12 @@ from pydantic import BaseModel, ConfigDict
 
 class Section(BaseModel):
     """strict: `steps: true` is not 1 and `lr: "1e-3"` is not a number (YAML already types both);
-    no inf/nan anywhere: an infinite lr or temperature would only show up as a NaN loss much later."""
+    no inf/nan anywhere: an infinite lr or temperature would only show up as a NaN loss much later.
+    A field's docstring (the string under it) is its description: the spec reference shows it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
 
 def parse_layer_list(value: Any) -> Any:

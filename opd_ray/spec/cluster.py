@@ -19,6 +19,7 @@ class PlacementSpec(Section):
         "summed resources (e.g. [rollout, learner] with num_gpus 0.5 each: one GPU per bundle, shared)",
     )
     colocated_strategy: Strategy = "PACK"
+    """the placement strategy of the colocated roles' shared bundles"""
     timeout_s: float = Field(
         120, gt=0, description="seconds to wait for the placement groups before stopping with what is missing"
     )
@@ -53,4 +54,6 @@ class RaySpec(Section):
     address: str | None = Field(None, description="None starts a local Ray; 'auto' joins a running cluster")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray")
     dashboard_host: str = "127.0.0.1"
+    """the address a local Ray's dashboard binds (loopback by default)"""
     include_dashboard: bool = False
+    """start a local Ray's dashboard"""

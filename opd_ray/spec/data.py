@@ -11,9 +11,13 @@ from opd_ray.spec.base import Section, template_fields
 
 class DatasetSpec(Section):
     path: str
+    """a jsonl or parquet file of prompts"""
     prompt_field: str = "prompt"
+    """the field holding the prompt"""
     answer_field: str | None = "answer"
+    """the field holding the reference answer (the verifier's); null = no answers"""
     limit: int | None = Field(None, ge=1)
+    """use the first N rows only; null = all"""
     teacher: str | None = Field(
         None, description="with several teachers: the one that scores every row of this file (wins over data.route)"
     )
@@ -23,6 +27,7 @@ class RouteSpec(Section):
     """Which teacher scores a row, by the value of one of its fields (e.g. a `domain` column)."""
 
     field: str
+    """the row field whose value picks the teacher"""
     teachers: dict[str, str] = Field(..., min_length=1, description="field value -> teacher name")
     default: str | None = Field(None, description="the teacher of a value not listed; null = such a row is an error")
 
@@ -64,9 +69,12 @@ class DataSpec(Section):
         ..., description="one prompt file, or several (each may name its teacher)"
     )
     eval: DatasetSpec | list[DatasetSpec] | None = None
+    """held-out prompts for greedy accuracy before, during and after training; null = no evaluation"""
     route: RouteSpec | None = Field(None, description="several teachers: which one scores a row, by a data field")
     prompt_template: str = "{prompt}"
+    """how a row becomes the student's prompt: {prompt} and other row fields"""
     use_chat_template: bool = False
+    """wrap each prompt in the tokenizer's chat template (an instruct model's turn format)"""
     system_prompt: str | None = Field(
         None,
         description="with use_chat_template: the system turn before each prompt (e.g. the answer format the "
@@ -78,6 +86,7 @@ class DataSpec(Section):
     selection: PromptSelectionSpec | None = Field(None, description="dedup and mixing of the training prompts")
     verifier: str = Field("exact", description="exact | final_number | boxed | first_line_mentions | module:function")
     max_prompt_tokens: int = Field(256, ge=1)
+    """longer prompts are refused at pre-flight (the engines need room for the answer)"""
 
     verifier_errors: Literal["count_wrong", "raise"] = Field(
         "count_wrong",

@@ -35,8 +35,11 @@ from opd_ray.spec.trainer import (
 
 class RunSpec(Section):
     name: str = "opd"
+    """the run's name: the summary's title, the tracked run's name, and part of the default output_dir"""
     output_dir: str = "runs/opd"
+    """the run directory: metrics.jsonl, summary.json, student/, checkpoints/ (one run per directory)"""
     seed: int = 0
+    """every random draw (data order, sampling seeds, GKD's mixing) derives from it and the step"""
 
 
 class ExperimentSpec(Section):

@@ -15,8 +15,11 @@ class TeacherGenerationSpec(Section):
 
     prompts: int = Field(..., ge=1, description="training prompts the teacher answers; OPD trains on the rest")
     samples_per_prompt: int = Field(1, ge=1)
+    """the teacher's answers per prompt"""
     temperature: float = Field(0.7, gt=0)
+    """the teacher's sampling temperature for its answers"""
     top_p: float = Field(1.0, gt=0, le=1)
+    """nucleus sampling of the teacher's answers"""
     max_new_tokens: int | None = Field(None, ge=1, description="null = rollout.max_new_tokens")
     drop_truncated: bool = Field(True, description="drop answers cut off by max_new_tokens")
     repeat_ngram: int = Field(REPEAT_NGRAM, ge=1, description="n of the repetition filter")
@@ -36,10 +39,15 @@ class SftStageSpec(Section):
     """Stage sft: cross-entropy on the kept teacher answers' tokens, with the learner ranks of the run."""
 
     steps: int = Field(200, ge=1)
+    """supervised steps on the teacher's answers"""
     batch_size: int = Field(64, ge=1)
+    """sequences per supervised step"""
     lr: float = Field(1e-5, gt=0)
+    """the supervised stage's peak learning rate"""
     lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """constant, or cosine decay over the stage's steps"""
     warmup_steps: int = Field(10, ge=0)
+    """linear warm-up steps of the stage"""
 
 
 class ColdStartSpec(Section):

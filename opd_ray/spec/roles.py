@@ -16,10 +16,15 @@ class EngineSpec(Section):
     """vLLM engine settings shared by rollout workers and teacher replicas."""
 
     kv_cache_gib: float = Field(1.0, gt=0)
+    """vLLM's KV cache on CPUs (GiB)"""
     max_model_len: int = Field(512, ge=8)
+    """the longest prompt + answer the engine holds"""
     enforce_eager: bool = True
+    """no CUDA graphs (start-up seconds saved; GPUs may prefer false)"""
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
+    """vLLM's share of the GPU's memory on GPUs"""
     max_logprobs: int = Field(32, ge=1)
+    """the most top-k log-probs the engine may return (teacher.top_k and the student's top-k fit in it)"""
 
 
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -30,7 +35,9 @@ class ResourcesSpec(Section):
     """What one actor of a role asks Ray for; a role's actors are reserved together as one placement group."""
 
     num_cpus: float = Field(0.5, ge=0)
+    """logical CPUs each actor of the role reserves"""
     num_gpus: float = Field(0, ge=0)
+    """GPUs each actor of the role reserves (fractions share a GPU)"""
     strategy: Strategy = Field(
         "PACK",
         description="how the role's placement group spreads its actors over nodes: PACK (few nodes), SPREAD "
@@ -64,12 +71,16 @@ class ResourcesSpec(Section):
 
 class RolloutSpec(Section):
     num_workers: int = Field(1, ge=1)
+    """vLLM rollout workers sampling the student"""
     samples_per_prompt: int = Field(
         1, ge=1, description="samples of each prompt per step; unset, it follows the objective (sampled_token: 4)"
     )
     temperature: float = Field(1.0, gt=0)
+    """the student's sampling temperature (the learner divides its logits by it too)"""
     top_p: float = Field(1.0, gt=0, le=1)
+    """nucleus sampling of the student's rollouts"""
     max_new_tokens: int = Field(64, ge=1)
+    """the longest answer a sample may have; a longer one is cut off (cut_off_share)"""
     engine: EngineSpec = EngineSpec()
     resources: ResourcesSpec = ResourcesSpec()
 
@@ -82,7 +93,9 @@ class TeacherSpec(Section):
         "student's top-k)",
     )
     num_replicas: int = Field(1, ge=1)
+    """teacher replicas scoring in parallel (each takes the next free shard)"""
     top_k: int = Field(16, ge=1)
+    """log-probs of the teacher's top-k tokens returned at every position"""
     chunk_tokens: int = Field(2048, ge=1, description="transformers: tokens per logits chunk")
     share_prompts: bool = Field(
         True,
@@ -217,8 +230,10 @@ class LoraSpec(Section):
     """Low-rank adapters (peft) on the student: only they train and hold optimizer state."""
 
     rank: int = Field(8, ge=1)
+    """the adapters' rank"""
     alpha: float = Field(16.0, gt=0, description="the adapters' output is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1)
+    """dropout on the adapters' input"""
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="module names to adapt (q_proj, v_proj, ...), or every linear layer but the head; the student's "
@@ -235,14 +250,23 @@ class LoraSpec(Section):
 
 class LearnerSpec(Section):
     num_ranks: int = Field(2, ge=1)
+    """DeepSpeed learner processes (data parallel)"""
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 none, 1 optimizer state, 2 + gradients, 3 + weights sharded"""
     lr: float = Field(1e-6, gt=0)
+    """the learners' peak learning rate (AdamW)"""
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    """constant, or cosine decay to min_lr_ratio x lr over trainer.steps"""
     warmup_steps: int = Field(0, ge=0)
+    """linear warm-up steps before the schedule"""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """cosine: the final learning rate as a share of lr"""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW's weight decay"""
     grad_clip: float = Field(1.0, gt=0)
+    """clip the global gradient norm to this"""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """the learners' torch.distributed backend; auto = nccl on GPUs, gloo on CPUs"""
     chunk_tokens: int = Field(
         4096, ge=1, description="response tokens per logits chunk: bounds the N x |V| memory of every loss"
     )

@@ -61,6 +61,7 @@ class HealthSpec(Section):
     the last `window` steps ("now") with the mean of the first `window` trained steps ("start")."""
 
     enabled: bool = True
+    """run the OPD doctor: health/... signals every step and its named conditions"""
     window: int = Field(10, ge=1, description="steps averaged for 'now' and for 'the start'")
     collapse_repetitive_share: float = Field(
         0.5, gt=0, le=1, description="collapse: this share of responses repeat a 4-gram more than 3 times, ..."
@@ -117,8 +118,11 @@ class HealthSpec(Section):
 
 class TrainerSpec(Section):
     steps: int = Field(100, ge=1)
+    """OPD steps (one update each)"""
     prompts_per_step: int = Field(64, ge=1)
+    """prompts sampled per step (x rollout.samples_per_prompt sequences)"""
     weight_sync_interval: int = Field(1, ge=1)
+    """updates between weight syncs to the rollout engines"""
     max_staleness: int = Field(
         0,
         ge=0,
@@ -138,7 +142,12 @@ class TrainerSpec(Section):
         "settings and then read from the cache (driver/accuracy_cache.py); false = measure it again",
     )
     save_final: bool = True
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
+    """save the trained student in run_dir/student (a Hugging Face folder)"""
+    checkpoint_every: int = Field(
+        0,
+        ge=0,
+        description="steps between checkpoints, and one at the last step (a finished run can be extended); 0 = none",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
     max_actor_restarts: int = Field(3, ge=0, description="restarts of each rollout worker / teacher replica")
     max_bad_steps: int = Field(

@@ -48,6 +48,14 @@ def test_the_spec_reference_names_every_key_with_its_default() -> None:
     assert "| `logging.trackers` | list[" in page and "tensorboard" in page
 
 
+def test_every_spec_key_says_what_it_means() -> None:
+    """A new key needs a docstring (the string under the field) or a description: the reference shows it."""
+    from opd_ray.spec import ExperimentSpec
+
+    rows = [row for rows in reference_hook().spec_rows(ExperimentSpec).values() for row in rows]
+    assert not [row[0] for row in rows if not row[4]]
+
+
 def test_the_cli_reference_names_every_command_and_flag() -> None:
     page = reference_hook().cli_page()
     for name, sub in reference_hook().subcommands(_parser()).items():

@@ -53,3 +53,33 @@ def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path: Path)
         write_quickly(tmp_path, step)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
     assert not (tmp_path / "checkpoints" / ".partial-step_00000002").exists()
+
+
+def test_a_run_checkpoints_on_schedule_and_at_its_last_step(tmp_path: Path, monkeypatch) -> None:
+    """checkpoint_every 4 over 6 steps: steps 4 and 6 (the last, so a finished run extends from its end). The
+    learners' save is a fake here (what is not under test: what a checkpoint holds), and the run a stand-in with
+    the fields checkpoint_now reads."""
+    from types import SimpleNamespace
+
+    from opd_ray.driver import loop
+    from opd_ray.spec import ExperimentSpec
+    from tests.conftest import tiny_spec_dict
+
+    raw = tiny_spec_dict(tmp_path, tmp_path / "run")
+    raw["trainer"].update(steps=6, checkpoint_every=4)
+    saved: list[int] = []
+    monkeypatch.setattr(loop, "save_checkpoint", lambda spec, roles, run_dir, state: saved.append(state.step))
+    run = SimpleNamespace(
+        spec=ExperimentSpec.model_validate(raw),
+        stop=SimpleNamespace(requested=False),
+        saved_step=0,
+        summary={},
+        weight_version=0,
+        fingerprint={},
+        run_dir=tmp_path / "run",
+        roles=None,
+        writer=SimpleNamespace(durable=lambda step: None),
+    )
+    for step in range(1, 7):
+        loop.checkpoint_now(run, step, SimpleNamespace(sampler_after=(0, step)))
+    assert saved == [4, 6]
