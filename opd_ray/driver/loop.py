@@ -208,8 +208,9 @@ def new_run(
         fingerprint=run_fingerprint(spec),
         doctor=Doctor(spec.health, len(prepared.tokenizer), spec.trainer.stop_on),
     )
-    if writer.path.is_file():  # a resume: the doctor catches up on the steps before the checkpoint
-        run.doctor.replay(read_metrics(writer.path))
+    earlier = read_metrics(writer.path)  # a resume's steps before its checkpoint: the doctor catches up on them
+    if earlier:
+        run.doctor.replay(earlier)
     return run
 
 
