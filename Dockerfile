@@ -25,8 +25,9 @@ COPY opd_ray ./opd_ray
 COPY examples ./examples
 COPY cluster_configs ./cluster_configs
 
-RUN pip install --no-cache-dir -c constraints-image.txt -e ".[gpu]" \
-    && python -c "import opd_ray.cli, opd_ray.actors.collective_sync, vllm, deepspeed, ray; print('opd-ray image ok')"
+# the trackers' libraries too (logging.trackers: W&B, MLflow's client, trackio): a cluster job logs where its lab does
+RUN pip install --no-cache-dir -c constraints-image.txt -e ".[gpu,trackers]" \
+    && python -c "import opd_ray.cli, opd_ray.actors.collective_sync, vllm, deepspeed, ray, wandb, mlflow, trackio; print('opd-ray image ok')"
 
 # Training runs as an unprivileged user who cannot rewrite the installed source (root owns it,
 # read-only to everyone): a compromised job cannot change what later jobs run, nor write to the host's

@@ -161,7 +161,7 @@ def test_dockerfile_parses_and_its_base_matches_the_gpu_extra() -> None:
         for source in copy_command.value[:-1]:
             assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
     run = " ".join(c.value[0] for c in commands if c.cmd.upper() == "RUN")
-    assert '-c constraints-image.txt -e ".[gpu]"' in run  # dependencies at the tested versions
+    assert '-c constraints-image.txt -e ".[gpu,trackers]"' in run  # dependencies at the tested versions
     for module in re.findall(r"import ([\w., ]+);", run)[0].split(","):  # the image's smoke test imports real modules
         name = module.strip()
         assert importlib.util.find_spec(name) is not None, name
