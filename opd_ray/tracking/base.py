@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -47,12 +48,13 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def flatten(tree: dict[str, Any], prefix: str = "", separator: str = "/") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a/b": 1}; lists become text (a run config's list is one value)."""
+    """{"a": {"b": 1}} -> {"a/b": 1}; a list becomes its JSON text (a run config's list is one value, and the
+    doctor's conditions reach a tracker as one text entry, summary/health/conditions)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{separator}{key}" if prefix else str(key)
         if isinstance(value, dict):
             flat.update(flatten(value, name, separator))
         else:
-            flat[name] = value
+            flat[name] = json.dumps(value) if isinstance(value, list) else value
     return flat

@@ -49,7 +49,8 @@ def test_a_resumed_run_continues_each_tracked_run_with_every_step_once(tmp_path:
     for step in (3, 4):
         writer.write(step, step_metrics(step, attempt=1))
         writer.durable(step)
-    writer.close({"run": "test", "student_accuracy_after": 0.5, "health": {"status": "ok"}}, succeeded=True)
+    health = {"status": "warned", "conditions": [{"condition": "collapse", "first_step": 3}]}
+    writer.close({"run": "test", "student_accuracy_after": 0.5, "health": health}, succeeded=True)
 
     expected = {row["step"]: row["loss"] for row in read_metrics(run_dir / "metrics.jsonl")}
     assert sorted(expected) == [1, 2, 3, 4] and expected[3] == pytest.approx(1 / 3 + 1)
@@ -59,7 +60,8 @@ def test_a_resumed_run_continues_each_tracked_run_with_every_step_once(tmp_path:
     assert history["loss"] == [(step, pytest.approx(loss)) for step, loss in sorted(expected.items())]
     assert runs[0].data.params["learner.lr"] == "0.003" and "unit" in runs[0].data.tags
     assert history["summary/student_accuracy_after"] == [(4, 0.5)]
-    assert runs[0].data.tags["summary/health/status"] == "ok"
+    assert runs[0].data.tags["summary/health/status"] == "warned"
+    assert json.loads(runs[0].data.tags["summary/health/conditions"])[0]["condition"] == "collapse"
 
     ids, rows = wandb_history(run_dir)
     assert ids == {stored["wandb"]["id"]}  # both attempts are one W&B run (two offline files to sync)
