@@ -155,3 +155,30 @@ def test_replaying_a_run_finds_what_watching_it_found(window: int) -> None:
     for row in rows:
         live.observe(row["step"], dict(row))
     assert Doctor(HealthSpec(window=window), VOCAB).replay(rows).summary() == live.summary()
+
+
+# --8<-- [start:toy_condition]
+def too_sure(s, h) -> str | None:
+    """A toy rule: the student's entropy has fallen below a tenth of its start (s: the step's Signals,
+    h: the spec's health settings); the evidence is a sentence of numbers."""
+    if s.entropy_vs_start is not None and s.steps >= 2 * h.window and s.entropy_vs_start < 0.1:
+        return f"student entropy x{s.entropy_vs_start:.2f} of its start"
+    return None
+
+
+@pytest.fixture
+def toy_condition():
+    from opd_ray.health.conditions import CONDITIONS, Condition
+
+    CONDITIONS["too_sure"] = Condition("too_sure", "the student's entropy fell below 0.1x its start", "a toy", too_sure)
+    yield CONDITIONS["too_sure"]
+    del CONDITIONS["too_sure"]
+
+
+# --8<-- [end:toy_condition]
+
+
+def test_a_new_condition_is_one_rule_in_the_table(toy_condition) -> None:
+    sure = stream(60, **{"diag/student_entropy": lambda t: 2.0 if t <= 10 else 0.01})
+    assert fired(sure)["too_sure"] == 20  # from the step the two windows are 10 steps apart
+    assert "too_sure" not in fired(stream(60))
