@@ -35,31 +35,27 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def offline_records(run_dir: Path) -> list:
+    """The records of every offline W&B run under run_dir/wandb, attempt by attempt."""
+    return [r for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")) for r in wandb_records(path)]
+
+
 def wandb_history(run_dir: Path) -> tuple[set[str], list[dict]]:
     """(the W&B run ids, every history row with its `_step`) of the offline runs under run_dir/wandb."""
     ids, rows = set(), []
-    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
-        for record in wandb_records(path):
-            if record.HasField("run"):
-                ids.add(record.run.run_id)
-            if record.HasField("history"):
-                row = {}
-                for item in record.history.item:
-                    key = item.key or "/".join(item.nested_key)
-                    row[key] = json.loads(item.value_json)
-                rows.append(row)
+    for record in offline_records(run_dir):
+        if record.HasField("run"):
+            ids.add(record.run.run_id)
+        if record.HasField("history"):
+            items = record.history.item
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
     return ids, rows
 
 
 def wandb_config(run_dir: Path) -> dict:
     """The run config the offline runs recorded: {key: value} of its top-level keys."""
-    config = {}
-    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
-        for record in wandb_records(path):
-            if record.HasField("run"):
-                for item in record.run.config.update:
-                    config[item.key] = json.loads(item.value_json)
-    return config
+    runs = [record.run for record in offline_records(run_dir) if record.HasField("run")]
+    return {item.key: json.loads(item.value_json) for run in runs for item in run.config.update}
 
 
 def mlflow_history(tracking_uri: str, project: str) -> tuple[list, dict[str, list]]:

@@ -466,9 +466,9 @@ def checkpoint_now(run: Run, step: int, work: StepWork) -> None:
     mode). The last step's checkpoint lets a finished run be extended (`--resume trainer.steps=<more>`) from
     where it ended, so no step the trackers already hold is run again."""
     every = run.spec.trainer.checkpoint_every
-    on_schedule = not step % every if every else False
-    last = step == run.spec.trainer.steps
-    if not every or not (on_schedule or last or run.stop.requested) or run.saved_step == step:
+    if not every or run.saved_step == step:
+        return
+    if step % every and step != run.spec.trainer.steps and not run.stop.requested:
         return
     epoch, position = work.sampler_after
     before = {key: run.summary[key] for key in BEFORE_TRAINING if key in run.summary}

@@ -35,8 +35,8 @@ class Tracker(Protocol):
 
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
 
-    def log_summary(self, summary: dict[str, Any]) -> None:
-        """The run's summary.json, flattened: accuracies, gap recovery, health, token totals."""
+    def log_summary(self, summary: dict[str, Any], step: int) -> None:
+        """The run's summary.json (accuracies, gap recovery, health, token totals) after its last step."""
         ...
 
     def finish(self, succeeded: bool) -> None: ...
@@ -45,6 +45,12 @@ class Tracker(Protocol):
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers of a step's metrics (None, text and flags are metrics.jsonl's alone)."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def summary_entries(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """The summary as `summary/...` entries: (its numbers, its text values)."""
+    flat = flatten(summary, "summary")
+    return scalars(flat), {key: value for key, value in flat.items() if isinstance(value, str)}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "", separator: str = "/") -> dict[str, Any]:

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any, ClassVar
 
-from opd_ray.tracking.base import RunIdentity, flatten, scalars
+from opd_ray.tracking.base import RunIdentity, flatten, summary_entries
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
 BATCH = 100  # MLflow's limit on parameters (and a safe number of metrics) in one log_batch
@@ -29,7 +29,6 @@ class MlflowTracker:
     def __init__(self) -> None:
         self._client = None
         self._run_id = ""
-        self._last_step = 0
 
     def start(self, identity: RunIdentity, resume_after: int | None) -> str | None:
         from mlflow.tracking import MlflowClient
@@ -58,10 +57,6 @@ class MlflowTracker:
             self._client.log_artifact(self._run_id, str(spec_yaml))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self._log_metrics(step, metrics)
-        self._last_step = step
-
-    def _log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -69,12 +64,11 @@ class MlflowTracker:
         for first in range(0, len(rows), BATCH):
             self._client.log_batch(self._run_id, metrics=rows[first : first + BATCH])
 
-    def log_summary(self, summary: dict[str, Any]) -> None:
-        flat = flatten(summary, "summary")
-        self._log_metrics(self._last_step, scalars(flat))
-        for key, value in flat.items():
-            if isinstance(value, str):
-                self._client.set_tag(self._run_id, key, value[:MAX_PARAM_CHARS])
+    def log_summary(self, summary: dict[str, Any], step: int) -> None:
+        numbers, texts = summary_entries(summary)
+        self.log(step, numbers)
+        for key, value in texts.items():
+            self._client.set_tag(self._run_id, key, value[:MAX_PARAM_CHARS])
 
     def finish(self, succeeded: bool) -> None:
         self._client.set_terminated(self._run_id, status="FINISHED" if succeeded else "FAILED")

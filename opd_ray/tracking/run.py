@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,44 +42,56 @@ class Trackers:
         self.run_dir, self.trackers, self.state = run_dir, trackers, state
         self.every_step_durable = every_step_durable
         self.pending: list[tuple[int, dict[str, float]]] = []  # steps durable trackers have not received
+        self.last_step = 0  # the run's last step so far: where the summary goes
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         numbers = scalars(metrics)
-        for tracker in self._live(durable_only=False):
+        for tracker in self._of_kind(durable_only=False):
             self._call(tracker, "log", step, numbers)
         self.pending.append((step, numbers))
-        if self.every_step_durable:
-            self.durable(step)
+        self.last_step = step
+        if self.every_step_durable:  # nothing can re-run a step: no trackers.json to keep (no resume)
+            self._hand_on(step)
 
     def catch_up(self, rows: list[dict[str, Any]], up_to: int) -> None:
         """A resume: the durable steps in metrics.jsonl (up to the checkpoint's) that a tracker has not
         received yet (the run stopped between a checkpoint and handing its steps on) go to it first."""
         self.pending = [(row["step"], scalars({k: v for k, v in row.items() if k != "step"})) for row in rows]
+        if rows:
+            self.last_step = rows[-1]["step"]
         self.durable(up_to)
 
     def durable(self, up_to: int) -> None:
-        """Steps <= up_to are final (a checkpoint holds them): the durable trackers receive them, once."""
+        """Steps <= up_to are final (a checkpoint holds them): the durable trackers receive them, once, and
+        trackers.json records how far each got."""
+        if self._hand_on(up_to):
+            write_json(self.run_dir / STATE_FILE, self.state)
+
+    def _hand_on(self, up_to: int) -> bool:
+        """The pending steps <= up_to to the durable trackers (each step once); whether any received one."""
         ready = [(step, row) for step, row in self.pending if step <= up_to]
         self.pending = [(step, row) for step, row in self.pending if step > up_to]
-        for tracker in self._live(durable_only=True):
+        received = False
+        for tracker in self._of_kind(durable_only=True):
             last = self.state[tracker.name].get("last_step", 0)
             for step, row in ready:
                 if step > last and self._call(tracker, "log", step, row):
                     self.state[tracker.name]["last_step"] = step
-        if ready:
-            write_json(self.run_dir / STATE_FILE, self.state)
+                    received = True
+        return received
 
     def finish(self, summary: dict[str, Any] | None, succeeded: bool) -> None:
         """The run's end: its steps are final (a finished run saved the student), its summary goes in."""
-        if succeeded and self.pending:
-            self.durable(self.pending[-1][0])
+        if succeeded:
+            self._hand_on(self.last_step)
         for tracker in self.trackers:
             if summary is not None:
-                self._call(tracker, "log_summary", summary)
+                self._call(tracker, "log_summary", summary, self.last_step)
             self._call(tracker, "finish", succeeded)
         self.trackers = []
+        write_json(self.run_dir / STATE_FILE, self.state)
 
-    def _live(self, durable_only: bool) -> list[Tracker]:
+    def _of_kind(self, durable_only: bool) -> list[Tracker]:
         return [t for t in self.trackers if t.durable_only == durable_only]
 
     def _call(self, tracker: Tracker, method: str, *args: Any) -> bool:
@@ -104,7 +117,7 @@ def open_trackers(spec: ExperimentSpec, run_dir: Path, spec_yaml: str, resume_af
     for name in spec.logging.trackers:
         tracker = TRACKER_TYPES[name]()
         own = state.get(name, {})
-        identity = RunIdentity(**{**base.__dict__, "resume_id": own.get("id")})
+        identity = replace(base, resume_id=own.get("id"))
         try:
             tracked_id = tracker.start(identity, resume_after)
         except UserError:

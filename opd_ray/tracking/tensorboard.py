@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from opd_ray.tracking.base import RunIdentity, flatten, scalars
+from opd_ray.tracking.base import RunIdentity, summary_entries
 
 
 class TensorBoardTracker:
@@ -13,7 +13,6 @@ class TensorBoardTracker:
 
     def __init__(self) -> None:
         self._writer = None
-        self._last_step = 0
 
     def start(self, identity: RunIdentity, resume_after: int | None) -> str | None:
         from torch.utils.tensorboard import SummaryWriter
@@ -25,11 +24,11 @@ class TensorBoardTracker:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self._writer.add_scalar(key, value, step)
-        self._last_step = step
 
-    def log_summary(self, summary: dict[str, Any]) -> None:
-        for key, value in scalars(flatten(summary, "summary")).items():
-            self._writer.add_scalar(key, value, self._last_step)
+    def log_summary(self, summary: dict[str, Any], step: int) -> None:
+        numbers, _ = summary_entries(summary)
+        for key, value in numbers.items():
+            self._writer.add_scalar(key, value, step)
 
     def finish(self, succeeded: bool) -> None:
         self._writer.close()

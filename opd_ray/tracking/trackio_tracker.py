@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from opd_ray.tracking.base import RunIdentity, flatten, scalars
+from opd_ray.tracking.base import RunIdentity, summary_entries
 
 
 class TrackioTracker:
@@ -15,7 +15,6 @@ class TrackioTracker:
 
     def __init__(self) -> None:
         self._run = None
-        self._last_step = 0
 
     def start(self, identity: RunIdentity, resume_after: int | None) -> str | None:
         import trackio
@@ -33,10 +32,10 @@ class TrackioTracker:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._run.log(metrics, step=step)
-        self._last_step = step
 
-    def log_summary(self, summary: dict[str, Any]) -> None:
-        self._run.log(scalars(flatten(summary, "summary")), step=self._last_step)
+    def log_summary(self, summary: dict[str, Any], step: int) -> None:
+        numbers, _ = summary_entries(summary)
+        self._run.log(numbers, step=step)
 
     def finish(self, succeeded: bool) -> None:
         self._run.finish()

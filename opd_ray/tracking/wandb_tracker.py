@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from opd_ray.tracking.base import RunIdentity, flatten, scalars
+from opd_ray.tracking.base import RunIdentity, summary_entries
 
 
 class WandbTracker:
@@ -37,9 +37,9 @@ class WandbTracker:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._run.log(metrics, step=step)
 
-    def log_summary(self, summary: dict[str, Any]) -> None:
-        flat = flatten(summary, "summary")
-        self._run.summary.update({k: v for k, v in flat.items() if k in scalars(flat) or isinstance(v, str)})
+    def log_summary(self, summary: dict[str, Any], step: int) -> None:
+        numbers, texts = summary_entries(summary)
+        self._run.summary.update({**numbers, **texts})
 
     def finish(self, succeeded: bool) -> None:
         self._run.finish(exit_code=0 if succeeded else 1)

@@ -5,6 +5,7 @@ metric the code has, and every `opd-ray` command a page shows parses with today'
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import re
 import shlex
@@ -20,6 +21,7 @@ from opd_ray.spec import ExperimentSpec, load_spec
 from tests.conftest import REPO
 
 
+@functools.cache
 def reference_hook():
     spec = importlib.util.spec_from_file_location("docs_reference", REPO / "docs/hooks/reference.py")
     module = importlib.util.module_from_spec(spec)
@@ -28,9 +30,8 @@ def reference_hook():
 
 
 def spec_keys(model, prefix: str = "") -> list[str]:
-    keys = []
+    keys, hook = [], reference_hook()
     for name, field in model.model_fields.items():
-        hook = reference_hook()
         nested = hook.nested_model(field.annotation)
         key = f"{prefix}{name}"
         if nested is None:

@@ -132,8 +132,8 @@ class ListTracker:
     def log(self, step, metrics):
         self.steps.append((step, metrics))
 
-    def log_summary(self, summary):
-        self.summary = summary
+    def log_summary(self, summary, step):
+        self.summary = summary  # after `step`, the run's last
 
     def finish(self, succeeded):
         self.succeeded = succeeded
