@@ -109,6 +109,26 @@ def test_every_command_a_page_shows_parses_and_its_spec_loads(page: str, command
             assert (REPO / teacher).is_file(), f"{page}: {teacher} does not exist"
 
 
+SNIPPET = re.compile(r'^--8<-- "([^":]+)(?::(\w+))?"$')
+
+
+def test_every_snippet_a_page_includes_exists_with_its_section() -> None:
+    """A worked example is included from the test that runs it: the file and its section markers must exist, and
+    the include line must be the snippet syntax exactly (a formatter once turned it into literal text)."""
+    included = []
+    for page in sorted((REPO / "docs").rglob("*.md")):
+        for line in page.read_text().splitlines():
+            if "8<" in line or "8 <" in line:
+                match = SNIPPET.match(line.strip())
+                assert match, f"{page.name}: {line!r} is not a snippet include"
+                path, section = match.groups()
+                text = (REPO / path).read_text()
+                if section:
+                    assert f"# --8<-- [start:{section}]" in text and f"# --8<-- [end:{section}]" in text, line
+                included.append(path)
+    assert "tests/unit/tracking/test_trackers.py" in included and "benchmarks/RESULTS.md" in included
+
+
 def test_the_pages_show_the_commands_people_run_first() -> None:
     shown = {command for _, command in shown_commands()}
     assert "train examples/quickstart.yaml" in shown and len(shown) >= 10
