@@ -3,7 +3,9 @@ global active run, so nothing else in the process is logged by accident).
 
 The store is logging.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, else an SQLite store beside the run
 directory (runs/mlflow.db for runs/quickstart: MLflow 3's default backend; its file store refuses new
-runs), which `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db` shows."""
+runs), which `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db` shows. With that default store the
+artifacts (spec.yaml) go beside it too, in runs/mlartifacts: MLflow's own default is ./mlruns in whatever
+directory the command ran from."""
 
 from __future__ import annotations
 
@@ -17,9 +19,18 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
 BATCH = 100  # MLflow's limit on parameters (and a safe number of metrics) in one log_batch
 
 
+def chosen_uri(identity: RunIdentity) -> str | None:
+    """The store the spec or the environment names; None = opd-ray's default beside the run directory."""
+    return identity.settings.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(identity: RunIdentity) -> str:
-    uri = identity.settings.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{(identity.run_dir.parent / 'mlflow.db').resolve()}"
+    return chosen_uri(identity) or f"sqlite:///{(identity.run_dir.parent / 'mlflow.db').resolve()}"
+
+
+def artifact_location(identity: RunIdentity) -> str | None:
+    """Where a new experiment keeps its artifacts: beside the default store, else the store's own choice."""
+    return None if chosen_uri(identity) else (identity.run_dir.parent / "mlartifacts").resolve().as_uri()
 
 
 class MlflowTracker:
@@ -39,7 +50,11 @@ class MlflowTracker:
             self._client.update_run(self._run_id, status="RUNNING")
             return self._run_id
         experiment = self._client.get_experiment_by_name(identity.project)
-        experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(identity.project)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self._client.create_experiment(identity.project, artifact_location=artifact_location(identity))
+        )
         tags = {tag: "" for tag in identity.tags}
         run = self._client.create_run(experiment_id, run_name=identity.name, tags=tags)
         self._run_id = run.info.run_id

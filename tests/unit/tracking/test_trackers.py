@@ -33,6 +33,8 @@ def step_metrics(step: int, attempt: int) -> dict:
 def test_a_resumed_run_continues_each_tracked_run_with_every_step_once(tmp_path: Path) -> None:
     spec = tracked_spec(tmp_path, project="opd-ray-unit-resume")
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))  # what the loop writes first: MLflow's artifact
     # the first attempt: checkpoints after steps 1 and 2, but the process dies after step 3, before the
     # checkpoint of step 2 was handed to the trackers (so they hold step 1 only)
     writer = MetricsWriter(run_dir, open_trackers(spec, run_dir, spec_to_yaml(spec), resume_after=None))
@@ -59,6 +61,9 @@ def test_a_resumed_run_continues_each_tracked_run_with_every_step_once(tmp_path:
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_name == "test"
     assert history["loss"] == [(step, pytest.approx(loss)) for step, loss in sorted(expected.items())]
     assert runs[0].data.params["learner.lr"] == "0.003" and "unit" in runs[0].data.tags
+    artifacts = Path(runs[0].info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(tmp_path / "mlartifacts")  # beside the store, not where the test ran from
+    assert (artifacts / "spec.yaml").read_text() == spec_to_yaml(spec)
     assert history["summary/student_accuracy_after"] == [(4, 0.5)]
     assert runs[0].data.tags["summary/health/status"] == "warned"
     assert json.loads(runs[0].data.tags["summary/health/conditions"])[0]["condition"] == "collapse"
