@@ -61,7 +61,8 @@ def stop_between_steps() -> Iterator[StopRequest]:
     def on_signal(number: int, frame: FrameType | None) -> None:
         name = signal.Signals(number).name
         if not request.training:
-            raise Interrupted(f"{name} before training started: stopped (nothing to checkpoint yet)", 128 + number)
+            request.signal_number = number  # for stop_if_signalled, should this raise be swallowed
+            raise Interrupted(before_training(name), 128 + number)
         if request.requested:
             raise Interrupted(f"{name} again: the step in progress was abandoned", 128 + number)
         request.signal_number = number
@@ -78,6 +79,19 @@ def stop_between_steps() -> Iterator[StopRequest]:
         ACTIVE.clear()
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def before_training(name: str) -> str:
+    return f"{name} before training started: stopped (nothing to checkpoint yet)"
+
+
+def stop_if_signalled() -> None:
+    """Before training a signal raises where it lands, but Python ignores an exception raised inside some
+    callbacks (an import's module-lock callback: "Exception ignored in ..."), and the command would go on. The
+    start-up calls this between its phases, so such a signal still stops it there."""
+    if ACTIVE and ACTIVE[0][0].requested and not ACTIVE[0][0].training:
+        request = ACTIVE[0][0]
+        raise Interrupted(before_training(request.name), request.exit_code)
 
 
 def reclaim_signals() -> None:

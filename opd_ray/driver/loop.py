@@ -41,7 +41,7 @@ from opd_ray.driver.checkpoint import (
 )
 from opd_ray.driver.evaluation import Accuracy, evaluate_by_teacher, gap_recovery
 from opd_ray.driver.fingerprint import run_fingerprint
-from opd_ray.driver.interrupts import StopRequest, stop_between_steps
+from opd_ray.driver.interrupts import StopRequest, stop_between_steps, stop_if_signalled
 from opd_ray.driver.metrics import MetricsWriter, read_metrics, timed, token_totals, training_trend
 from opd_ray.driver.pipeline import Pipeline
 from opd_ray.driver.roles import Roles, learner_parameters, record_placement, start_roles, sync_weights
@@ -146,7 +146,9 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
     trackers = open_trackers(spec, run_dir, spec_yaml, resume_after=state.step if state else None)
     roles_started, roles = time.time(), None
     try:
+        stop_if_signalled()  # the trackers' imports are where a signal's exception can be swallowed
         roles = start_roles(spec)
+        stop_if_signalled()
         record_placement(roles, run_dir)
         check_shared_storage(roles.learners, run_dir, spec.trainer.timeouts.start_s)
         summary["learner_parameters"] = learner_parameters(roles, spec.trainer.timeouts.start_s)

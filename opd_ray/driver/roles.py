@@ -194,7 +194,7 @@ def warn_if_deprioritised(locations: dict[str, list[dict]]) -> None:
         console.print(
             f"[yellow]the actors run at niceness {', '.join(map(str, nicer))}, the driver at {driver}: any other "
             "process on their nodes takes the CPU first. Start the nodes with RAY_worker_niceness=0 "
-            "(docs/operations.md)[/]"
+            "(docs/operations/protections.md, CPU priority)[/]"
         )
 
 
