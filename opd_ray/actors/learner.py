@@ -22,7 +22,13 @@ import ray
 import torch
 
 from opd_ray.actors.collective_sync import BucketPlan, join_group, plan_buckets, send_bucket, weight_entries
-from opd_ray.actors.hf_model import DTYPES, check_head_reproduces_logits, dtype_name, load_causal_lm
+from opd_ray.actors.hf_model import (
+    DTYPES,
+    check_head_reproduces_logits,
+    check_packing_exact,
+    dtype_name,
+    load_causal_lm,
+)
 from opd_ray.actors.lora import ADAPTER_DIR, merged_state_dict, trainable_parameters, with_lora
 from opd_ray.actors.runtime import actor_location, clear_stale_build_locks, get_or_raise_first
 from opd_ray.actors.weight_sync import pack_state_dict
@@ -179,6 +185,9 @@ class LearnerWorker:
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.device = self.engine.device
         self._check_heads()
+        if self.pack:
+            vocab = self.engine.module.get_output_embeddings().out_features
+            check_packing_exact(self.engine, vocab, self.device, "learner.pack_sequences")
 
     def _check_heads(self) -> None:
         """Chunked losses need logits = head(last hidden state), and a teacher head over the same vocabulary."""

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from opd_ray.actors.hf_model import load_causal_lm
+from opd_ray.actors.hf_model import check_packing_exact, load_causal_lm
 from opd_ray.actors.vllm_engine import Completion, create_engine, greedy, prompt_logprobs
 from opd_ray.actors.weight_sync import WORKER_EXTENSION, unpack_state_dict
 from opd_ray.losses.batch import RolloutBatch
@@ -188,6 +188,9 @@ class TransformersTeacher:
     def __init__(self, model: ModelSpec, settings: NamedTeacherSpec, seed: int, tokenizer) -> None:
         self.settings, self.tokenizer = settings, tokenizer
         self.model = load_causal_lm(model, "cuda" if torch.cuda.is_available() else "cpu")
+        if settings.pack_sequences:
+            vocab = self.model.get_output_embeddings().out_features
+            check_packing_exact(self.model, vocab, self.model.device, "the teacher's pack_sequences")
 
     def score(self, batch: RolloutBatch, cross_tokenizer: bool) -> RolloutBatch:
         settings = self.settings

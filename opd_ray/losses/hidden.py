@@ -72,11 +72,13 @@ def packed_hidden_states(model: Callable[..., Any], input_ids_BL: torch.Tensor, 
     """`final_hidden_states` of right-padded rows, computed with the rows packed end to end into as few rows (of
     `packed_width`) as hold them, so the model does not run on padding.
 
-    Each packed sequence's position ids restart at 0 and no attention mask is passed: transformers then
-    builds a block-diagonal causal mask from the position ids (its packed-sequence format; flash-attention
-    takes the same as variable-length batches), so no token sees another sequence. A bin's unused tail is
-    one more sequence of its own. Same numbers as the padded forward to float tolerance
-    (tests/unit/losses/test_packing.py), back in the padded [B, L, H] layout."""
+    Each packed sequence's position ids restart at 0 and no attention mask is passed: under sdpa and eager,
+    transformers builds a block-diagonal causal mask from the position ids, so no token sees another sequence.
+    Flash-attention reads packed position ids only in a batch of ONE row (transformers'
+    `_is_packed_sequence`); with two or more bins it would attend across sequences, so it is handed the
+    sequences' boundaries explicitly (`varlen_boundaries`). A bin's unused tail is one more sequence of its
+    own. Same numbers as the padded forward to float tolerance (tests/unit/losses/test_packing.py, and
+    `check_packing_exact` at start-up with the implementation in use), back in the padded [B, L, H] layout."""
     lengths = attention_mask_BL.sum(-1).tolist()
     padded = input_ids_BL.shape[1]
     width = packed_width(padded)
@@ -107,6 +109,7 @@ def packed_hidden_states(model: Callable[..., Any], input_ids_BL: torch.Tensor, 
         output_hidden_states=True,
         logits_to_keep=1,
         use_cache=False,
+        **(varlen_boundaries(positions_PC) if uses_flash_attention(model) else {}),
     )
     hidden_PCH = output.hidden_states[-1]
     real_BL = attention_mask_BL.bool()
@@ -114,6 +117,29 @@ def packed_hidden_states(model: Callable[..., Any], input_ids_BL: torch.Tensor, 
     taken = source.view(real_BL.shape)[real_BL.cpu()].to(hidden_PCH.device)
     hidden_BLH[real_BL] = hidden_PCH.reshape(-1, hidden_PCH.shape[-1])[taken]
     return hidden_BLH
+
+
+def uses_flash_attention(model: Any) -> bool:
+    """Whether the model (or the one a DeepSpeed engine or LoRA wrapper holds) runs a flash-attention kernel."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    config = getattr(getattr(model, "module", model), "config", None)
+    return config is not None and is_flash_attention_requested(config)
+
+
+def varlen_boundaries(positions_PC: torch.Tensor) -> dict[str, Any]:
+    """Flash-attention's variable-length arguments for packed rows: where each sequence starts in the rows
+    flattened end to end (a position id of 0), and the longest. Given these, transformers calls the kernel's
+    varlen function on the flattened rows whatever the batch size (`_flash_attention_forward`'s varlen case)."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    (starts_q, starts_k), (longest_q, longest_k) = prepare_fa_kwargs_from_position_ids(positions_PC)
+    return {
+        "cu_seq_lens_q": starts_q,
+        "cu_seq_lens_k": starts_k,
+        "max_length_q": int(longest_q),
+        "max_length_k": int(longest_k),
+    }
 
 
 def prompt_groups(batch) -> list[list[int]]:
