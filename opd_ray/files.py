@@ -1,4 +1,5 @@
-"""Files that are either whole or absent: written under a hidden `.partial-` name, then renamed into place.
+"""Files that are either whole or absent: written under a hidden `.partial-` name of the writing process's own,
+then renamed into place.
 
 A rename within one directory is atomic, so a process killed mid-write leaves the previous
 version (or nothing) under the real name, never half a file: checkpoints, stage outputs,
@@ -9,10 +10,12 @@ crash (not just a killed process) the name points at complete contents.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,9 +27,42 @@ REPLACED = ".replaced-"
 BUILD_RECORD = "build.json"  # what opd-ray writes into every model folder it builds or imports
 
 
+def writer_tag() -> str:
+    """This process, as it names what it writes aside: two processes writing one name never share a file."""
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
 def partial_path(final: Path) -> Path:
-    """Where `final` is written first; the hidden prefix keeps it out of any listing of finished ones."""
-    return final.with_name(PARTIAL + final.name)
+    """Where `final` is written first: the hidden prefix keeps it out of any listing of finished ones, and the
+    host and pid make it this process's own (two runs saving one shared cache entry at once)."""
+    return final.with_name(f"{PARTIAL}{final.name}.{writer_tag()}")
+
+
+def aside_path(final: Path) -> Path:
+    """Where a replaced folder waits until its successor is in place (this process's own, as partial_path)."""
+    return final.with_name(f"{REPLACED}{final.name}.{writer_tag()}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_leftovers(final: Path) -> list[Path]:
+    """What processes on this host that died mid-write left aside for `final` (a live writer's, or another
+    host's on shared storage, are left alone)."""
+    host, found = socket.gethostname(), []
+    for prefix in (PARTIAL, REPLACED):
+        for path in final.parent.glob(f"{prefix}{glob.escape(final.name)}.*"):
+            writer_host, _, pid = path.name[len(prefix) + len(final.name) + 1 :].rpartition(".")
+            if writer_host == host and pid.isdigit() and not process_alive(int(pid)):
+                found.append(path)
+    return found
 
 
 def remove(path: Path) -> None:
@@ -71,14 +107,15 @@ def written_aside(final: Path, directory: bool = False) -> Iterator[Path]:
     completes it is made durable and replaces `final`. A failure leaves the partial path behind and
     `final` untouched."""
     partial = partial_path(final)
-    remove(partial)  # left by an earlier kill
     final.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in [partial, *stale_leftovers(final)]:  # this process's failed attempt, or a killed writer's
+        remove(leftover)
     if directory:
         partial.mkdir()
     yield partial
     fsync_tree(partial)
     if final.is_dir():  # a directory cannot be replaced by a rename: move it aside first, delete it last
-        old = final.with_name(REPLACED + final.name)
+        old = aside_path(final)
         remove(old)
         os.replace(final, old)
         os.replace(partial, final)

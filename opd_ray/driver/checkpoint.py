@@ -48,6 +48,7 @@ class TrainerState:
     sampler_position: int
     summary: dict = field(default_factory=dict)  # accuracies measured before training
     fingerprint: dict = field(default_factory=dict)  # what defines the run (fingerprint.py)
+    schedule_steps: int = 0  # the learning-rate schedule's horizon: trainer.steps the run began with (0: older)
 
     def write(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -165,8 +166,27 @@ def resume_point(
         return None, None
     state = TrainerState.read(latest)
     check_same_run(state.fingerprint, spec, f"checkpoint {latest}", force)
+    if spec.trainer.steps < state.step:
+        raise UserError(
+            f"--resume: trainer.steps is {spec.trainer.steps} but checkpoint {latest} is at step {state.step}: "
+            f"set trainer.steps to {state.step} to finish that run, or more to extend it"
+        )
     check_contents(latest)
     return latest, state
+
+
+def schedule_horizon(spec: ExperimentSpec, state: TrainerState | None) -> int:
+    """The steps the learning-rate schedule spans: the trainer.steps a run began with, kept by its checkpoints.
+    A resume that extends the run (more trainer.steps) continues at the schedule's final value past its end
+    (min_lr_ratio for cosine) instead of pulling the learning rate back up to the middle of a longer cosine."""
+    if state is None or not state.schedule_steps:
+        return spec.trainer.steps
+    if spec.trainer.steps > state.schedule_steps:
+        console.print(
+            f"trainer.steps {spec.trainer.steps} extends the run's {state.schedule_steps}: the learning rate "
+            f"stays at its schedule's final value after step {state.schedule_steps}"
+        )
+    return state.schedule_steps
 
 
 def refuse_resume_without_checkpoint(spec: ExperimentSpec, run_dir: Path) -> None:

@@ -38,6 +38,7 @@ from opd_ray.driver.checkpoint import (
     learner_death_stops_run,
     resume_point,
     save_checkpoint,
+    schedule_horizon,
 )
 from opd_ray.driver.evaluation import Accuracy, evaluate_by_teacher, gap_recovery
 from opd_ray.driver.fingerprint import run_fingerprint
@@ -77,11 +78,15 @@ class Run:
     saved_step: int = 0  # the last step checkpointed
     startup: dict = field(default_factory=dict)  # seconds of each phase before step 1 (summary.json)
     finished: bool = False  # every step trained and the summary written
+    schedule_steps: int = 0  # the learning-rate schedule's horizon (checkpoint.schedule_steps)
 
     def close(self) -> None:
-        """The trackers get the summary when one was written (a finished run, or one stop_on ended)."""
-        self.writer.close(self.summary if "steps" in self.summary else None, succeeded=self.finished)
-        self.roles.shutdown()
+        """The roles first (their GPUs are not held while a tracker uploads), then the trackers, which get the
+        summary when one was written (a finished run, or one stop_on ended)."""
+        try:
+            self.roles.shutdown()
+        finally:
+            self.writer.close(self.summary if "steps" in self.summary else None, succeeded=self.finished)
 
 
 def distill(spec: ExperimentSpec, prepared: Prepared, resume: bool = False, force: bool = False) -> dict:
@@ -143,11 +148,12 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
         f"[bold]opd-ray[/] {spec.run.name}: starting roles ({spec.rollout.num_workers} rollout, "
         f"teachers: {teachers}, {spec.learner.num_ranks} learner ranks)"
     )
-    trackers = open_trackers(spec, run_dir, spec_yaml, resume_after=state.step if state else None)
-    roles_started, roles = time.time(), None
+    roles_started, roles, trackers = time.time(), None, None
     try:
+        trackers = open_trackers(spec, run_dir, spec_yaml, resume_after=state.step if state else None)
         stop_if_signalled()  # the trackers' imports are where a signal's exception can be swallowed
-        roles = start_roles(spec)
+        horizon = schedule_horizon(spec, state)
+        roles = start_roles(spec, horizon)
         stop_if_signalled()
         record_placement(roles, run_dir)
         check_shared_storage(roles.learners, run_dir, spec.trainer.timeouts.start_s)
@@ -157,15 +163,19 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
             prepared = replace(prepared, train=train)
         writer = MetricsWriter(run_dir, trackers, resume_after=state.step if state else 0)
         run = new_run(spec, prepared, run_dir, roles, summary, writer)
+        run.schedule_steps = horizon
         run.startup.update(before_roles=roles_started - process_started(), roles=time.time() - roles_started)
         if state is not None:
             restore(run, checkpoint, state)
         else:
             measure_before_training(run)
     except BaseException:
-        if roles is not None:
-            roles.shutdown()
-        trackers.finish(None, succeeded=False)
+        try:
+            if roles is not None:
+                roles.shutdown()
+        finally:
+            if trackers is not None:
+                trackers.finish(None, succeeded=False)
         raise
     teacher, student = summary.get("teacher_accuracy"), summary.get("student_accuracy_before")
     if teacher is not None:
@@ -474,7 +484,7 @@ def checkpoint_now(run: Run, step: int, work: StepWork) -> None:
         return
     epoch, position = work.sampler_after
     before = {key: run.summary[key] for key in BEFORE_TRAINING if key in run.summary}
-    state = TrainerState(step, run.weight_version, epoch, position, before, run.fingerprint)
+    state = TrainerState(step, run.weight_version, epoch, position, before, run.fingerprint, run.schedule_steps)
     with learner_death_stops_run(run.run_dir):
         save_checkpoint(run.spec, run.roles, run.run_dir, state)
     run.saved_step = step

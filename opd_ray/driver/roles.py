@@ -74,11 +74,12 @@ class Roles:
         }
 
 
-def start_roles(spec: ExperimentSpec) -> Roles:
-    """Reserves the placement groups, then starts every actor in its bundle; nothing is left behind on failure."""
+def start_roles(spec: ExperimentSpec, schedule_steps: int | None = None) -> Roles:
+    """Reserves the placement groups, then starts every actor in its bundle; nothing is left behind on failure.
+    `schedule_steps`: the learning-rate schedule's horizon (default trainer.steps; a resume keeps its run's)."""
     placement = reserve(spec)
     try:
-        return _start_in(placement, spec)
+        return _start_in(placement, spec, schedule_steps or spec.trainer.steps)
     except BaseException:
         placement.remove()  # its actors die with their placement group
         raise
@@ -123,7 +124,7 @@ def start_teachers(spec: ExperimentSpec, placement: Placement) -> dict[str, list
     }
 
 
-def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
+def _start_in(placement: Placement, spec: ExperimentSpec, schedule_steps: int) -> Roles:
     rollout_options = engine_actor_options(spec, spec.rollout.resources)
     algorithm = spec.algorithm
     teacher_top_k = min(teacher.top_k for teacher in spec.teachers.values())
@@ -150,7 +151,7 @@ def _start_in(placement: Placement, spec: ExperimentSpec) -> Roles:
         spec.models.student,
         spec.learner,
         sequences // spec.learner.num_ranks,
-        spec.trainer.steps,
+        schedule_steps,
         roles_env(spec),
         learner_teacher,
         placement.actor_options["learner"],

@@ -92,6 +92,11 @@ def run_directory_lock(run_dir: Path) -> Iterator[None]:
                 f"{run_dir} is in use by {holder} (lock {path}); wait for it, stop it, or set run.output_dir "
                 "to another directory"
             ) from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem mounted without flock (some NFS, FUSE)
+            raise UserError(
+                f"{path}: cannot be locked ({exc.strerror}): the filesystem does not support flock; set "
+                "run.output_dir to a filesystem that does (a local disk, or NFS with locking)"
+            ) from None
         handle.seek(0)
         stale = handle.read().strip()
         if stale:

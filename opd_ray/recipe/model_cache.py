@@ -51,11 +51,17 @@ def holder(handle: TextIO) -> dict | None:
 
 
 def try_lock(handle: TextIO, mode: int) -> bool:
+    """Whether the lock was taken; another holder is False, a filesystem that cannot lock is one line."""
     try:
         fcntl.flock(handle, mode | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
+    except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem mounted without flock (some NFS, FUSE)
+        raise UserError(
+            f"{handle.name}: cannot be locked ({exc.strerror}): the filesystem does not support flock; put the "
+            "model cache (models.build_tiny.directory / models.import_pretrained.directory) on a local disk"
+        ) from None
 
 
 def is_built(folder: Path, record: dict) -> bool:
@@ -104,22 +110,26 @@ def describe(record: dict | None) -> str:
     return f"pid {record['pid']} on {record['host']}" if record else "another opd-ray process"
 
 
-def take_exclusive(handle: TextIO, root: Path, wait_s: float) -> None:
+def take_exclusive(handle: TextIO, root: Path, wait_s: float, pending: Callable[[], list]) -> bool:
     """Upgrades this process's hold to exclusive: waits for another process's build (bounded); refuses when
-    other processes read the cache (a run whose models would change under it)."""
+    other processes read the cache (a run whose models would change under it). False when, while it waited,
+    another process built what `pending()` listed (that builder goes on reading it: no lock for us to take)."""
     started, announced = time.monotonic(), False
     fcntl.flock(handle, fcntl.LOCK_UN)  # an upgrade is not atomic; letting go lets a racing builder through
     while not try_lock(handle, fcntl.LOCK_EX):
         building, waited = holder(handle), time.monotonic() - started
+        if building is None and not pending():
+            restore_shared(handle, root, wait_s)
+            return False
         if building is None and waited > READERS_GRACE_S:
-            restore_shared(handle)
+            restore_shared(handle, root, wait_s)
             raise UserError(
                 f"{root}: models there must be (re)built for this spec, but another opd-ray process is using them "
                 "(a run or a test reading these folders); wait for it to finish, or set the cache directory "
                 "(models.build_tiny.directory / models.import_pretrained.directory) to another folder"
             )
         if waited > wait_s:
-            restore_shared(handle)
+            restore_shared(handle, root, wait_s)
             raise UserError(
                 f"{root}: {describe(building)} has been building models there for over {wait_s:g} s "
                 "(trainer.timeouts.build_wait_s)"
@@ -128,10 +138,19 @@ def take_exclusive(handle: TextIO, root: Path, wait_s: float) -> None:
             console.print(f"{root}: waiting for {describe(building)} to finish building models there")
             announced = True
         time.sleep(POLL_S)
+    return True
 
 
-def restore_shared(handle: TextIO) -> None:
-    fcntl.flock(handle, fcntl.LOCK_SH)
+def restore_shared(handle: TextIO, root: Path, wait_s: float) -> None:
+    """Takes the shared hold back (a builder may have taken the folder meanwhile: bounded, like every wait)."""
+    deadline = time.monotonic() + wait_s
+    while not try_lock(handle, fcntl.LOCK_SH):
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"{root}: {describe(holder(handle))} has held the model cache for over {wait_s:g} s "
+                "(trainer.timeouts.build_wait_s)"
+            )
+        time.sleep(POLL_S)
 
 
 def record_builder(handle: TextIO, record: dict | None) -> None:
@@ -148,7 +167,8 @@ def ensure_built(root: Path, pending: Callable[[], list], build: Callable[[list]
     handle = hold_shared(root, wait_s)
     if not pending():
         return
-    take_exclusive(handle, root.resolve(), wait_s)
+    if not take_exclusive(handle, root.resolve(), wait_s, pending):
+        return
     try:
         todo = pending()
         if todo:
@@ -156,4 +176,4 @@ def ensure_built(root: Path, pending: Callable[[], list], build: Callable[[list]
             build(todo)
     finally:
         record_builder(handle, None)
-        fcntl.flock(handle, fcntl.LOCK_SH)
+        restore_shared(handle, root.resolve(), wait_s)

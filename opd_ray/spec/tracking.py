@@ -40,6 +40,19 @@ class LoggingSpec(Section):
         description="null = $MLFLOW_TRACKING_URI, else sqlite:///<run.output_dir>/../mlflow.db (one store for "
         "the runs beside each other)",
     )
+    trackio_space_id: str | None = Field(
+        None,
+        description="a Hugging Face Space (user/space) trackio publishes the run to, created private if new; null = "
+        "trackio's local store only (TRACKIO_SPACE_ID or TRACKIO_SERVER_URL in the environment is then refused)",
+    )
+    tracker_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="the longest a tracker may take over one call (start, a step, finish; they run on a thread of "
+        "their own): past it the tracker is dropped with a warning and the run goes on (metrics.jsonl holds every "
+        "step); also how long the run's end waits for the trackers",
+    )
 
     @field_validator("trackers")
     @classmethod

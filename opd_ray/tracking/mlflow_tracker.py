@@ -33,6 +33,23 @@ def artifact_location(identity: RunIdentity) -> str | None:
     return None if chosen_uri(identity) else (identity.run_dir.parent / "mlartifacts").resolve().as_uri()
 
 
+def experiment_of(client: Any, identity: RunIdentity) -> str:
+    """The id of the experiment logging.project, created if missing. Two runs starting at once into one store
+    both find it missing and both create it: the loser's create fails, and it takes the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(identity.project)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(identity.project, artifact_location=artifact_location(identity))
+    except MlflowException:
+        experiment = client.get_experiment_by_name(identity.project)
+        if experiment is None:  # not the race: the store refused for a reason of its own
+            raise
+        return experiment.experiment_id
+
+
 class MlflowTracker:
     name: ClassVar[str] = "mlflow"
     durable_only: ClassVar[bool] = True  # a metric logged twice at one step is two points in its history
@@ -49,12 +66,7 @@ class MlflowTracker:
             self._run_id = identity.resume_id
             self._client.update_run(self._run_id, status="RUNNING")
             return self._run_id
-        experiment = self._client.get_experiment_by_name(identity.project)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else self._client.create_experiment(identity.project, artifact_location=artifact_location(identity))
-        )
+        experiment_id = experiment_of(self._client, identity)
         tags = {tag: "" for tag in identity.tags}
         run = self._client.create_run(experiment_id, run_name=identity.name, tags=tags)
         self._run_id = run.info.run_id

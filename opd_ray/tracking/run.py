@@ -10,8 +10,10 @@ and first sends the durable steps it missed (from metrics.jsonl), so each step r
 from __future__ import annotations
 
 import json
-import sys
+import threading
+import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from opd_ray.errors import UserError
 from opd_ray.files import write_json
 from opd_ray.spec import ExperimentSpec
 from opd_ray.tracking.base import RunIdentity, Tracker, scalars
+from opd_ray.tracking.lanes import TrackerDropped, TrackerLane
 from opd_ray.tracking.mlflow_tracker import MlflowTracker
 from opd_ray.tracking.tensorboard import TensorBoardTracker
 from opd_ray.tracking.trackio_tracker import TrackioTracker
@@ -28,26 +31,33 @@ from opd_ray.tracking.wandb_tracker import WandbTracker
 
 STATE_FILE = "trackers.json"
 TRACKER_TYPES: dict[str, type] = {t.name: t for t in (TensorBoardTracker, WandbTracker, MlflowTracker, TrackioTracker)}
-
-
-def warn(message: str) -> None:
-    print(f"opd-ray: warning: {message}", file=sys.stderr)
+DEFAULT_TIMEOUT_S = 120.0  # logging.tracker_timeout_s's default, for trackers built outside a spec
 
 
 class Trackers:
-    """The spec's trackers for one run. A tracker that fails mid-run is dropped with one warning: the run
-    goes on, and metrics.jsonl still holds every step."""
+    """The spec's trackers for one run, each on its own thread (lanes.py): the driver queues a step and goes on.
+    A tracker that fails, hangs past logging.tracker_timeout_s or falls behind is dropped with one warning:
+    the run goes on, and metrics.jsonl still holds every step."""
 
     def __init__(self, run_dir: Path, trackers: list[Tracker], state: dict, every_step_durable: bool) -> None:
-        self.run_dir, self.trackers, self.state = run_dir, trackers, state
+        self.run_dir, self.state = run_dir, state
         self.every_step_durable = every_step_durable
-        self.pending: list[tuple[int, dict[str, float]]] = []  # steps durable trackers have not received
+        self.lanes: list[TrackerLane] = []
+        self.pending: list[tuple[int, dict[str, float]]] = []  # steps durable trackers have not been handed
         self.last_step = 0  # the run's last step so far: where the summary goes
+        self.handed: dict[str, int] = {}  # the last step queued to each durable tracker
+        self._state_lock = threading.Lock()  # the lanes record what their tracker received; the driver writes it
+        for tracker in trackers:
+            self.add(TrackerLane(tracker, DEFAULT_TIMEOUT_S))
+
+    def add(self, lane: TrackerLane) -> None:
+        self.lanes.append(lane)
+        self.handed[lane.name] = self.state.get(lane.name, {}).get("last_step", 0)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         numbers = scalars(metrics)
-        for tracker in self._of_kind(durable_only=False):
-            self._call(tracker, "log", step, numbers)
+        for lane in self._of_kind(durable_only=False):
+            lane.call("log", step, numbers)
         self.pending.append((step, numbers))
         self.last_step = step
         if self.every_step_durable:  # nothing can re-run a step: no trackers.json to keep (no resume)
@@ -62,72 +72,91 @@ class Trackers:
         self.durable(up_to)
 
     def durable(self, up_to: int) -> None:
-        """Steps <= up_to are final (a checkpoint holds them): the durable trackers receive them, once, and
-        trackers.json records how far each got."""
-        if self._hand_on(up_to):
-            write_json(self.run_dir / STATE_FILE, self.state)
+        """Steps <= up_to are final (a checkpoint holds them): the durable trackers are handed them, once, and
+        trackers.json records how far each has received (their threads may still be sending the newest)."""
+        self._hand_on(up_to)
+        self.save_state()
 
-    def _hand_on(self, up_to: int) -> bool:
-        """The pending steps <= up_to to the durable trackers (each step once); whether any received one."""
+    def _hand_on(self, up_to: int) -> None:
+        """The pending steps <= up_to to the durable trackers' queues, each step once."""
         ready = [(step, row) for step, row in self.pending if step <= up_to]
         self.pending = [(step, row) for step, row in self.pending if step > up_to]
-        received = False
-        for tracker in self._of_kind(durable_only=True):
-            last = self.state[tracker.name].get("last_step", 0)
+        for lane in self._of_kind(durable_only=True):
             for step, row in ready:
-                if step > last and self._call(tracker, "log", step, row):
-                    self.state[tracker.name]["last_step"] = step
-                    received = True
-        return received
+                if step > self.handed[lane.name]:
+                    lane.call("log", step, row, on_done=partial(self._received, lane.name, step))
+                    self.handed[lane.name] = step
+
+    def _received(self, name: str, step: int) -> None:
+        with self._state_lock:
+            self.state[name]["last_step"] = step
+
+    def settle(self, timeout_s: float) -> None:
+        """Waits (at most `timeout_s` per tracker) until every tracker has taken what it was handed."""
+        for lane in self.lanes:
+            try:
+                lane.wait(lane.call(None), timeout_s)  # a marker queued last: done once the rest are
+            except TrackerDropped:
+                pass
 
     def finish(self, summary: dict[str, Any] | None, succeeded: bool) -> None:
-        """The run's end: its steps are final (a finished run saved the student), its summary goes in."""
+        """The run's end: its steps are final (a finished run saved the student), its summary goes in. Waits
+        for the trackers at most their deadline, all together; one still busy then is left behind."""
         if succeeded:
             self._hand_on(self.last_step)
-        for tracker in self.trackers:
+        for lane in self.lanes:
             if summary is not None:
-                self._call(tracker, "log_summary", summary, self.last_step)
-            self._call(tracker, "finish", succeeded)
-        self.trackers = []
-        write_json(self.run_dir / STATE_FILE, self.state)
+                lane.call("log_summary", summary, self.last_step)
+            lane.call("finish", succeeded)
+            lane.close()
+        ends = time.monotonic() + max((lane.deadline_s for lane in self.lanes), default=0)
+        for lane in self.lanes:
+            lane.join(max(0.0, ends - time.monotonic()))
+        self.lanes = []
+        self.save_state()
 
-    def _of_kind(self, durable_only: bool) -> list[Tracker]:
-        return [t for t in self.trackers if t.durable_only == durable_only]
+    def save_state(self) -> None:
+        with self._state_lock:
+            write_json(self.run_dir / STATE_FILE, self.state)
 
-    def _call(self, tracker: Tracker, method: str, *args: Any) -> bool:
-        try:
-            getattr(tracker, method)(*args)
-            return True
-        except UserError:  # opd-ray's own (a SIGTERM before training is one): not the tracker's failure
-            raise
-        except Exception as exc:  # a tracker's failure must not end a run whose metrics.jsonl is intact
-            warn(f"logging.trackers: {tracker.name} failed in {method} ({type(exc).__name__}: {exc}); dropped")
-            self.trackers = [t for t in self.trackers if t is not tracker]
-            return False
+    def _of_kind(self, durable_only: bool) -> list[TrackerLane]:
+        return [lane for lane in self.lanes if lane.tracker.durable_only == durable_only and not lane.dropped]
 
 
 def open_trackers(spec: ExperimentSpec, run_dir: Path, spec_yaml: str, resume_after: int | None) -> Trackers:
-    """Starts the spec's trackers (before the roles: a tracker that cannot start costs seconds, not minutes).
-    `spec_yaml` is the spec as spec.yaml holds it (the run config); `resume_after` the checkpoint's step on
-    a resume (None for a new run)."""
+    """Starts the spec's trackers (before the roles: a tracker that cannot start costs seconds, not minutes),
+    each within logging.tracker_timeout_s. `spec_yaml` is the spec as spec.yaml holds it (the run config);
+    `resume_after` the checkpoint's step on a resume (None for a new run). A tracker that cannot start ends
+    the ones started before it (their tracked runs marked failed) and stops the command in one line."""
     path = run_dir / STATE_FILE
     state: dict = json.loads(path.read_text()) if resume_after is not None and path.is_file() else {}
     base = run_identity(spec, run_dir, spec_yaml)
-    trackers = []
-    for name in spec.logging.trackers:
-        tracker = TRACKER_TYPES[name]()
-        own = state.get(name, {})
-        identity = replace(base, resume_id=own.get("id"))
-        try:
-            tracked_id = tracker.start(identity, resume_after)
-        except UserError:
-            raise
-        except Exception as exc:
-            raise UserError(f"logging.trackers: {name} could not start: {type(exc).__name__}: {exc}") from None
-        state[name] = {"id": tracked_id, "last_step": own.get("last_step", 0)}
-        trackers.append(tracker)
-    write_json(path, state)
-    return Trackers(run_dir, trackers, state, every_step_durable=not spec.trainer.checkpoint_every)
+    trackers = Trackers(run_dir, [], state, every_step_durable=not spec.trainer.checkpoint_every)
+    try:
+        for name in spec.logging.trackers:
+            lane = TrackerLane(TRACKER_TYPES[name](), spec.logging.tracker_timeout_s)
+            own = state.get(name, {})
+            identity = replace(base, resume_id=own.get("id"))
+            tracked_id = start_tracker(lane, identity, resume_after)
+            state[name] = {"id": tracked_id, "last_step": own.get("last_step", 0)}
+            trackers.add(lane)
+    except BaseException:
+        trackers.finish(None, succeeded=False)
+        raise
+    trackers.save_state()
+    return trackers
+
+
+def start_tracker(lane: TrackerLane, identity: RunIdentity, resume_after: int | None) -> str | None:
+    """The tracker's start on its own thread, within its deadline; a failure is one line naming it."""
+    try:
+        return lane.wait(lane.call("start", identity, resume_after), warn=False)
+    except UserError:
+        raise
+    except TrackerDropped as exc:
+        raise UserError(f"logging.trackers: {lane.name} could not start: {exc}") from None
+    except Exception as exc:
+        raise UserError(f"logging.trackers: {lane.name} could not start: {type(exc).__name__}: {exc}") from None
 
 
 def run_identity(spec: ExperimentSpec, run_dir: Path, spec_yaml: str) -> RunIdentity:
@@ -139,5 +168,5 @@ def run_identity(spec: ExperimentSpec, run_dir: Path, spec_yaml: str) -> RunIden
         project=spec.logging.project,
         tags=tuple(spec.logging.tags),
         config=yaml.safe_load(spec_yaml),
-        settings={"tracking_uri": spec.logging.mlflow_tracking_uri},
+        settings={"tracking_uri": spec.logging.mlflow_tracking_uri, "trackio_space_id": spec.logging.trackio_space_id},
     )

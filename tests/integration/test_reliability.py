@@ -183,8 +183,9 @@ def assert_tracked_runs_match(run_dir: Path, rows: list[dict], summary: dict) ->
     ids, wandb_rows = wandb_history(run_dir)
     assert len(ids) == 1 and len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # two attempts, one run
     assert [(r["_step"], r["loss"]) for r in wandb_rows if "loss" in r] == [(s, pytest.approx(v)) for s, v in losses]
-    names, logs = trackio_history(project, "test")
-    assert names == ["test"]
+    stored = json.loads((run_dir / "trackers.json").read_text())["trackio"]["id"]
+    names, logs = trackio_history(project, stored)
+    assert names == [stored] and stored.startswith("test-")
     assert [(r["step"], r["loss"]) for r in logs if "loss" in r] == [(s, pytest.approx(v)) for s, v in losses]
 
 

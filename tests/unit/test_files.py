@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from opd_ray.files import partial_path, written_aside
+from opd_ray.files import PARTIAL, partial_path, written_aside
 
 
 def test_a_completed_write_replaces_the_old_file_and_leaves_nothing_aside(tmp_path: Path) -> None:
@@ -37,3 +40,23 @@ def test_a_failed_write_leaves_the_previous_directory_whole(tmp_path: Path) -> N
 def test_the_partial_name_is_hidden_and_never_matches_the_final_one(tmp_path: Path) -> None:
     partial = partial_path(tmp_path / "step_00000002")
     assert partial.name.startswith(".") and not partial.name.startswith("step_")
+
+
+def test_two_processes_writing_one_name_write_aside_into_files_of_their_own(tmp_path: Path) -> None:
+    """Two runs saving the same cache entry at once: each writes its own partial file, and neither removes the
+    other's while its writer lives; a dead writer's leftover is cleared by the next write."""
+    final = tmp_path / "entry.json"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        theirs = final.with_name(f"{PARTIAL}{final.name}.{socket.gethostname()}.{other.pid}")
+        theirs.write_text("the other process, mid-write")
+        with written_aside(final) as partial:
+            assert partial != theirs and theirs.exists()
+            partial.write_text("ours")
+        assert final.read_text() == "ours" and theirs.exists()
+    finally:
+        other.kill()
+        other.wait()
+    with written_aside(final) as partial:
+        partial.write_text("again")
+    assert not theirs.exists() and final.read_text() == "again"

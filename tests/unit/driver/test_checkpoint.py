@@ -47,12 +47,13 @@ def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path: Path)
     assert latest is not None and latest.name == "step_00000001"
     assert TrainerState.read(latest).sampler_position == 10
     assert (latest / "weights.bin").read_bytes() == (1).to_bytes(4, "little")
-    assert (tmp_path / "checkpoints" / ".partial-step_00000002").is_dir()  # the torn write, ignored
+    torn = list((tmp_path / "checkpoints").glob(".partial-step_00000002.*"))
+    assert len(torn) == 1 and torn[0].is_dir() and torn[0].name.endswith(f".{writer.pid}")  # the torn write, ignored
 
     for step in (2, 3, 4):  # a later write replaces the torn one; only the newest two are kept
         write_quickly(tmp_path, step)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
-    assert not (tmp_path / "checkpoints" / ".partial-step_00000002").exists()
+    assert not torn[0].exists()  # its writer is dead: cleared by the next write
 
 
 def test_a_run_checkpoints_on_schedule_and_at_its_last_step(tmp_path: Path, monkeypatch) -> None:
@@ -67,8 +68,10 @@ def test_a_run_checkpoints_on_schedule_and_at_its_last_step(tmp_path: Path, monk
 
     raw = tiny_spec_dict(tmp_path, tmp_path / "run")
     raw["trainer"].update(steps=6, checkpoint_every=4)
-    saved: list[int] = []
-    monkeypatch.setattr(loop, "save_checkpoint", lambda spec, roles, run_dir, state: saved.append(state.step))
+    saved: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        loop, "save_checkpoint", lambda spec, roles, run_dir, state: saved.append((state.step, state.schedule_steps))
+    )
     run = SimpleNamespace(
         spec=ExperimentSpec.model_validate(raw),
         stop=SimpleNamespace(requested=False),
@@ -76,10 +79,11 @@ def test_a_run_checkpoints_on_schedule_and_at_its_last_step(tmp_path: Path, monk
         summary={},
         weight_version=0,
         fingerprint={},
+        schedule_steps=6,
         run_dir=tmp_path / "run",
         roles=None,
         writer=SimpleNamespace(durable=lambda step: None),
     )
     for step in range(1, 7):
         loop.checkpoint_now(run, step, SimpleNamespace(sampler_after=(0, step)))
-    assert saved == [4, 6]
+    assert saved == [(4, 6), (6, 6)]  # each records the schedule's horizon, for a resume that extends the run

@@ -3,6 +3,7 @@ and --resume continues only the run its checkpoints and stages were written by."
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,28 @@ def test_resume_refuses_another_teacher_or_data_and_allows_more_steps(tiny_dir: 
         resume_point(other_data, tmp_path, resume=True)
     with pytest.raises(UserError, match=r"algorithm.objective differ"):
         resume_point(checkpointed(tiny_dir, tmp_path, algorithm={"objective": "full_vocab"}), tmp_path, resume=True)
+
+
+def test_resume_refuses_fewer_steps_than_the_checkpoint_and_an_extension_keeps_the_learning_rate_down(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    from opd_ray.actors.learner import warmup_cosine
+    from opd_ray.driver.checkpoint import schedule_horizon
+
+    spec = checkpointed(tiny_dir, tmp_path, trainer={"steps": 10, "eval_every": 5})
+    state = TrainerState(8, 8, 0, 32, fingerprint=run_fingerprint(spec), schedule_steps=10)
+    write_checkpoint(tmp_path, state, lambda d: (d / "weights.bin").write_bytes(b"w"), keep=2)
+    fewer = checkpointed(tiny_dir, tmp_path, trainer={"steps": 5, "eval_every": 5})
+    with pytest.raises(UserError, match=r"trainer.steps is 5 but checkpoint .* is at step 8: set trainer.steps to 8"):
+        resume_point(fewer, tmp_path, resume=True)
+
+    longer = checkpointed(tiny_dir, tmp_path, trainer={"steps": 30, "eval_every": 5})
+    assert schedule_horizon(longer, resume_point(longer, tmp_path, resume=True)[1]) == 10
+    assert schedule_horizon(longer, None) == 30  # a new run's schedule spans its own steps
+    factor = warmup_cosine(longer.learner.model_copy(update={"lr_schedule": "cosine", "warmup_steps": 2}), 10)
+    rates = [factor(step) for step in range(2, 30)]
+    assert all(later <= earlier for earlier, later in itertools.pairwise(rates))  # never back up
+    assert rates[-1] == pytest.approx(longer.learner.min_lr_ratio)
 
 
 def fingerprint_of_an_older_build(current: dict[str, str]) -> dict[str, str]:

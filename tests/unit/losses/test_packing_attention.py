@@ -150,3 +150,10 @@ def test_the_start_up_check_refuses_an_attention_that_lets_packed_sequences_see_
     with pytest.raises(UserError):
         check_packing_exact(model, 50, "cpu", "learner.pack_sequences")
     assert model.training  # the check leaves the model's mode as it found it
+
+
+def test_the_start_up_check_leaves_weights_that_hold_a_nan_to_the_loops_own_checks() -> None:
+    model = model_under("qwen2", "sdpa")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    check_packing_exact(model, 50, "cpu", "learner.pack_sequences")  # no packing verdict on NaN hidden states

@@ -4,6 +4,7 @@ starts (and ends by the pid it holds)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -26,6 +27,9 @@ time.sleep(float(sys.argv[3]))
 if sys.argv[2] == "build":
     open(sys.argv[4], "w").write("built by the other process")
     handle.truncate(0); handle.flush()
+    fcntl.flock(handle, fcntl.LOCK_SH)  # and goes on reading its models (a run training on them)
+    print("built", flush=True)
+    time.sleep(float(sys.argv[5]))
 """
 
 
@@ -36,9 +40,13 @@ def fresh_holds(monkeypatch):
     monkeypatch.setattr(model_cache, "READERS_GRACE_S", 0.5)
 
 
-def other_process(root: Path, mode: str, seconds: float, marker: Path | None = None) -> subprocess.Popen:
+def other_process(
+    root: Path, mode: str, seconds: float, marker: Path | None = None, reads_after: float = 0
+) -> subprocess.Popen:
+    """A process holding the cache: `read`, or `build` for `seconds`, then reading `reads_after` seconds more."""
     root.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-c", HOLDER, str(root / model_cache.LOCK_FILE), mode, str(seconds), str(marker)]
+    lock = str(root / model_cache.LOCK_FILE)
+    args = [sys.executable, "-c", HOLDER, lock, mode, str(seconds), str(marker), str(reads_after)]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "held"
     return process
@@ -73,6 +81,22 @@ def test_a_build_in_progress_is_waited_for_and_not_repeated(tmp_path: Path) -> N
     assert time.monotonic() - started >= 1
 
 
+def test_a_waiter_uses_the_models_a_builder_built_while_that_builder_goes_on_training(tmp_path: Path) -> None:
+    marker = tmp_path / "model"
+    builder = other_process(tmp_path, "build", 1.5, marker, reads_after=30)
+    handle = (tmp_path / model_cache.LOCK_FILE).open("a+")
+    try:
+        # this process found the model missing under its shared hold and asks to build it: the other got there first
+        upgraded = model_cache.take_exclusive(handle, tmp_path, 60, lambda: [] if marker.exists() else ["model"])
+        assert builder.stdout.readline().strip() == "built" and builder.poll() is None  # still reading
+        assert not upgraded and model_cache.try_lock(handle, fcntl.LOCK_SH)  # it reads beside the builder
+    finally:
+        builder.kill()
+        builder.wait()
+        handle.close()
+    assert marker.read_text() == "built by the other process"
+
+
 def test_a_killed_builder_leaves_the_cache_usable(tmp_path: Path) -> None:
     builder = other_process(tmp_path, "build", 60)
     builder.kill()
@@ -103,3 +127,18 @@ def test_another_seed_never_rewrites_the_task_files_a_running_run_reads(tmp_path
         reader.wait()
     assert (tmp_path / "train.jsonl").read_text() == train
     assert json.loads((tmp_path / "student" / "build.json").read_text())["seed"] == 0
+
+
+def test_a_filesystem_without_flock_is_one_line_for_the_cache_and_the_run_directory(tmp_path: Path, monkeypatch):
+    import errno
+
+    from opd_ray.driver.run_dir import run_directory_lock
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(UserError, match=r"cannot be locked \(No locks available\): the filesystem does not support"):
+        model_cache.ensure_built(tmp_path / "cache", lambda: [], lambda todo: None, wait_s=5)
+    with pytest.raises(UserError, match=r"cannot be locked .*set run.output_dir"), run_directory_lock(tmp_path / "run"):
+        pass
