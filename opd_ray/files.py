@@ -65,6 +65,12 @@ def stale_leftovers(final: Path) -> list[Path]:
     return found
 
 
+def cache_dir() -> Path:
+    """Where opd-ray keeps what it builds or measures once: $OPD_RAY_CACHE, else .cache/opd-ray (as the shipped
+    specs' model folders do)."""
+    return Path(os.environ.get("OPD_RAY_CACHE", ".cache/opd-ray")).expanduser()
+
+
 def remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)

@@ -3,11 +3,12 @@
 A teacher does not train, so its greedy accuracy on the eval set is the same on every run of a spec
 until the teacher, the eval rows or the way it answers change. Measuring it again costs a whole
 greedy evaluation at every start (on 2 cores, about a third of the time before step 1 of the SmolLM2
-example). The key digests exactly what decides it: each teacher's model folder (by contents) and its
-settings that shape its answers (backend, engine, answer_stop, its own prompt template), the token ids
-of every eval prompt it reads with the reference answers and the rows routed to it, the verifier, and
-the length limit. A `self` teacher is keyed by the student's folder it starts from. A verifier of your
-own (`module:function`) is keyed by its name: after changing its code, measure again.
+example). The key digests exactly what decides it: each teacher's model folder (every byte, digests.py), its
+dtype as its device resolves `auto`, its settings that shape its answers (backend, engine, answer_stop, its own
+prompt template), the token ids of every eval prompt it reads with the reference answers and the rows routed
+to it, the verifier, the length limit, and the opd-ray version. A `self` teacher is keyed by the student's
+folder it starts from. A verifier of your own (`module:function`) is keyed by its name: after changing its
+code, measure again.
 `trainer.reuse_teacher_accuracy: false` measures it again (and refreshes the entry).
 """
 
@@ -15,14 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from opd_ray.data.prompts import PromptSet
+from opd_ray.driver.digests import contents_digest
 from opd_ray.driver.evaluation import Accuracy
-from opd_ray.driver.fingerprint import contents_digest
-from opd_ray.files import write_json
+from opd_ray.driver.fingerprint import resolved_dtype
+from opd_ray.files import cache_dir, write_json
 from opd_ray.spec import ExperimentSpec
 
 # the teacher settings that only say where and how fast it runs, not what it answers
@@ -30,8 +32,7 @@ NOT_ANSWER_SHAPING = {"num_replicas", "resources", "coef", "chunk_tokens", "shar
 
 
 def cache_root() -> Path:
-    """Where opd-ray caches what it builds or measures once (as the shipped specs' model folders do)."""
-    return Path(os.environ.get("OPD_RAY_CACHE", ".cache/opd-ray")) / "teacher_accuracy"
+    return cache_dir() / "teacher_accuracy"
 
 
 def teacher_accuracy_key(spec: ExperimentSpec, eval_prompts: PromptSet) -> str:
@@ -40,6 +41,7 @@ def teacher_accuracy_key(spec: ExperimentSpec, eval_prompts: PromptSet) -> str:
     for name, teacher in spec.teachers.items():
         settings = teacher.model_dump(mode="json", exclude=NOT_ANSWER_SHAPING)
         settings["model contents"] = contents_digest(Path(spec.teacher_model(name).path))
+        settings["dtype (resolved)"] = resolved_dtype(spec.teacher_model(name), teacher.resources.num_gpus)
         teachers[name] = settings
     rows = {
         "prompt_ids": eval_prompts.prompt_ids,
@@ -48,6 +50,7 @@ def teacher_accuracy_key(spec: ExperimentSpec, eval_prompts: PromptSet) -> str:
         "teachers": eval_prompts.teachers,
     }
     decided_by = {
+        "opd-ray": version("opd-ray"),  # a new build may answer or score differently
         "teachers": teachers,
         "eval rows": rows,
         "verifier": spec.data.verifier,

@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from opd_ray.driver.digests import DIGEST_SCHEME, contents_digest
 from opd_ray.errors import UserError
-from opd_ray.spec import ExperimentSpec, NamedTeacherSpec, TeacherSpec
+from opd_ray.spec import ExperimentSpec, ModelSpec, NamedTeacherSpec, TeacherSpec
 from opd_ray.spec.roles import SHORTHAND_TEACHER
 
 MAY_CHANGE_ON_RESUME = (
@@ -57,8 +58,8 @@ MAY_CHANGE_ON_RESUME = (
     "models.build_tiny",  # what they build is fingerprinted by its contents
     "models.import_pretrained",
 )
-WHOLE_FILE_BYTES = 64 << 20  # larger files (weights) are digested by size, head and tail
-EDGE_BYTES = 1 << 20
+LEGACY_WHOLE_FILE_BYTES = 64 << 20  # fingerprints recorded before DIGEST_SCHEME digested larger files by edges
+LEGACY_EDGE_BYTES = 1 << 20
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -82,30 +83,45 @@ def may_change(key: str) -> bool:
     return False
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file, or of its size, first and last MiB when it is larger than WHOLE_FILE_BYTES
-    (a model's weights: seconds per GB otherwise, at every start)."""
+def legacy_file_digest(path: Path) -> str:
+    """How fingerprints recorded before DIGEST_SCHEME digested a file (size, first and last MiB past 64 MiB): to
+    compare them with the spec as they were made. New fingerprints hash every byte (digests.py)."""
     digest, size = hashlib.sha256(), path.stat().st_size
     with path.open("rb") as handle:
-        if size <= WHOLE_FILE_BYTES:
+        if size <= LEGACY_WHOLE_FILE_BYTES:
             digest.update(handle.read())
         else:
-            digest.update(str(size).encode() + handle.read(EDGE_BYTES))
-            handle.seek(size - EDGE_BYTES)
+            digest.update(str(size).encode() + handle.read(LEGACY_EDGE_BYTES))
+            handle.seek(size - LEGACY_EDGE_BYTES)
             digest.update(handle.read())
     return digest.hexdigest()[:16]
 
 
-def contents_digest(path: Path) -> str:
-    """A file's digest, or a folder's (its files, by name); 'missing' when neither exists."""
+def legacy_contents_digest(path: Path) -> str:
+    """The older folder digest: top-level files only (see legacy_file_digest)."""
     if path.is_file():
-        return file_digest(path)
+        return legacy_file_digest(path)
     if not path.is_dir():
         return "missing"
     digest = hashlib.sha256()
     for item in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
-        digest.update(f"{item.name}:{file_digest(item)};".encode())
+        digest.update(f"{item.name}:{legacy_file_digest(item)};".encode())
     return digest.hexdigest()[:16]
+
+
+def resolved_dtype(model: ModelSpec, gpus: float) -> str:
+    """`dtype: auto` as the role resolves it: by the device class it runs on (bfloat16 on a GPU, float32 on CPUs:
+    actors/hf_model.dtype_name), so a figure measured on CPUs is never taken for a GPU run's."""
+    return model.dtype if model.dtype != "auto" else f"auto on {'GPU' if gpus > 0 else 'CPU'}"
+
+
+def resolved_dtypes(spec: ExperimentSpec) -> dict[str, str]:
+    """Each model's resolved dtype, by the role that runs it."""
+    resolved = {"models.student.dtype (resolved)": resolved_dtype(spec.models.student, spec.learner.resources.num_gpus)}
+    for name, teacher in spec.teachers.items():
+        model = spec.teacher_model(name)
+        resolved[f"teachers.{name}.dtype (resolved)"] = resolved_dtype(model, teacher.resources.num_gpus)
+    return resolved
 
 
 def input_files(spec: ExperimentSpec) -> dict[str, str]:
@@ -125,10 +141,16 @@ def input_files(spec: ExperimentSpec) -> dict[str, str]:
     return files
 
 
-def run_fingerprint(spec: ExperimentSpec) -> dict[str, str]:
+def run_fingerprint(spec: ExperimentSpec, legacy: bool = False) -> dict[str, str]:
+    """{key: value} of what defines the run; `legacy` computes it as builds before DIGEST_SCHEME did (to compare
+    with a checkpoint they wrote: no resolved dtypes, edge digests of big files, top-level folder files)."""
     defining = {k: json.dumps(v) for k, v in flatten(spec.model_dump(mode="json")).items() if not may_change(k)}
+    digest = legacy_contents_digest if legacy else contents_digest
     for key, path in input_files(spec).items():
-        defining[f"{key} (contents)"] = contents_digest(Path(path))
+        defining[f"{key} (contents)"] = digest(Path(path))
+    if not legacy:
+        defining["digests"] = DIGEST_SCHEME
+        defining.update(resolved_dtypes(spec))
     return defining
 
 
@@ -162,7 +184,7 @@ def check_same_run(recorded: dict[str, str] | None, spec: ExperimentSpec, what: 
     """Refuses to continue `what` (a checkpoint, a finished stage) under a spec that defines another run."""
     if not recorded:
         return  # written before fingerprints existed: nothing to compare
-    differences = differing_keys(in_current_shape(recorded), run_fingerprint(spec))
+    differences = differing_keys(in_current_shape(recorded), run_fingerprint(spec, legacy="digests" not in recorded))
     if not differences:
         return
     shown = ", ".join(differences[:8]) + (f" and {len(differences) - 8} more" if len(differences) > 8 else "")

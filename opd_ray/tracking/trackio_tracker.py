@@ -68,4 +68,10 @@ class TrackioTracker:
         self._run.log(numbers, step=step)
 
     def finish(self, succeeded: bool) -> None:
+        """Also forgets the run as trackio's current one: trackio's exit hook would otherwise finish it again and
+        print "Run finished. Uploading logs to Trackio" as the last line of the process, even for a local store."""
+        from trackio import context_vars
+
         self._run.finish()
+        if context_vars.current_run.get() is self._run:
+            context_vars.current_run.set(None)

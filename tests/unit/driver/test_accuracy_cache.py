@@ -120,3 +120,14 @@ def test_reuse_turned_off_measures_the_teacher_again(raw: dict, monkeypatch: pyt
     loop.measure_before_training(run)
     assert asked == ["teacher", "rollout"] and run.summary["teacher_accuracy"] == 0.5
     assert run.summary["teacher_accuracy_cached"] is False
+
+
+def test_the_key_holds_the_resolved_dtype_and_the_opd_ray_version(raw: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dtype auto is float32 on CPUs and bfloat16 on GPUs: a CPU figure must not be reused by a GPU run."""
+    from opd_ray.driver import accuracy_cache
+
+    key = teacher_accuracy_key(spec_with(raw), EVAL)
+    on_gpus = {**raw["teacher"], "resources": {"num_gpus": 1}}
+    assert teacher_accuracy_key(ExperimentSpec.model_validate({**raw, "teacher": on_gpus}), EVAL) != key
+    monkeypatch.setattr(accuracy_cache, "version", lambda name: "999.0")
+    assert teacher_accuracy_key(spec_with(raw), EVAL) != key
