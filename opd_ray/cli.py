@@ -149,7 +149,7 @@ def _import_model(args: argparse.Namespace) -> int:
         layers = check_distinct_layers(parse_layer_list(args.keep_layers)) if args.keep_layers else None
     except ValueError as exc:
         raise UserError(f"--keep-layers {exc}") from None
-    print(f"wrote {import_model(args.source, Path(args.output), layers, args.dtype)}")
+    print(f"wrote {import_model(args.source, Path(args.output).expanduser(), layers, args.dtype)}")
     return 0
 
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from opd_ray.report import render
 
-            run_dirs = [Path(r) for r in args.runs]
+            run_dirs = [Path(r).expanduser() for r in args.runs]
             print(render(run_dirs, args.window))
             if args.plot:
                 from opd_ray.plots import plot_runs
@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             for note in code_the_spec_runs(spec):
                 print(f"opd-ray: note: {note} (docs: operations/protections.md, What a spec can run)", file=sys.stderr)
             if not args.no_files:
+                from opd_ray.driver.outputs_apart import check_outputs_apart
+
+                check_outputs_apart(spec, Path(args.spec).expanduser(), resume=True)
                 _check_files(spec)
             return 0
         if args.command == "build-tiny":
@@ -199,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from opd_ray.recipe.stages import run_stages
 
-        _print_summary(run_stages(spec, resume=args.resume, overwrite=args.overwrite, force=args.force))
+        spec_file = Path(args.spec).expanduser()
+        _print_summary(
+            run_stages(spec, resume=args.resume, overwrite=args.overwrite, force=args.force, spec_file=spec_file)
+        )
         return 0
     except UserError as exc:
         print(f"opd-ray: error: {exc}", file=sys.stderr)

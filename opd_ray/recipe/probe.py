@@ -24,6 +24,7 @@ from opd_ray.data.preflight import check_teacher
 from opd_ray.data.prompts import PromptSet
 from opd_ray.data.run_inputs import Prepared, load_run_inputs
 from opd_ray.driver.evaluation import Accuracy, evaluate_by_teacher
+from opd_ray.driver.outputs_apart import check_outputs_apart
 from opd_ray.driver.pipeline import rollout_and_score
 from opd_ray.driver.placement import teacher_role
 from opd_ray.driver.roles import start_roles, start_teacher
@@ -132,6 +133,7 @@ def run_probe(spec: ExperimentSpec, other_teachers: list[str] = ()) -> dict:
     `other_teachers`, each of them scores the same student samples too (one replica at a time, in the
     teacher's bundle, after its own prompts), and `candidates` ranks them all by the paper's two conditions."""
     run_dir = run_directory(spec.run.output_dir)  # refused now rather than after the probe's work
+    check_outputs_apart(spec)
     prepared = start(spec)
     candidates = check_candidates(spec, prepared, list(other_teachers))
     started = time.perf_counter()  # the probe's own time, not start-up's (which may build tiny models)

@@ -27,8 +27,8 @@ from opd_ray.errors import UserError
 from opd_ray.files import BUILD_RECORD, check_replaceable, sha256_file, written_aside
 from opd_ray.recipe.model_cache import check_distinct_folders, ensure_built, is_built
 from opd_ray.spec import ExperimentSpec, ImportedModelsSpec
+from opd_ray.spec.models import PACKAGE_PREFIX
 
-PACKAGE_PREFIX = "package:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -41,7 +41,7 @@ def resolve_source(source: str, field: str = "source") -> Path:
             raise UserError(f"{field}: Python package {package!r} is not installed (it should hold {name})")
         path = Path(found.submodule_search_locations[0]) / name
     else:
-        path = Path(source)
+        path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"{field}: {path} does not exist")
     if path.is_file() and path.suffix not in (".gguf", ".tiktoken"):

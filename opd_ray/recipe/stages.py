@@ -41,6 +41,7 @@ from opd_ray.driver.evaluation import accuracy_of, ended_at, gap_recovery
 from opd_ray.driver.fingerprint import check_same_run, run_fingerprint
 from opd_ray.driver.interrupts import stop_between_steps
 from opd_ray.driver.loop import distill
+from opd_ray.driver.outputs_apart import check_outputs_apart
 from opd_ray.driver.run_dir import claimed
 from opd_ray.errors import UserError
 from opd_ray.files import write_json, written_aside
@@ -289,11 +290,19 @@ def opd_spec(spec: ExperimentSpec) -> ExperimentSpec:
     return spec.model_copy(update={"models": models})
 
 
-def run_stages(spec: ExperimentSpec, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict:
+def run_stages(
+    spec: ExperimentSpec,
+    resume: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    spec_file: Path | None = None,
+) -> dict:
     """`opd-ray train`: the spec's stages in order, in a run directory this process holds (refused if it
-    holds another run's results, unless resume or overwrite); the summary is OPD's, with what the cold
-    start did. `force` resumes checkpoints and stages whose fingerprint differs from the spec's."""
+    holds another run's results, unless resume or overwrite, or if it overlaps anything the run reads,
+    `spec_file` included); the summary is OPD's, with what the cold start did. `force` resumes checkpoints
+    and stages whose fingerprint differs from the spec's."""
     mode = "resume" if resume else "overwrite" if overwrite else "new"
+    check_outputs_apart(spec, spec_file, resume)
     with stop_between_steps(), claimed(Path(spec.run.output_dir), mode) as run_dir:  # a signal before OPD: stop now
         spec = spec.model_copy(update={"run": spec.run.model_copy(update={"output_dir": str(run_dir)})})
         prepared = start(spec)

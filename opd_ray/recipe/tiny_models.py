@@ -19,7 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from opd_ray.console import console
 from opd_ray.data.arithmetic import ALPHABET, write_mixed_task_files, write_task_files
 from opd_ray.driver.cluster import connect
-from opd_ray.files import BUILD_RECORD, check_replaceable, written_aside
+from opd_ray.errors import UserError
+from opd_ray.files import BUILD_RECORD, check_replaceable, write_json, written_aside
 from opd_ray.recipe.model_cache import check_distinct_folders, ensure_built, is_built
 from opd_ray.recipe.supervised import Example, train_supervised
 from opd_ray.spec import ExperimentSpec, LearnerSpec, ModelSpec
@@ -211,6 +212,7 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
 
     def build_missing(_: list[str]) -> None:
         if mixed_missing():
+            claim_build_files(root, list(MIXED_FILES))
             write_mixed_task_files(root, spec.run.seed, build.train_size, build.eval_size)
         missing = missing_models()
         if missing:
@@ -219,10 +221,37 @@ def ensure_tiny_models(spec: ExperimentSpec, from_scratch: bool = False) -> None
     ensure_built(root, pending, build_missing, spec.trainer.timeouts.build_wait_s)
 
 
+TASK_RECORD = "tiny_build.json"  # the task files and tokenizers the tiny build wrote beside its models
+TASK_FILES = ("tokenizer", "train.jsonl", "eval.jsonl")
+MIXED_FILES = ("mixed_train.jsonl", "three_sums_eval.jsonl")
+
+
+def claim_build_files(root: Path, names: list[str]) -> None:
+    """The tiny build writes task files and tokenizers beside its models; one already there that it did not
+    write (a user's own train.jsonl in the folder named as models.build_tiny.directory) is never replaced.
+    What it wrote is listed in tiny_build.json (a directory built before that record: its model folders'
+    build.json says the directory is the tiny build's)."""
+    record = root / TASK_RECORD
+    if record.is_file():
+        ours = set(json.loads(record.read_text()))
+    else:
+        built_here = any((child / BUILD_RECORD).is_file() for child in root.iterdir()) if root.is_dir() else False
+        ours = set(TASK_FILES + MIXED_FILES) if built_here else set()
+    foreign = [name for name in names if (root / name).exists() and name not in ours]
+    if foreign:
+        raise UserError(
+            f"models.build_tiny.directory: {root} holds {', '.join(foreign)}, which the tiny build did not write and "
+            "would replace: name a directory of its own for the tiny models"
+        )
+    write_json(record, sorted(ours | set(names)))
+
+
 def build_models(spec: ExperimentSpec, missing: list[tuple[str, Path, dict]], from_scratch: bool) -> None:
     """The task files, then each missing model: copied when a shipped build has its recipe, else trained."""
     build = spec.models.build_tiny
     root = Path(build.directory)
+    kinds = {recipe.get("tokenizer", "chars") for _, _, recipe in missing} - {"chars"}
+    claim_build_files(root, [*TASK_FILES, *(f"tokenizer-{kind}" for kind in sorted(kinds))])
     tokenizer = build_char_tokenizer(ALPHABET, root / "tokenizer")
     write_task_files(root, spec.run.seed, build.train_size, build.eval_size)
     rows: dict[str, list[dict]] = {}  # task -> its training rows, read once, and only if a model is trained

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import string
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+# A path as the spec gives it, with `~` expanded when the spec is loaded: a run reads and writes where the user
+# meant, never into a folder literally named "~" under the working directory.
+PathText = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 class Section(BaseModel):

@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from opd_ray.spec.base import Section, template_fields
+from opd_ray.spec.base import PathText, Section, template_fields
 
 
 class DatasetSpec(Section):
-    path: str
+    path: PathText
     """a jsonl or parquet file of prompts"""
     prompt_field: str = "prompt"
     """the field holding the prompt"""

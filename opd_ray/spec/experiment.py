@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field, PrivateAttr, model_validator
 
 from opd_ray.spec.algorithm import AlgorithmSpec, DiagnosticsSpec
-from opd_ray.spec.base import Section
+from opd_ray.spec.base import PathText, Section
 from opd_ray.spec.cluster import PlacementSpec, RaySpec, WeightSyncSpec
 from opd_ray.spec.data import DataSpec
 from opd_ray.spec.models import ModelSpec, ModelsSpec
@@ -36,7 +36,7 @@ from opd_ray.spec.trainer import (
 class RunSpec(Section):
     name: str = "opd"
     """the run's name: the summary's title, the tracked run's name, and part of the default output_dir"""
-    output_dir: str = "runs/opd"
+    output_dir: PathText = "runs/opd"
     """the run directory: metrics.jsonl, summary.json, student/, checkpoints/ (one run per directory)"""
     seed: int = 0
     """every random draw (data order, sampling seeds, GKD's mixing) derives from it and the step"""

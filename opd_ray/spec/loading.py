@@ -54,7 +54,7 @@ def _describe(error: dict[str, Any]) -> str:
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
     """Reads YAML, applies `a.b=value` overrides, resolves interpolations, validates."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         raise SpecError(f"{path} is a directory: give the spec's YAML file (e.g. examples/quickstart.yaml)")
     if not path.is_file():

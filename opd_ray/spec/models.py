@@ -6,11 +6,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from opd_ray.spec.base import Section, check_distinct_layers, parse_layer_list
+from opd_ray.spec.base import PathText, Section, check_distinct_layers, parse_layer_list
+
+PACKAGE_PREFIX = "package:"  # models.import_pretrained.source: a file inside an installed Python package
 
 
 class ModelSpec(Section):
-    path: str
+    path: PathText
     """a Hugging Face model folder (safetensors weights and its tokenizer)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -24,7 +26,7 @@ class ModelSpec(Section):
 class TinyModelsSpec(Section):
     """Builds the synthetic task, its tokenizer and a trained teacher/student if missing."""
 
-    directory: str
+    directory: PathText
     """where the tiny models and the arithmetic task files are built (reused when they match)"""
     teacher_layers: int = Field(4, ge=1)
     """decoder layers of the tiny teacher"""
@@ -71,10 +73,10 @@ class ImportedModelsSpec(Section):
     """A pretrained teacher imported from a GGUF file or a transformers folder, and a layer-pruned copy of it
     as the student; built once into `directory` (see opd_ray/recipe/real_models.py)."""
 
-    source: str = Field(
+    source: PathText = Field(
         ..., description="a .gguf file or a model folder; package:<module>/<file> = a file inside an installed package"
     )
-    directory: str
+    directory: PathText
     """where the imported (and pruned) models are written as safetensors folders"""
     student_layers: list[int] = Field(
         ..., min_length=1, description="the source's decoder layers the student keeps, e.g. '0-21,28,29'"

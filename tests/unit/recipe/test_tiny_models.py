@@ -86,3 +86,16 @@ def test_the_hinted_task_shows_each_sum_after_its_answer_as_the_self_teacher_rea
     template = self_distill.teachers["hinted"].prompt_template
     for row, shown in zip(sums, hinted[len(sums) :], strict=True):
         assert shown == {**row, "prompt": template.format(**row)} and shown["prompt"].startswith(row["answer"] + "=")
+
+
+def test_the_tiny_build_never_replaces_a_task_file_it_did_not_write(tmp_path: Path, recorded_training) -> None:
+    mine = tmp_path / "train.jsonl"
+    mine.write_text('{"prompt": "my own data", "answer": "kept"}\n')
+    with pytest.raises(UserError, match=r"holds train.jsonl, which the tiny build did not write"):
+        tiny_models.ensure_tiny_models(load_spec(QUICKSTART, [f"models.build_tiny.directory={tmp_path}"]))
+    assert mine.read_text() == '{"prompt": "my own data", "answer": "kept"}\n'
+    assert not (tmp_path / "student").exists() and recorded_training == []
+
+    mine.unlink()  # an empty folder: built, and the build's own files are its to replace later
+    tiny_models.ensure_tiny_models(load_spec(QUICKSTART, [f"models.build_tiny.directory={tmp_path}"]))
+    assert (tmp_path / "train.jsonl").is_file() and (tmp_path / "tiny_build.json").is_file()
