@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -160,3 +160,46 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     """One JSON object a line, written aside: a reader never sees a half-written file."""
     with written_aside(path) as partial:
         partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+MANIFEST_FILE = "manifest.json"
+
+
+def write_manifest(directory: Path) -> None:
+    """{relative path: {size, sha256}} of every file under `directory` (written last: it covers all the others),
+    so that whoever loads the folder can check each file it reads against what was written."""
+    files = {
+        str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps(files, indent=1))
+
+
+def read_manifest(directory: Path) -> dict[str, dict] | None:
+    """The manifest as {name: {"size": ..., "sha256": ...}} (older ones hold sizes only); None if unreadable."""
+    try:
+        listed = json.loads((directory / MANIFEST_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(listed, dict):
+        return None
+    return {name: entry if isinstance(entry, dict) else {"size": entry} for name, entry in listed.items()}
+
+
+def manifest_faults(directory: Path, reads: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """What is wrong with the files `reads` selects against the manifest: an unreadable or empty manifest, a file
+    listed but missing or changed (sha256), a file present but not listed. [] when they are as written."""
+    listed = read_manifest(directory)
+    if not listed:
+        return [f"{MANIFEST_FILE} is {'empty' if listed == {} else 'missing or unreadable'}"]
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE}
+    faults = [f"{name} (not in the manifest)" for name in sorted(present - listed.keys()) if reads(name)]
+    for name, entry in listed.items():
+        if not reads(name):
+            continue
+        if name not in present:
+            faults.append(f"{name} (missing)")
+        elif "sha256" in entry and sha256_file(directory / name) != entry["sha256"]:
+            faults.append(f"{name} (changed)")
+    return faults

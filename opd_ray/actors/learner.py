@@ -13,9 +13,12 @@ import importlib.util
 import math
 import os
 import random
+import re
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -33,6 +36,7 @@ from opd_ray.actors.lora import ADAPTER_DIR, merged_state_dict, trainable_parame
 from opd_ray.actors.runtime import actor_location, clear_stale_build_locks, get_or_raise_first
 from opd_ray.actors.weight_sync import pack_state_dict
 from opd_ray.errors import UserError
+from opd_ray.files import manifest_faults
 from opd_ray.losses.batch import RolloutBatch, supervised_batch
 from opd_ray.losses.objectives import token_logprobs
 from opd_ray.losses.step import StepModels, combine_rank_metrics, diagnose, sampling_head, step_loss
@@ -93,6 +97,18 @@ def prepare_for_training(module: Any, gradient_checkpointing: bool) -> None:
     module.config.use_cache = False
     if gradient_checkpointing:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+ZERO_SHARD = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def read_by_rank(name: str, rank: int) -> bool:
+    """Whether learner `rank` reads a checkpoint file when it loads: the DeepSpeed state, its own ZeRO shard and
+    the shared files, not the other ranks' shards nor the HF student (for resuming elsewhere)."""
+    if not name.startswith("deepspeed/"):
+        return False
+    shard = ZERO_SHARD.search(name)
+    return shard is None or int(shard.group(1)) == rank
 
 
 def full_size(parameter: torch.nn.Parameter) -> int:
@@ -329,6 +345,14 @@ class LearnerWorker:
         self.save_pretrained(os.path.join(directory, "student"), tokenizer_path)
 
     def load_checkpoint(self, directory: str) -> None:
+        """This rank's files are checked against the checkpoint's manifest as it reads them: the driver checked
+        its own copy earlier, and a rank on another node reads another copy of shared storage."""
+        faults = manifest_faults(Path(directory), partial(read_by_rank, rank=self.rank))
+        if faults:
+            raise UserError(
+                f"checkpoint {directory}: learner rank {self.rank} found {', '.join(faults[:3])}: not as written; "
+                "not loaded. Remove that checkpoint to resume from the one before"
+            )
         path, _ = self.engine.load_checkpoint(
             os.path.join(directory, "deepspeed"), tag="state", load_module_strict=not self.lora
         )

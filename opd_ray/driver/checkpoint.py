@@ -28,12 +28,11 @@ from opd_ray.console import console
 from opd_ray.driver.fingerprint import check_same_run
 from opd_ray.driver.run_dir import TRAINING_RECORDS, previous_results
 from opd_ray.errors import RunStopped, UserError
-from opd_ray.files import sha256_file, written_aside
+from opd_ray.files import MANIFEST_FILE, manifest_faults, read_manifest, write_manifest, written_aside
 from opd_ray.spec import ExperimentSpec
 
 PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "manifest.json"
 # what a resumed run cannot measure again ("teachers": the same, per teacher, when the spec names them)
 BEFORE_TRAINING = ("teacher_accuracy", "student_accuracy_before", "teachers")
 
@@ -62,30 +61,10 @@ def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def write_manifest(directory: Path) -> None:
-    """{relative path: {size, sha256}} of every file the checkpoint holds so far: sizes are checked whenever
-    checkpoints are listed, contents before a resume loads one (its DeepSpeed files are pickles)."""
-    files = {
-        str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": sha256_file(path)}
-        for path in sorted(directory.rglob("*"))
-        if path.is_file()
-    }
-    (directory / MANIFEST_FILE).write_text(json.dumps(files, indent=1))
-
-
-def read_manifest(checkpoint: Path) -> dict[str, dict] | None:
-    """The manifest as {name: {"size": ..., "sha256": ...}} (older ones hold sizes only); None if unreadable."""
-    try:
-        listed = json.loads((checkpoint / MANIFEST_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return {name: entry if isinstance(entry, dict) else {"size": entry} for name, entry in listed.items()}
-
-
 def missing_files(checkpoint: Path) -> list[str]:
     """Files the checkpoint's manifest lists that are absent or of another size; [] when it is whole."""
     listed = read_manifest(checkpoint)
-    if listed is None:
+    if not listed:  # unreadable, or empty: a manifest of nothing vouches for nothing
         return [MANIFEST_FILE]
     return [
         name
@@ -95,17 +74,18 @@ def missing_files(checkpoint: Path) -> list[str]:
 
 
 def check_contents(checkpoint: Path) -> None:
-    """Before anything is loaded (unpickled) from `checkpoint`: every file's sha256 against its manifest."""
+    """Before anything is loaded (unpickled) from `checkpoint`: every file against its manifest (each learner
+    rank checks the files it reads again when it loads them: on another node it reads its own copy)."""
     listed = read_manifest(checkpoint) or {}
-    if any("sha256" not in entry for entry in listed.values()):
+    if listed and any("sha256" not in entry for entry in listed.values()):
         console.print(f"[yellow]{checkpoint}: its manifest has no content hashes (an older opd-ray wrote it)[/]")
         return
-    changed = [name for name, entry in listed.items() if sha256_file(checkpoint / name) != entry["sha256"]]
-    if changed:
+    older = STATE_FILE not in listed  # written before the manifest covered the state file
+    faults = manifest_faults(checkpoint, lambda name: not (older and name == STATE_FILE))
+    if faults:
         raise UserError(
-            f"checkpoint {checkpoint}: {', '.join(changed[:3])} differ from the contents its manifest recorded "
-            "(changed or corrupted since it was written); not loaded. Remove that checkpoint to resume from the "
-            "one before"
+            f"checkpoint {checkpoint}: {', '.join(faults[:3])}: not as written (changed or corrupted since); not "
+            "loaded. Remove that checkpoint to resume from the one before"
         )
 
 
@@ -135,14 +115,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def write_checkpoint(run_dir: Path, state: TrainerState, write_contents: Callable[[Path], None], keep: int) -> Path:
-    """`write_contents(tmp_dir)` writes the heavy parts (the learners do); then the manifest and the state
-    file; `written_aside` fsyncs them all, renames, and fsyncs the rename; only then are older
+    """`write_contents(tmp_dir)` writes the heavy parts (the learners do); then the state file and the
+    manifest of them all; `written_aside` fsyncs them all, renames, and fsyncs the rename; only then are older
     checkpoints pruned down to the newest `keep`."""
     final = checkpoint_root(run_dir) / f"{PREFIX}{state.step:08d}"
     with written_aside(final, directory=True) as partial:
         write_contents(partial)
-        write_manifest(partial)
         state.write(partial)
+        write_manifest(partial)  # last: it covers every file, the state included
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

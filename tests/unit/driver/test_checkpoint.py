@@ -87,3 +87,60 @@ def test_a_run_checkpoints_on_schedule_and_at_its_last_step(tmp_path: Path, monk
     for step in range(1, 7):
         loop.checkpoint_now(run, step, SimpleNamespace(sampler_after=(0, step)))
     assert saved == [(4, 6), (6, 6)]  # each records the schedule's horizon, for a resume that extends the run
+
+
+def deepspeed_like(directory: Path) -> None:
+    """The files a two-rank ZeRO checkpoint holds (DeepSpeed's names), and the HF student beside them."""
+    state = directory / "deepspeed" / "state"
+    state.mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1))):
+        (state / name).write_bytes(name.encode())
+    (directory / "student").mkdir()
+    (directory / "student" / "model.safetensors").write_bytes(b"weights")
+
+
+def test_the_manifest_covers_every_file_and_an_empty_or_unlisted_one_is_refused(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    from opd_ray.driver.checkpoint import STATE_FILE, check_contents
+    from opd_ray.errors import UserError
+    from opd_ray.files import MANIFEST_FILE
+
+    checkpoint = write_checkpoint(tmp_path, TrainerState(1, 1, 0, 0), deepspeed_like, keep=2)
+    listed = json.loads((checkpoint / MANIFEST_FILE).read_text())
+    assert STATE_FILE in listed and "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt" in listed
+    check_contents(checkpoint)
+
+    (checkpoint / STATE_FILE).write_text((checkpoint / STATE_FILE).read_text().replace('"step": 1', '"step": 9'))
+    with pytest.raises(UserError, match=r"trainer_state.json \(changed\)"):
+        check_contents(checkpoint)
+
+    checkpoint = write_checkpoint(tmp_path, TrainerState(2, 2, 0, 0), deepspeed_like, keep=2)
+    (checkpoint / "deepspeed" / "state" / "extra.pt").write_bytes(b"pickled code")
+    with pytest.raises(UserError, match=r"extra.pt \(not in the manifest\)"):
+        check_contents(checkpoint)
+    (checkpoint / MANIFEST_FILE).write_text("{}")
+    assert latest_checkpoint(tmp_path) != checkpoint  # a manifest of nothing vouches for nothing
+    with pytest.raises(UserError, match=r"manifest.json is empty"):
+        check_contents(checkpoint)
+
+
+def test_each_learner_rank_checks_the_files_it_loads(tmp_path: Path) -> None:
+    from functools import partial
+
+    from opd_ray.actors.learner import read_by_rank
+    from opd_ray.files import manifest_faults
+
+    checkpoint = write_checkpoint(tmp_path, TrainerState(1, 1, 0, 0), deepspeed_like, keep=2)
+    shard = checkpoint / "deepspeed" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"corrupted on the node of rank 1")
+    assert manifest_faults(checkpoint, partial(read_by_rank, rank=0)) == []  # not rank 0's to read
+    assert manifest_faults(checkpoint, partial(read_by_rank, rank=1)) == [
+        "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt (changed)"
+    ]
+    (checkpoint / "deepspeed" / "state" / "mp_rank_00_model_states.pt").unlink()
+    assert manifest_faults(checkpoint, partial(read_by_rank, rank=0)) == [
+        "deepspeed/state/mp_rank_00_model_states.pt (missing)"
+    ]

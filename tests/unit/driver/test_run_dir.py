@@ -230,5 +230,5 @@ def test_a_checkpoint_whose_contents_changed_is_not_loaded(tmp_path: Path) -> No
     write_checkpoint(tmp_path, state, lambda d: (d / "state.pt").write_bytes(b"pickle-a"), keep=2)
     checkpoint, _ = resume_point(checkpointed_spec_free(), tmp_path, resume=True)
     (checkpoint / "state.pt").write_bytes(b"pickle-b")
-    with pytest.raises(UserError, match=r"state.pt differ from the contents its manifest recorded"):
+    with pytest.raises(UserError, match=r"state.pt \(changed\): not as written"):
         resume_point(checkpointed_spec_free(), tmp_path, resume=True)
