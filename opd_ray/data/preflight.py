@@ -24,6 +24,30 @@ def check_model_dir(model: ModelSpec, field: str) -> None:
         raise UserError(f"{field}.path: {path} has no config.json (not a Hugging Face model directory)")
     if not any(path.glob("*.safetensors")):
         raise UserError(f"{field}.path: {path} has no *.safetensors weights (only safetensors are loaded)")
+    check_causal_lm(model, field)
+
+
+def check_causal_lm(model: ModelSpec, field: str) -> None:
+    """Every role loads its model as a causal language model (AutoModelForCausalLM, vLLM's generator): a folder
+    of another kind (an encoder, a vision model, a sequence-to-sequence model) is refused here, not by an actor
+    minutes later."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{field}.path: cannot read config.json in {model.path}: {reason}") from None
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return
+    if model.trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return
+    architectures = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+    raise UserError(
+        f"{field}.path: {model.path} holds a {config.model_type!r} model ({architectures}), which transformers cannot "
+        "load as a causal language model (AutoModelForCausalLM): opd-ray trains and scores causal LMs only"
+    )
 
 
 def load_tokenizer(model: ModelSpec, field: str):

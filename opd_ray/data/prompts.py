@@ -125,13 +125,29 @@ def tokenize_prompt(rendered: str, data: DataSpec, tokenizer) -> list[int]:
     if data.use_chat_template:
         # Rendered to text, then tokenized: what apply_chat_template returns when it tokenizes
         # changed between transformers versions (ids, then a dict of ids and mask).
-        system = [] if data.system_prompt is None else [{"role": "system", "content": data.system_prompt}]
-        rendered = tokenizer.apply_chat_template(
-            [*system, {"role": "user", "content": rendered}], add_generation_prompt=True, tokenize=False
-        )
+        rendered = chat_text(rendered, data, tokenizer)
     ids = tokenizer(rendered, add_special_tokens=False).input_ids
     bos = leading_bos(tokenizer)
     return ids if ids[: len(bos)] == bos else bos + ids
+
+
+def chat_text(prompt: str, data: DataSpec, tokenizer) -> str:
+    """The prompt as one user turn of the tokenizer's chat template (after data.system_prompt's system turn).
+    A template that raises (many refuse a system turn: Gemma's "System role not supported") is one line."""
+    system = [] if data.system_prompt is None else [{"role": "system", "content": data.system_prompt}]
+    try:
+        return tokenizer.apply_chat_template(
+            [*system, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # jinja2's TemplateError from the template's own raise_exception, or a bad template
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        name = getattr(tokenizer, "name_or_path", "the tokenizer")
+        if system:
+            raise UserError(
+                f"data.system_prompt: the chat template of {name} rejects a system turn ({reason}); write the "
+                "instruction into data.prompt_template instead"
+            ) from None
+        raise UserError(f"data.use_chat_template: the chat template of {name} failed: {reason}") from None
 
 
 def leading_bos(tokenizer) -> list[int]:
@@ -156,6 +172,23 @@ def prompt_texts(rows: list[dict], dataset: DatasetSpec) -> list[str]:
     return texts
 
 
+def reference_answer(value: object, dataset: DatasetSpec, where: str) -> str | None:
+    """A row's reference answer as the verifier compares it: text, or a whole number written as one. A float
+    (a parquet column with a missing value is stored as floats: 12 becomes '12.0', the gap 'nan'), a list of
+    accepted answers or any other value would be compared by its Python text and never match: refused."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    kind = type(value).__name__
+    hint = (
+        "write answers as text (a column of floats turns 12 into '12.0' and a missing value into 'nan')"
+        if isinstance(value, float)
+        else "give one reference answer per row as text (a verifier of your own can accept several)"
+    )
+    raise UserError(f"{where}: {dataset.answer_field!r} is a {kind} ({value!r}), not text: {hint}")
+
+
 def tokenize_rows(
     rows: list[tuple[int, dict]], dataset: DatasetSpec, data: DataSpec, tokenizer, routing: Routing = ONE_TEACHER
 ) -> PromptSet:
@@ -173,7 +206,7 @@ def tokenize_rows(
             )
         prompts.append(ids)
         answer = row.get(dataset.answer_field) if dataset.answer_field else None
-        answers.append(None if answer is None else str(answer))
+        answers.append(reference_answer(answer, dataset, where))
         teacher = routing.teacher_of(row, dataset, where)
         teachers.append(teacher)
         text = routing.teacher_text(teacher, row, where)

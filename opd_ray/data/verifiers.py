@@ -138,6 +138,12 @@ def _load_verifier(name: str) -> Verifier:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
         raise UserError(f"data.verifier: cannot load {name!r}: {exc}") from None
+    except Exception as exc:  # the module's own code failed as it was imported (a SyntaxError, a raise at top level)
+        where = f" ({exc.filename}:{exc.lineno})" if isinstance(exc, SyntaxError) else ""
+        reason = (str(exc).splitlines() or [""])[0]
+        raise UserError(
+            f"data.verifier: importing {module_name!r} failed{where}: {type(exc).__name__}: {reason}"
+        ) from None
     if not callable(function):
         raise UserError(f"data.verifier: {name!r} is not callable")
     return function

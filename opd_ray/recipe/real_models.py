@@ -46,7 +46,34 @@ def resolve_source(source: str, field: str = "source") -> Path:
         raise UserError(f"{field}: {path} does not exist")
     if path.is_file() and path.suffix not in (".gguf", ".tiktoken"):
         raise UserError(f"{field}: {path} is neither a .gguf file nor a model folder")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"{field}: {path} is a folder without config.json, not a Hugging Face model folder")
     return path
+
+
+def source_depth(path: Path) -> int | None:
+    """The source's decoder layers, read from its config.json or its GGUF header (no weights are loaded);
+    None when neither says."""
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        config = config.get("text_config", config)
+        return config.get("num_hidden_layers")
+    if path.suffix != ".gguf" or importlib.util.find_spec("gguf") is None:
+        return None
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    architecture = reader.get_field("general.architecture")
+    blocks = architecture and reader.get_field(f"{architecture.contents()}.block_count")
+    return int(blocks.contents()) if blocks else None
+
+
+def check_layers_exist(path: Path, layers: list[int] | None, field: str) -> None:
+    """Layers to keep that the source does not have are refused before it is dequantised (minutes for a big one)."""
+    total = source_depth(path) if layers else None
+    outside = [i for i in layers or [] if total is not None and not 0 <= i < total]
+    if outside:
+        raise UserError(f"{field}: {outside} outside the source's {total} layers (0..{total - 1})")
 
 
 def load_pretrained(path: Path, dtype: str = "float32") -> tuple[Any, Any]:
@@ -130,6 +157,7 @@ def import_model(source: str, output: Path, layers: list[int] | None = None, dty
     """`opd-ray import-model`: one checkpoint (GGUF or folder) to an opd-ray model folder, optionally layer-pruned."""
     path = resolve_source(source)
     check_import_target(path, output)
+    check_layers_exist(path, layers, "--keep-layers")
     model, tokenizer = load_pretrained(path, dtype)
     if layers is not None:
         keep_layers(model, layers)
@@ -161,6 +189,12 @@ def ensure_imported_models(spec: ExperimentSpec) -> None:
     build = spec.models.import_pretrained
     root = Path(build.directory).resolve()
     path = resolve_source(build.source, "models.import_pretrained.source")
+    if root.is_relative_to(path.resolve()):
+        raise UserError(
+            f"models.import_pretrained.directory: {root} lies inside models.import_pretrained.source {path}: every "
+            "import would change the source and rebuild; name a directory outside it"
+        )
+    check_layers_exist(path, build.student_layers, "models.import_pretrained.student_layers")
     records = wanted_records(build, path)
     ours = [
         (label, Path(model.path))

@@ -47,8 +47,14 @@ def check_distinct_layers(layers: list[int]) -> list[int]:
 
 
 def template_fields(template: str, field: str) -> set[str]:
-    """The {placeholders} of a prompt template; a stray brace is named with the spec field."""
+    """The {placeholders} of a prompt template; a stray brace is named with the spec field, and so is a format
+    spec or conversion ({prompt:d}, {answer!r}): row values are text, which `:d` or `:.2f` cannot format."""
     try:
-        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        parts = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
     except ValueError as exc:
         raise ValueError(f"{field}: {exc} (write a literal brace as {{{{ or }}}})") from None
+    for name, spec, conversion in parts:
+        if name is not None and (spec or conversion):
+            written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"{field}: {written} formats the value, but row values are text: write {{{name}}}")
+    return {name for name, _, _ in parts if name is not None}
