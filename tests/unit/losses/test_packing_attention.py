@@ -29,9 +29,8 @@ from transformers.masking_utils import sdpa_mask
 from opd_ray.actors.hf_model import check_packing_exact
 from opd_ray.errors import UserError
 from opd_ray.losses.hidden import final_hidden_states, pack_rows, packed_hidden_states, packed_width
+from tests.unit.losses.test_packing import HEADS, SHAPE
 
-SHAPE = {"vocab_size": 50, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
-HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 LENGTHS = [19, 4, 11, 7, 2, 16, 5]  # 7 rows in 2 packed rows of width 38
 
 
