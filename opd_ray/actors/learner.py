@@ -513,8 +513,13 @@ class LearnerGroup:
         ]
         get_or_raise_first(setups, start_timeout_s, starting)
 
-    def call(self, method: str, *args: Any) -> list[ray.ObjectRef]:
-        return [getattr(w, method).remote(*args) for w in self.workers]
+    def _on_each(self, call: Callable[[Any], ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """`call(rank)` started on every rank (a rank's method, e.g. `lambda rank: rank.loss.remote(...)`)."""
+        return [call(worker) for worker in self.workers]
+
+    def _all(self, call: Callable[[Any], ray.ObjectRef], timeout_s: float | None, waiting_for: str) -> list[Any]:
+        """Every rank's result of `call`, within `timeout_s` (the named timeout is in `waiting_for`)."""
+        return get_or_raise_first(self._on_each(call), timeout_s, waiting_for)
 
     def train_step(
         self,
@@ -527,18 +532,82 @@ class LearnerGroup:
     ) -> dict[str, float]:
         """`wait` collects the ranks' results; the driver passes one that keeps the rollout pipeline
         moving while the learners train. `teacher_names` adds per-teacher metrics."""
-        per_rank = wait(self.call("train_step", batch_refs, algorithm, diagnostics_k, step, teacher_names))
-        return combine_rank_metrics(per_rank)
+        args = (batch_refs, algorithm, diagnostics_k, step, teacher_names)
+        return combine_rank_metrics(wait(self._on_each(lambda rank: rank.train_step.remote(*args))))
+
+    def train_step_showing_gradient(
+        self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, timeout_s: float | None = None
+    ) -> list[tuple[dict[str, Any], dict[str, torch.Tensor] | None]]:
+        """A step as train_step, each rank also returning the gradient it applied (rank 0 the whole one): what
+        tests/integration/test_reference_learner.py checks against an independent reference."""
+        waiting = "learner ranks (a step showing its gradient)"
+        return self._all(
+            lambda rank: rank.train_step_showing_gradient.remote(batch_refs, algorithm), timeout_s, waiting
+        )
+
+    def supervised_steps(self, examples_ref: ray.ObjectRef, steps: int, batch_size: int, seed: int, timeout_s: float):
+        """`steps` supervised steps on the examples (every rank draws the same rows); each rank's losses."""
+        waiting = "learner ranks in SFT (trainer.timeouts.step_s)"
+        return self._all(
+            lambda rank: rank.supervised_steps.remote(examples_ref, steps, batch_size, seed), timeout_s, waiting
+        )
 
     def loss(self, batch_refs: list[ray.ObjectRef], algorithm: AlgorithmSpec, timeout_s: float = 600) -> float:
         """The step's loss under `algorithm` (the ranks' shares added), without an update."""
-        return sum(get_or_raise_first(self.call("loss", batch_refs, algorithm), timeout_s, "learner ranks (loss)"))
+        return sum(self._all(lambda rank: rank.loss.remote(batch_refs, algorithm), timeout_s, "learner ranks (loss)"))
+
+    def diagnose(
+        self,
+        batch_refs: list[ray.ObjectRef],
+        algorithm: AlgorithmSpec,
+        k: int,
+        names: tuple[str, ...],
+        timeout_s: float,
+    ) -> dict[str, float]:
+        """A step's metrics and diagnostics without an update (`opd-ray probe`), the ranks' shares combined."""
+        waiting = "learner ranks computing the diagnostics (trainer.timeouts.step_s)"
+        per_rank = self._all(lambda rank: rank.diagnose.remote(batch_refs, algorithm, k, names), timeout_s, waiting)
+        return combine_rank_metrics(per_rank)
 
     def export_weights(self, timeout_s: float | None = None) -> ray.ObjectRef:
         """ObjectRef of rank 0's packed weights; the bytes stay in the object store."""
-        refs = self.call("export_weights")
+        refs = self._on_each(lambda rank: rank.export_weights.remote())
         get_or_raise_first(refs[1:], timeout_s, "learner ranks gathering weights (trainer.timeouts.sync_s)")
         return refs[0]
+
+    def full_state_dict(self, timeout_s: float | None = None) -> dict[str, torch.Tensor]:
+        """The student's weights, gathered (rank 0's copy)."""
+        return self._all(lambda rank: rank.full_state_dict.remote(), timeout_s, "learner ranks gathering weights")[0]
+
+    def parameters_finite(self, timeout_s: float) -> bool:
+        waiting = "learner ranks checking their weights (trainer.timeouts.checkpoint_s)"
+        return all(self._all(lambda rank: rank.parameters_finite.remote(), timeout_s, waiting))
+
+    def parameter_counts(self, timeout_s: float) -> list[dict[str, int]]:
+        """Each rank's parameters, trainable parameters and optimizer state (LearnerWorker.parameter_counts)."""
+        return self._all(lambda rank: rank.parameter_counts.remote(), timeout_s, "learner parameter counts")
+
+    def save_checkpoint(self, directory: str, tokenizer_path: str, timeout_s: float) -> None:
+        waiting = "learner ranks writing a checkpoint (trainer.timeouts.checkpoint_s)"
+        self._all(lambda rank: rank.save_checkpoint.remote(directory, tokenizer_path), timeout_s, waiting)
+
+    def load_checkpoint(self, directory: str, timeout_s: float) -> None:
+        waiting = "learner ranks loading the checkpoint (trainer.timeouts.checkpoint_s)"
+        self._all(lambda rank: rank.load_checkpoint.remote(directory), timeout_s, waiting)
+
+    def save_pretrained(self, directory: str, tokenizer_path: str, timeout_s: float) -> None:
+        """The student as a Hugging Face folder (written by rank 0, gathered by all)."""
+        waiting = "learner ranks saving the student (trainer.timeouts.checkpoint_s)"
+        self._all(lambda rank: rank.save_pretrained.remote(directory, tokenizer_path), timeout_s, waiting)
+
+    def write_storage_mark(self, directory: str, token: str, timeout_s: float) -> list[str]:
+        """The mark file each rank wrote into `directory` as its node sees it (check_shared_storage)."""
+        waiting = "learner ranks (trainer.timeouts.start_s)"
+        return self._all(lambda rank: rank.write_storage_mark.remote(directory, token), timeout_s, waiting)
+
+    def sequence_logprobs(self, sequence: list[int], timeout_s: float | None = None) -> list[list[float]]:
+        """Each rank's student log-probs of a fixed sequence (checks that weights are where they should be)."""
+        return self._all(lambda rank: rank.sequence_logprobs.remote(sequence), timeout_s, "learner ranks (log-probs)")
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from ray.exceptions import RayActorError
 
-from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.console import console
 from opd_ray.driver.fingerprint import check_same_run
 from opd_ray.driver.run_dir import TRAINING_RECORDS, previous_results
@@ -187,13 +186,11 @@ def refuse_resume_without_checkpoint(spec: ExperimentSpec, run_dir: Path) -> Non
 def save_checkpoint(spec: ExperimentSpec, roles, run_dir: Path, state: TrainerState) -> None:
     """Only finite weights are checkpointed: a poisoned model must never replace a good checkpoint."""
     limit = spec.trainer.timeouts.checkpoint_s
-    checking = "learner ranks checking their weights (trainer.timeouts.checkpoint_s)"
-    if not all(get_or_raise_first(roles.learners.call("parameters_finite"), limit, checking)):
+    if not roles.learners.parameters_finite(limit):
         raise RunStopped(f"the student's weights are not finite at step {state.step}; no checkpoint written")
 
     def learners_write(directory: Path) -> None:
-        refs = roles.learners.call("save_checkpoint", str(directory), spec.models.student.path)
-        get_or_raise_first(refs, limit, "learner ranks writing a checkpoint (trainer.timeouts.checkpoint_s)")
+        roles.learners.save_checkpoint(str(directory), spec.models.student.path, limit)
 
     write_checkpoint(run_dir, state, learners_write, spec.trainer.keep_checkpoints)
 
@@ -204,9 +201,7 @@ def check_shared_storage(learners, run_dir: Path, timeout_s: float, field: str =
     own disk, and its checkpoint shards (or the SFT student) would never be found; that stops the run
     here, not at resume or after training."""
     token = f".storage-check-{uuid.uuid4().hex[:8]}"
-    written = get_or_raise_first(
-        learners.call("write_storage_mark", str(run_dir), token), timeout_s, "learner ranks (trainer.timeouts.start_s)"
-    )
+    written = learners.write_storage_mark(str(run_dir), token, timeout_s)
     unseen = [rank for rank, path in enumerate(written) if not Path(path).is_file()]
     for path in written:
         Path(path).unlink(missing_ok=True)

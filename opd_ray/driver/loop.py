@@ -24,7 +24,6 @@ from pathlib import Path
 import psutil
 import ray
 
-from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.console import console, step_progress
 from opd_ray.data.order import PromptSampler
 from opd_ray.data.run_inputs import Prepared
@@ -289,10 +288,7 @@ def record_spec(spec: ExperimentSpec, run_dir: Path, resumed: TrainerState | Non
 
 def restore(run: Run, checkpoint: Path, state: TrainerState) -> None:
     """The learners' state, the data order and the engines' weights as they were at the checkpoint."""
-    loading = "learner ranks loading the checkpoint (trainer.timeouts.checkpoint_s)"
-    get_or_raise_first(
-        run.roles.learners.call("load_checkpoint", str(checkpoint)), run.spec.trainer.timeouts.checkpoint_s, loading
-    )
+    run.roles.learners.load_checkpoint(str(checkpoint), run.spec.trainer.timeouts.checkpoint_s)
     run.weight_version, run.next_launch = state.weight_version, state.step + 1
     run.sampler.restore(state.sampler_epoch, state.sampler_position)
     sync_weights(run.roles, run.weight_version)
@@ -325,10 +321,10 @@ def save_student(run: Run) -> Path:
     """The trained student in `student/`, written aside and renamed: a kill mid-save leaves the previous
     one (or none), never a torn folder."""
     final_dir = run.run_dir / "student"
-    saving = "learner ranks saving the student (trainer.timeouts.checkpoint_s)"
     with written_aside(final_dir) as staging:
-        refs = run.roles.learners.call("save_pretrained", str(staging), run.spec.models.student.path)
-        get_or_raise_first(refs, run.spec.trainer.timeouts.checkpoint_s, saving)
+        run.roles.learners.save_pretrained(
+            str(staging), run.spec.models.student.path, run.spec.trainer.timeouts.checkpoint_s
+        )
     return final_dir
 
 

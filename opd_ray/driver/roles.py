@@ -202,7 +202,7 @@ def warn_if_deprioritised(locations: dict[str, list[dict]]) -> None:
 def learner_parameters(roles: Roles, timeout_s: float) -> dict[str, int]:
     """Parameters of the student and those that train (fewer with LoRA); printed at the start and kept in
     summary.json. (AdamW's state does not exist yet: it is made at the first step.)"""
-    per_rank = get_or_raise_first(roles.learners.call("parameter_counts"), timeout_s, "learner parameter counts")
+    per_rank = roles.learners.parameter_counts(timeout_s)
     counts = {"total": per_rank[0]["total"], "trainable": per_rank[0]["trainable"]}
     console.print(f"  student: {counts['trainable']:,} of {counts['total']:,} parameters train")
     return counts

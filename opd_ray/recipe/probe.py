@@ -18,7 +18,6 @@ from pathlib import Path
 
 import ray
 
-from opd_ray.actors.runtime import get_or_raise_first
 from opd_ray.data.order import PromptSampler
 from opd_ray.data.preflight import check_teacher
 from opd_ray.data.prompts import PromptSet
@@ -31,7 +30,6 @@ from opd_ray.driver.roles import start_roles, start_teacher
 from opd_ray.driver.run_dir import run_directory
 from opd_ray.errors import UserError
 from opd_ray.files import write_json
-from opd_ray.losses.step import combine_rank_metrics
 from opd_ray.recipe.startup import start
 from opd_ray.spec import ExperimentSpec, ModelSpec, ProbeSpec, load_spec
 
@@ -190,12 +188,8 @@ def measure(spec: ExperimentSpec, roles, prepared, refs: list, eval_prompts, stu
     """Step 1's diagnostics of the scored samples `refs`, the current teacher's accuracy, and the verdict;
     with named teachers, the same for each teacher on its own rows (`teachers`)."""
     k = spec.diagnostics.top_k
-    diagnosing = "learner ranks computing the diagnostics (trainer.timeouts.step_s)"
     names = tuple(spec.teachers) if spec.several_teachers else ()
-    per_rank = get_or_raise_first(
-        roles.learners.call("diagnose", refs, spec.algorithm, k, names), spec.trainer.timeouts.step_s, diagnosing
-    )
-    metrics = combine_rank_metrics(per_rank)
+    metrics = roles.learners.diagnose(refs, spec.algorithm, k, names, spec.trainer.timeouts.step_s)
     teacher_accuracy = accuracy(spec, roles, prepared, eval_prompts, "teacher")
     result = probe_result(metrics, "", k, spec.probe, teacher_accuracy, student_accuracy, None)
     if names:

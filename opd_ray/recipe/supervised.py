@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 
 from opd_ray.actors.learner import LearnerGroup
-from opd_ray.actors.runtime import actor_env, get_or_raise_first
+from opd_ray.actors.runtime import actor_env
 from opd_ray.console import step_progress
 from opd_ray.driver.checkpoint import check_shared_storage
 from opd_ray.files import written_aside
@@ -52,14 +52,12 @@ def train_supervised(
             done = 0
             while done < steps:
                 count = min(SUPERVISED_CHUNK, steps - done)
-                refs = group.call("supervised_steps", examples_ref, count, batch_size, seed + done)
-                losses = get_or_raise_first(refs, timeouts.step_s, "learner ranks in SFT (trainer.timeouts.step_s)")
+                losses = group.supervised_steps(examples_ref, count, batch_size, seed + done, timeouts.step_s)
                 chunk_losses.append(sum(per_rank[-1] for per_rank in losses))  # ranks' shares of the mean
                 done += count
                 progress.advance(done, f"loss {chunk_losses[-1]:.3f}")
         with written_aside(output_dir) as staging:
-            refs = group.call("save_pretrained", str(staging), init.path)
-            get_or_raise_first(refs, timeouts.checkpoint_s, "learner ranks saving (trainer.timeouts.checkpoint_s)")
+            group.save_pretrained(str(staging), init.path, timeouts.checkpoint_s)
             for name, value in (records(chunk_losses) if records else {}).items():
                 (staging / name).write_text(json.dumps(value, indent=2))
     finally:

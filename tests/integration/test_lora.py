@@ -51,22 +51,22 @@ def lora_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray
 
 def train(setup: SimpleNamespace, steps: int, ray) -> None:
     """Supervised steps on reference answers: the learner path of every objective (forward, loss, update)."""
-    ray.get(setup.learners.call("supervised_steps", setup.examples, steps, 16, steps))
+    setup.learners.supervised_steps(setup.examples, steps, 16, steps, timeout_s=None)
 
 
 def learner_logprobs(setup: SimpleNamespace, ray) -> list[float]:
-    ranks = ray.get(setup.learners.call("sequence_logprobs", setup.sequence))
+    ranks = setup.learners.sequence_logprobs(setup.sequence)
     assert max(abs(a - b) for a, b in zip(*ranks, strict=True)) < 1e-6  # the ranks agree
     return ranks[0]
 
 
 def test_only_the_adapters_train_and_the_engine_gets_the_merged_weights(lora_run, local_ray) -> None:
-    counts = local_ray.get(lora_run.learners.call("parameter_counts"))
+    counts = lora_run.learners.parameter_counts(timeout_s=None)
     total, trainable = counts[0]["total"], counts[0]["trainable"]
     # rank 4 on q, v and up of one layer: (128 + 128) x 4 x 2 + (128 + 512) x 4
     assert trainable == 2 * (128 + 128) * 4 + (128 + 512) * 4 < total / 20
     train(lora_run, 2, local_ray)
-    counts = local_ray.get(lora_run.learners.call("parameter_counts"))
+    counts = lora_run.learners.parameter_counts(timeout_s=None)
     state = sum(c["optimizer_state"] for c in counts)  # Adam's two moments, split across the ZeRO ranks
     assert 2 * trainable <= state < 2 * trainable + 64
     worker = lora_run.engine
@@ -86,7 +86,7 @@ def test_a_checkpoint_holds_the_adapters_and_a_merged_student_and_resumes(lora_r
 
     saved = learner_logprobs(lora_run, local_ray)
     student_path = lora_run.spec.models.student.path
-    local_ray.get(lora_run.learners.call("save_checkpoint", str(tmp_path), student_path))
+    lora_run.learners.save_checkpoint(str(tmp_path), student_path, timeout_s=None)
     adapter = json.loads((tmp_path / "student" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "v_proj", "up_proj"}
     with safe_open(tmp_path / "student" / "model.safetensors", "pt") as merged:
@@ -98,6 +98,6 @@ def test_a_checkpoint_holds_the_adapters_and_a_merged_student_and_resumes(lora_r
     assert max(abs(a - b) for a, b in zip(plain, saved, strict=True)) < 1e-5  # the export is the trained student
     train(lora_run, 1, local_ray)
     assert max(abs(a - b) for a, b in zip(learner_logprobs(lora_run, local_ray), saved, strict=True)) > 1e-3
-    local_ray.get(lora_run.learners.call("load_checkpoint", str(tmp_path)))
+    lora_run.learners.load_checkpoint(str(tmp_path), timeout_s=None)
     resumed = learner_logprobs(lora_run, local_ray)
     assert max(abs(a - b) for a, b in zip(resumed, saved, strict=True)) < 1e-6

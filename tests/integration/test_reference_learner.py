@@ -81,12 +81,12 @@ def test_the_learner_applies_the_references_gradient_at_every_step(ranks, zero_s
     try:
         refs = {source: [local_ray.put(rollout_batch(tensors, source))] for source in ("student", "dataset")}
         training = ReferenceTraining(tensors)
-        before = local_ray.get(group.call("full_state_dict"))[0]
+        before = group.full_state_dict()
         for step, (settings, loss) in enumerate(STEPS, start=1):
             expected_grads, expected_update = training.step(settings, loss, before)
             algorithm = AlgorithmSpec(**settings)
-            shown = local_ray.get(group.call("train_step_showing_gradient", refs[batch_source(algorithm)], algorithm))
-            grads, after = shown[0][1], local_ray.get(group.call("full_state_dict"))[0]
+            shown = group.train_step_showing_gradient(refs[batch_source(algorithm)], algorithm)
+            grads, after = shown[0][1], group.full_state_dict()
             assert grads.keys() == expected_grads.keys()
             difference = max(float((grads[k] - expected_grads[k]).abs().max()) for k in grads)
             scale = max(float(g.abs().max()) for g in expected_grads.values())

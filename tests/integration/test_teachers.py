@@ -125,7 +125,6 @@ def test_every_row_is_scored_by_its_routes_teacher_on_that_teachers_prompt(teach
 def test_a_self_teacher_follows_the_learner_only_with_current_weights(teachers_started, local_ray) -> None:
     """After one update and a weight sync, "now" scores what the learner computes for the same teacher
     prompt + response; "frozen" still scores with the initial student."""
-    from opd_ray.actors.runtime import get_or_raise_first
     from opd_ray.driver.pipeline import rollout_and_score
     from opd_ray.driver.roles import sync_weights
 
@@ -142,7 +141,7 @@ def test_a_self_teacher_follows_the_learner_only_with_current_weights(teachers_s
         prompt = train.teacher_prompt_ids[row] or train.prompt_ids[row]
         before = reference_logprobs(initial, prompt, response)
         if names[teacher] == "now":
-            (learner,) = get_or_raise_first(roles.learners.call("sequence_logprobs", prompt + response))
+            learner = roles.learners.sequence_logprobs(prompt + response)[0]
             torch.testing.assert_close(teacher_logprobs, torch.tensor(learner[len(prompt) - 1 :]), rtol=1e-4, atol=1e-4)
             assert (teacher_logprobs - before).abs().max() > 1e-2  # it did move
         elif names[teacher] == "frozen":

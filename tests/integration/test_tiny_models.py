@@ -42,9 +42,8 @@ def test_a_rebuild_retraces_the_shipped_students_first_50_steps(tmp_path: Path, 
     )
     try:
         examples = tiny_models.sft_examples(tokenizer, rows, recipe["digits"])
-        per_rank = local_ray.get(
-            group.call("supervised_steps", local_ray.put(examples), SUPERVISED_CHUNK, build.sft_batch_size, seed)
-        )
+        examples_ref = local_ray.put(examples)
+        per_rank = group.supervised_steps(examples_ref, SUPERVISED_CHUNK, build.sft_batch_size, seed, timeout_s=None)
     finally:
         group.shutdown()
     assert sum(losses[-1] for losses in per_rank) == pytest.approx(logged[0], rel=1e-4)

@@ -64,7 +64,7 @@ def engine_logprobs(setup: SimpleNamespace, ray) -> list[list[float]]:
 
 
 def assert_engines_hold_the_learners_weights(setup: SimpleNamespace, ray, before: list[list[float]]) -> None:
-    learner_ranks = ray.get(setup.roles.learners.call("sequence_logprobs", setup.sequence))
+    learner_ranks = setup.roles.learners.sequence_logprobs(setup.sequence)
     for engine, engine_before in zip(engine_logprobs(setup, ray), before, strict=True):
         assert max(abs(a - b) for a, b in zip(engine, engine_before, strict=True)) > 1e-3, "the engine did not move"
         for rank in learner_ranks:  # ZeRO-3 ranks agree with each other and with every engine
@@ -90,7 +90,7 @@ def test_engines_start_with_the_learners_weights_in_a_shared_placement_group(zer
 
     bundles = sorted(len(placement_group_table(group)["bundles"]) for group in zero3.roles.placement.groups)
     assert bundles == [1, 2]  # rollout+learner share a pool; the teacher has its own
-    learner = local_ray.get(zero3.roles.learners.call("sequence_logprobs", zero3.sequence))[0]
+    learner = zero3.roles.learners.sequence_logprobs(zero3.sequence)[0]
     for engine in engine_logprobs(zero3, local_ray):
         assert max(abs(a - b) for a, b in zip(engine, learner, strict=True)) < 1e-5
 
