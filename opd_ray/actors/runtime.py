@@ -42,7 +42,7 @@ def actor_location() -> dict:
         "node_ip": ray.util.get_node_ip_address(),
         "gpu_ids": ray.get_gpu_ids(),
         "pid": os.getpid(),
-        "niceness": os.getpriority(os.PRIO_PROCESS, 0),  # Ray adds 15 to the node's unless told (driver/cluster.py)
+        "niceness": os.getpriority(os.PRIO_PROCESS, 0),  # Ray adds 15 to the node's unless told (recipe/cluster.py)
     }
 
 

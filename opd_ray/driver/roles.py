@@ -27,7 +27,7 @@ from opd_ray.actors.teacher import TeacherScorer
 from opd_ray.actors.vllm_engine import ENGINE_ENV
 from opd_ray.console import console
 from opd_ray.driver.placement import Placement, reserve, teacher_role
-from opd_ray.driver.weight_paths import SYNCING, WEIGHT_SYNC_PATHS, ObjectStorePath, WeightSyncPath
+from opd_ray.driver.weight_paths import SYNCING, WEIGHT_SYNC_PATHS, ObjectStorePath, Receiver, WeightSyncPath
 from opd_ray.errors import Stuck
 from opd_ray.files import write_json
 from opd_ray.spec import ExperimentSpec, ModelSpec, ResourcesSpec, TimeoutsSpec
@@ -54,9 +54,11 @@ class Roles:
         return [actor for pool in self.teacher_pools.values() for actor in pool]
 
     @property
-    def weight_receivers(self) -> list[ray.actor.ActorHandle]:
-        """Every actor that holds the student's current weights: rollout engines and synced `self` teachers."""
-        return self.rollout_workers + [actor for name in self.synced_teachers for actor in self.teacher_pools[name]]
+    def weight_receivers(self) -> list[Receiver]:
+        """(role kind, actor) of every actor that holds the student's current weights: the rollout engines, then
+        the synced `self` teachers."""
+        synced = [actor for name in self.synced_teachers for actor in self.teacher_pools[name]]
+        return [("rollout", actor) for actor in self.rollout_workers] + [("teacher", actor) for actor in synced]
 
     def shutdown(self) -> None:
         self.learners.shutdown()
@@ -234,7 +236,7 @@ def await_restart(roles: Roles, kind: str, actor: ray.actor.ActorHandle) -> None
         except ActorDiedError as exc:  # restarts used up
             raise Stuck(f"a {kind} actor died and cannot be restarted: {exc}") from None
     roles.weight_sync.engine_restarted(kind)
-    if roles.weight_version > 0 and any(actor == receiver for receiver in roles.weight_receivers):
+    if roles.weight_version > 0 and any(actor == receiver for _, receiver in roles.weight_receivers):
         weights = roles.learners.export_weights(roles.timeouts.sync_s)
         get_or_raise_first([actor.load_weights.remote(weights, roles.weight_version)], roles.timeouts.sync_s, SYNCING)
 
@@ -244,7 +246,7 @@ def sync_weights(roles: Roles, version: int, wait: bool = True) -> None:
     `wait=False` (asynchronous mode) only queues the reload: each engine applies it after the rollouts already
     launched on it, and every rollout launched later sees it, which is what the version tag of a launched step
     assumes. A receiver that died meanwhile is restarted and gets these weights through the object store."""
-    dead = roles.weight_sync.send(roles, version, wait)
+    dead = roles.weight_sync.send(roles.learners, roles.weight_receivers, version, wait, roles.timeouts.sync_s)
     roles.weight_version = version
     for kind, actor in dead:
         await_restart(roles, kind, actor)

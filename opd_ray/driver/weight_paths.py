@@ -20,17 +20,18 @@ from opd_ray.spec import ExperimentSpec
 
 if TYPE_CHECKING:
     from opd_ray.actors.learner import LearnerGroup
-    from opd_ray.driver.roles import Roles
 
 SYNCING = "a rollout engine loading new weights (trainer.timeouts.sync_s)"
 Receiver = tuple[str, ray.actor.ActorHandle]  # (role kind, actor)
 
 
 class WeightSyncPath(Protocol):
-    def send(self, roles: Roles, version: int, wait: bool) -> list[Receiver]:
-        """Sends weight version `version` to every receiver; `wait=False` (asynchronous mode) only queues it.
-        Returns the receivers that died meanwhile: the caller restarts them, and a restart gets the current
-        weights through the object store."""
+    def send(
+        self, learners: LearnerGroup, receivers: list[Receiver], version: int, wait: bool, timeout_s: float
+    ) -> list[Receiver]:
+        """Sends weight version `version` to every receiver (rollout engines first, then synced `self` teachers);
+        `wait=False` (asynchronous mode) only queues it. Returns the receivers that died meanwhile: the caller
+        restarts them, and a restart gets the current weights through the object store."""
         ...
 
     def engine_restarted(self, kind: str) -> None:
@@ -39,11 +40,11 @@ class WeightSyncPath(Protocol):
 
 
 class ObjectStorePath:
-    def send(self, roles: Roles, version: int, wait: bool) -> list[Receiver]:
-        limit = roles.timeouts.sync_s
-        weights_ref = roles.learners.export_weights(limit)
-        receivers = [("rollout", actor) for actor in roles.rollout_workers]
-        receivers += [("teacher", actor) for actor in roles.weight_receivers[len(roles.rollout_workers) :]]
+    def send(
+        self, learners: LearnerGroup, receivers: list[Receiver], version: int, wait: bool, timeout_s: float
+    ) -> list[Receiver]:
+        limit = timeout_s
+        weights_ref = learners.export_weights(limit)
         loads = [(kind, actor, actor.load_weights.remote(weights_ref, version)) for kind, actor in receivers]
         if not wait:
             return []
@@ -67,8 +68,11 @@ class CollectivePath:
         self.broadcast = broadcast
         self.unfinished: list[ray.ObjectRef] = []  # an asynchronous broadcast in flight
 
-    def send(self, roles: Roles, version: int, wait: bool) -> list[Receiver]:
-        limit = roles.timeouts.sync_s
+    def send(
+        self, learners: LearnerGroup, receivers: list[Receiver], version: int, wait: bool, timeout_s: float
+    ) -> list[Receiver]:
+        """The broadcast goes to the group formed at start (learner rank 0 and the rollout engines)."""
+        limit = timeout_s
         try:
             get_or_raise_first(self.unfinished, limit, "the previous weight broadcast (trainer.timeouts.sync_s)")
             refs = self.broadcast.launch(version)

@@ -9,7 +9,7 @@ or started.
 from __future__ import annotations
 
 from opd_ray.data.run_inputs import Prepared, load_run_inputs
-from opd_ray.driver.cluster import connect
+from opd_ray.recipe.cluster import connect
 from opd_ray.recipe.real_models import ensure_imported_models
 from opd_ray.recipe.tiny_models import ensure_tiny_models
 from opd_ray.spec import ExperimentSpec

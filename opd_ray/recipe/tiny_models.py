@@ -18,9 +18,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from opd_ray.console import console
 from opd_ray.data.arithmetic import ALPHABET, write_mixed_task_files, write_task_files
-from opd_ray.driver.cluster import connect
 from opd_ray.errors import UserError
 from opd_ray.files import BUILD_RECORD, check_replaceable, write_json, written_aside
+from opd_ray.recipe.cluster import connect
 from opd_ray.recipe.model_cache import check_distinct_folders, ensure_built, is_built
 from opd_ray.recipe.supervised import Example, train_supervised
 from opd_ray.spec import ExperimentSpec, LearnerSpec, ModelSpec

@@ -24,7 +24,7 @@ def test_a_loop_that_advances_in_chunks_prints_every_twentieth(monkeypatch: pyte
 def test_rays_token_auth_on_notice_is_quiet_and_the_off_warning_is_not() -> None:
     import logging
 
-    from opd_ray.driver.cluster import quiet_token_auth_notice
+    from opd_ray.recipe.cluster import quiet_token_auth_notice
 
     class Kept(logging.Handler):
         def __init__(self) -> None:
