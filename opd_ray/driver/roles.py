@@ -129,8 +129,7 @@ def start_teachers(spec: ExperimentSpec, placement: Placement) -> dict[str, list
 def _start_in(placement: Placement, spec: ExperimentSpec, schedule_steps: int) -> Roles:
     rollout_options = engine_actor_options(spec, spec.rollout.resources)
     algorithm = spec.algorithm
-    teacher_top_k = min(teacher.top_k for teacher in spec.teachers.values())
-    student_top_k = (algorithm.top_k or teacher_top_k) if algorithm.needs_student_topk else 0
+    student_top_k = (algorithm.top_k or spec.teacher_top_k) if algorithm.needs_student_topk else 0
     rollout_workers = [
         ray.remote(RolloutWorker)
         .options(**rollout_options, **bundle)

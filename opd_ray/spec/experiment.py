@@ -253,49 +253,74 @@ class ExperimentSpec(Section):
                 f"trainer.prompts_per_step x rollout.samples_per_prompt = {sequences} sequences "
                 f"do not divide across learner.num_ranks = {self.learner.num_ranks}"
             )
+        return self
+
+    @property
+    def teacher_top_k(self) -> int:
+        """The top-k every teacher returns: the smallest of theirs."""
+        return min(teacher.top_k for teacher in self.teachers.values())
+
+    @model_validator(mode="after")
+    def _top_k_within_the_teachers(self) -> ExperimentSpec:
+        top_k = self.teacher_top_k
+        if self.algorithm.top_k is not None and self.algorithm.top_k > top_k:
+            raise ValueError(f"algorithm.top_k ({self.algorithm.top_k}) exceeds teacher.top_k ({top_k})")
+        if self.diagnostics.enabled and self.diagnostics.top_k > top_k:
+            raise ValueError(
+                f"diagnostics.top_k ({self.diagnostics.top_k}) exceeds teacher.top_k ({top_k}): "
+                "the overlap needs the teacher's top-k"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _student_top_k_scorable(self) -> ExperimentSpec:
         algorithm = self.algorithm
-        teachers = self.teachers
-        top_k = min(teacher.top_k for teacher in teachers.values())
-        if algorithm.top_k is not None and algorithm.top_k > top_k:
-            raise ValueError(f"algorithm.top_k ({algorithm.top_k}) exceeds teacher.top_k ({top_k})")
-        if algorithm.needs_student_topk:
-            vllm_teachers = [f"teachers.{n}" for n, t in teachers.items() if t.backend != "transformers"]
-            if vllm_teachers:
-                raise ValueError(
-                    f"algorithm.topk_support={algorithm.topk_support} needs the teacher's log-probs at the "
-                    f"student's top-k ids: set {vllm_teachers[0]}.backend=transformers (vLLM 0.32 scores chosen ids "
-                    "only in its V2 model runner, which vLLM-CPU cannot start: docs/methods/objectives.md)"
-                )
-            k = algorithm.top_k or top_k
-            if k > self.rollout.engine.max_logprobs:
-                raise ValueError(
-                    f"the student's top-{k} exceeds rollout.engine.max_logprobs ({self.rollout.engine.max_logprobs})"
-                )
+        if not algorithm.needs_student_topk:
+            return self
+        vllm_teachers = [f"teachers.{n}" for n, t in self.teachers.items() if t.backend != "transformers"]
+        if vllm_teachers:
+            raise ValueError(
+                f"algorithm.topk_support={algorithm.topk_support} needs the teacher's log-probs at the "
+                f"student's top-k ids: set {vllm_teachers[0]}.backend=transformers (vLLM 0.32 scores chosen ids "
+                "only in its V2 model runner, which vLLM-CPU cannot start: docs/methods/objectives.md)"
+            )
+        k = algorithm.top_k or self.teacher_top_k
+        if k > self.rollout.engine.max_logprobs:
+            raise ValueError(
+                f"the student's top-{k} exceeds rollout.engine.max_logprobs ({self.rollout.engine.max_logprobs})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _every_role_asks_for_resources(self) -> ExperimentSpec:
         roles = {"rollout": self.rollout, "learner": self.learner}
-        roles.update({f"teachers.{name}": teacher for name, teacher in teachers.items()})
+        roles.update({f"teachers.{name}": teacher for name, teacher in self.teachers.items()})
         for role, settings in roles.items():
             if not any(amount > 0 for amount in settings.resources.demand().values()):
                 raise ValueError(
                     f"{role}.resources: an actor must ask for some CPU, GPU or custom resource "
                     "(its placement-group bundle cannot be empty)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _no_nccl_within_one_gpu(self) -> ExperimentSpec:
         shares_gpu = {"rollout", "learner"} <= set(self.placement.colocate) and self.rollout.resources.num_gpus > 0
         if shares_gpu and self.weight_sync.method == "collective" and self.weight_sync.backend != "gloo":
             raise ValueError(
                 "weight_sync.method=collective cannot run NCCL between a rollout engine and a learner on the "
                 "same GPU (placement.colocate): use weight_sync.method=object_store"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _room_for_a_prompt(self) -> ExperimentSpec:
         engines = {"rollout.engine": self.rollout.engine}
-        engines.update({f"teachers.{name}.engine": t.engine for name, t in teachers.items()})
+        engines.update({f"teachers.{name}.engine": t.engine for name, t in self.teachers.items()})
         for field, engine in engines.items():
             if self.rollout.max_new_tokens >= engine.max_model_len:
                 raise ValueError(
                     f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) leaves no room for a prompt in "
                     f"{field}.max_model_len ({engine.max_model_len})"
                 )
-        if self.diagnostics.enabled and self.diagnostics.top_k > top_k:
-            raise ValueError(
-                f"diagnostics.top_k ({self.diagnostics.top_k}) exceeds teacher.top_k ({top_k}): "
-                "the overlap needs the teacher's top-k"
-            )
         return self
