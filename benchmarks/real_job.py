@@ -32,17 +32,17 @@ def example_spec(steps: int, output_dir: Path):
     return spec
 
 
-def prompts_in_opd_ray_order(spec, prepared) -> list[dict]:
+def prompts_in_opd_ray_order(spec, inputs) -> list[dict]:
     """The prompts of steps 1..N as opd-ray's sampler hands them out, with their reference answers' ids."""
     from opd_ray.data.order import PromptSampler
 
-    sampler = PromptSampler(len(prepared.train), spec.run.seed)
-    tokenizer = prepared.tokenizer
+    sampler = PromptSampler(len(inputs.train), spec.run.seed)
+    tokenizer = inputs.tokenizer
     rows = []
     for _ in range(spec.trainer.steps):
         for i in sampler.next(spec.trainer.prompts_per_step):
-            answer = tokenizer(prepared.train.answers[i] or "", add_special_tokens=False).input_ids
-            rows.append({"prompt_ids": prepared.train.prompt_ids[i], "answer_ids": [*answer, tokenizer.eos_token_id]})
+            answer = tokenizer(inputs.train.answers[i] or "", add_special_tokens=False).input_ids
+            rows.append({"prompt_ids": inputs.train.prompt_ids[i], "answer_ids": [*answer, tokenizer.eos_token_id]})
     return rows
 
 
@@ -133,7 +133,7 @@ def run_trl(result: Path, steps: int, variant: str) -> None:
     from opd_ray.data.run_inputs import load_run_inputs
 
     spec = example_spec(steps, result.parent / "unused-run-dir")
-    prepared = load_run_inputs(spec)
+    inputs = load_run_inputs(spec)
     student = AutoModelForCausalLM.from_pretrained(spec.models.student.path, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(spec.teacher_model("teacher").path, dtype=torch.float32)
     trainer_class = timed_trainer_class()
@@ -142,9 +142,9 @@ def run_trl(result: Path, steps: int, variant: str) -> None:
         model=student,
         teacher_model=teacher,
         args=gkd_config(spec, result.parent / f"trl-{variant}", variant),
-        train_dataset=Dataset.from_list(prompts_in_opd_ray_order(spec, prepared)),
-        processing_class=prepared.tokenizer,
-        data_collator=PromptAnswerCollator(prepared.tokenizer.pad_token_id),
+        train_dataset=Dataset.from_list(prompts_in_opd_ray_order(spec, inputs)),
+        processing_class=inputs.tokenizer,
+        data_collator=PromptAnswerCollator(inputs.tokenizer.pad_token_id),
         optimizers=same_schedule(student, spec.learner, steps),
     )
     time_forward(trainer.teacher_model, trainer.seconds, "teacher_forward")
@@ -153,7 +153,7 @@ def run_trl(result: Path, steps: int, variant: str) -> None:
     loop_s = time.perf_counter() - loop_started
     student_dir = result.parent / f"trl-{variant}-student"
     trainer.model.save_pretrained(student_dir)
-    prepared.tokenizer.save_pretrained(student_dir)
+    inputs.tokenizer.save_pretrained(student_dir)
     record = {"tokens": trainer.trained_tokens, "loop_s": loop_s, "steps": steps, "phases": trainer.seconds}
     record.update(before_loop_s=loop_started - started, student=str(student_dir))
     result.write_text(json.dumps(record))
@@ -167,11 +167,11 @@ def evaluate(result: Path, student: str) -> None:
     from opd_ray.driver.evaluation import accuracy_of
 
     spec = example_spec(1, result.parent / "unused-run-dir")
-    prepared = load_run_inputs(spec)
+    inputs = load_run_inputs(spec)
     model = spec.models.student.model_copy(update={"path": student})
     llm = create_engine(model, spec.rollout.engine, spec.run.seed)
-    completions = greedy(llm, prepared.eval.subset(list(range(len(prepared.eval)))), spec.rollout.max_new_tokens)
-    result.write_text(json.dumps({"accuracy": accuracy_of(completions, prepared.eval, prepared.verifier)}))
+    completions = greedy(llm, inputs.eval.subset(list(range(len(inputs.eval)))), spec.rollout.max_new_tokens)
+    result.write_text(json.dumps({"accuracy": accuracy_of(completions, inputs.eval, inputs.verifier)}))
 
 
 if __name__ == "__main__":

@@ -123,10 +123,10 @@ def _check_files(spec) -> None:
     if builds and not Path(spec.models.student.path).is_dir():
         print("opd-ray: files not checked: the models are built by the first `opd-ray train`", file=sys.stderr)
         return
-    prepared = load_run_inputs(spec)
-    evaluation = f", {len(prepared.eval)} eval prompts" if prepared.eval is not None else ""
+    inputs = load_run_inputs(spec)
+    evaluation = f", {len(inputs.eval)} eval prompts" if inputs.eval is not None else ""
     print(
-        f"opd-ray: files ok: {len(prepared.train)} training prompts{evaluation}, {len(prepared.tokenizer)} tokens",
+        f"opd-ray: files ok: {len(inputs.train)} training prompts{evaluation}, {len(inputs.tokenizer)} tokens",
         file=sys.stderr,
     )
 

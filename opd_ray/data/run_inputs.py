@@ -23,7 +23,7 @@ from opd_ray.spec import ExperimentSpec
 
 
 @dataclass
-class Prepared:
+class RunInputs:
     """A run's inputs, checked: what the driver tokenizes with, trains and evaluates on, and verifies with."""
 
     tokenizer: object
@@ -33,7 +33,7 @@ class Prepared:
     selection: dict | None = None  # what data.selection kept, dropped and mixed in
 
 
-def load_run_inputs(spec: ExperimentSpec) -> Prepared:
+def load_run_inputs(spec: ExperimentSpec) -> RunInputs:
     """Checks the models, loads and checks the prompts (train, eval, data.selection), resolves the verifier."""
     student_tokenizer, teacher_tokenizers = check_models(spec)
     verifier = resolve_verifier(spec.data.verifier, spec.data.verifier_errors)
@@ -51,4 +51,4 @@ def load_run_inputs(spec: ExperimentSpec) -> Prepared:
         evaluation = load_prompts(spec.data.eval_files, spec.data, templates, "data.eval", routing)
     warn_idle_teachers(routing, train)
     check_loaded(spec, train, evaluation, verifier, len(student_tokenizer))
-    return Prepared(student_tokenizer, train, evaluation, verifier, selection)
+    return RunInputs(student_tokenizer, train, evaluation, verifier, selection)

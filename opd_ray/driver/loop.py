@@ -26,7 +26,7 @@ import ray
 
 from opd_ray.console import console, step_progress
 from opd_ray.data.order import PromptSampler
-from opd_ray.data.run_inputs import Prepared
+from opd_ray.data.run_inputs import RunInputs
 from opd_ray.driver.accuracy_cache import cache_entry, cached_teacher_accuracy, store_teacher_accuracy
 from opd_ray.driver.buffer import RolloutBuffer
 from opd_ray.driver.checkpoint import (
@@ -59,7 +59,7 @@ class Run:
     """What one distillation run carries from step to step."""
 
     spec: ExperimentSpec
-    prepared: Prepared
+    inputs: RunInputs
     run_dir: Path
     roles: Roles
     pipeline: Pipeline
@@ -88,14 +88,14 @@ class Run:
             self.writer.close(self.summary if "steps" in self.summary else None, succeeded=self.finished)
 
 
-def distill(spec: ExperimentSpec, prepared: Prepared, resume: bool = False, force: bool = False) -> dict:
+def distill(spec: ExperimentSpec, inputs: RunInputs, resume: bool = False, force: bool = False) -> dict:
     """Start the run; for each step: launch, resolve, learn, sync, evaluate, checkpoint; finish.
 
-    `prepared` is what `recipe.startup.start` checked and tokenized; `force` resumes a checkpoint
+    `inputs` is what `recipe.startup.start` checked and tokenized; `force` resumes a checkpoint
     whose fingerprint differs from the spec's. Returns the run's summary."""
     started = time.perf_counter()
     with stop_between_steps() as stop:  # before the loop a signal stops at once (interrupts.py)
-        run = start_run(spec, prepared, resume, force)
+        run = start_run(spec, inputs, resume, force)
         run.stop, stop.training = stop, True
         try:
             first_step = run.next_launch
@@ -131,17 +131,17 @@ def stopped_message(run: Run, step: int) -> str:
 # ---- start and finish ----
 
 
-def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: bool = False) -> Run:
+def start_run(spec: ExperimentSpec, inputs: RunInputs, resume: bool, force: bool = False) -> Run:
     """The run directory, every role, and where training starts: a checkpoint, or the accuracies before it."""
     run_dir = Path(spec.run.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint, state = resume_point(spec, run_dir, resume, force)
     spec_yaml = record_spec(spec, run_dir, state)
-    summary: dict = {"run": spec.run.name, "objective": spec.algorithm.objective, "vocab_size": len(prepared.tokenizer)}
-    if prepared.selection is not None:
-        console.print(f"prompt selection: {prepared.selection}")
-        write_json(run_dir / "selection.json", prepared.selection)
-        summary["prompt_selection"] = prepared.selection
+    summary: dict = {"run": spec.run.name, "objective": spec.algorithm.objective, "vocab_size": len(inputs.tokenizer)}
+    if inputs.selection is not None:
+        console.print(f"prompt selection: {inputs.selection}")
+        write_json(run_dir / "selection.json", inputs.selection)
+        summary["prompt_selection"] = inputs.selection
     teachers = ", ".join(f"{t.num_replicas} {name}" for name, t in spec.teachers.items())
     console.print(
         f"[bold]opd-ray[/] {spec.run.name}: starting roles ({spec.rollout.num_workers} rollout, "
@@ -158,10 +158,10 @@ def start_run(spec: ExperimentSpec, prepared: Prepared, resume: bool, force: boo
         check_shared_storage(roles.learners, run_dir, spec.trainer.timeouts.start_s)
         summary["learner_parameters"] = learner_parameters(roles, spec.trainer.timeouts.start_s)
         if spec.data.selection is not None and spec.data.selection.keep_top_fraction is not None:
-            train = keep_prompts_the_teacher_agrees_on(spec, roles, prepared.train, run_dir, resume=state is not None)
-            prepared = replace(prepared, train=train)
+            train = keep_prompts_the_teacher_agrees_on(spec, roles, inputs.train, run_dir, resume=state is not None)
+            inputs = replace(inputs, train=train)
         writer = MetricsWriter(run_dir, trackers, resume_after=state.step if state else 0)
-        run = new_run(spec, prepared, run_dir, roles, summary, writer)
+        run = new_run(spec, inputs, run_dir, roles, summary, writer)
         run.schedule_steps = horizon
         run.startup.update(before_roles=roles_started - process_started(), roles=time.time() - roles_started)
         if state is not None:
@@ -201,23 +201,23 @@ def report_startup(run: Run) -> None:
 
 
 def new_run(
-    spec: ExperimentSpec, prepared: Prepared, run_dir: Path, roles: Roles, summary: dict, writer: MetricsWriter
+    spec: ExperimentSpec, inputs: RunInputs, run_dir: Path, roles: Roles, summary: dict, writer: MetricsWriter
 ) -> Run:
     """A run at step 1; the buffer's bound lets asynchronous mode launch max_staleness steps ahead."""
     trainer = spec.trainer
     staleness_limit = trainer.max_staleness + trainer.weight_sync_interval - 1
     run = Run(
         spec=spec,
-        prepared=prepared,
+        inputs=inputs,
         run_dir=run_dir,
         roles=roles,
-        pipeline=Pipeline(roles, prepared.train, spec.run.seed, trainer.shard_size(spec.rollout.num_workers)),
+        pipeline=Pipeline(roles, inputs.train, spec.run.seed, trainer.shard_size(spec.rollout.num_workers)),
         buffer=RolloutBuffer(capacity=trainer.max_staleness + 1, max_staleness=staleness_limit),
         writer=writer,
-        sampler=PromptSampler(len(prepared.train), spec.run.seed),
+        sampler=PromptSampler(len(inputs.train), spec.run.seed),
         summary=summary,
         fingerprint=run_fingerprint(spec),
-        doctor=Doctor(spec.health, len(prepared.tokenizer), spec.trainer.stop_on),
+        doctor=Doctor(spec.health, len(inputs.tokenizer), spec.trainer.stop_on),
     )
     earlier = read_metrics(writer.path)  # a resume's steps before its checkpoint: the doctor catches up on them
     if earlier:
@@ -229,7 +229,7 @@ def measure_before_training(run: Run) -> None:
     """The teachers' and the student's accuracy before training (at once when their engines have GPUs of their
     own); the teachers' comes from the cache when this teacher, eval set and decoding were measured before
     (accuracy_cache.py). Per teacher too when the spec names them."""
-    spec, eval_prompts = run.spec, run.prepared.eval
+    spec, eval_prompts = run.spec, run.inputs.eval
     if eval_prompts is None:
         run.summary.update(teacher_accuracy=None, student_accuracy_before=None)
         return
@@ -342,12 +342,12 @@ def write_summary(run: Run, steps: int, **extra: float) -> dict:
 def accuracies(run: Run, kind: str) -> Accuracy | None:
     """Greedy accuracy of the student ("rollout") or the teachers on the eval prompts, if the spec has them:
     overall and per teacher's rows."""
-    if run.prepared.eval is None:
+    if run.inputs.eval is None:
         return None
-    prepared = run.prepared
+    inputs = run.inputs
     spec = run.spec
     return evaluate_by_teacher(
-        run.roles, kind, prepared.eval, prepared.verifier, spec.rollout.max_new_tokens, spec.answer_stops
+        run.roles, kind, inputs.eval, inputs.verifier, spec.rollout.max_new_tokens, spec.answer_stops
     )
 
 
@@ -381,7 +381,7 @@ def launch_ahead(run: Run) -> None:
     """Launches steps while the buffer has room: the current step, and in asynchronous mode up to
     max_staleness later ones, whose rollouts then run while the learners train."""
     while not run.buffer.full() and run.next_launch <= run.spec.trainer.steps:
-        run.buffer.put(launch_step(run.spec, run.pipeline, run.prepared, run.sampler, run.next_launch))
+        run.buffer.put(launch_step(run.spec, run.pipeline, run.inputs, run.sampler, run.next_launch))
         run.next_launch += 1
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import ray
 
 from opd_ray.data.order import PromptSampler, mix_seed
-from opd_ray.data.run_inputs import Prepared
+from opd_ray.data.run_inputs import RunInputs
 from opd_ray.driver.metrics import timed
 from opd_ray.driver.pipeline import Pipeline, StepShards
 from opd_ray.losses.batch import supervised_batch
@@ -28,13 +28,13 @@ def on_student_samples(spec: ExperimentSpec, step: int) -> bool:
     return fraction >= 1 or random.Random(mix_seed(spec.run.seed, step)).random() < fraction
 
 
-def supervised_refs(prepared: Prepared, indices: list[int]) -> list[ray.ObjectRef]:
+def supervised_refs(inputs: RunInputs, indices: list[int]) -> list[ray.ObjectRef]:
     """The control arm: the same prompts with the dataset's reference answers, no student samples."""
-    eos = [prepared.tokenizer.eos_token_id]
+    eos = [inputs.tokenizer.eos_token_id]
     rows = [
         (
-            prepared.train.prompt_ids[i],
-            prepared.tokenizer(prepared.train.answers[i], add_special_tokens=False).input_ids + eos,
+            inputs.train.prompt_ids[i],
+            inputs.tokenizer(inputs.train.answers[i], add_special_tokens=False).input_ids + eos,
         )
         for i in indices
     ]
@@ -73,19 +73,19 @@ class StepWork:
 
 
 def launch_step(
-    spec: ExperimentSpec, pipeline: Pipeline, prepared: Prepared, sampler: PromptSampler, step: int
+    spec: ExperimentSpec, pipeline: Pipeline, inputs: RunInputs, sampler: PromptSampler, step: int
 ) -> StepWork:
     """Draws the step's prompts and queues its work: student rollouts that flow on into the teacher,
     or (sft, GKD's dataset share) the dataset's answers."""
     indices = sampler.next(spec.trainer.prompts_per_step)
     work = StepWork(step, tuple(indices), (sampler.epoch, sampler.position), pipeline.roles.weight_version)
     if spec.algorithm.record.trains_on_answers:
-        work.ready_refs, work.dataset = supervised_refs(prepared, indices), True
+        work.ready_refs, work.dataset = supervised_refs(inputs, indices), True
     elif on_student_samples(spec, step):
         work.shards = pipeline.launch_rollouts(step, indices, spec.rollout.samples_per_prompt)
     else:
         groups = pipeline.by_teacher(indices)
-        refs = [ref for rows in groups.values() for ref in supervised_refs(prepared, rows)]
+        refs = [ref for rows in groups.values() for ref in supervised_refs(inputs, rows)]
         sequences = [len(rows) for rows in groups.values()]
         work.shards, work.dataset = pipeline.launch_scoring(step, refs, sequences, list(groups)), True
     return work

@@ -21,7 +21,7 @@ import ray
 from opd_ray.data.order import PromptSampler
 from opd_ray.data.preflight import check_teacher
 from opd_ray.data.prompts import PromptSet
-from opd_ray.data.run_inputs import Prepared, load_run_inputs
+from opd_ray.data.run_inputs import RunInputs, load_run_inputs
 from opd_ray.driver.evaluation import Accuracy, evaluate_by_teacher
 from opd_ray.driver.outputs_apart import check_outputs_apart
 from opd_ray.driver.pipeline import rollout_and_score
@@ -90,21 +90,21 @@ class Candidate:
     template, cross-tokenizer scoring) and the prompts as that spec renders them for it."""
 
     spec: ExperimentSpec
-    prepared: Prepared
+    inputs: RunInputs
 
     @property
     def model(self) -> ModelSpec:
         return self.spec.teacher_model(next(iter(self.spec.teachers)))
 
 
-def check_candidates(spec: ExperimentSpec, prepared: Prepared, paths: list[str]) -> list[Candidate]:
+def check_candidates(spec: ExperimentSpec, inputs: RunInputs, paths: list[str]) -> list[Candidate]:
     """The spec's teacher, then each `--teacher`: a model folder (read with the spec's teacher settings) or a
     spec file whose one teacher comes with its own settings (another family's prompt format, another
     vocabulary); such a spec must train the same student on the same data, or the comparison is not one."""
     if paths and len(spec.teachers) > 1:
         raise UserError("opd-ray probe --teacher compares candidates for one teacher; this spec names several")
     name = next(iter(spec.teachers))
-    candidates = [Candidate(spec, prepared)]
+    candidates = [Candidate(spec, inputs)]
     for i, path in enumerate(paths, start=1):
         if path.endswith((".yaml", ".yml")):
             other = load_spec(path)
@@ -120,9 +120,9 @@ def check_candidates(spec: ExperimentSpec, prepared: Prepared, paths: list[str])
             candidates.append(Candidate(other, load_run_inputs(other)))
         else:
             teacher = spec.teacher_model(name).model_copy(update={"path": path})
-            check_teacher(spec, teacher, f"--teacher #{i}", prepared.tokenizer)
+            check_teacher(spec, teacher, f"--teacher #{i}", inputs.tokenizer)
             settings = spec.teachers[name].model_copy(update={"model": teacher})
-            candidates.append(Candidate(spec.model_copy(update={"teachers": {name: settings}}), prepared))
+            candidates.append(Candidate(spec.model_copy(update={"teachers": {name: settings}}), inputs))
     return candidates
 
 
@@ -132,25 +132,25 @@ def run_probe(spec: ExperimentSpec, other_teachers: list[str] = ()) -> dict:
     teacher's bundle, after its own prompts), and `candidates` ranks them all by the paper's two conditions."""
     run_dir = run_directory(spec.run.output_dir)  # refused now rather than after the probe's work
     check_outputs_apart(spec)
-    prepared = start(spec)
-    candidates = check_candidates(spec, prepared, list(other_teachers))
+    inputs = start(spec)
+    candidates = check_candidates(spec, inputs, list(other_teachers))
     started = time.perf_counter()  # the probe's own time, not start-up's (which may build tiny models)
     roles = start_roles(spec)
     try:
-        indices = PromptSampler(len(prepared.train), spec.run.seed).next(min(spec.probe.prompts, len(prepared.train)))
-        refs = rollout_and_score(roles, prepared.train, indices, step=0, seed=spec.run.seed)
-        student_accuracy = accuracy(spec, roles, prepared, eval_set(spec, prepared), "rollout")  # per route too
-        results = [measure(spec, roles, prepared, refs, eval_set(spec, prepared), student_accuracy)]
+        indices = PromptSampler(len(inputs.train), spec.run.seed).next(min(spec.probe.prompts, len(inputs.train)))
+        refs = rollout_and_score(roles, inputs.train, indices, step=0, seed=spec.run.seed)
+        student_accuracy = accuracy(spec, roles, inputs, eval_set(spec, inputs), "rollout")  # per route too
+        results = [measure(spec, roles, inputs, refs, eval_set(spec, inputs), student_accuracy)]
         name = next(iter(spec.teachers))
         for candidate in candidates[1:]:
             bundle = roles.placement.actor_options[teacher_role(name, len(spec.teachers))][0]
             for old in roles.teachers:
                 ray.kill(old, no_restart=True)  # frees the bundle for the next candidate
             roles.teacher_pools = {name: [start_teacher(candidate.spec, name, 0, bundle)]}
-            own_prompts = candidate.prepared.train.teacher_prompts(indices)
+            own_prompts = candidate.inputs.train.teacher_prompts(indices)
             rescored = [roles.teachers[0].score.remote(ref, own_prompts)[0] for ref in refs]
-            own_eval = eval_set(candidate.spec, candidate.prepared)
-            results.append(measure(candidate.spec, roles, candidate.prepared, rescored, own_eval, student_accuracy))
+            own_eval = eval_set(candidate.spec, candidate.inputs)
+            results.append(measure(candidate.spec, roles, candidate.inputs, rescored, own_eval, student_accuracy))
     finally:
         roles.shutdown()
     for candidate, result in zip(candidates, results, strict=True):
@@ -163,11 +163,11 @@ def run_probe(spec: ExperimentSpec, other_teachers: list[str] = ()) -> dict:
     return result
 
 
-def eval_set(spec: ExperimentSpec, prepared: Prepared) -> PromptSet | None:
+def eval_set(spec: ExperimentSpec, inputs: RunInputs) -> PromptSet | None:
     """`probe.eval_prompts` rows spread over data.eval (the same rows for every candidate), if it has answers."""
-    if prepared.eval is None or any(answer is None for answer in prepared.eval.answers):
+    if inputs.eval is None or any(answer is None for answer in inputs.eval.answers):
         return None
-    return prepared.eval.spread(spec.probe.eval_prompts)
+    return inputs.eval.spread(spec.probe.eval_prompts)
 
 
 def rank_key(result: dict) -> tuple:
@@ -176,21 +176,21 @@ def rank_key(result: dict) -> tuple:
     return (not result["verdict"]["likely_to_help"], -(result["signals"]["diag/overlap_ratio"] or 0.0), -gap)
 
 
-def accuracy(spec: ExperimentSpec, roles, prepared, eval_prompts: PromptSet | None, kind: str) -> Accuracy | None:
+def accuracy(spec: ExperimentSpec, roles, inputs, eval_prompts: PromptSet | None, kind: str) -> Accuracy | None:
     if eval_prompts is None:
         return None
     return evaluate_by_teacher(
-        roles, kind, eval_prompts, prepared.verifier, spec.rollout.max_new_tokens, spec.answer_stops
+        roles, kind, eval_prompts, inputs.verifier, spec.rollout.max_new_tokens, spec.answer_stops
     )
 
 
-def measure(spec: ExperimentSpec, roles, prepared, refs: list, eval_prompts, student_accuracy) -> dict:
+def measure(spec: ExperimentSpec, roles, inputs, refs: list, eval_prompts, student_accuracy) -> dict:
     """Step 1's diagnostics of the scored samples `refs`, the current teacher's accuracy, and the verdict;
     with named teachers, the same for each teacher on its own rows (`teachers`)."""
     k = spec.diagnostics.top_k
     names = tuple(spec.teachers) if spec.several_teachers else ()
     metrics = roles.learners.diagnose(refs, spec.algorithm, k, names, spec.trainer.timeouts.step_s)
-    teacher_accuracy = accuracy(spec, roles, prepared, eval_prompts, "teacher")
+    teacher_accuracy = accuracy(spec, roles, inputs, eval_prompts, "teacher")
     result = probe_result(metrics, "", k, spec.probe, teacher_accuracy, student_accuracy, None)
     if names:
         result["teachers"] = {

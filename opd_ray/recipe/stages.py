@@ -35,7 +35,7 @@ from opd_ray.actors.runtime import actor_env, get_or_raise_first
 from opd_ray.actors.vllm_engine import ENGINE_ENV, Completion
 from opd_ray.console import console, step_progress
 from opd_ray.data.repetition import is_repetitive
-from opd_ray.data.run_inputs import Prepared
+from opd_ray.data.run_inputs import RunInputs
 from opd_ray.data.verifiers import GuardedVerifier
 from opd_ray.driver.evaluation import accuracy_of, ended_at, gap_recovery
 from opd_ray.driver.fingerprint import check_same_run, run_fingerprint
@@ -119,18 +119,18 @@ def stage_engine_options(resources: ResourcesSpec) -> dict:
     return {**resources.actor_options(), "runtime_env": {"env_vars": {**actor_env()["env_vars"], **ENGINE_ENV}}}
 
 
-def start_greedy_eval(spec: ExperimentSpec, prepared: Prepared, model: ModelSpec) -> tuple | None:
+def start_greedy_eval(spec: ExperimentSpec, inputs: RunInputs, model: ModelSpec) -> tuple | None:
     """Starts a greedy evaluation of `model` on the eval prompts in an engine of its own (with the rollout's
     resources); None without eval prompts. `greedy_accuracy` collects it."""
-    if prepared.eval is None:
+    if inputs.eval is None:
         return None
     options = stage_engine_options(spec.rollout.resources)
     worker = ray.remote(RolloutWorker).options(**options).remote(model, spec.rollout.engine, spec.rollout, 0)
-    prompts = prepared.eval.subset(list(range(len(prepared.eval))))
+    prompts = inputs.eval.subset(list(range(len(inputs.eval))))
     return worker, worker.greedy.remote(prompts, spec.rollout.max_new_tokens)
 
 
-def greedy_accuracy(spec: ExperimentSpec, prepared: Prepared, started: tuple | None, what: str) -> float | None:
+def greedy_accuracy(spec: ExperimentSpec, inputs: RunInputs, started: tuple | None, what: str) -> float | None:
     if started is None:
         return None
     worker, ref = started
@@ -138,19 +138,19 @@ def greedy_accuracy(spec: ExperimentSpec, prepared: Prepared, started: tuple | N
         (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, what)
     finally:
         ray.kill(worker)
-    return accuracy_of(completions, prepared.eval, prepared.verifier)
+    return accuracy_of(completions, inputs.eval, inputs.verifier)
 
 
-def teacher_accuracy(spec: ExperimentSpec, prepared: Prepared, engine: ray.actor.ActorHandle) -> float | None:
+def teacher_accuracy(spec: ExperimentSpec, inputs: RunInputs, engine: ray.actor.ActorHandle) -> float | None:
     """The teacher's greedy accuracy on the eval prompts, in the engine that generated its answers."""
-    if prepared.eval is None:
+    if inputs.eval is None:
         return None
-    rows = list(range(len(prepared.eval)))
-    prompts = prepared.eval.teacher_prompts(rows) or prepared.eval.subset(rows)  # its own, as OPD evaluates it
+    rows = list(range(len(inputs.eval)))
+    prompts = inputs.eval.teacher_prompts(rows) or inputs.eval.subset(rows)  # its own, as OPD evaluates it
     ref = engine.greedy.remote(prompts, spec.rollout.max_new_tokens)
     (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, "the teacher's evaluation")
     stops = next(iter(spec.teachers.values())).answer_stop
-    return accuracy_of([ended_at(c, stops) for c in completions], prepared.eval, prepared.verifier)
+    return accuracy_of([ended_at(c, stops) for c in completions], inputs.eval, inputs.verifier)
 
 
 def within_budget(completions: list[Completion], spent: int, budget: int | None) -> list[Completion]:
@@ -167,7 +167,7 @@ def within_budget(completions: list[Completion], spent: int, budget: int | None)
     return kept
 
 
-def in_student_tokens(completion: Completion, spec: ExperimentSpec, prepared: Prepared) -> Completion:
+def in_student_tokens(completion: Completion, spec: ExperimentSpec, inputs: RunInputs) -> Completion:
     """A cross-tokenizer teacher's answer as the student trains on it: its text up to its `answer_stop` (a
     few-shot base model goes on to the next question), stripped, in the student's tokens, with the student's
     end of sequence when the answer ended. A teacher of the student's vocabulary answers in its tokens."""
@@ -176,12 +176,12 @@ def in_student_tokens(completion: Completion, spec: ExperimentSpec, prepared: Pr
         return completion
     ended = ended_at(completion, teacher.answer_stop)
     text = ended.text.strip()
-    ids = prepared.tokenizer(text, add_special_tokens=False).input_ids
-    return replace(ended, token_ids=[*ids, prepared.tokenizer.eos_token_id] if ended.finished else ids, text=text)
+    ids = inputs.tokenizer(text, add_special_tokens=False).input_ids
+    return replace(ended, token_ids=[*ids, inputs.tokenizer.eos_token_id] if ended.finished else ids, text=text)
 
 
 def write_teacher_answers(
-    spec: ExperimentSpec, prepared: Prepared, engine: ray.actor.ActorHandle, rows: list[int], out: TextIO
+    spec: ExperimentSpec, inputs: RunInputs, engine: ray.actor.ActorHandle, rows: list[int], out: TextIO
 ) -> Counter:
     """Generates answers for `rows` chunk by chunk and writes the kept ones as jsonl, until the rows or
     `max_teacher_tokens` run out; returns the counts of kept (`kept`), of each drop reason, and of the
@@ -192,19 +192,19 @@ def write_teacher_answers(
     with step_progress("teacher_generate", len(rows)) as progress:
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
-            own_prompts = prepared.train.teacher_prompts(chunk) or prepared.train.subset(chunk)
+            own_prompts = inputs.train.teacher_prompts(chunk) or inputs.train.subset(chunk)
             ref = engine.complete.remote(own_prompts, spec.run.seed + start)
             (completions,) = get_or_raise_first([ref], spec.trainer.timeouts.step_s, GENERATING)
             for completion in within_budget(completions, counts["teacher_tokens"], budget):
                 counts["teacher_tokens"] += len(completion.token_ids)
-                completion = in_student_tokens(completion, spec, prepared)
+                completion = in_student_tokens(completion, spec, inputs)
                 row = completion.prompt_index
-                reason = drop_reason(completion, prepared.train.answers[row], prepared.verifier, settings)
+                reason = drop_reason(completion, inputs.train.answers[row], inputs.verifier, settings)
                 counts[reason or "kept"] += 1
                 if reason is None:
                     record = {
                         "row": row,
-                        "prompt_ids": prepared.train.prompt_ids[row],
+                        "prompt_ids": inputs.train.prompt_ids[row],
                         "response_ids": completion.token_ids,
                         "response": completion.text,
                     }
@@ -215,14 +215,14 @@ def write_teacher_answers(
     return counts
 
 
-def teacher_generate(spec: ExperimentSpec, prepared: Prepared) -> dict:
-    rows = cold_start_rows(spec, len(prepared.train))
+def teacher_generate(spec: ExperimentSpec, inputs: RunInputs) -> dict:
+    rows = cold_start_rows(spec, len(inputs.train))
     engine = teacher_engine(spec)
-    original = start_greedy_eval(spec, prepared, spec.models.student)
+    original = start_greedy_eval(spec, inputs, spec.models.student)
     teacher = None
     try:
         with written_aside(stage_dir(spec, "teacher_generate") / "data.jsonl") as partial, partial.open("w") as out:
-            counts = write_teacher_answers(spec, prepared, engine, rows, out)
+            counts = write_teacher_answers(spec, inputs, engine, rows, out)
             teacher_tokens = counts.pop("teacher_tokens", 0)
             kept = counts.pop("kept", 0)
             if kept == 0:
@@ -231,10 +231,10 @@ def teacher_generate(spec: ExperimentSpec, prepared: Prepared) -> dict:
                     "raise cold_start.teacher_generate.max_new_tokens or relax its filters"
                 )
         if "opd" not in spec.stages:  # no OPD stage measures the teacher: this engine does
-            teacher = teacher_accuracy(spec, prepared, engine)
+            teacher = teacher_accuracy(spec, inputs, engine)
     finally:
         ray.kill(engine)
-        student_accuracy = greedy_accuracy(spec, prepared, original, "the original student's evaluation")
+        student_accuracy = greedy_accuracy(spec, inputs, original, "the original student's evaluation")
     generated = kept + sum(counts.values())
     record = {"rows": rows, "generated": generated, "kept": kept, "dropped": dict(counts)}
     record.update(teacher_tokens=teacher_tokens, student_accuracy_before_cold_start=student_accuracy)
@@ -245,7 +245,7 @@ def teacher_generate(spec: ExperimentSpec, prepared: Prepared) -> dict:
     return record
 
 
-def sft(spec: ExperimentSpec, prepared: Prepared) -> dict:
+def sft(spec: ExperimentSpec, inputs: RunInputs) -> dict:
     settings = spec.cold_start.sft
     data = stage_dir(spec, "teacher_generate") / "data.jsonl"
     examples = [(row["prompt_ids"], row["response_ids"]) for row in map(json.loads, data.read_text().splitlines())]
@@ -268,8 +268,8 @@ def sft(spec: ExperimentSpec, prepared: Prepared) -> dict:
     record["student_tokens_trained"] = sft_tokens_trained(examples, settings.steps, settings.batch_size)
     if "opd" not in spec.stages:  # the SFT student is the result: measure it as OPD's would be
         student = spec.models.student.model_copy(update={"path": str(output)})
-        started = start_greedy_eval(spec, prepared, student)
-        record["student_accuracy_after"] = greedy_accuracy(spec, prepared, started, "the SFT student's evaluation")
+        started = start_greedy_eval(spec, inputs, student)
+        record["student_accuracy_after"] = greedy_accuracy(spec, inputs, started, "the SFT student's evaluation")
     mark_done(spec, "sft", record)
     return record
 
@@ -305,13 +305,13 @@ def run_stages(
     check_outputs_apart(spec, spec_file, resume)
     with stop_between_steps(), claimed(Path(spec.run.output_dir), mode) as run_dir:  # a signal before OPD: stop now
         spec = spec.model_copy(update={"run": spec.run.model_copy(update={"output_dir": str(run_dir)})})
-        prepared = start(spec)
-        records = run_cold_start(spec, prepared, force)
+        inputs = start(spec)
+        records = run_cold_start(spec, inputs, force)
         if "opd" not in spec.stages:
             return cold_start_summary(spec, records, run_dir)
         if "teacher_generate" in records:  # OPD trains on the prompts the cold start did not answer
-            prepared = replace(prepared, train=prepared.train.without(set(records["teacher_generate"]["rows"])))
-        summary = distill(opd_spec(spec), prepared, resume=resume, force=force)
+            inputs = replace(inputs, train=inputs.train.without(set(records["teacher_generate"]["rows"])))
+        summary = distill(opd_spec(spec), inputs, resume=resume, force=force)
     if records:
         summary["cold_start"] = {
             stage: {k: v for k, v in record.items() if k not in ("rows", "fingerprint")}
@@ -352,7 +352,7 @@ def summarise_from_original_student(summary: dict, records: dict[str, dict]) -> 
         summary["gap_recovery_from_original_student"] = gap_recovery(original, after, teacher)
 
 
-def run_cold_start(spec: ExperimentSpec, prepared: Prepared, force: bool = False) -> dict[str, dict]:
+def run_cold_start(spec: ExperimentSpec, inputs: RunInputs, force: bool = False) -> dict[str, dict]:
     """The stages before OPD, each skipped when its done.json exists; their records by stage."""
     records: dict[str, dict] = {}
     for stage in spec.stages:
@@ -364,5 +364,5 @@ def run_cold_start(spec: ExperimentSpec, prepared: Prepared, force: bool = False
             records[stage] = done
             continue
         console.print(f"[bold]stage {stage}[/]")
-        records[stage] = teacher_generate(spec, prepared) if stage == "teacher_generate" else sft(spec, prepared)
+        records[stage] = teacher_generate(spec, inputs) if stage == "teacher_generate" else sft(spec, inputs)
     return records

@@ -8,20 +8,20 @@ or started.
 
 from __future__ import annotations
 
-from opd_ray.data.run_inputs import Prepared, load_run_inputs
+from opd_ray.data.run_inputs import RunInputs, load_run_inputs
 from opd_ray.recipe.cluster import connect
 from opd_ray.recipe.real_models import ensure_imported_models
 from opd_ray.recipe.tiny_models import ensure_tiny_models
 from opd_ray.spec import ExperimentSpec
 
 
-def start(spec: ExperimentSpec) -> Prepared:
+def start(spec: ExperimentSpec) -> RunInputs:
     """Builds what `models.build_tiny` / `models.import_pretrained` name if missing, checks and tokenizes
     the data, connects to Ray."""
     if spec.models.build_tiny is not None:
         ensure_tiny_models(spec)
     if spec.models.import_pretrained is not None:
         ensure_imported_models(spec)
-    prepared = load_run_inputs(spec)
+    inputs = load_run_inputs(spec)
     connect(spec.ray)
-    return prepared
+    return inputs

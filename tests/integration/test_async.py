@@ -61,8 +61,8 @@ def test_slow_teacher_replica_takes_fewer_shards_and_no_prompt_is_lost(two_of_ea
     batches hold exactly its prompts, once each."""
     from opd_ray.driver.pipeline import Pipeline
 
-    roles, prepared = two_of_each
-    pipeline = Pipeline(roles, prepared.train, run_seed=0, prompts_per_shard=2)
+    roles, inputs = two_of_each
+    pipeline = Pipeline(roles, inputs.train, run_seed=0, prompts_per_shard=2)
     steps = {step: list(range(16 * step, 16 * step + 16)) for step in (1, 2, 3)}
     launched = {step: pipeline.launch_rollouts(step, indices, 1) for step, indices in steps.items()}
     for step, shards in launched.items():
@@ -88,11 +88,11 @@ def test_which_actors_sample_and_score_a_shard_changes_nothing(two_of_each, loca
     from opd_ray.driver.pipeline import Pipeline
     from opd_ray.losses.batch import RolloutBatch
 
-    roles, prepared = two_of_each
+    roles, inputs = two_of_each
     one = replace(roles, rollout_workers=roles.rollout_workers[:1], teacher_pools={"teacher": roles.teachers[:1]})
     batches = {}
     for name, subset in (("one of each", one), ("two of each", roles)):
-        pipeline = Pipeline(subset, prepared.train, run_seed=3, prompts_per_shard=4)
+        pipeline = Pipeline(subset, inputs.train, run_seed=3, prompts_per_shard=4)
         batches[name] = [
             RolloutBatch.concat(local_ray.get(pipeline.wait_step(pipeline.launch_rollouts(step, indices, 1))))
             for step, indices in ((1, list(range(16))), (2, list(range(16, 32))))

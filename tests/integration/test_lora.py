@@ -28,9 +28,9 @@ def lora_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray
     raw = tiny_spec_dict(tiny_dir, tmp_path_factory.mktemp("run"))
     raw["learner"].update(lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}, lr=3e-2)
     spec = ExperimentSpec.model_validate(raw)
-    prepared = load_run_inputs(spec)
-    tokenizer = prepared.tokenizer
-    sequence = prepared.train.prompt_ids[0] + tokenizer("4321").input_ids + [tokenizer.eos_token_id]
+    inputs = load_run_inputs(spec)
+    tokenizer = inputs.tokenizer
+    sequence = inputs.train.prompt_ids[0] + tokenizer("4321").input_ids + [tokenizer.eos_token_id]
     learners = LearnerGroup(spec.models.student, spec.learner, 8, 10, roles_env(spec))
     options = engine_actor_options(spec, spec.rollout.resources)  # the engine's environment, as a run starts it
     engine = (
@@ -40,7 +40,7 @@ def lora_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray
     )
     examples = [
         (ids, [*tokenizer(answer).input_ids, tokenizer.eos_token_id])
-        for ids, answer in zip(prepared.train.prompt_ids, prepared.train.answers, strict=True)
+        for ids, answer in zip(inputs.train.prompt_ids, inputs.train.answers, strict=True)
     ]
     try:
         yield SimpleNamespace(spec=spec, learners=learners, engine=engine, sequence=sequence, examples=examples)

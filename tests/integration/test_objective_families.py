@@ -29,13 +29,13 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
     raw["algorithm"] = {"objective": "topk", "topk_support": "union", "top_k": 4}
     raw["data"]["verifier"] = "exact"
     spec = ExperimentSpec.model_validate(raw)
-    prepared = load_run_inputs(spec)
+    inputs = load_run_inputs(spec)
     vllm_teacher = start_teacher_actor(  # starts while the roles do
         TeacherScorer, spec.teacher_model("teacher"), spec.teachers["teacher"].model_copy(update={"backend": "vllm"}), 0
     )
     roles = start_roles(spec)
     try:
-        refs = rollout_and_score(roles, prepared.train, list(range(16)), 1)
+        refs = rollout_and_score(roles, inputs.train, list(range(16)), 1)
         by_transformers = local_ray.get(refs[0])
         by_vllm = local_ray.get(vllm_teacher.score.remote(by_transformers)[0])
         response = by_transformers.response_mask_BL.bool()
@@ -73,7 +73,7 @@ def test_transformers_teacher_matches_vllm_and_every_variant_trains(tiny_dir: Pa
             "sequence mean": {"objective": "topk", "aggregation": "sequence_mean"},
         }
         for step, (name, variant) in enumerate(variants.items(), start=2):
-            refs = rollout_and_score(roles, prepared.train, list(range(16 * step, 16 * step + 16)), step)
+            refs = rollout_and_score(roles, inputs.train, list(range(16 * step, 16 * step + 16)), step)
             metrics = roles.learners.train_step(refs, AlgorithmSpec(**variant), 4, step)
             assert math.isfinite(metrics["loss"]), name
             assert 0.0 <= metrics["sample_reward"] <= 1.0, name

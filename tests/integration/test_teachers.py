@@ -65,10 +65,10 @@ def teachers_started(tiny_dir, tmp_path_factory, local_ray):
     from opd_ray.driver.roles import start_roles
 
     spec = ExperimentSpec.model_validate(four_teachers(tiny_dir, tmp_path_factory.mktemp("teachers")))
-    prepared = load_run_inputs(spec)
+    inputs = load_run_inputs(spec)
     roles = start_roles(spec)
     try:
-        yield spec, prepared, roles
+        yield spec, inputs, roles
     finally:
         roles.shutdown()
 
@@ -104,8 +104,8 @@ def test_every_row_is_scored_by_its_routes_teacher_on_that_teachers_prompt(teach
     teacher's prompt (a float check against transformers), on the response positions only."""
     from opd_ray.driver.pipeline import rollout_and_score
 
-    spec, prepared, roles = teachers_started
-    train, names = prepared.train, list(spec.teachers)
+    spec, inputs, roles = teachers_started
+    train, names = inputs.train, list(spec.teachers)
     models = {"a": AutoModelForCausalLM.from_pretrained(spec.teacher_model("a").path).eval()}
     models["b"] = models["now"] = models["frozen"] = AutoModelForCausalLM.from_pretrained(
         spec.models.student.path
@@ -128,8 +128,8 @@ def test_a_self_teacher_follows_the_learner_only_with_current_weights(teachers_s
     from opd_ray.driver.pipeline import rollout_and_score
     from opd_ray.driver.roles import sync_weights
 
-    spec, prepared, roles = teachers_started
-    train, names = prepared.train, list(spec.teachers)
+    spec, inputs, roles = teachers_started
+    train, names = inputs.train, list(spec.teachers)
     refs = rollout_and_score(roles, train, list(range(16, 32)), step=2)
     metrics = roles.learners.train_step(refs, spec.algorithm, 4, 1, teacher_names=tuple(names))
     assert {f"teacher/{name}/loss" for name in names} <= set(metrics)
@@ -154,10 +154,10 @@ def test_a_dead_teacher_replica_is_restarted_alone(teachers_started, local_ray) 
 
     from opd_ray.driver.pipeline import rollout_and_score
 
-    _, prepared, roles = teachers_started
+    _, inputs, roles = teachers_started
     pids = {name: local_ray.get(pool[0].location.remote())["pid"] for name, pool in roles.teacher_pools.items()}
     ray.kill(roles.teacher_pools["a"][0], no_restart=False)
-    batches = local_ray.get(rollout_and_score(roles, prepared.train, list(range(32, 48)), step=4))
+    batches = local_ray.get(rollout_and_score(roles, inputs.train, list(range(32, 48)), step=4))
     assert sorted(row for b in batches for row in b.prompt_index_B.tolist()) == list(range(32, 48))
     assert roles.restarts["teacher"] == 1
     after = {name: local_ray.get(pool[0].location.remote())["pid"] for name, pool in roles.teacher_pools.items()}

@@ -39,12 +39,12 @@ def zero3(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray):
     for section, values in COLLECTIVE.items():
         raw[section] = {**raw.get(section, {}), **values}
     spec = ExperimentSpec.model_validate(raw)
-    prepared = load_run_inputs(spec)
-    tokenizer = prepared.tokenizer
-    sequence = prepared.train.prompt_ids[0] + tokenizer("4321").input_ids + [tokenizer.eos_token_id]
+    inputs = load_run_inputs(spec)
+    tokenizer = inputs.tokenizer
+    sequence = inputs.train.prompt_ids[0] + tokenizer("4321").input_ids + [tokenizer.eos_token_id]
     roles = start_roles(spec)
     try:
-        yield SimpleNamespace(spec=spec, prepared=prepared, roles=roles, sequence=sequence, version=0)
+        yield SimpleNamespace(spec=spec, inputs=inputs, roles=roles, sequence=sequence, version=0)
     finally:
         roles.shutdown()
 
@@ -55,7 +55,7 @@ def train(setup: SimpleNamespace, steps: int) -> None:
     for _ in range(steps):
         setup.version += 1
         indices = list(range(16 * setup.version, 16 * setup.version + 16))
-        refs = rollout_and_score(setup.roles, setup.prepared.train, indices, setup.version)
+        refs = rollout_and_score(setup.roles, setup.inputs.train, indices, setup.version)
         setup.roles.learners.train_step(refs, setup.spec.algorithm)
 
 
@@ -77,7 +77,7 @@ def test_full_vocab_on_learners_equals_topk_over_the_whole_vocabulary(zero3) -> 
     top-15 (all 15 ids) divergence, on one student (`loss`: no update)."""
     from opd_ray.driver.pipeline import rollout_and_score
 
-    refs = rollout_and_score(zero3.roles, zero3.prepared.train, list(range(32)), 1)
+    refs = rollout_and_score(zero3.roles, zero3.inputs.train, list(range(32)), 1)
     for divergence in ("reverse_kl", "forward_kl", "jsd"):
         full = zero3.roles.learners.loss(refs, AlgorithmSpec(objective="full_vocab", divergence=divergence))
         topk = zero3.roles.learners.loss(refs, AlgorithmSpec(objective="topk", divergence=divergence))

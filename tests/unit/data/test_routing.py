@@ -28,9 +28,9 @@ def test_each_row_goes_to_its_teacher_with_that_teachers_prompt(tiny_dir: Path, 
     with pytest.raises(UserError, match=r"eval\.jsonl row 1: data\.route\.field 'task' is not a column"):
         load_run_inputs(ExperimentSpec.model_validate(raw))  # eval rows are routed too: each teacher's own rows
     raw["data"]["eval"] = raw["data"]["train"]
-    prepared = load_run_inputs(ExperimentSpec.model_validate(raw))
-    assert prepared.eval.teachers == prepared.train.teachers
-    train, tokenizer = prepared.train, prepared.tokenizer
+    inputs = load_run_inputs(ExperimentSpec.model_validate(raw))
+    assert inputs.eval.teachers == inputs.train.teachers
+    train, tokenizer = inputs.train, inputs.tokenizer
     assert train.teachers == ["sums", "hinted", "sums", "hinted"]  # "hint" and "other": the route's default
     rows = [json.loads(line) for line in Path(raw["data"]["train"]["path"]).read_text().splitlines()]
     for i, row in enumerate(rows):

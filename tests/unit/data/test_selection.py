@@ -60,18 +60,18 @@ def test_selection_in_the_spec_cleans_and_mixes_the_training_prompts(tiny_dir: P
         "outside": {"path": str(write_jsonl(tmp_path / "outside.jsonl", ["5+5=", "6+6=", "99+1=", "7+7="]))},
         "outside_fraction": 0.4,
     }
-    prepared = load_run_inputs(ExperimentSpec.model_validate(raw))
-    assert prepared.selection == {
+    inputs = load_run_inputs(ExperimentSpec.model_validate(raw))
+    assert inputs.selection == {
         "pool": 6,
         "kept": 3,  # 12+34=, 56+78=, 11+22=
         "dropped": {"exact_repeat": 1, "exact_reference": 2},
         "outside": 2,  # 2 of 5 = 40%; 99+1= is an eval prompt and never eligible
         "outside_dropped": {"exact_reference": 1},
     }
-    decoded = sorted(prepared.tokenizer.decode(ids) for ids in prepared.train.prompt_ids)
+    decoded = sorted(inputs.tokenizer.decode(ids) for ids in inputs.train.prompt_ids)
     assert [p for p in decoded if p in train] == ["11+22=", "12+34=", "56+78="]
     assert len([p for p in decoded if p in ("5+5=", "6+6=", "7+7=")]) == 2
-    outside = {prepared.tokenizer.decode(prepared.train.prompt_ids[row]) for row in prepared.train.outside_rows}
+    outside = {inputs.tokenizer.decode(inputs.train.prompt_ids[row]) for row in inputs.train.outside_rows}
     assert len(outside) == 2 and outside <= {"5+5=", "6+6=", "7+7="}
 
 
@@ -91,8 +91,8 @@ def test_prompts_wrapped_in_the_teachers_chat_template(tiny_dir: Path, tmp_path:
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     raw["models"]["teacher"]["path"] = str(teacher)
     raw["data"].update(use_chat_template=True, template_source="teacher")
-    prepared = load_run_inputs(ExperimentSpec.model_validate(raw))
-    first = prepared.tokenizer.decode(prepared.train.prompt_ids[0])
+    inputs = load_run_inputs(ExperimentSpec.model_validate(raw))
+    first = inputs.tokenizer.decode(inputs.train.prompt_ids[0])
     assert first.endswith("==") and first.count("=") == 2  # the task's "a+b=" plus the teacher's "="
 
     raw["data"]["template_source"] = "student"

@@ -101,7 +101,7 @@ def test_a_run_measures_the_teacher_once_and_then_only_the_student(raw: dict, mo
     monkeypatch.setattr(loop, "accuracies", evaluations_standing_in)
     spec = spec_with(raw)
     for _ in range(2):
-        run = SimpleNamespace(spec=spec, prepared=SimpleNamespace(eval=EVAL), summary={}, startup={})
+        run = SimpleNamespace(spec=spec, inputs=SimpleNamespace(eval=EVAL), summary={}, startup={})
         loop.measure_before_training(run)
         assert run.summary["teacher_accuracy"] == 0.75 and run.summary["student_accuracy_before"] == 0.25
         assert run.startup["accuracy_before"] >= 0
@@ -115,7 +115,7 @@ def test_reuse_turned_off_measures_the_teacher_again(raw: dict, monkeypatch: pyt
     asked: list[str] = []
     monkeypatch.setattr(loop, "accuracies", lambda run, kind: asked.append(kind) or Accuracy(0.5, {"teacher": 0.5}))
     store_teacher_accuracy(cache_entry(spec_with(raw), EVAL), spec_with(raw), Accuracy(0.9, {"teacher": 0.9}))
-    run = SimpleNamespace(spec=spec_with(raw, reuse_teacher_accuracy=False), prepared=SimpleNamespace(eval=EVAL))
+    run = SimpleNamespace(spec=spec_with(raw, reuse_teacher_accuracy=False), inputs=SimpleNamespace(eval=EVAL))
     run.summary, run.startup = {}, {}
     loop.measure_before_training(run)
     assert asked == ["teacher", "rollout"] and run.summary["teacher_accuracy"] == 0.5

@@ -54,15 +54,15 @@ def test_a_candidate_spec_brings_its_teachers_own_settings_and_must_share_studen
 
     raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
     spec = ExperimentSpec.model_validate(raw)
-    prepared = load_run_inputs(spec)
+    inputs = load_run_inputs(spec)
     other = {**raw, "teacher": {**raw.get("teacher", {}), "prompt_template": "1+{prompt}"}}
     path = tmp_path / "other.yaml"
     path.write_text(yaml.safe_dump(other))
-    own, candidate = check_candidates(spec, prepared, [str(path)])
+    own, candidate = check_candidates(spec, inputs, [str(path)])
     assert own.spec is spec and candidate.spec.teachers["teacher"].prompt_template == "1+{prompt}"
-    assert candidate.prepared.train.teacher_prompts([0])[0] != prepared.train.prompt_ids[0]  # its own prompt
+    assert candidate.inputs.train.teacher_prompts([0])[0] != inputs.train.prompt_ids[0]  # its own prompt
     assert candidate.spec.run == spec.run  # writes nothing of its own
 
     path.write_text(yaml.safe_dump({**other, "data": {**raw["data"], "prompt_template": "{prompt}="}}))
     with pytest.raises(UserError, match=r"--teacher #1 \(.*other.yaml\): its data differs"):
-        check_candidates(spec, prepared, [str(path)])
+        check_candidates(spec, inputs, [str(path)])

@@ -119,10 +119,10 @@ def test_a_cross_tokenizer_teachers_answer_is_cut_at_its_stop_and_retokenized_fo
     raw.update(stages=["teacher_generate", "sft", "opd"], cold_start=COLD_START)
     spec = ExperimentSpec.model_validate(raw)
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "student")
-    prepared = SimpleNamespace(tokenizer=tokenizer)  # stands in for Prepared: only its tokenizer is read
+    inputs = SimpleNamespace(tokenizer=tokenizer)  # stands in for RunInputs: only its tokenizer is read
     teachers_own = completion([901, 902, 903, 904], " 12\nQ: 3+4=", finished=False)
-    answer = in_student_tokens(teachers_own, spec, prepared)
+    answer = in_student_tokens(teachers_own, spec, inputs)
     assert answer.text == "12" and answer.finished
     assert answer.token_ids == [*tokenizer("12", add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-    cut_off = in_student_tokens(completion([901], " 1", finished=False), spec, prepared)
+    cut_off = in_student_tokens(completion([901], " 1", finished=False), spec, inputs)
     assert not cut_off.finished and cut_off.token_ids == tokenizer("1", add_special_tokens=False).input_ids
