@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
@@ -48,6 +49,7 @@ from opd_ray.files import write_json, written_aside
 from opd_ray.recipe.startup import start
 from opd_ray.recipe.supervised import train_supervised
 from opd_ray.spec import ExperimentSpec, ModelSpec, ResourcesSpec, TeacherGenerationSpec
+from opd_ray.spec.stages import StageRecord, add_stage
 
 GENERATION_CHUNK = 256  # prompts per generate call: progress and bounded memory
 BUDGET_CHUNK = 16  # with max_teacher_tokens: small calls, so that little is generated past the budget
@@ -241,7 +243,6 @@ def teacher_generate(spec: ExperimentSpec, inputs: RunInputs) -> dict:
     if teacher is not None:
         record["teacher_accuracy"] = teacher
     console.print(f"teacher_generate: kept {kept} of {record['generated']} answers; dropped {dict(counts) or 'none'}")
-    mark_done(spec, "teacher_generate", record)
     return record
 
 
@@ -270,7 +271,6 @@ def sft(spec: ExperimentSpec, inputs: RunInputs) -> dict:
         student = spec.models.student.model_copy(update={"path": str(output)})
         started = start_greedy_eval(spec, inputs, student)
         record["student_accuracy_after"] = greedy_accuracy(spec, inputs, started, "the SFT student's evaluation")
-    mark_done(spec, "sft", record)
     return record
 
 
@@ -352,6 +352,18 @@ def summarise_from_original_student(summary: dict, records: dict[str, dict]) -> 
         summary["gap_recovery_from_original_student"] = gap_recovery(original, after, teacher)
 
 
+StageRunner = Callable[[ExperimentSpec, RunInputs], dict]
+# The stages before OPD by name (spec/stages.py holds their records; OPD itself is driver/loop.py's distill):
+# each writes its output under stages/<name>/ (stage_dir) and returns the record its done.json keeps.
+STAGE_RUNNERS: dict[str, StageRunner] = {"teacher_generate": teacher_generate, "sft": sft}
+
+
+def register_stage(record: StageRecord, runner: StageRunner, before: str = "opd") -> None:
+    """A new stage: its record (what it needs, spec/stages.py) and the function that runs it, before `before`."""
+    add_stage(record, before)
+    STAGE_RUNNERS[record.name] = runner
+
+
 def run_cold_start(spec: ExperimentSpec, inputs: RunInputs, force: bool = False) -> dict[str, dict]:
     """The stages before OPD, each skipped when its done.json exists; their records by stage."""
     records: dict[str, dict] = {}
@@ -364,5 +376,6 @@ def run_cold_start(spec: ExperimentSpec, inputs: RunInputs, force: bool = False)
             records[stage] = done
             continue
         console.print(f"[bold]stage {stage}[/]")
-        records[stage] = teacher_generate(spec, inputs) if stage == "teacher_generate" else sft(spec, inputs)
+        records[stage] = STAGE_RUNNERS[stage](spec, inputs)
+        mark_done(spec, stage, records[stage])  # last: a stage killed before this runs again
     return records

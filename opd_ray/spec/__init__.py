@@ -23,17 +23,14 @@ from opd_ray.spec.roles import (
 from opd_ray.spec.tracking import TRACKERS, LoggingSpec, TrackerName
 from opd_ray.spec.trainer import (
     CONDITIONS,
-    STAGE_ORDER,
     ConditionName,
     HealthSpec,
-    StageName,
     TimeoutsSpec,
     TrainerSpec,
 )
 
 __all__ = [
     "CONDITIONS",
-    "STAGE_ORDER",
     "TRACKERS",
     "AlgorithmSpec",
     "ColdStartSpec",
@@ -62,7 +59,6 @@ __all__ = [
     "RouteSpec",
     "RunSpec",
     "SftStageSpec",
-    "StageName",
     "Strategy",
     "TeacherGenerationSpec",
     "TeacherSpec",

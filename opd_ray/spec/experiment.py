@@ -22,13 +22,12 @@ from opd_ray.spec.roles import (
     RolloutSpec,
     expand_one_teacher_shorthand,
 )
+from opd_ray.spec.stages import check_stages
 from opd_ray.spec.tracking import LoggingSpec
 from opd_ray.spec.trainer import (
     CONDITION_FIRST_STEP,
     CONDITIONS_FROM_DIAGNOSTICS,
-    STAGE_ORDER,
     HealthSpec,
-    StageName,
     TrainerSpec,
 )
 
@@ -58,9 +57,10 @@ class ExperimentSpec(Section):
     diagnostics: DiagnosticsSpec = DiagnosticsSpec()
     health: HealthSpec = HealthSpec()
     trainer: TrainerSpec = TrainerSpec()
-    stages: list[StageName] = Field(
+    stages: list[str] = Field(
         default_factory=lambda: ["opd"],
-        description="run in this order, each skipped when its output exists: teacher_generate -> sft -> opd",
+        description="the recipe's stages (spec/stages.py), run in their order, each skipped when its output exists: "
+        "teacher_generate -> sft -> opd as shipped",
     )
     cold_start: ColdStartSpec | None = None
     probe: ProbeSpec = ProbeSpec()
@@ -177,8 +177,6 @@ class ExperimentSpec(Section):
                 f"algorithm.objective={record.name} loads one frozen teacher copy on each learner rank: name one "
                 "teacher, with weights frozen"
             )
-        if self.cold_start is not None and "teacher_generate" in self.stages and len(self.teachers) > 1:
-            raise ValueError("stages: teacher_generate answers with one teacher; it does not take several yet")
 
     @model_validator(mode="after")
     def _cross_tokenizer_scoring_fits(self) -> ExperimentSpec:
@@ -229,20 +227,8 @@ class ExperimentSpec(Section):
         return self
 
     @model_validator(mode="after")
-    def _stages_in_order(self) -> ExperimentSpec:
-        stages = list(self.stages)
-        if not stages or stages != [s for s in STAGE_ORDER if s in stages] or len(set(stages)) < len(stages):
-            raise ValueError(f"stages {stages}: name each at most once, in the order {' -> '.join(STAGE_ORDER)}")
-        if "sft" in stages and "teacher_generate" not in stages:
-            raise ValueError("stages: sft trains on teacher_generate's answers; list teacher_generate before it")
-        if "teacher_generate" in stages and self.cold_start is None:
-            raise ValueError("stages: teacher_generate needs cold_start.teacher_generate (at least its prompts)")
-        if self.cold_start is not None and "sft" in stages:
-            if self.cold_start.sft.batch_size % self.learner.num_ranks:
-                raise ValueError(
-                    f"cold_start.sft.batch_size ({self.cold_start.sft.batch_size}) does not divide across "
-                    f"learner.num_ranks = {self.learner.num_ranks}"
-                )
+    def _stages_runnable(self) -> ExperimentSpec:
+        check_stages(list(self.stages), self)
         return self
 
     @model_validator(mode="after")

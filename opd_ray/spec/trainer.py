@@ -163,10 +163,6 @@ class TrainerSpec(Section):
         return self.prompts_per_shard or max(1, -(-self.prompts_per_step // num_workers))
 
 
-StageName = Literal["teacher_generate", "sft", "opd"]
-STAGE_ORDER: tuple[str, ...] = get_args(StageName)  # the order stages run in
-
-
 # The repetition rule (opd_ray/data/repetition.py): the cold start's filter and the doctor's count.
 REPEAT_NGRAM = 4
 MAX_NGRAM_REPEATS = 3

@@ -126,3 +126,51 @@ def test_a_cross_tokenizer_teachers_answer_is_cut_at_its_stop_and_retokenized_fo
     assert answer.token_ids == [*tokenizer("12", add_special_tokens=False).input_ids, tokenizer.eos_token_id]
     cut_off = in_student_tokens(completion([901], " 1", finished=False), spec, inputs)
     assert not cut_off.finished and cut_off.token_ids == tokenizer("1", add_special_tokens=False).input_ids
+
+
+# --8<-- [start:toy_stage]
+def count_prompts(spec, inputs) -> dict:
+    """A toy stage: writes how many training prompts the run has into its own folder; its record is done.json's."""
+    from opd_ray.recipe.stages import stage_dir
+
+    folder = stage_dir(spec, "count_prompts")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "count.txt").write_text(str(len(inputs.train)))
+    return {"prompts": len(inputs.train)}
+
+
+# --8<-- [end:toy_stage]
+
+
+@pytest.fixture
+def toy_stage():
+    from opd_ray.recipe.stages import STAGE_RUNNERS, register_stage
+    from opd_ray.spec.stages import STAGE_RECORDS, StageRecord
+
+    register_stage(StageRecord("count_prompts", "counts the training prompts"), count_prompts, before="opd")
+    yield
+    STAGE_RECORDS.pop("count_prompts")
+    STAGE_RUNNERS.pop("count_prompts")
+
+
+def test_a_new_stage_is_one_record_and_one_runner(tiny_dir: Path, tmp_path: Path, toy_stage) -> None:
+    from opd_ray.data.run_inputs import load_run_inputs
+    from opd_ray.recipe.stages import run_cold_start
+    from opd_ray.spec import ExperimentSpec
+    from opd_ray.spec.stages import STAGE_RECORDS
+
+    raw = tiny_spec_dict(tiny_dir, tmp_path / "run")
+    assert list(STAGE_RECORDS) == ["teacher_generate", "sft", "count_prompts", "opd"]
+    with pytest.raises(ValueError, match=r"in the order teacher_generate -> sft -> count_prompts -> opd"):
+        ExperimentSpec.model_validate({**raw, "stages": ["opd", "count_prompts"]})
+    with pytest.raises(ValueError, match=r"'counting' is not a stage; the stages are teacher_generate, sft, count"):
+        ExperimentSpec.model_validate({**raw, "stages": ["counting", "opd"]})
+    spec = ExperimentSpec.model_validate({**raw, "stages": ["count_prompts", "opd"]})
+    inputs = load_run_inputs(spec)
+    records = run_cold_start(spec, inputs)
+    folder = tmp_path / "run" / "stages" / "count_prompts"
+    assert records == {"count_prompts": {"prompts": len(inputs.train)}}
+    assert (folder / "count.txt").read_text() == str(len(inputs.train)) and (folder / "done.json").is_file()
+    (folder / "count.txt").unlink()
+    assert run_cold_start(spec, inputs)["count_prompts"]["prompts"] == len(inputs.train)  # done: skipped
+    assert not (folder / "count.txt").exists()
