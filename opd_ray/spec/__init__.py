@@ -20,7 +20,7 @@ from opd_ray.spec.roles import (
     Strategy,
     TeacherSpec,
 )
-from opd_ray.spec.tracking import TRACKERS, LoggingSpec, TrackerName
+from opd_ray.spec.tracking import TRACKER_RECORDS, LoggingSpec, TrackerRecord, add_tracker
 from opd_ray.spec.trainer import (
     CONDITIONS,
     ConditionName,
@@ -31,7 +31,7 @@ from opd_ray.spec.trainer import (
 
 __all__ = [
     "CONDITIONS",
-    "TRACKERS",
+    "TRACKER_RECORDS",
     "AlgorithmSpec",
     "ColdStartSpec",
     "ConditionName",
@@ -64,9 +64,10 @@ __all__ = [
     "TeacherSpec",
     "TimeoutsSpec",
     "TinyModelsSpec",
-    "TrackerName",
+    "TrackerRecord",
     "TrainerSpec",
     "WeightSyncSpec",
+    "add_tracker",
     "check_distinct_layers",
     "load_spec",
     "parse_layer_list",

@@ -3,21 +3,43 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal, get_args
+from dataclasses import dataclass
 
 from pydantic import Field, field_validator
 
 from opd_ray.spec.base import Section
 
-TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
-TRACKERS: tuple[str, ...] = get_args(TrackerName)
-# The module each tracker imports, and the extra that installs it (pyproject.toml).
-TRACKER_LIBRARIES = {
-    "tensorboard": ("torch.utils.tensorboard", "opd-ray"),
-    "wandb": ("wandb", "opd-ray[wandb]"),
-    "mlflow": ("mlflow", "opd-ray[mlflow]"),
-    "trackio": ("trackio", "opd-ray[trackio]"),
-}
+
+@dataclass(frozen=True)
+class TrackerRecord:
+    """One tracker: its name in `logging.trackers`, the library it needs (checked at validate, without importing
+    it) and the extra that installs it, and its class (`module:Class`, imported only by a run that uses it)."""
+
+    name: str
+    library: str
+    extra: str
+    implementation: str
+
+
+TRACKER_RECORDS: dict[str, TrackerRecord] = {}
+
+
+def add_tracker(record: TrackerRecord) -> TrackerRecord:
+    if record.name in TRACKER_RECORDS:
+        raise ValueError(f"tracker {record.name!r} is already registered")
+    TRACKER_RECORDS[record.name] = record
+    return record
+
+
+for _record in (
+    TrackerRecord(
+        "tensorboard", "torch.utils.tensorboard", "opd-ray", "opd_ray.tracking.tensorboard:TensorBoardTracker"
+    ),
+    TrackerRecord("wandb", "wandb", "opd-ray[wandb]", "opd_ray.tracking.wandb_tracker:WandbTracker"),
+    TrackerRecord("mlflow", "mlflow", "opd-ray[mlflow]", "opd_ray.tracking.mlflow_tracker:MlflowTracker"),
+    TrackerRecord("trackio", "trackio", "opd-ray[trackio]", "opd_ray.tracking.trackio_tracker:TrackioTracker"),
+):
+    add_tracker(_record)
 
 
 class LoggingSpec(Section):
@@ -25,7 +47,7 @@ class LoggingSpec(Section):
     MLflow and trackio receive the steps a checkpoint has made durable (every step when checkpoints are off),
     so a resumed run continues its tracked run without logging the re-run steps twice."""
 
-    trackers: list[TrackerName] = Field(
+    trackers: list[str] = Field(
         default_factory=lambda: ["tensorboard"],
         description="tensorboard (run_dir/tensorboard), wandb (WANDB_MODE=offline writes run_dir/wandb for "
         "`wandb sync`), mlflow (MLFLOW_TRACKING_URI, else an SQLite store beside the run directory), trackio (its "
@@ -61,9 +83,13 @@ class LoggingSpec(Section):
         if len(set(trackers)) < len(trackers):
             raise ValueError(f"{trackers}: name each tracker once")
         for name in trackers:
-            module, extra = TRACKER_LIBRARIES[name]
-            if not module_installed(module):
-                raise ValueError(f"{name}: its library ({module}) is not installed: pip install '{extra}'")
+            record = TRACKER_RECORDS.get(name)
+            if record is None:
+                raise ValueError(f"{name!r} is not a tracker; the trackers are {', '.join(TRACKER_RECORDS)}")
+            if not module_installed(record.library):
+                raise ValueError(
+                    f"{name}: its library ({record.library}) is not installed: pip install '{record.extra}'"
+                )
         return trackers
 
 

@@ -9,6 +9,7 @@ and first sends the durable steps it missed (from metrics.jsonl), so each step r
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 import time
@@ -21,16 +22,12 @@ import yaml
 
 from opd_ray.errors import UserError
 from opd_ray.files import write_json
-from opd_ray.spec import ExperimentSpec
+from opd_ray.spec import TRACKER_RECORDS, ExperimentSpec
 from opd_ray.tracking.base import RunIdentity, Tracker, scalars
 from opd_ray.tracking.lanes import TrackerDropped, TrackerLane
-from opd_ray.tracking.mlflow_tracker import MlflowTracker
-from opd_ray.tracking.tensorboard import TensorBoardTracker
-from opd_ray.tracking.trackio_tracker import TrackioTracker
-from opd_ray.tracking.wandb_tracker import WandbTracker
 
 STATE_FILE = "trackers.json"
-TRACKER_TYPES: dict[str, type] = {t.name: t for t in (TensorBoardTracker, WandbTracker, MlflowTracker, TrackioTracker)}
+TRACKER_TYPES: dict[str, type] = {}  # name -> Tracker class, imported from its record the first time a run uses it
 DEFAULT_TIMEOUT_S = 120.0  # logging.tracker_timeout_s's default, for trackers built outside a spec
 
 
@@ -123,6 +120,14 @@ class Trackers:
         return [lane for lane in self.lanes if lane.tracker.durable_only == durable_only and not lane.dropped]
 
 
+def tracker_type(name: str) -> type:
+    """The class of tracker `name`, from its record's `module:Class` (spec/tracking.py)."""
+    if name not in TRACKER_TYPES:
+        module, _, cls = TRACKER_RECORDS[name].implementation.partition(":")
+        TRACKER_TYPES[name] = getattr(importlib.import_module(module), cls)
+    return TRACKER_TYPES[name]
+
+
 def open_trackers(spec: ExperimentSpec, run_dir: Path, spec_yaml: str, resume_after: int | None) -> Trackers:
     """Starts the spec's trackers (before the roles: a tracker that cannot start costs seconds, not minutes),
     each within logging.tracker_timeout_s. `spec_yaml` is the spec as spec.yaml holds it (the run config);
@@ -134,7 +139,7 @@ def open_trackers(spec: ExperimentSpec, run_dir: Path, spec_yaml: str, resume_af
     trackers = Trackers(run_dir, [], state, every_step_durable=not spec.trainer.checkpoint_every)
     try:
         for name in spec.logging.trackers:
-            lane = TrackerLane(TRACKER_TYPES[name](), spec.logging.tracker_timeout_s)
+            lane = TrackerLane(tracker_type(name)(), spec.logging.tracker_timeout_s)
             own = state.get(name, {})
             identity = replace(base, resume_id=own.get("id"))
             tracked_id = start_tracker(lane, identity, resume_after)

@@ -344,3 +344,26 @@ def test_trackio_resumes_its_own_run_when_another_shares_its_name_and_publishes_
     monkeypatch.setenv("TRACKIO_SPACE_ID", "someone/public-space")
     with pytest.raises(UserError, match=r"TRACKIO_SPACE_ID is set in the environment .* logging.trackio_space_id"):
         TrackioTracker().start(identity, resume_after=None)
+
+
+def test_a_new_tracker_is_picked_up_from_its_record_by_a_spec_that_names_it(tmp_path: Path) -> None:
+    from opd_ray.spec import TRACKER_RECORDS, TrackerRecord, add_tracker
+    from opd_ray.tracking import run as tracking_run
+
+    raw = tiny_spec_dict(tmp_path, tmp_path / "run")
+    raw["logging"] = {"trackers": ["list"]}
+    with pytest.raises(ValueError, match=r"'list' is not a tracker; the trackers are tensorboard, wandb, mlflow"):
+        ExperimentSpec.model_validate(raw)
+    add_tracker(TrackerRecord("list", "json", "opd-ray", "tests.unit.tracking.test_trackers:ListTracker"))
+    try:
+        spec = ExperimentSpec.model_validate(raw)
+        (tmp_path / "run").mkdir()
+        trackers = open_trackers(spec, tmp_path / "run", "{}", resume_after=None)
+        trackers.log(1, {"loss": 0.5})
+        (lane,) = trackers.lanes
+        trackers.finish({"gap_recovery": 1.0}, succeeded=True)
+        assert isinstance(lane.tracker, ListTracker) and lane.tracker.steps == [(1, {"loss": 0.5})]
+        assert lane.tracker.succeeded is True
+    finally:
+        TRACKER_RECORDS.pop("list")
+        tracking_run.TRACKER_TYPES.pop("list", None)
