@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from opd_ray.health.signals import Signals
 from opd_ray.spec import HealthSpec
+from opd_ray.spec.conditions import ConditionRecord, add_condition_record
 
 
 @dataclass(frozen=True)
@@ -183,3 +184,12 @@ CONDITIONS: dict[str, Condition] = {
         ),
     )
 }
+
+
+def register_condition(condition: Condition, record: ConditionRecord | None = None) -> Condition:
+    """A new condition: its rule here, and its record (what judging it needs) for `trainer.stop_on` to name it."""
+    if condition.name in CONDITIONS:
+        raise ValueError(f"condition {condition.name!r} is already registered")
+    add_condition_record(record or ConditionRecord(condition.name))
+    CONDITIONS[condition.name] = condition
+    return condition

@@ -4,6 +4,7 @@ and how a YAML file becomes one (loading.py)."""
 from opd_ray.spec.algorithm import AlgorithmSpec, DiagnosticsSpec, EntropyGateSpec
 from opd_ray.spec.base import check_distinct_layers, parse_layer_list, template_fields
 from opd_ray.spec.cluster import PlacementSpec, RaySpec, WeightSyncSpec
+from opd_ray.spec.conditions import CONDITION_RECORDS, ConditionRecord
 from opd_ray.spec.data import DatasetSpec, DataSpec, PromptSelectionSpec, RouteSpec
 from opd_ray.spec.experiment import ExperimentSpec, RunSpec
 from opd_ray.spec.loading import load_spec, spec_to_yaml
@@ -22,19 +23,17 @@ from opd_ray.spec.roles import (
 )
 from opd_ray.spec.tracking import TRACKER_RECORDS, LoggingSpec, TrackerRecord, add_tracker
 from opd_ray.spec.trainer import (
-    CONDITIONS,
-    ConditionName,
     HealthSpec,
     TimeoutsSpec,
     TrainerSpec,
 )
 
 __all__ = [
-    "CONDITIONS",
+    "CONDITION_RECORDS",
     "TRACKER_RECORDS",
     "AlgorithmSpec",
     "ColdStartSpec",
-    "ConditionName",
+    "ConditionRecord",
     "DataSpec",
     "DatasetSpec",
     "DiagnosticsSpec",

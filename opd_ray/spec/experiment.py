@@ -9,6 +9,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from opd_ray.spec.algorithm import AlgorithmSpec, DiagnosticsSpec
 from opd_ray.spec.base import PathText, Section
 from opd_ray.spec.cluster import PlacementSpec, RaySpec, WeightSyncSpec
+from opd_ray.spec.conditions import CONDITION_RECORDS
 from opd_ray.spec.data import DataSpec
 from opd_ray.spec.models import ModelSpec, ModelsSpec
 from opd_ray.spec.objectives import OBJECTIVE_RECORDS
@@ -25,8 +26,6 @@ from opd_ray.spec.roles import (
 from opd_ray.spec.stages import check_stages
 from opd_ray.spec.tracking import LoggingSpec
 from opd_ray.spec.trainer import (
-    CONDITION_FIRST_STEP,
-    CONDITIONS_FROM_DIAGNOSTICS,
     HealthSpec,
     TrainerSpec,
 )
@@ -214,11 +213,16 @@ class ExperimentSpec(Section):
         if stop_on and not self.health.enabled:
             raise ValueError(f"trainer.stop_on {stop_on}: health.enabled is false, so the doctor never judges them")
         for name in stop_on:
-            if name in CONDITIONS_FROM_DIAGNOSTICS and not self.diagnostics.enabled:
+            record = CONDITION_RECORDS.get(name)
+            if record is None:
+                raise ValueError(
+                    f"trainer.stop_on: {name!r} is not a condition; they are {', '.join(CONDITION_RECORDS)}"
+                )
+            if record.from_diagnostics and not self.diagnostics.enabled:
                 raise ValueError(
                     f"trainer.stop_on: {name} is judged from the diagnostics, and diagnostics.enabled is false"
                 )
-            first = CONDITION_FIRST_STEP.get(name, lambda health: 1)(self.health)
+            first = record.first_step(self.health)
             if first > steps:
                 raise ValueError(
                     f"trainer.stop_on: {name} is judged from step {first} on (health.window / health.alignment_steps), "

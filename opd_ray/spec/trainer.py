@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 from pydantic import Field
 
 from opd_ray.spec.base import Section
@@ -32,28 +30,6 @@ class TimeoutsSpec(Section):
     build_wait_s: float = Field(
         3600, gt=0, description="another process building the models this spec uses in the shared model cache"
     )
-
-
-ConditionName = Literal[
-    "collapse",
-    "entropy_explosion",
-    "no_alignment",
-    "teacher_broken",
-    "reward_divergence",
-    "objective_not_falling",
-    "grad_spike",
-]
-CONDITIONS: tuple[str, ...] = get_args(ConditionName)
-# What the doctor needs to judge a condition (health/conditions.py): the diagnostics' signals, and enough steps
-# for its "now" and "start" windows not to overlap (or, for no_alignment, health.alignment_steps).
-CONDITIONS_FROM_DIAGNOSTICS = ("no_alignment", "entropy_explosion")
-CONDITION_FIRST_STEP = {
-    "collapse": lambda health: 2 * health.window,
-    "entropy_explosion": lambda health: 2 * health.window,
-    "reward_divergence": lambda health: 2 * health.window,
-    "objective_not_falling": lambda health: 3 * health.window - 1,  # held for a window after the two apart
-    "no_alignment": lambda health: health.alignment_steps,
-}
 
 
 class HealthSpec(Section):
@@ -154,7 +130,7 @@ class TrainerSpec(Section):
         3, ge=1, description="consecutive steps with a non-finite loss (updates skipped) before the run stops"
     )
     timeouts: TimeoutsSpec = TimeoutsSpec()
-    stop_on: list[ConditionName] = Field(
+    stop_on: list[str] = Field(
         default_factory=list,
         description="conditions of the OPD doctor (health) that stop the run when they fire, e.g. [collapse]",
     )

@@ -168,17 +168,27 @@ def too_sure(s, h) -> str | None:
 
 @pytest.fixture
 def toy_condition():
-    from opd_ray.health.conditions import CONDITIONS, Condition
+    from opd_ray.health.conditions import CONDITIONS, Condition, register_condition
+    from opd_ray.spec.conditions import CONDITION_RECORDS, ConditionRecord
 
-    CONDITIONS["too_sure"] = Condition("too_sure", "the student's entropy fell below 0.1x its start", "a toy", too_sure)
-    yield CONDITIONS["too_sure"]
-    del CONDITIONS["too_sure"]
+    rule = Condition("too_sure", "the student's entropy fell below 0.1x its start", "a toy", too_sure)
+    yield register_condition(rule, ConditionRecord("too_sure", first_step=lambda health: 2 * health.window))
+    del CONDITIONS["too_sure"], CONDITION_RECORDS["too_sure"]
 
 
 # --8<-- [end:toy_condition]
 
 
-def test_a_new_condition_is_one_rule_in_the_table(toy_condition) -> None:
+def test_a_new_condition_is_one_rule_in_the_table(toy_condition, tmp_path) -> None:
+    from opd_ray.spec import ExperimentSpec
+    from tests.conftest import tiny_spec_dict
+
     sure = stream(60, **{"diag/student_entropy": lambda t: 2.0 if t <= 10 else 0.01})
     assert fired(sure)["too_sure"] == 20  # from the step the two windows are 10 steps apart
     assert "too_sure" not in fired(stream(60))
+    raw = tiny_spec_dict(tmp_path, tmp_path / "run")
+    raw["trainer"].update(steps=60, stop_on=["too_sure"])
+    assert ExperimentSpec.model_validate(raw).trainer.stop_on == ["too_sure"]  # trainer.stop_on may name it
+    raw["trainer"].update(steps=5)
+    with pytest.raises(ValueError, match=r"too_sure is judged from step 20 on"):
+        ExperimentSpec.model_validate(raw)
