@@ -82,11 +82,13 @@ def test_a_checkpoint_holds_the_adapters_and_a_merged_student_and_resumes(lora_r
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    from opd_ray.files import write_manifest
     from opd_ray.losses.objectives import token_logprobs
 
     saved = learner_logprobs(lora_run, local_ray)
     student_path = lora_run.spec.models.student.path
     lora_run.learners.save_checkpoint(str(tmp_path), student_path, timeout_s=None)
+    write_manifest(tmp_path)  # as write_checkpoint does: each rank checks what it loads against it
     adapter = json.loads((tmp_path / "student" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "v_proj", "up_proj"}
     with safe_open(tmp_path / "student" / "model.safetensors", "pt") as merged:
