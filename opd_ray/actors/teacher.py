@@ -15,7 +15,7 @@ import torch
 
 from opd_ray.actors.cross_tokenizer import CrossTokenizer
 from opd_ray.actors.runtime import EngineActor
-from opd_ray.actors.teacher_backends import TEACHER_BACKENDS
+from opd_ray.actors.teacher_backends import backend_class
 from opd_ray.actors.vllm_engine import Completion
 from opd_ray.data.preflight import vocab_size
 from opd_ray.losses.batch import RolloutBatch, scores_from, with_prompts
@@ -25,7 +25,7 @@ from opd_ray.spec import ModelSpec, NamedTeacherSpec
 class TeacherScorer(EngineActor):
     """A teacher replica (run as a Ray actor by `roles.start_teacher`); a plain class so tests can extend it.
 
-    It holds one backend (`TEACHER_BACKENDS[teacher.backend]`). `index` is the teacher's place among the
+    It holds one backend (the class `teacher.backend`'s record names). `index` is the teacher's place among the
     run's teachers: every batch it scores is marked with it and with the teacher's loss coefficient, so the
     learners know which teacher scored which row. A `self` teacher with `weights: current` receives every
     weight sync (`load_weights`)."""
@@ -51,7 +51,7 @@ class TeacherScorer(EngineActor):
             same_rows = vocab_size(student, "models.student") == vocab_size(model, "teacher model")
             if student_tokenizer.get_vocab() != tokenizer.get_vocab() or not same_rows:
                 self.cross = CrossTokenizer(student_tokenizer, tokenizer)
-        self.backend = TEACHER_BACKENDS[teacher.backend](model, teacher, seed, tokenizer)
+        self.backend = backend_class(teacher.backend_record.implementation)(model, teacher, seed, tokenizer)
 
     @ray.method(num_returns=2)
     def score(self, batch: RolloutBatch, teacher_prompts_P: dict[int, list[int]] | None = None) -> tuple:

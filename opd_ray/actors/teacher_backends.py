@@ -4,11 +4,12 @@ vLLM (fast) returns the teacher's log-prob of the sampled token and its own top-
 transformers also returns log-probs at requested ids — the student's top-k at each position —
 which top-k objectives on the student's or the union support need. Either way only k numbers
 per token leave the replica: a full-vocabulary tensor never enters the object store.
-`TEACHER_BACKENDS` maps `teacher.backend` to its class; a new backend is one class and one entry.
+A backend's record (spec/teacher_backends.py) names its class; a new backend is one class and one record.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 from typing import Protocol
 
@@ -217,4 +218,8 @@ class TransformersTeacher:
         )
 
 
-TEACHER_BACKENDS: dict[str, type[TeacherBackend]] = {"vllm": VllmTeacher, "transformers": TransformersTeacher}
+def backend_class(implementation: str) -> type[TeacherBackend]:
+    """A backend's class from its record's `module:Class` (spec/teacher_backends.py): imported in the replica's
+    own process, so a backend registered in the driver is found here too."""
+    module, _, name = implementation.partition(":")
+    return getattr(importlib.import_module(module), name)

@@ -167,7 +167,7 @@ def check_teacher(spec: ExperimentSpec, teacher: ModelSpec, field: str, student_
     check_same_vocabulary(
         spec.models.student, teacher, student_tokenizer, teacher_tokenizer, field, cross, f"teachers.{name}"
     )
-    if settings.backend == "vllm" or "teacher_generate" in spec.stages:
+    if settings.backend_record.runs_an_engine or "teacher_generate" in spec.stages:
         check_engine_fits_model(teacher, settings.engine, f"teachers.{name}.engine", field)
     return teacher_tokenizer
 
@@ -180,7 +180,7 @@ def check_teachers(spec: ExperimentSpec, student_tokenizer) -> dict:
         model = spec.teacher_model(name)
         field = f"teachers.{name}.model"
         if settings.is_self:
-            if settings.backend == "vllm":
+            if settings.backend_record.runs_an_engine:
                 check_engine_fits_model(model, settings.engine, f"teachers.{name}.engine", "models.student")
             tokenizers[name] = student_tokenizer
         else:

@@ -267,11 +267,11 @@ class ExperimentSpec(Section):
         algorithm = self.algorithm
         if not algorithm.needs_student_topk:
             return self
-        vllm_teachers = [f"teachers.{n}" for n, t in self.teachers.items() if t.backend != "transformers"]
-        if vllm_teachers:
+        unable = [f"teachers.{n}" for n, t in self.teachers.items() if not t.backend_record.scores_chosen_ids]
+        if unable:
             raise ValueError(
                 f"algorithm.topk_support={algorithm.topk_support} needs the teacher's log-probs at the "
-                f"student's top-k ids: set {vllm_teachers[0]}.backend=transformers (vLLM 0.32 scores chosen ids "
+                f"student's top-k ids: set {unable[0]}.backend=transformers (vLLM 0.32 scores chosen ids "
                 "only in its V2 model runner, which vLLM-CPU cannot start: docs/methods/objectives.md)"
             )
         k = algorithm.top_k or self.teacher_top_k

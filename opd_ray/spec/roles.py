@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from opd_ray.spec.base import Section, template_fields
 from opd_ray.spec.models import ModelSpec
+from opd_ray.spec.teacher_backends import TEACHER_BACKEND_RECORDS, TeacherBackendRecord, automatic_backend
 
 
 class EngineSpec(Section):
@@ -86,11 +87,11 @@ class RolloutSpec(Section):
 
 
 class TeacherSpec(Section):
-    backend: Literal["auto", "vllm", "transformers"] = Field(
+    backend: str = Field(
         "auto",
-        description="auto = vllm where the replica has GPUs (resources.num_gpus > 0), transformers on CPUs, where it "
-        "scored 1.5x faster (benchmarks/RESULTS.md: teacher_scoring). transformers also scores requested ids (the "
-        "student's top-k)",
+        description="a teacher backend (spec/teacher_backends.py: vllm, transformers as shipped); auto = vllm where "
+        "the replica has GPUs (resources.num_gpus > 0), transformers on CPUs, where it scored 1.5x faster "
+        "(benchmarks/RESULTS.md: teacher_scoring). transformers also scores requested ids (the student's top-k)",
     )
     num_replicas: int = Field(1, ge=1)
     """teacher replicas scoring in parallel (each takes the next free shard)"""
@@ -124,7 +125,19 @@ class TeacherSpec(Section):
         resources = data.get("resources") or {}
         gpus = resources.get("num_gpus", 0) if isinstance(resources, dict) else getattr(resources, "num_gpus", 0)
         on_gpus = isinstance(gpus, int | float) and gpus > 0
-        return {**data, "backend": "vllm" if on_gpus else "transformers"}
+        return {**data, "backend": automatic_backend(on_gpus)}
+
+    @field_validator("backend")
+    @classmethod
+    def _a_registered_backend(cls, backend: str) -> str:
+        if backend not in TEACHER_BACKEND_RECORDS:
+            known = ", ".join(["auto", *TEACHER_BACKEND_RECORDS])
+            raise ValueError(f"{backend!r} is not a teacher backend; the backends are {known}")
+        return backend
+
+    @property
+    def backend_record(self) -> TeacherBackendRecord:
+        return TEACHER_BACKEND_RECORDS[self.backend]
 
     @model_validator(mode="after")
     def _top_k_fits_engine(self) -> TeacherSpec:

@@ -28,3 +28,12 @@ def test_every_objective_has_a_loss() -> None:
     from opd_ray.losses.objectives import OBJECTIVES
 
     assert set(OBJECTIVE_RECORDS) == set(OBJECTIVES)
+
+
+def test_every_teacher_backend_record_names_its_class() -> None:
+    from opd_ray.actors.teacher_backends import backend_class
+    from opd_ray.spec.teacher_backends import TEACHER_BACKEND_RECORDS, automatic_backend
+
+    assert {automatic_backend(True), automatic_backend(False)} == {"vllm", "transformers"}
+    for record in TEACHER_BACKEND_RECORDS.values():
+        assert backend_class(record.implementation).__name__ == record.implementation.partition(":")[2]
