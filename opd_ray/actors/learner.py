@@ -41,6 +41,7 @@ from opd_ray.losses.batch import RolloutBatch, supervised_batch
 from opd_ray.losses.objectives import token_logprobs
 from opd_ray.losses.step import StepModels, combine_rank_metrics, diagnose, sampling_head, step_loss
 from opd_ray.spec import AlgorithmSpec, LearnerSpec, ModelSpec
+from opd_ray.spec.plugins import import_inherited_plugins
 
 LEARNER_ENV = {"DS_ACCELERATOR": "cpu"} if not torch.cuda.is_available() else {}
 
@@ -156,6 +157,7 @@ class LearnerWorker:
     ) -> None:
         """`teacher` loads a frozen teacher copy on this rank, for full-vocabulary objectives; `temperature`
         is rollout.temperature: the student is trained as the distribution it samples from."""
+        import_inherited_plugins()  # an objective of the spec's own registers itself here too
         import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig

@@ -19,6 +19,7 @@ from opd_ray.actors.weight_sync import WORKER_EXTENSION
 from opd_ray.data.verifiers import resolve_verifier
 from opd_ray.losses.batch import ResponseRow, RolloutBatch, batch_from_rows
 from opd_ray.spec import EngineSpec, ModelSpec, RolloutSpec
+from opd_ray.spec.plugins import import_inherited_plugins
 
 
 def completions_to_batch(
@@ -45,6 +46,7 @@ class RolloutWorker(EngineActor):
         verifier: str | None = None,
         verifier_errors: str = "count_wrong",
     ) -> None:
+        import_inherited_plugins()
         self.llm = create_engine(model, engine, seed, worker_extension=WORKER_EXTENSION, sampling=True)
         self.rollout = rollout
         self.seed = seed

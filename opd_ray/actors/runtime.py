@@ -10,6 +10,7 @@ from typing import Any
 import ray
 
 from opd_ray.errors import Stuck
+from opd_ray.spec.plugins import PLUGINS_VARIABLE
 
 
 def actor_env(roles_overlap: bool = False) -> dict:
@@ -28,6 +29,8 @@ def actor_env(roles_overlap: bool = False) -> dict:
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
     }
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **quiet}
+    if os.environ.get(PLUGINS_VARIABLE):  # the spec's plugins (spec/plugins.py): each actor imports them first
+        env[PLUGINS_VARIABLE] = os.environ[PLUGINS_VARIABLE]
     if roles_overlap:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     return {"env_vars": env}

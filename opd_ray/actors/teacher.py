@@ -20,6 +20,7 @@ from opd_ray.actors.vllm_engine import Completion
 from opd_ray.data.preflight import vocab_size
 from opd_ray.losses.batch import RolloutBatch, scores_from, with_prompts
 from opd_ray.spec import ModelSpec, NamedTeacherSpec
+from opd_ray.spec.plugins import import_inherited_plugins
 
 
 class TeacherScorer(EngineActor):
@@ -42,6 +43,7 @@ class TeacherScorer(EngineActor):
         identical vocabularies the ids are scored directly, as for any teacher."""
         from transformers import AutoTokenizer
 
+        import_inherited_plugins()
         self.teacher, self.index = teacher, index
         tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
         self.cross = None

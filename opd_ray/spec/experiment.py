@@ -67,6 +67,11 @@ class ExperimentSpec(Section):
     weight_sync: WeightSyncSpec = WeightSyncSpec()
     ray: RaySpec = RaySpec()
     logging: LoggingSpec = LoggingSpec()
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Python modules imported before the spec is validated, in the driver and in every actor: where "
+        "an objective, stage, tracker, condition or teacher backend of your own registers itself (docs: extending)",
+    )
     # {location: "${oc.env:...}"}: set by load_spec so that spec_to_yaml never writes an environment value
     _environment_values: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
 

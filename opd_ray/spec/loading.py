@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
@@ -19,6 +19,7 @@ from opd_ray.console import console
 from opd_ray.errors import SpecError
 from opd_ray.spec.experiment import ExperimentSpec
 from opd_ray.spec.objectives import OBJECTIVE_RECORDS, SHARED_KEYS, key_owners
+from opd_ray.spec.plugins import import_plugins
 
 
 def _allowed_keys(model: type[BaseModel], location: tuple[Any, ...]) -> list[str]:
@@ -59,7 +60,10 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise SpecError(f"{path} is a directory: give the spec's YAML file (e.g. examples/quickstart.yaml)")
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    config = set_aside_other_objective_keys(read_yaml(path), overrides)
+    config = read_yaml(path)
+    if isinstance(config, DictConfig) and isinstance(config.get("plugins"), ListConfig):
+        import_plugins([str(module) for module in config.plugins])  # their objectives before the next line reads them
+    config = set_aside_other_objective_keys(config, overrides)
     for override in overrides:
         try:
             config = OmegaConf.merge(config, parse_override(override))
@@ -74,6 +78,8 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise SpecError(f"{path}: {exc}".splitlines()[0]) from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the spec must be a YAML mapping")
+    if isinstance(raw.get("plugins"), list):
+        import_plugins([str(module) for module in raw["plugins"]])  # an override may name more
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as exc:
