@@ -47,8 +47,8 @@ def prompts_in_opd_ray_order(spec, inputs) -> list[dict]:
 
 
 def same_schedule(model, learner, steps: int) -> tuple:
-    """opd-ray's optimizer and schedule (actors/learner.py): AdamW, linear warmup over warmup_steps, constant."""
-    from opd_ray.actors.learner import warmup_cosine
+    """opd-ray's optimizer and schedule (actors/learner_config.py): AdamW, linear warmup over warmup_steps, constant."""
+    from opd_ray.actors.learner_config import warmup_cosine
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, weight_decay=learner.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(learner, steps))

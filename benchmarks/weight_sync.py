@@ -60,7 +60,7 @@ def blob_round_trip(size: int) -> float:
 
 def measure(path: Path) -> dict:
     from opd_ray.actors.collective_sync import WeightBroadcast
-    from opd_ray.actors.learner import LearnerGroup
+    from opd_ray.actors.learner_group import LearnerGroup
     from opd_ray.actors.rollout import RolloutWorker
     from opd_ray.actors.runtime import actor_env
     from opd_ray.actors.vllm_engine import ENGINE_ENV

@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
-from opd_ray.actors.learner import LearnerGroup
+from opd_ray.actors.learner_group import LearnerGroup
 from opd_ray.actors.rollout import RolloutWorker
 from opd_ray.actors.runtime import actor_env, get_or_raise_first
 from opd_ray.actors.teacher import TeacherScorer

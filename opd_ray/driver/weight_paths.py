@@ -19,7 +19,7 @@ from opd_ray.errors import RunStopped
 from opd_ray.spec import ExperimentSpec
 
 if TYPE_CHECKING:
-    from opd_ray.actors.learner import LearnerGroup
+    from opd_ray.actors.learner_group import LearnerGroup
 
 SYNCING = "a rollout engine loading new weights (trainer.timeouts.sync_s)"
 Receiver = tuple[str, ray.actor.ActorHandle]  # (role kind, actor)

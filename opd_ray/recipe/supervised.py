@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ray
 
-from opd_ray.actors.learner import LearnerGroup
+from opd_ray.actors.learner_group import LearnerGroup
 from opd_ray.actors.runtime import actor_env
 from opd_ray.console import step_progress
 from opd_ray.driver.checkpoint import check_shared_storage

@@ -16,7 +16,8 @@ import os, sys, torch, deepspeed
 from deepspeed.runtime.zero import GatheredParameters
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
-from opd_ray.actors.learner import apply_update, deepspeed_config, skip_inference_comm_op
+from opd_ray.actors.learner import apply_update
+from opd_ray.actors.learner_config import deepspeed_config, skip_inference_comm_op
 from opd_ray.spec import LearnerSpec, ModelSpec
 
 stage, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def lora_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, local_ray):
     """Two LoRA learner ranks and one rollout engine (no teacher: the updates are supervised steps)."""
-    from opd_ray.actors.learner import LearnerGroup
+    from opd_ray.actors.learner_group import LearnerGroup
     from opd_ray.actors.rollout import RolloutWorker
     from opd_ray.data.run_inputs import load_run_inputs
     from opd_ray.driver.roles import engine_actor_options, roles_env

@@ -71,7 +71,7 @@ class ReferenceTraining:
 
 @pytest.mark.parametrize(("ranks", "zero_stage", "chunk_tokens"), [(1, 0, 4096), (2, 2, 5)])
 def test_the_learner_applies_the_references_gradient_at_every_step(ranks, zero_stage, chunk_tokens, local_ray):
-    from opd_ray.actors.learner import LearnerGroup
+    from opd_ray.actors.learner_group import LearnerGroup
     from opd_ray.actors.runtime import actor_env
 
     tensors = load_tensors()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_rebuild_retraces_the_shipped_students_first_50_steps(tmp_path: Path, local_ray) -> None:
-    from opd_ray.actors.learner import LearnerGroup
+    from opd_ray.actors.learner_group import LearnerGroup
     from opd_ray.actors.runtime import actor_env
     from opd_ray.data.arithmetic import ALPHABET, write_task_files
     from opd_ray.recipe import tiny_models

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from opd_ray.actors.learner import attention_implementation, prepare_for_training
+from opd_ray.actors.learner_config import attention_implementation, prepare_for_training
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])

@@ -130,7 +130,7 @@ def test_the_manifest_covers_every_file_and_an_empty_or_unlisted_one_is_refused(
 def test_each_learner_rank_checks_the_files_it_loads(tmp_path: Path) -> None:
     from functools import partial
 
-    from opd_ray.actors.learner import read_by_rank
+    from opd_ray.actors.learner_state import read_by_rank
     from opd_ray.files import manifest_faults
 
     checkpoint = write_checkpoint(tmp_path, TrainerState(1, 1, 0, 0), deepspeed_like, keep=2)

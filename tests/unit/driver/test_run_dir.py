@@ -112,7 +112,7 @@ def test_resume_refuses_another_teacher_or_data_and_allows_more_steps(tiny_dir: 
 def test_resume_refuses_fewer_steps_than_the_checkpoint_and_an_extension_keeps_the_learning_rate_down(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    from opd_ray.actors.learner import warmup_cosine
+    from opd_ray.actors.learner_config import warmup_cosine
     from opd_ray.driver.checkpoint import schedule_horizon
 
     spec = checkpointed(tiny_dir, tmp_path, trainer={"steps": 10, "eval_every": 5})

@@ -132,7 +132,7 @@ def test_a_verifier_that_raises_scores_wrong_and_says_where_or_stops_when_asked(
 
 
 def test_deepspeed_overrides_merge_into_the_specs_sections() -> None:
-    from opd_ray.actors.learner import deepspeed_config
+    from opd_ray.actors.learner_config import deepspeed_config
     from opd_ray.spec import LearnerSpec, ModelSpec
 
     offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
