@@ -108,3 +108,27 @@ def tracker_stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["TRACKIO_DIR"] = str(root / "trackio")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     return root
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every actor start of this test run is counted (opd_ray/actors/runtime.py: count_start), before any Ray
+    starts: its actors inherit the variable. docs/development.md keeps the counts of CI runs."""
+    if "OPD_RAY_START_LOG" not in os.environ:
+        import tempfile
+
+        handle, path = tempfile.mkstemp(prefix="opd-ray-starts-", suffix=".log")
+        os.close(handle)
+        os.environ["OPD_RAY_START_LOG"] = path
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many role sets and actors the run started: most of the suite's time on 2 cores is their start."""
+    from collections import Counter
+
+    path = Path(os.environ.get("OPD_RAY_START_LOG", ""))
+    if not path.is_file():
+        return
+    counts = Counter(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if counts:
+        shown = ", ".join(f"{count} {kind}{'s' if count > 1 else ''}" for kind, count in sorted(counts.items()))
+        terminalreporter.write_line(f"actor starts: {shown}")

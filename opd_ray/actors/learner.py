@@ -41,7 +41,7 @@ from opd_ray.actors.learner_config import (
 )
 from opd_ray.actors.learner_state import RankState
 from opd_ray.actors.lora import trainable_parameters, with_lora
-from opd_ray.actors.runtime import actor_location, clear_stale_build_locks
+from opd_ray.actors.runtime import actor_location, clear_stale_build_locks, count_start
 from opd_ray.actors.weight_sync import pack_state_dict
 from opd_ray.errors import UserError
 from opd_ray.losses.batch import RolloutBatch, supervised_batch
@@ -77,6 +77,7 @@ class LearnerWorker:
         """`teacher` loads a frozen teacher copy on this rank, for full-vocabulary objectives; `temperature`
         is rollout.temperature: the student is trained as the distribution it samples from."""
         import_inherited_plugins()  # an objective of the spec's own registers itself here too
+        count_start("learner rank")
         import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig

@@ -13,7 +13,7 @@ import ray
 import torch
 
 from opd_ray.actors.collective_sync import BucketPlan
-from opd_ray.actors.runtime import EngineActor
+from opd_ray.actors.runtime import EngineActor, count_start
 from opd_ray.actors.vllm_engine import Completion, create_engine, generate, greedy, prompt_logprobs
 from opd_ray.actors.weight_sync import WORKER_EXTENSION
 from opd_ray.data.verifiers import resolve_verifier
@@ -46,6 +46,7 @@ class RolloutWorker(EngineActor):
         verifier: str | None = None,
         verifier_errors: str = "count_wrong",
     ) -> None:
+        count_start("rollout engine")
         import_inherited_plugins()
         self.llm = create_engine(model, engine, seed, worker_extension=WORKER_EXTENSION, sampling=True)
         self.rollout = rollout

@@ -36,6 +36,19 @@ def actor_env(roles_overlap: bool = False) -> dict:
     return {"env_vars": env}
 
 
+START_LOG = "OPD_RAY_START_LOG"  # a file each start of a role's actor is counted in (the test suite's, in CI)
+
+
+def count_start(kind: str) -> None:
+    """One line `kind` appended to $OPD_RAY_START_LOG, when set: how many of each actor a test run started
+    (starts are most of the suite's time on 2 cores; docs/development.md). Appends of one short line are whole
+    even from several processes at once."""
+    path = os.environ.get(START_LOG)
+    if path:
+        with open(path, "a") as log:
+            log.write(kind + "\n")
+
+
 def actor_location() -> dict:
     """Where the calling actor runs (its process too: a restarted actor has a new one): a run records this
     for every actor (placement.json)."""

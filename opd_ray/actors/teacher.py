@@ -14,7 +14,7 @@ import ray
 import torch
 
 from opd_ray.actors.cross_tokenizer import CrossTokenizer
-from opd_ray.actors.runtime import EngineActor
+from opd_ray.actors.runtime import EngineActor, count_start
 from opd_ray.actors.teacher_backends import backend_class
 from opd_ray.actors.vllm_engine import Completion
 from opd_ray.data.preflight import vocab_size
@@ -43,6 +43,7 @@ class TeacherScorer(EngineActor):
         identical vocabularies the ids are scored directly, as for any teacher."""
         from transformers import AutoTokenizer
 
+        count_start("teacher replica")
         import_inherited_plugins()
         self.teacher, self.index = teacher, index
         tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)

@@ -22,7 +22,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 
 from opd_ray.actors.learner_group import LearnerGroup
 from opd_ray.actors.rollout import RolloutWorker
-from opd_ray.actors.runtime import actor_env, get_or_raise_first
+from opd_ray.actors.runtime import actor_env, count_start, get_or_raise_first
 from opd_ray.actors.teacher import TeacherScorer
 from opd_ray.actors.vllm_engine import ENGINE_ENV
 from opd_ray.console import console
@@ -79,6 +79,7 @@ class Roles:
 def start_roles(spec: ExperimentSpec, schedule_steps: int | None = None) -> Roles:
     """Reserves the placement groups, then starts every actor in its bundle; nothing is left behind on failure.
     `schedule_steps`: the learning-rate schedule's horizon (default trainer.steps; a resume keeps its run's)."""
+    count_start("role set")
     placement = reserve(spec)
     try:
         return _start_in(placement, spec, schedule_steps or spec.trainer.steps)
