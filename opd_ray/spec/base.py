@@ -58,3 +58,19 @@ def template_fields(template: str, field: str) -> set[str]:
             written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
             raise ValueError(f"{field}: {written} formats the value, but row values are text: write {{{name}}}")
     return {name for name, _, _ in parts if name is not None}
+
+
+class Registry(dict):
+    """Records of one kind of extension by name (objectives, stages, trackers, conditions, teacher backends):
+    the names a spec may use are its keys."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def add(self, record: Any) -> Any:
+        """Registers `record` under its `name`; a name registered twice is refused (two plugins, one name)."""
+        if record.name in self:
+            raise ValueError(f"{self.kind} {record.name!r} is already registered")
+        self[record.name] = record
+        return record

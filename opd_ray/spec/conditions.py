@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from opd_ray.spec.base import Registry
+
 
 def _from_the_first_step(health: Any) -> int:
     return 1
@@ -27,14 +29,8 @@ class ConditionRecord:
     first_step: Callable[[Any], int] = _from_the_first_step  # (health settings) -> the first step it can hold
 
 
-CONDITION_RECORDS: dict[str, ConditionRecord] = {}
-
-
-def add_condition_record(record: ConditionRecord) -> ConditionRecord:
-    if record.name in CONDITION_RECORDS:
-        raise ValueError(f"condition {record.name!r} is already registered")
-    CONDITION_RECORDS[record.name] = record
-    return record
+CONDITION_RECORDS = Registry("condition")
+add_condition_record = CONDITION_RECORDS.add
 
 
 for _record in (

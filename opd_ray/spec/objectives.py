@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from opd_ray.spec.base import Registry
+
 
 def _never(algorithm: Any) -> bool:
     return False
@@ -74,15 +76,12 @@ SHARED_KEYS = (
 )
 DIVERGENCE_KEYS = ("divergence", "jsd_beta", "anneal_steps")
 
-OBJECTIVE_RECORDS: dict[str, ObjectiveRecord] = {}
+OBJECTIVE_RECORDS = Registry("objective")
 
 
 def add_objective(record: ObjectiveRecord) -> ObjectiveRecord:
     """Registers an objective's record; its loss function goes into losses.objectives.OBJECTIVES under the name."""
-    if record.name in OBJECTIVE_RECORDS:
-        raise ValueError(f"objective {record.name!r} is already registered")
-    OBJECTIVE_RECORDS[record.name] = record
-    return record
+    return OBJECTIVE_RECORDS.add(record)
 
 
 def objective_record(name: str) -> ObjectiveRecord:

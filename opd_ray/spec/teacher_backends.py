@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from opd_ray.spec.base import Registry
+
 
 @dataclass(frozen=True)
 class TeacherBackendRecord:
@@ -22,14 +24,13 @@ class TeacherBackendRecord:
     auto_on: Literal["gpu", "cpu"] | None = None  # what `backend: auto` picks on replicas with GPUs, or on CPUs
 
 
-TEACHER_BACKEND_RECORDS: dict[str, TeacherBackendRecord] = {}
+TEACHER_BACKEND_RECORDS = Registry("teacher backend")
 
 
 def add_teacher_backend(record: TeacherBackendRecord) -> TeacherBackendRecord:
-    if record.name in TEACHER_BACKEND_RECORDS or record.name == "auto":
-        raise ValueError(f"teacher backend {record.name!r} is already registered")
-    TEACHER_BACKEND_RECORDS[record.name] = record
-    return record
+    if record.name == "auto":
+        raise ValueError("teacher backend 'auto' picks one of the others: name yours otherwise")
+    return TEACHER_BACKEND_RECORDS.add(record)
 
 
 def automatic_backend(on_gpus: bool) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from pydantic import Field, field_validator
 
-from opd_ray.spec.base import Section
+from opd_ray.spec.base import Registry, Section
 
 
 @dataclass(frozen=True)
@@ -21,14 +21,8 @@ class TrackerRecord:
     implementation: str
 
 
-TRACKER_RECORDS: dict[str, TrackerRecord] = {}
-
-
-def add_tracker(record: TrackerRecord) -> TrackerRecord:
-    if record.name in TRACKER_RECORDS:
-        raise ValueError(f"tracker {record.name!r} is already registered")
-    TRACKER_RECORDS[record.name] = record
-    return record
+TRACKER_RECORDS = Registry("tracker")
+add_tracker = TRACKER_RECORDS.add
 
 
 for _record in (
