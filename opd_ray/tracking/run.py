@@ -108,7 +108,9 @@ class Trackers:
             lane.close()
         ends = time.monotonic() + max((lane.deadline_s for lane in self.lanes), default=0)
         for lane in self.lanes:
-            lane.join(max(0.0, ends - time.monotonic()))
+            lane.check_deadline()
+            if not lane.dropped:  # a tracker already dropped (hung) is not waited for
+                lane.join(max(0.0, ends - time.monotonic()))
         self.lanes = []
         self.save_state()
 
