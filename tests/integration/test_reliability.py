@@ -277,15 +277,13 @@ class RankOnItsOwnDisk:
         raise RuntimeError("killed mid-save")
 
 
-class FakeLearnerGroup:
-    def __init__(self, ranks: list) -> None:
-        self.ranks = ranks
+def fake_learner_group(ranks: list):
+    """The real LearnerGroup's methods over fake ranks (what is not under test: how ranks are started)."""
+    from opd_ray.actors.learner_group import LearnerGroup
 
-    def call(self, method: str, *args):
-        return [getattr(rank, method).remote(*args) for rank in self.ranks]
-
-    def shutdown(self) -> None:
-        pass
+    group = LearnerGroup.__new__(LearnerGroup)
+    group.workers = ranks
+    return group
 
 
 @pytest.mark.integration
@@ -294,10 +292,10 @@ def test_learner_ranks_that_do_not_share_the_run_directory_stop_the_run(tmp_path
     from opd_ray.errors import UserError
 
     run_dir = tmp_path / "run"
-    shared = FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, None)])
+    shared = fake_learner_group([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, None)])
     check_shared_storage(shared, run_dir, timeout_s=60)
     assert not list(run_dir.iterdir())  # the mark files are removed again
-    split = FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, str(tmp_path / "node2"))])
+    split = fake_learner_group([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, str(tmp_path / "node2"))])
     with pytest.raises(UserError, match=r"learner ranks \[1\] wrote into .* must be on storage every node shares"):
         check_shared_storage(split, run_dir, timeout_s=60)
 
@@ -314,9 +312,8 @@ def test_a_save_killed_midway_leaves_the_previous_student_whole(tmp_path: Path, 
     spec = ExperimentSpec.model_validate(
         {"models": {"student": {"path": "s"}, "teacher": {"path": "t"}}, "data": {"train": {"path": "d"}}}
     )
-    run = SimpleNamespace(
-        run_dir=run_dir, spec=spec, roles=SimpleNamespace(learners=FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None)]))
-    )
+    dying = fake_learner_group([RankOnItsOwnDisk.remote(0, None)])
+    run = SimpleNamespace(run_dir=run_dir, spec=spec, roles=SimpleNamespace(learners=dying))
     with pytest.raises(ray.exceptions.RayTaskError, match="killed mid-save"):
         save_student(run)
     assert (run_dir / "student" / "model.safetensors").read_bytes() == b"the whole previous student"
@@ -328,7 +325,7 @@ def test_sft_without_shared_storage_stops_before_it_trains(tmp_path: Path, local
     from opd_ray.recipe import supervised
     from opd_ray.spec import LearnerSpec, ModelSpec
 
-    split = FakeLearnerGroup([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, str(tmp_path / "node2"))])
+    split = fake_learner_group([RankOnItsOwnDisk.remote(0, None), RankOnItsOwnDisk.remote(1, str(tmp_path / "node2"))])
     monkeypatch.setattr(supervised, "LearnerGroup", lambda *args, **kwargs: split)  # RankOnItsOwnDisk cannot train
     output = tmp_path / "run" / "stages" / "sft" / "student"
     with pytest.raises(UserError, match=r"learner ranks \[1\] .*the SFT output .* must be on storage every node"):
