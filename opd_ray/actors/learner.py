@@ -75,7 +75,10 @@ class LearnerWorker:
         temperature: float = 1.0,
     ) -> None:
         """`teacher` loads a frozen teacher copy on this rank, for full-vocabulary objectives; `temperature`
-        is rollout.temperature: the student is trained as the distribution it samples from."""
+        is rollout.temperature: the student is trained as the distribution it samples from. One function in
+        the order the rank must be built (process group, then the frozen teacher before ZeRO-3's config exists,
+        the student, the optimizer, the engine, then the checks that need the engine); the pieces it calls live
+        in learner_config.py and learner_state.py."""
         import_inherited_plugins()  # an objective of the spec's own registers itself here too
         count_start("learner rank")
         import deepspeed
